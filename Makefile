@@ -1,0 +1,21 @@
+# pg_outbox: `make test` and `make demo` install what they need (scripts/setup.sh), idempotently.
+.PHONY: test demo setup lint install clean
+
+test:
+	scripts/test.sh
+
+demo:
+	scripts/demo.sh
+
+setup:
+	scripts/setup.sh
+
+lint:
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+install:
+	cd pg_outbox && cargo pgrx install --pg-config $${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
+
+clean:
+	cargo clean

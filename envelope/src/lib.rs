@@ -1,0 +1,587 @@
+//! The pg_outbox event envelope, format version 1.
+//!
+//! In `wal` mode the extension writes every event as one transactional logical decoding message
+//! (prefix `pg_outbox`) whose content is this envelope; the relay decodes it. Both sides use this
+//! crate, so there is exactly one definition of the format.
+//!
+//! Byte layout (all integers big-endian):
+//!
+//! | size      | field                                                                   |
+//! |-----------|-------------------------------------------------------------------------|
+//! | 1         | format version, currently `1`                                            |
+//! | 1         | flags: bit 0 key present, bit 1 payload is JSON, bit 2 trace context present; other bits must be zero |
+//! | 16        | event id (UUID bytes, a UUIDv7 when written by the extension)            |
+//! | 8         | `created_at`, signed microseconds since 1970-01-01 00:00:00 UTC         |
+//! | 1 + T     | topic: length `T` (1..=249) then `T` bytes of `[a-zA-Z0-9._-]`            |
+//! | 4 + K     | key (only if flag bit 0): length `K` (<= [`MAX_KEY_LEN`]) then UTF-8 bytes |
+//! | 2         | header count `H` (<= [`MAX_HEADERS`])                                    |
+//! | H × (2 + N + 4 + V) | per header: name length `N` (1..=[`MAX_HEADER_NAME_LEN`]), UTF-8 name, value length `V`, value bytes |
+//! | 2 + C     | trace context (only if flag bit 2): length `C` then UTF-8 bytes (a W3C `traceparent`) |
+//! | 4 + P     | payload: length `P` then `P` bytes                                        |
+//!
+//! The envelope ends exactly after the payload; trailing bytes are an error. A decoder that sees an
+//! unknown version or an unknown flag bit reports it (it never guesses), so a relay older than the
+//! extension stops or dead-letters instead of publishing garbage.
+
+use std::fmt;
+
+/// The format version this crate writes.
+pub const VERSION: u8 = 1;
+/// Logical decoding message prefix used for every event.
+pub const MESSAGE_PREFIX: &str = "pg_outbox";
+/// Kafka's limit on topic name length.
+pub const MAX_TOPIC_LEN: usize = 249;
+/// Largest key accepted (Kafka has no own limit; a key this big is a bug upstream).
+pub const MAX_KEY_LEN: usize = 1 << 20;
+/// Most headers one event may carry.
+pub const MAX_HEADERS: usize = 1024;
+/// Longest header name.
+pub const MAX_HEADER_NAME_LEN: usize = 1024;
+/// Longest trace context.
+pub const MAX_TRACE_LEN: usize = 1024;
+/// Largest payload the format can carry (PostgreSQL's own limit on a value is 1 GiB).
+pub const MAX_PAYLOAD_LEN: usize = (1 << 30) - 1;
+
+const FLAG_KEY: u8 = 1;
+const FLAG_JSON: u8 = 1 << 1;
+const FLAG_TRACE: u8 = 1 << 2;
+const KNOWN_FLAGS: u8 = FLAG_KEY | FLAG_JSON | FLAG_TRACE;
+
+/// One event, borrowed from the caller (encode) or from the envelope bytes (decode).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event<'a> {
+    pub id: [u8; 16],
+    pub created_at_micros: i64,
+    pub topic: &'a str,
+    pub key: Option<&'a str>,
+    pub headers: Vec<(&'a str, &'a [u8])>,
+    pub trace_context: Option<&'a str>,
+    /// True when `payload` is JSON text (enqueued as `jsonb`), false for opaque bytes.
+    pub payload_is_json: bool,
+    pub payload: &'a [u8],
+}
+
+/// Why a topic name is not one Kafka accepts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TopicError {
+    #[error("topic must not be empty")]
+    Empty,
+    #[error("topic is {0} bytes long, Kafka allows at most {MAX_TOPIC_LEN}")]
+    TooLong(usize),
+    #[error("topic contains {0:?} at byte {1}; Kafka allows only ASCII letters, digits, '.', '_' and '-'")]
+    IllegalChar(char, usize),
+    #[error("topic must not be \".\" or \"..\"")]
+    Reserved,
+}
+
+/// Checks a topic name against Kafka's rules: 1 to 249 bytes of `[a-zA-Z0-9._-]`, not `.` or `..`.
+pub fn validate_topic(topic: &str) -> Result<(), TopicError> {
+    if topic.is_empty() {
+        return Err(TopicError::Empty);
+    }
+    if let Some((pos, c)) = topic
+        .char_indices()
+        .find(|&(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(TopicError::IllegalChar(c, pos));
+    }
+    if topic.len() > MAX_TOPIC_LEN {
+        return Err(TopicError::TooLong(topic.len()));
+    }
+    if topic == "." || topic == ".." {
+        return Err(TopicError::Reserved);
+    }
+    Ok(())
+}
+
+/// Why an event cannot be encoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    #[error(transparent)]
+    Topic(#[from] TopicError),
+    #[error("{field} is {len} bytes long, the envelope allows at most {max}")]
+    TooLong {
+        field: Field,
+        len: usize,
+        max: usize,
+    },
+    #[error("{count} headers given, the envelope allows at most {MAX_HEADERS}")]
+    TooManyHeaders { count: usize },
+    #[error("header name must not be empty")]
+    EmptyHeaderName,
+}
+
+/// Why bytes are not a valid envelope.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("envelope is empty")]
+    Empty,
+    #[error(
+        "unknown envelope version {0} (this build reads version {VERSION}); upgrade the relay"
+    )]
+    UnknownVersion(u8),
+    #[error("unknown envelope flags {0:#04x}; upgrade the relay")]
+    UnknownFlags(u8),
+    #[error("envelope truncated while reading {0}")]
+    Truncated(Field),
+    #[error("{0} is not valid UTF-8")]
+    InvalidUtf8(Field),
+    #[error("invalid topic in envelope: {0}")]
+    Topic(TopicError),
+    #[error("{field} length {len} exceeds the limit {max}")]
+    TooLong {
+        field: Field,
+        len: usize,
+        max: usize,
+    },
+    #[error("{0} trailing bytes after the payload")]
+    TrailingBytes(usize),
+}
+
+/// Names the envelope field an error is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    Version,
+    Flags,
+    Id,
+    CreatedAt,
+    Topic,
+    Key,
+    HeaderCount,
+    HeaderName,
+    HeaderValue,
+    TraceContext,
+    Payload,
+}
+
+impl fmt::Display for Field {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Field::Version => "version",
+            Field::Flags => "flags",
+            Field::Id => "event id",
+            Field::CreatedAt => "created_at",
+            Field::Topic => "topic",
+            Field::Key => "key",
+            Field::HeaderCount => "header count",
+            Field::HeaderName => "header name",
+            Field::HeaderValue => "header value",
+            Field::TraceContext => "trace context",
+            Field::Payload => "payload",
+        })
+    }
+}
+
+fn check_len(field: Field, len: usize, max: usize) -> Result<(), EncodeError> {
+    if len > max {
+        Err(EncodeError::TooLong { field, len, max })
+    } else {
+        Ok(())
+    }
+}
+
+impl<'a> Event<'a> {
+    /// Exact number of bytes [`Event::encode_into`] appends.
+    pub fn encoded_len(&self) -> usize {
+        let mut n = 1 + 1 + 16 + 8 + 1 + self.topic.len() + 2 + 4 + self.payload.len();
+        if let Some(key) = self.key {
+            n += 4 + key.len();
+        }
+        for (name, value) in &self.headers {
+            n += 2 + name.len() + 4 + value.len();
+        }
+        if let Some(trace) = self.trace_context {
+            n += 2 + trace.len();
+        }
+        n
+    }
+
+    /// Checks every limit without encoding.
+    pub fn validate(&self) -> Result<(), EncodeError> {
+        validate_topic(self.topic)?;
+        if let Some(key) = self.key {
+            check_len(Field::Key, key.len(), MAX_KEY_LEN)?;
+        }
+        if self.headers.len() > MAX_HEADERS {
+            return Err(EncodeError::TooManyHeaders {
+                count: self.headers.len(),
+            });
+        }
+        for (name, value) in &self.headers {
+            if name.is_empty() {
+                return Err(EncodeError::EmptyHeaderName);
+            }
+            check_len(Field::HeaderName, name.len(), MAX_HEADER_NAME_LEN)?;
+            check_len(Field::HeaderValue, value.len(), MAX_PAYLOAD_LEN)?;
+        }
+        if let Some(trace) = self.trace_context {
+            check_len(Field::TraceContext, trace.len(), MAX_TRACE_LEN)?;
+        }
+        check_len(Field::Payload, self.payload.len(), MAX_PAYLOAD_LEN)
+    }
+
+    /// Validates and appends the envelope to `buf`.
+    pub fn encode_into(&self, buf: &mut Vec<u8>) -> Result<(), EncodeError> {
+        self.validate()?;
+        buf.reserve(self.encoded_len());
+        let mut flags = 0;
+        if self.key.is_some() {
+            flags |= FLAG_KEY;
+        }
+        if self.payload_is_json {
+            flags |= FLAG_JSON;
+        }
+        if self.trace_context.is_some() {
+            flags |= FLAG_TRACE;
+        }
+        buf.push(VERSION);
+        buf.push(flags);
+        buf.extend_from_slice(&self.id);
+        buf.extend_from_slice(&self.created_at_micros.to_be_bytes());
+        // Lengths below were checked by validate(), so the casts cannot truncate.
+        buf.push(self.topic.len() as u8);
+        buf.extend_from_slice(self.topic.as_bytes());
+        if let Some(key) = self.key {
+            buf.extend_from_slice(&(key.len() as u32).to_be_bytes());
+            buf.extend_from_slice(key.as_bytes());
+        }
+        buf.extend_from_slice(&(self.headers.len() as u16).to_be_bytes());
+        for (name, value) in &self.headers {
+            buf.extend_from_slice(&(name.len() as u16).to_be_bytes());
+            buf.extend_from_slice(name.as_bytes());
+            buf.extend_from_slice(&(value.len() as u32).to_be_bytes());
+            buf.extend_from_slice(value);
+        }
+        if let Some(trace) = self.trace_context {
+            buf.extend_from_slice(&(trace.len() as u16).to_be_bytes());
+            buf.extend_from_slice(trace.as_bytes());
+        }
+        buf.extend_from_slice(&(self.payload.len() as u32).to_be_bytes());
+        buf.extend_from_slice(self.payload);
+        Ok(())
+    }
+
+    /// Validates and encodes into a new buffer.
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        let mut buf = Vec::with_capacity(self.encoded_len());
+        self.encode_into(&mut buf)?;
+        Ok(buf)
+    }
+
+    /// Decodes an envelope, borrowing strings and bytes from `bytes`.
+    pub fn decode(bytes: &'a [u8]) -> Result<Event<'a>, DecodeError> {
+        let mut r = Reader { bytes, pos: 0 };
+        let version = *bytes.first().ok_or(DecodeError::Empty)?;
+        r.pos = 1;
+        if version != VERSION {
+            return Err(DecodeError::UnknownVersion(version));
+        }
+        let flags = r.u8(Field::Flags)?;
+        if flags & !KNOWN_FLAGS != 0 {
+            return Err(DecodeError::UnknownFlags(flags));
+        }
+        let id: [u8; 16] = r.take(16, Field::Id)?.try_into().expect("16 bytes");
+        let created_at_micros =
+            i64::from_be_bytes(r.take(8, Field::CreatedAt)?.try_into().expect("8 bytes"));
+        let topic_len = r.u8(Field::Topic)? as usize;
+        let topic = r.str(topic_len, Field::Topic)?;
+        validate_topic(topic).map_err(DecodeError::Topic)?;
+        let key = if flags & FLAG_KEY != 0 {
+            let len = r.u32(Field::Key)? as usize;
+            limit(Field::Key, len, MAX_KEY_LEN)?;
+            Some(r.str(len, Field::Key)?)
+        } else {
+            None
+        };
+        let count = r.u16(Field::HeaderCount)? as usize;
+        limit(Field::HeaderCount, count, MAX_HEADERS)?;
+        let mut headers = Vec::with_capacity(count);
+        for _ in 0..count {
+            let name_len = r.u16(Field::HeaderName)? as usize;
+            limit(Field::HeaderName, name_len, MAX_HEADER_NAME_LEN)?;
+            let name = r.str(name_len, Field::HeaderName)?;
+            let value_len = r.u32(Field::HeaderValue)? as usize;
+            let value = r.take(value_len, Field::HeaderValue)?;
+            headers.push((name, value));
+        }
+        let trace_context = if flags & FLAG_TRACE != 0 {
+            let len = r.u16(Field::TraceContext)? as usize;
+            limit(Field::TraceContext, len, MAX_TRACE_LEN)?;
+            Some(r.str(len, Field::TraceContext)?)
+        } else {
+            None
+        };
+        let payload_len = r.u32(Field::Payload)? as usize;
+        limit(Field::Payload, payload_len, MAX_PAYLOAD_LEN)?;
+        let payload = r.take(payload_len, Field::Payload)?;
+        if r.pos != bytes.len() {
+            return Err(DecodeError::TrailingBytes(bytes.len() - r.pos));
+        }
+        Ok(Event {
+            id,
+            created_at_micros,
+            topic,
+            key,
+            headers,
+            trace_context,
+            payload_is_json: flags & FLAG_JSON != 0,
+            payload,
+        })
+    }
+
+    /// The event id in the canonical 8-4-4-4-12 hex form.
+    pub fn id_string(&self) -> String {
+        format_uuid(&self.id)
+    }
+}
+
+/// Formats 16 UUID bytes as `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`.
+pub fn format_uuid(id: &[u8; 16]) -> String {
+    let mut s = String::with_capacity(36);
+    for (i, b) in id.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            s.push('-');
+        }
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+fn limit(field: Field, len: usize, max: usize) -> Result<(), DecodeError> {
+    if len > max {
+        Err(DecodeError::TooLong { field, len, max })
+    } else {
+        Ok(())
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize, field: Field) -> Result<&'a [u8], DecodeError> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&end| end <= self.bytes.len())
+            .ok_or(DecodeError::Truncated(field))?;
+        let out = &self.bytes[self.pos..end];
+        self.pos = end;
+        Ok(out)
+    }
+    fn u8(&mut self, field: Field) -> Result<u8, DecodeError> {
+        Ok(self.take(1, field)?[0])
+    }
+    fn u16(&mut self, field: Field) -> Result<u16, DecodeError> {
+        Ok(u16::from_be_bytes(
+            self.take(2, field)?.try_into().expect("2 bytes"),
+        ))
+    }
+    fn u32(&mut self, field: Field) -> Result<u32, DecodeError> {
+        Ok(u32::from_be_bytes(
+            self.take(4, field)?.try_into().expect("4 bytes"),
+        ))
+    }
+    fn str(&mut self, n: usize, field: Field) -> Result<&'a str, DecodeError> {
+        std::str::from_utf8(self.take(n, field)?).map_err(|_| DecodeError::InvalidUtf8(field))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Event<'static> {
+        Event {
+            id: [7; 16],
+            created_at_micros: 1_700_000_000_123_456,
+            topic: "orders.v1",
+            key: Some("customer-42"),
+            headers: vec![("type", b"OrderCreated"), ("x-tenant", b"acme")],
+            trace_context: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            payload_is_json: true,
+            payload: br#"{"order_id":1,"total":"9.99"}"#,
+        }
+    }
+
+    #[test]
+    fn round_trip_full_event() {
+        let event = sample();
+        let bytes = event.encode().unwrap();
+        assert_eq!(bytes.len(), event.encoded_len());
+        assert_eq!(bytes[0], VERSION);
+        assert_eq!(Event::decode(&bytes).unwrap(), event);
+    }
+
+    #[test]
+    fn round_trip_minimal_event() {
+        let event = Event {
+            id: [0; 16],
+            created_at_micros: -1,
+            topic: "t",
+            key: None,
+            headers: vec![],
+            trace_context: None,
+            payload_is_json: false,
+            payload: b"",
+        };
+        let bytes = event.encode().unwrap();
+        assert_eq!(bytes.len(), 1 + 1 + 16 + 8 + 2 + 2 + 4);
+        assert_eq!(Event::decode(&bytes).unwrap(), event);
+    }
+
+    #[test]
+    fn round_trip_binary_payload_and_empty_key() {
+        let payload: Vec<u8> = (0..=255u8).collect();
+        let event = Event {
+            key: Some(""),
+            payload_is_json: false,
+            payload: &payload,
+            ..sample()
+        };
+        let bytes = event.encode().unwrap();
+        assert_eq!(Event::decode(&bytes).unwrap(), event);
+    }
+
+    #[test]
+    fn layout_is_stable() {
+        let event = Event {
+            id: [0xab; 16],
+            created_at_micros: 1,
+            topic: "a",
+            key: Some("k"),
+            headers: vec![("h", b"v")],
+            trace_context: None,
+            payload_is_json: true,
+            payload: b"{}",
+        };
+        let mut expected = vec![1, 0b011];
+        expected.extend([0xab; 16]);
+        expected.extend([0, 0, 0, 0, 0, 0, 0, 1]);
+        expected.extend([1, b'a']);
+        expected.extend([0, 0, 0, 1, b'k']);
+        expected.extend([0, 1, 0, 1, b'h', 0, 0, 0, 1, b'v']);
+        expected.extend([0, 0, 0, 2, b'{', b'}']);
+        assert_eq!(event.encode().unwrap(), expected);
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let bytes = sample().encode().unwrap();
+        for len in 0..bytes.len() {
+            let err = Event::decode(&bytes[..len]).unwrap_err();
+            if len == 0 {
+                assert_eq!(err, DecodeError::Empty);
+            } else {
+                assert!(
+                    matches!(err, DecodeError::Truncated(_)),
+                    "len {len}: {err:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_input_is_reported() {
+        let good = sample().encode().unwrap();
+
+        let mut bad = good.clone();
+        bad[0] = 2;
+        assert_eq!(Event::decode(&bad), Err(DecodeError::UnknownVersion(2)));
+
+        let mut bad = good.clone();
+        bad[1] |= 0x80;
+        assert!(matches!(
+            Event::decode(&bad),
+            Err(DecodeError::UnknownFlags(_))
+        ));
+
+        let mut bad = good.clone();
+        bad.push(0);
+        assert_eq!(Event::decode(&bad), Err(DecodeError::TrailingBytes(1)));
+
+        // topic byte replaced with a space: not a Kafka topic
+        let mut bad = good.clone();
+        bad[27] = b' ';
+        assert!(matches!(Event::decode(&bad), Err(DecodeError::Topic(_))));
+
+        // key byte replaced with invalid UTF-8
+        let mut bad = good.clone();
+        let key_start = 27 + "orders.v1".len() + 4;
+        bad[key_start] = 0xff;
+        assert_eq!(
+            Event::decode(&bad),
+            Err(DecodeError::InvalidUtf8(Field::Key))
+        );
+
+        // a payload length far beyond the buffer
+        let mut bad = good.clone();
+        let n = bad.len();
+        let payload_len = sample().payload.len();
+        bad[n - payload_len - 4..n - payload_len].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(matches!(
+            Event::decode(&bad),
+            Err(DecodeError::TooLong {
+                field: Field::Payload,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn topic_rules_match_kafka() {
+        assert!(validate_topic("orders").is_ok());
+        assert!(validate_topic("a.b_c-D9").is_ok());
+        assert!(validate_topic(&"x".repeat(249)).is_ok());
+        assert_eq!(validate_topic(""), Err(TopicError::Empty));
+        assert_eq!(
+            validate_topic(&"x".repeat(250)),
+            Err(TopicError::TooLong(250))
+        );
+        assert_eq!(
+            validate_topic("orders created"),
+            Err(TopicError::IllegalChar(' ', 6))
+        );
+        assert_eq!(
+            validate_topic("ordérs"),
+            Err(TopicError::IllegalChar('é', 3))
+        );
+        assert_eq!(validate_topic(".."), Err(TopicError::Reserved));
+    }
+
+    #[test]
+    fn encode_refuses_what_decode_would_refuse() {
+        let bad_topic = Event {
+            topic: "no/slash",
+            ..sample()
+        };
+        assert!(matches!(bad_topic.encode(), Err(EncodeError::Topic(_))));
+        let empty_header = Event {
+            headers: vec![("", b"v")],
+            ..sample()
+        };
+        assert_eq!(empty_header.encode(), Err(EncodeError::EmptyHeaderName));
+        let names: Vec<String> = (0..=MAX_HEADERS).map(|i| format!("h{i}")).collect();
+        let many = Event {
+            headers: names.iter().map(|n| (n.as_str(), &b""[..])).collect(),
+            ..sample()
+        };
+        assert_eq!(
+            many.encode(),
+            Err(EncodeError::TooManyHeaders {
+                count: MAX_HEADERS + 1
+            })
+        );
+    }
+
+    #[test]
+    fn uuid_formatting() {
+        let id = [
+            0x01, 0x8f, 0x3c, 0x4d, 0x5e, 0x6f, 0x70, 0x81, 0x92, 0xa3, 0xb4, 0xc5, 0xd6, 0xe7,
+            0xf8, 0x09,
+        ];
+        assert_eq!(format_uuid(&id), "018f3c4d-5e6f-7081-92a3-b4c5d6e7f809");
+    }
+}

@@ -1,0 +1,82 @@
+-- pg_outbox bootstrap: schemas, tables and roles. Runs before the Rust functions are created.
+
+CREATE SCHEMA IF NOT EXISTS outbox;
+CREATE SCHEMA IF NOT EXISTS inbox;
+COMMENT ON SCHEMA outbox IS 'pg_outbox: events written atomically with the business transaction';
+COMMENT ON SCHEMA inbox IS 'pg_outbox: deduplicating inbox, consumer offsets and the ingest queue';
+
+-- Roles are cluster-wide and outlive the extension; create them once, quietly.
+-- (PostgreSQL reserves role names starting with pg_, hence outbox_/inbox_.)
+DO $roles$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'outbox_writer') THEN
+        CREATE ROLE outbox_writer NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'outbox_relay') THEN
+        CREATE ROLE outbox_relay NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'inbox_consumer') THEN
+        CREATE ROLE inbox_consumer NOLOGIN;
+    END IF;
+END
+$roles$;
+
+-- table mode: one row per event, removed by the relay once Kafka acknowledged it.
+-- xid is the writing transaction; the poll source uses it with the snapshot horizon so that it never
+-- skips a row of a transaction still in flight.
+CREATE TABLE outbox.events (
+    seq             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id              uuid        NOT NULL,
+    xid             xid8        NOT NULL DEFAULT pg_catalog.pg_current_xact_id(),
+    topic           text        NOT NULL
+                    CONSTRAINT events_topic_check
+                    CHECK (topic ~ '^[a-zA-Z0-9._-]{1,249}$' AND topic NOT IN ('.', '..')),
+    key             text,
+    headers         jsonb       NOT NULL DEFAULT '{}',
+    payload         bytea       NOT NULL,
+    payload_is_json boolean     NOT NULL DEFAULT false,
+    trace_context   text,
+    created_at      timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp()
+);
+COMMENT ON TABLE outbox.events IS 'pg_outbox table mode: events not yet published by the relay';
+
+-- inbox.try_receive: one row per (consumer, message id) ever received, kept for the dedup window.
+CREATE TABLE inbox.received (
+    consumer    text        NOT NULL,
+    message_id  text        NOT NULL,
+    received_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (consumer, message_id)
+);
+
+-- A consumer's next Kafka offset per topic/partition, written in the consumer's transaction.
+CREATE TABLE inbox.offsets (
+    consumer    text        NOT NULL,
+    topic       text        NOT NULL,
+    partition   integer     NOT NULL CHECK (partition >= 0),
+    next_offset bigint      NOT NULL CHECK (next_offset >= 0),
+    updated_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (consumer, topic, partition)
+);
+
+-- Messages ingested from Kafka, waiting for a worker. (consumer, message_id) is the dedup key.
+CREATE TABLE inbox.messages (
+    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    consumer     text        NOT NULL,
+    message_id   text        NOT NULL,
+    topic        text        NOT NULL,
+    partition    integer,
+    "offset"     bigint,
+    key          text,
+    headers      jsonb       NOT NULL DEFAULT '{}',
+    payload      bytea,
+    status       text        NOT NULL DEFAULT 'pending'
+                 CHECK (status IN ('pending', 'processing', 'done', 'dead')),
+    attempts     integer     NOT NULL DEFAULT 0,
+    last_error   text,
+    visible_at   timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    received_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    completed_at timestamptz,
+    UNIQUE (consumer, message_id)
+);
+CREATE INDEX messages_claim_idx ON inbox.messages (consumer, visible_at, id)
+    WHERE status IN ('pending', 'processing');

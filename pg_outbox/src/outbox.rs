@@ -1,0 +1,457 @@
+//! `outbox.enqueue*`: validate an event, then write it where `pg_outbox.mode` says.
+//!
+//! Invariants:
+//! - An event exists iff the enqueuing (sub)transaction commits. In `wal` mode it is a
+//!   *transactional* logical decoding message (decoded only if its transaction commits, dropped
+//!   with a rolled-back savepoint); in `table` mode it is a row of `outbox.events`.
+//! - In `wal` mode nothing is written unless `wal_level = logical` and the pg_outbox slot exists in
+//!   this database and is consistent: a slot that is created only afterwards would not retain the
+//!   event, which would be lost silently. Both conditions are checked before every write.
+//! - Validation happens before any write, so a refused event leaves no trace.
+
+use crate::error::{OrRaise, Refusal};
+use crate::gucs::{self, Mode};
+use pg_outbox_envelope::{Event, MESSAGE_PREFIX};
+use pgrx::datum::DatumWithOid;
+use pgrx::prelude::*;
+use pgrx::spi::OwnedPreparedStatement;
+use pgrx::{JsonB, PgOid};
+use serde_json::Value;
+use std::cell::OnceCell;
+use std::ffi::CString;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+#[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15", feature = "pg16"))]
+unsafe extern "C-unwind" {
+    // replication/message.h; pgrx 0.18.1 has no binding for it.
+    fn LogLogicalMessage(
+        prefix: *const std::ffi::c_char,
+        message: *const std::ffi::c_char,
+        size: usize,
+        transactional: bool,
+    ) -> pg_sys::XLogRecPtr;
+}
+
+#[cfg(any(feature = "pg17", feature = "pg18"))]
+unsafe extern "C-unwind" {
+    fn LogLogicalMessage(
+        prefix: *const std::ffi::c_char,
+        message: *const std::ffi::c_char,
+        size: usize,
+        transactional: bool,
+        flush: bool,
+    ) -> pg_sys::XLogRecPtr;
+}
+
+const PREFIX: &std::ffi::CStr = c"pg_outbox";
+const _: () = assert!(PREFIX.to_bytes().len() == MESSAGE_PREFIX.len());
+
+/// One event as the caller gave it.
+pub struct NewEvent<'a> {
+    pub topic: Option<&'a str>,
+    pub key: Option<&'a str>,
+    pub payload: &'a [u8],
+    pub payload_is_json: bool,
+}
+
+fn invalid(message: impl Into<String>, hint: impl Into<String>) -> Refusal {
+    Refusal::new(
+        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+        message,
+        hint,
+    )
+}
+
+fn check_topic(topic: Option<&str>) -> Result<&str, Refusal> {
+    let topic = topic.ok_or_else(|| {
+        Refusal::new(
+            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            "pg_outbox: topic must not be NULL",
+            "Pass the Kafka topic the event belongs to, e.g. 'orders'.",
+        )
+    })?;
+    pg_outbox_envelope::validate_topic(topic).map_err(|e| {
+        invalid(
+            format!("pg_outbox: invalid topic: {e}"),
+            "Topic names are 1 to 249 characters of [a-zA-Z0-9._-], as Kafka requires.",
+        )
+    })?;
+    Ok(topic)
+}
+
+fn check_payload_size(len: usize) -> Result<(), Refusal> {
+    let max = gucs::MAX_PAYLOAD_BYTES.get().max(0) as usize;
+    if len > max {
+        return Err(Refusal::new(
+            PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            format!("pg_outbox: payload is {len} bytes, pg_outbox.max_payload_bytes allows {max}"),
+            "Send a smaller payload (e.g. a reference to the data), or have a superuser raise \
+             pg_outbox.max_payload_bytes together with the broker's message.max.bytes.",
+        ));
+    }
+    Ok(())
+}
+
+/// Header values in the envelope are bytes: strings as their UTF-8, numbers and booleans as JSON text.
+fn header_pairs(headers: &Option<JsonB>) -> Result<Vec<(&str, Vec<u8>)>, Refusal> {
+    let Some(JsonB(value)) = headers else {
+        return Ok(Vec::new());
+    };
+    let object = match value {
+        Value::Object(map) => map,
+        Value::Null => return Ok(Vec::new()),
+        other => {
+            return Err(invalid(
+                format!(
+                    "pg_outbox: headers must be a JSON object, got {}",
+                    json_kind(other)
+                ),
+                "Pass headers as '{\"name\": \"value\"}'::jsonb.",
+            ))
+        }
+    };
+    object
+        .iter()
+        .map(|(name, value)| {
+            let bytes = match value {
+                Value::String(s) => s.as_bytes().to_vec(),
+                Value::Number(n) => n.to_string().into_bytes(),
+                Value::Bool(b) => b.to_string().into_bytes(),
+                other => {
+                    return Err(invalid(
+                        format!(
+                            "pg_outbox: header \"{name}\" is {}; header values must be strings, numbers or booleans",
+                            json_kind(other)
+                        ),
+                        "Encode structured values as a JSON string.",
+                    ))
+                }
+            };
+            Ok((name.as_str(), bytes))
+        })
+        .collect()
+}
+
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn trace_context() -> Option<String> {
+    gucs::TRACE_CONTEXT
+        .get()
+        .map(|c| c.to_string_lossy().into_owned())
+        .filter(|s| !s.is_empty())
+}
+
+/// Refuses a `wal`-mode write that could not be retained and decoded.
+fn check_wal_ready() -> Result<(), Refusal> {
+    // SAFETY: wal_level is a plain int set at server start.
+    if unsafe { pg_sys::wal_level } < pg_sys::WalLevel::WAL_LEVEL_LOGICAL as i32 {
+        return Err(Refusal::new(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "pg_outbox: wal mode needs wal_level = logical",
+            "Set wal_level = logical in postgresql.conf and restart PostgreSQL, \
+             or use SET pg_outbox.mode = 'table'.",
+        ));
+    }
+    let name = gucs::SLOT_NAME
+        .get()
+        .unwrap_or_else(|| CString::from(c"pg_outbox"));
+    let missing = || {
+        Refusal::new(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!(
+                "pg_outbox: replication slot \"{}\" does not exist in this database, so a wal-mode event would not be retained",
+                name.to_string_lossy()
+            ),
+            "Run SELECT * FROM outbox.create_slot(); (or start the relay, which creates it), \
+             or use SET pg_outbox.mode = 'table'.",
+        )
+    };
+    // SAFETY: SearchNamedReplicationSlot takes ReplicationSlotControlLock itself (need_lock) and
+    // returns a pointer into shared memory that stays valid; the fields read below are plain values.
+    unsafe {
+        let slot = pg_sys::SearchNamedReplicationSlot(name.as_ptr(), true);
+        if slot.is_null() {
+            return Err(missing());
+        }
+        let data = &(*slot).data;
+        if !(*slot).in_use || data.database != pg_sys::MyDatabaseId {
+            return Err(missing());
+        }
+        // A slot still building its snapshot (confirmed_flush unset) might skip this transaction;
+        // an invalidated slot has lost its restart_lsn.
+        if data.restart_lsn == 0 || data.confirmed_flush == 0 {
+            return Err(Refusal::new(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!(
+                    "pg_outbox: replication slot \"{}\" is not usable (being created or invalidated)",
+                    name.to_string_lossy()
+                ),
+                "Wait for slot creation to finish; an invalidated slot must be dropped and recreated \
+                 after checking which events were not yet published.",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn write_wal_message(envelope: &[u8]) {
+    // SAFETY: both pointers are valid for the call; LogLogicalMessage copies the bytes into WAL.
+    // The boundary guard turns a PostgreSQL ERROR inside it into a Rust panic and back.
+    unsafe {
+        pg_sys::ffi::pg_guard_ffi_boundary(|| {
+            #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15", feature = "pg16"))]
+            LogLogicalMessage(
+                PREFIX.as_ptr(),
+                envelope.as_ptr().cast(),
+                envelope.len(),
+                true,
+            );
+            #[cfg(any(feature = "pg17", feature = "pg18"))]
+            LogLogicalMessage(
+                PREFIX.as_ptr(),
+                envelope.as_ptr().cast(),
+                envelope.len(),
+                true,
+                false,
+            );
+        })
+    }
+}
+
+thread_local! {
+    static INSERT_EVENT: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
+}
+
+const INSERT_SQL: &str = "INSERT INTO outbox.events \
+     (id, topic, key, headers, payload, payload_is_json, trace_context) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7)";
+
+fn insert_row(
+    id: pgrx::Uuid,
+    topic: &str,
+    event: &NewEvent,
+    headers: &Option<JsonB>,
+    trace: Option<&str>,
+) {
+    let headers = match headers {
+        Some(JsonB(Value::Null)) | None => JsonB(Value::Object(Default::default())),
+        Some(JsonB(v)) => JsonB(v.clone()),
+    };
+    Spi::connect_mut(|client| {
+        INSERT_EVENT.with(|cell| {
+            let plan = match cell.get() {
+                Some(plan) => plan,
+                None => {
+                    let types = [
+                        PgOid::from(pg_sys::UUIDOID),
+                        PgOid::from(pg_sys::TEXTOID),
+                        PgOid::from(pg_sys::TEXTOID),
+                        PgOid::from(pg_sys::JSONBOID),
+                        PgOid::from(pg_sys::BYTEAOID),
+                        PgOid::from(pg_sys::BOOLOID),
+                        PgOid::from(pg_sys::TEXTOID),
+                    ];
+                    let plan = client
+                        .prepare_mut(INSERT_SQL, &types)
+                        .unwrap_or_else(|e| error!("pg_outbox: cannot prepare insert: {e}"))
+                        .keep();
+                    let _ = cell.set(plan);
+                    cell.get().expect("just set")
+                }
+            };
+            let args: [DatumWithOid; 7] = [
+                id.into(),
+                topic.into(),
+                event.key.into(),
+                headers.into(),
+                event.payload.into(),
+                event.payload_is_json.into(),
+                trace.into(),
+            ];
+            client
+                .update(plan, None, &args)
+                .unwrap_or_else(|e| error!("pg_outbox: cannot insert into outbox.events: {e}"));
+        })
+    });
+}
+
+fn now_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// Validates every event, then writes them all. Returns the new event ids in input order.
+pub fn enqueue_events(events: &[NewEvent], headers: &Option<JsonB>) -> Vec<pgrx::Uuid> {
+    let pairs = header_pairs(headers).or_raise();
+    let trace = trace_context();
+    let mut topics = Vec::with_capacity(events.len());
+    for event in events {
+        topics.push(check_topic(event.topic).or_raise());
+        check_payload_size(event.payload.len()).or_raise();
+    }
+    let mode = gucs::MODE.get();
+    if mode == Mode::Wal {
+        check_wal_ready().or_raise();
+    }
+    let mut ids = Vec::with_capacity(events.len());
+    let mut buf = Vec::new();
+    for (event, topic) in events.iter().zip(topics) {
+        let id = uuid::Uuid::now_v7();
+        let pg_id = pgrx::Uuid::from_bytes(*id.as_bytes());
+        match mode {
+            Mode::Wal => {
+                buf.clear();
+                Event {
+                    id: *id.as_bytes(),
+                    created_at_micros: now_micros(),
+                    topic,
+                    key: event.key,
+                    headers: pairs.iter().map(|(n, v)| (*n, v.as_slice())).collect(),
+                    trace_context: trace.as_deref(),
+                    payload_is_json: event.payload_is_json,
+                    payload: event.payload,
+                }
+                .encode_into(&mut buf)
+                .map_err(|e| {
+                    invalid(
+                        format!("pg_outbox: event cannot be encoded: {e}"),
+                        "See README.md, \"Envelope format\", for the limits.",
+                    )
+                })
+                .or_raise();
+                write_wal_message(&buf);
+            }
+            Mode::Table => insert_row(pg_id, topic, event, headers, trace.as_deref()),
+        }
+        ids.push(pg_id);
+    }
+    ids
+}
+
+#[pg_schema]
+mod outbox {
+    use super::{enqueue_events, NewEvent};
+    use pgrx::prelude::*;
+    use pgrx::JsonB;
+
+    /// `outbox.enqueue_bytes(topic, key, payload bytea, headers)`: an opaque-bytes event.
+    #[pg_extern(volatile, parallel_unsafe)]
+    #[search_path(pg_catalog, pg_temp)]
+    fn enqueue_bytes(
+        topic: Option<&str>,
+        key: Option<&str>,
+        payload: Option<&[u8]>,
+        headers: default!(Option<JsonB>, "'{}'"),
+    ) -> pgrx::Uuid {
+        let event = NewEvent {
+            topic,
+            key,
+            payload: payload.unwrap_or_else(|| super::null_payload()),
+            payload_is_json: false,
+        };
+        enqueue_events(&[event], &headers)[0]
+    }
+
+    /// Backs the SQL `outbox.enqueue(topic, key, payload jsonb, headers)`: the payload arrives as
+    /// the jsonb's text form and is marked as JSON in the envelope.
+    #[pg_extern(volatile, parallel_unsafe)]
+    #[search_path(pg_catalog, pg_temp)]
+    fn _enqueue_json(
+        topic: Option<&str>,
+        key: Option<&str>,
+        payload: Option<&str>,
+        headers: Option<JsonB>,
+    ) -> pgrx::Uuid {
+        let event = NewEvent {
+            topic,
+            key,
+            payload: payload
+                .map(str::as_bytes)
+                .unwrap_or_else(|| super::null_payload()),
+            payload_is_json: true,
+        };
+        enqueue_events(&[event], &headers)[0]
+    }
+
+    /// Backs `outbox.enqueue_batch`: one topic, aligned arrays of keys and JSON payloads.
+    #[pg_extern(volatile, parallel_unsafe)]
+    #[search_path(pg_catalog, pg_temp)]
+    fn _enqueue_batch_json(
+        topic: Option<&str>,
+        keys: Option<Array<&str>>,
+        payloads: Option<Array<&str>>,
+        headers: Option<JsonB>,
+    ) -> Vec<pgrx::Uuid> {
+        let Some(payloads) = payloads else {
+            super::null_payload();
+        };
+        let payloads: Vec<Option<&str>> = payloads.iter().collect();
+        let keys: Vec<Option<&str>> = match &keys {
+            Some(keys) => keys.iter().collect(),
+            None => vec![None; payloads.len()],
+        };
+        if keys.len() != payloads.len() {
+            super::invalid(
+                format!(
+                    "pg_outbox: {} keys but {} payloads",
+                    keys.len(),
+                    payloads.len()
+                ),
+                "keys and payloads are matched by position; pass arrays of the same length (keys may be NULL).",
+            )
+            .raise();
+        }
+        let events: Vec<NewEvent> = keys
+            .iter()
+            .zip(&payloads)
+            .map(|(key, payload)| NewEvent {
+                topic,
+                key: *key,
+                payload: payload
+                    .map(str::as_bytes)
+                    .unwrap_or_else(|| super::null_payload()),
+                payload_is_json: true,
+            })
+            .collect();
+        enqueue_events(&events, &headers)
+    }
+}
+
+fn null_payload() -> ! {
+    Refusal::new(
+        PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+        "pg_outbox: payload must not be NULL",
+        "Pass an empty object '{}' (or '' for bytes) for an event without data.",
+    )
+    .raise()
+}
+
+#[pg_schema]
+mod inbox {
+    use pgrx::prelude::*;
+
+    /// `inbox._dedup_window_seconds()`: the current `pg_outbox.inbox_dedup_window`.
+    #[pg_extern(stable, parallel_safe)]
+    #[search_path(pg_catalog, pg_temp)]
+    fn _dedup_window_seconds() -> i32 {
+        crate::gucs::INBOX_DEDUP_WINDOW.get()
+    }
+
+    /// `inbox._max_attempts()`: the current `pg_outbox.inbox_max_attempts`.
+    #[pg_extern(stable, parallel_safe)]
+    #[search_path(pg_catalog, pg_temp)]
+    fn _max_attempts() -> i32 {
+        crate::gucs::INBOX_MAX_ATTEMPTS.get()
+    }
+}

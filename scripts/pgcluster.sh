@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Throwaway PostgreSQL 15 clusters for tests and the demo.
+#
+#   scripts/pgcluster.sh start  DIR PORT [WAL_LEVEL]   initdb (once) and start; wal_level defaults to logical
+#   scripts/pgcluster.sh stop   DIR                    stop fast (ignores a cluster that is not running)
+#   scripts/pgcluster.sh restart DIR                   stop and start again with the same settings
+#
+# PostgreSQL refuses to run as root, so when run as root the cluster belongs to the `postgres` OS user.
+# It listens on 127.0.0.1:PORT only, with trust authentication: it is for this machine's tests.
+set -euo pipefail
+
+PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
+cmd=${1:?usage: pgcluster.sh start|stop|restart DIR [PORT] [WAL_LEVEL]}
+dir=${2:?data directory required}
+
+as_owner() {
+    if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+case "$cmd" in
+start)
+    port=${3:?port required}
+    wal_level=${4:-logical}
+    mkdir -p "$dir"
+    [ "$(id -u)" = 0 ] && chown postgres:postgres "$dir" && chmod 700 "$dir"
+    if [ ! -f "$dir/PG_VERSION" ]; then
+        as_owner "$PGBIN/initdb" -D "$dir" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 >"$dir.initdb.log" 2>&1 \
+            || { cat "$dir.initdb.log"; exit 1; }
+        cat >>"$dir/postgresql.conf" <<CONF
+listen_addresses = '127.0.0.1'
+port = $port
+unix_socket_directories = '$dir'
+wal_level = $wal_level
+max_wal_senders = 10
+max_replication_slots = 10
+fsync = off
+synchronous_commit = on
+full_page_writes = off
+shared_buffers = 128MB
+max_connections = 100
+log_min_messages = warning
+CONF
+    fi
+    if as_owner "$PGBIN/pg_ctl" -D "$dir" status >/dev/null 2>&1; then
+        echo "pgcluster: $dir already running"
+        exit 0
+    fi
+    as_owner "$PGBIN/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 60 start >/dev/null \
+        || { tail -20 "$dir/server.log"; exit 1; }
+    echo "pgcluster: started $dir on 127.0.0.1:$port (wal_level=$wal_level)"
+    ;;
+stop)
+    if [ -f "$dir/PG_VERSION" ] && as_owner "$PGBIN/pg_ctl" -D "$dir" status >/dev/null 2>&1; then
+        as_owner "$PGBIN/pg_ctl" -D "$dir" -m fast -w -t 60 stop >/dev/null
+        echo "pgcluster: stopped $dir"
+    fi
+    ;;
+restart)
+    as_owner "$PGBIN/pg_ctl" -D "$dir" -m fast -w -t 60 restart -l "$dir/server.log" >/dev/null
+    echo "pgcluster: restarted $dir"
+    ;;
+*)
+    echo "usage: pgcluster.sh start|stop|restart DIR [PORT] [WAL_LEVEL]" >&2
+    exit 2
+    ;;
+esac

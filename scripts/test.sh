@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# `make test`: install what is missing, lint, build and install the extension, start two throwaway
+# PostgreSQL clusters (wal_level=logical and wal_level=replica), run every test, clean up.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
+
+scripts/setup.sh
+
+echo "test: cargo fmt --check"
+cargo fmt --all --check
+echo "test: cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+echo "test: installing the extension into $($PG_CONFIG --sharedir)/extension"
+SUDO=; [ "$(id -u)" = 0 ] || SUDO=--sudo
+(cd pg_outbox && cargo pgrx install $SUDO --pg-config "$PG_CONFIG" >/dev/null)
+
+export PG_OUTBOX_TEST_PORT=${PG_OUTBOX_TEST_PORT:-55432}
+export PG_OUTBOX_TEST_REPLICA_PORT=${PG_OUTBOX_TEST_REPLICA_PORT:-55433}
+root=$(mktemp -d "${TMPDIR:-/tmp}/pg_outbox-test.XXXXXX")
+chmod 755 "$root"
+cleanup() {
+    scripts/pgcluster.sh stop "$root/logical" || true
+    scripts/pgcluster.sh stop "$root/replica" || true
+    rm -rf "$root"
+}
+trap cleanup EXIT
+scripts/pgcluster.sh start "$root/logical" "$PG_OUTBOX_TEST_PORT" logical
+scripts/pgcluster.sh start "$root/replica" "$PG_OUTBOX_TEST_REPLICA_PORT" replica
+
+echo "test: cargo test"
+cargo test -p pg_outbox_envelope -p pg_outbox_tests

@@ -1,0 +1,361 @@
+//! outbox.enqueue against a real cluster: what commits is there, what rolls back is not, in both
+//! modes; bad input is refused with its documented SQLSTATE and leaves nothing behind.
+
+use anyhow::Result;
+use pg_outbox_tests::{expect_error, port, replica_port, OwnedEvent, TestDb};
+use uuid::Uuid;
+
+async fn enqueue(
+    client: &tokio_postgres::Client,
+    topic: &str,
+    key: &str,
+    payload: &str,
+) -> Result<Uuid> {
+    let row = client
+        .query_one(
+            "SELECT outbox.enqueue($1, $2, $3::text::jsonb)",
+            &[&topic, &key, &payload],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Commit, rollback and a rolled-back savepoint, in one mode; returns the ids that must exist.
+async fn commit_rollback_savepoint(db: &TestDb) -> Result<Vec<Uuid>> {
+    let c = &db.client;
+    let mut expected = Vec::new();
+
+    c.batch_execute("BEGIN").await?;
+    expected.push(enqueue(c, "orders", "o-1", r#"{"n": 1}"#).await?);
+    expected.push(enqueue(c, "payments", "o-1", r#"{"n": 2}"#).await?);
+    c.batch_execute("COMMIT").await?;
+
+    c.batch_execute("BEGIN").await?;
+    enqueue(c, "orders", "ghost", r#"{"n": 3}"#).await?;
+    c.batch_execute("ROLLBACK").await?;
+
+    c.batch_execute("BEGIN").await?;
+    expected.push(enqueue(c, "orders", "o-2", r#"{"n": 4}"#).await?);
+    c.batch_execute("SAVEPOINT s").await?;
+    enqueue(c, "orders", "ghost", r#"{"n": 5}"#).await?;
+    c.batch_execute("ROLLBACK TO SAVEPOINT s").await?;
+    expected.push(enqueue(c, "orders", "o-2", r#"{"n": 6}"#).await?);
+    c.batch_execute("COMMIT").await?;
+    Ok(expected)
+}
+
+#[tokio::test]
+async fn wal_mode_publishes_exactly_the_committed_events() -> Result<()> {
+    let db = TestDb::create("ob_wal_commit", port()).await?;
+    db.create_slot().await?;
+    let expected = commit_rollback_savepoint(&db).await?;
+
+    let events = db.peek_wal_events().await?;
+    let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
+    assert_eq!(ids, expected, "commit order, no rolled-back event");
+    let payloads: Vec<&[u8]> = events.iter().map(|e| e.payload.as_slice()).collect();
+    assert_eq!(
+        payloads,
+        vec![
+            &br#"{"n": 1}"#[..],
+            br#"{"n": 2}"#,
+            br#"{"n": 4}"#,
+            br#"{"n": 6}"#
+        ]
+    );
+    assert_eq!(events[1].topic, "payments");
+    assert_eq!(events[2].key.as_deref(), Some("o-2"));
+    assert!(events.iter().all(|e| e.payload_is_json));
+    // UUIDv7, increasing in commit order here
+    assert!(ids.iter().all(|id| id.get_version_num() == 7));
+    assert!(ids.windows(2).all(|w| w[0] < w[1]));
+    // nothing was written to the table
+    let rows: i64 = db
+        .client
+        .query_one("SELECT count(*) FROM outbox.events", &[])
+        .await?
+        .get(0);
+    assert_eq!(rows, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn table_mode_keeps_exactly_the_committed_events() -> Result<()> {
+    let db = TestDb::create("ob_table_commit", port()).await?;
+    db.client
+        .batch_execute("SET pg_outbox.mode = 'table'")
+        .await?;
+    let expected = commit_rollback_savepoint(&db).await?;
+
+    let rows = db
+        .client
+        .query(
+            "SELECT id, topic, key, convert_from(payload, 'UTF8'), payload_is_json, xid::text::bigint \
+             FROM outbox.events ORDER BY seq",
+            &[],
+        )
+        .await?;
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(ids, expected);
+    let payloads: Vec<String> = rows.iter().map(|r| r.get(3)).collect();
+    assert_eq!(
+        payloads,
+        vec![r#"{"n": 1}"#, r#"{"n": 2}"#, r#"{"n": 4}"#, r#"{"n": 6}"#]
+    );
+    assert!(rows.iter().all(|r| r.get::<_, bool>(4)));
+    // the two events of the first transaction share its xid; the savepoint's survivors share theirs
+    let xids: Vec<i64> = rows.iter().map(|r| r.get(5)).collect();
+    assert_eq!(xids[0], xids[1]);
+    assert_ne!(xids[1], xids[2]);
+    // and nothing went to WAL: there is not even a slot
+    Ok(())
+}
+
+#[tokio::test]
+async fn wal_envelope_carries_headers_bytes_and_trace_context() -> Result<()> {
+    let db = TestDb::create("ob_wal_envelope", port()).await?;
+    db.create_slot().await?;
+    let c = &db.client;
+    c.batch_execute("BEGIN; SET LOCAL pg_outbox.trace_context = '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01'").await?;
+    let json_id: Uuid = c
+        .query_one(
+            r#"SELECT outbox.enqueue('orders.v1', 'c-42', '{"total": 9.5}', '{"type": "OrderCreated", "attempt": 2, "replay": false}')"#,
+            &[],
+        )
+        .await?
+        .get(0);
+    c.batch_execute("COMMIT").await?;
+    let bytes_id: Uuid = c
+        .query_one(
+            r"SELECT outbox.enqueue_bytes('blobs', NULL, '\x00ff10'::bytea)",
+            &[],
+        )
+        .await?
+        .get(0);
+    let batch: Vec<Uuid> = c
+        .query(
+            r#"SELECT outbox.enqueue_batch('orders', ARRAY['a', NULL, 'c'], ARRAY['{"i":1}', '{"i":2}', '{"i":3}']::jsonb[])"#,
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+
+    let events = db.peek_wal_events().await?;
+    assert_eq!(events.len(), 5);
+    let e = &events[0];
+    assert_eq!(e.id, json_id);
+    assert_eq!(e.topic, "orders.v1");
+    assert_eq!(e.key.as_deref(), Some("c-42"));
+    assert_eq!(e.payload, br#"{"total": 9.5}"#);
+    let mut headers = e.headers.clone();
+    headers.sort();
+    assert_eq!(
+        headers,
+        vec![
+            ("attempt".to_string(), b"2".to_vec()),
+            ("replay".to_string(), b"false".to_vec()),
+            ("type".to_string(), b"OrderCreated".to_vec()),
+        ]
+    );
+    assert_eq!(
+        e.trace_context.as_deref(),
+        Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    );
+    let b = &events[1];
+    assert_eq!(
+        (
+            b.id,
+            b.key.clone(),
+            b.payload.clone(),
+            b.payload_is_json,
+            b.trace_context.clone()
+        ),
+        (bytes_id, None, vec![0x00, 0xff, 0x10], false, None)
+    );
+    let batch_events: Vec<&OwnedEvent> = events[2..].iter().collect();
+    assert_eq!(batch_events.iter().map(|e| e.id).collect::<Vec<_>>(), batch);
+    assert_eq!(
+        batch_events
+            .iter()
+            .map(|e| e.key.as_deref())
+            .collect::<Vec<_>>(),
+        vec![Some("a"), None, Some("c")]
+    );
+    assert_eq!(batch_events[2].payload, br#"{"i": 3}"#);
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_with_its_sqlstate_and_leaves_other_work_intact() -> Result<()> {
+    let db = TestDb::create("ob_bad_input", port()).await?;
+    db.create_slot().await?;
+    let c = &db.client;
+    c.batch_execute("CREATE TABLE business (n int)").await?;
+    let long_topic = "x".repeat(250);
+    let big = format!(r#"'{{"a": "{}"}}'"#, "y".repeat(64));
+    let cases: Vec<(String, &str)> = vec![
+        ("SELECT outbox.enqueue(NULL, 'k', '{}')".into(), "22004"),
+        ("SELECT outbox.enqueue('', 'k', '{}')".into(), "22023"),
+        ("SELECT outbox.enqueue('orders created', 'k', '{}')".into(), "22023"),
+        ("SELECT outbox.enqueue('orders/v1', 'k', '{}')".into(), "22023"),
+        ("SELECT outbox.enqueue('..', 'k', '{}')".into(), "22023"),
+        (format!("SELECT outbox.enqueue('{long_topic}', 'k', '{{}}')"), "22023"),
+        ("SELECT outbox.enqueue('orders', 'k', NULL)".into(), "22004"),
+        ("SELECT outbox.enqueue('orders', 'k', '{}', '[1]')".into(), "22023"),
+        (r#"SELECT outbox.enqueue('orders', 'k', '{}', '{"h": {"nested": 1}}')"#.into(), "22023"),
+        (r#"SELECT outbox.enqueue('orders', 'k', '{}', '{"h": null}')"#.into(), "22023"),
+        (r#"SELECT outbox.enqueue_batch('orders', ARRAY['a'], ARRAY['{}', '{}']::jsonb[])"#.into(), "22023"),
+        (format!("SET pg_outbox.max_payload_bytes = 64; SELECT outbox.enqueue('orders', 'k', {big})"), "54000"),
+        (format!("SET pg_outbox.max_payload_bytes = 64; SELECT outbox.enqueue_bytes('orders', 'k', convert_to({big}, 'UTF8'))"), "54000"),
+        ("SELECT outbox.create_slot('Bad-Name')".into(), "22023"),
+    ];
+    for (sql, code) in &cases {
+        // the business write before the failing enqueue survives (savepoint), and so does the
+        // good event after it; the refused event leaves no trace
+        c.batch_execute("BEGIN; INSERT INTO business VALUES (1); SAVEPOINT s")
+            .await?;
+        let (got, message, hint) = expect_error(c, sql).await?;
+        assert_eq!(&got, code, "{sql}: {message}");
+        assert!(message.starts_with("pg_outbox:"), "{sql}: {message}");
+        assert!(hint.is_some_and(|h| !h.is_empty()), "{sql}: no hint");
+        c.batch_execute("ROLLBACK TO SAVEPOINT s; RESET pg_outbox.max_payload_bytes")
+            .await?;
+        enqueue(c, "orders", "good", "{}").await?;
+        c.batch_execute("COMMIT").await?;
+    }
+    let business: i64 = c
+        .query_one("SELECT count(*) FROM business", &[])
+        .await?
+        .get(0);
+    assert_eq!(business as usize, cases.len());
+    let events = db.peek_wal_events().await?;
+    assert_eq!(
+        events.len(),
+        cases.len(),
+        "only the good events reached WAL"
+    );
+    assert!(events.iter().all(|e| e.key.as_deref() == Some("good")));
+
+    // a payload exactly at the limit is fine
+    c.batch_execute("SET pg_outbox.max_payload_bytes = 2")
+        .await?;
+    enqueue(c, "orders", "edge", "{}").await?;
+    c.batch_execute("RESET pg_outbox.max_payload_bytes").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn wal_mode_without_a_slot_is_refused() -> Result<()> {
+    let db = TestDb::create("ob_no_slot", port()).await?;
+    let c = &db.client;
+    c.batch_execute(
+        "CREATE TABLE business (n int); BEGIN; INSERT INTO business VALUES (1); SAVEPOINT s",
+    )
+    .await?;
+    let (code, message, hint) =
+        expect_error(c, "SELECT outbox.enqueue('orders', 'k', '{}')").await?;
+    assert_eq!(code, "55000", "{message}");
+    assert!(message.contains("ob_no_slot"), "{message}");
+    assert!(hint.unwrap().contains("outbox.create_slot"));
+    c.batch_execute("ROLLBACK TO SAVEPOINT s; COMMIT").await?;
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM business", &[])
+        .await?
+        .get(0);
+    assert_eq!(n, 1);
+    // table mode needs no slot
+    c.batch_execute("SET pg_outbox.mode = 'table'").await?;
+    enqueue(c, "orders", "k", "{}").await?;
+    // once the slot exists, wal mode works; create_slot is idempotent and says what it did
+    c.batch_execute("SET pg_outbox.mode = 'wal'").await?;
+    let actions: Vec<String> = c
+        .query(
+            "SELECT object || ' ' || action FROM outbox.create_slot()",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(actions, vec!["slot created", "publication created"]);
+    let actions: Vec<String> = c
+        .query(
+            "SELECT object || ' ' || action FROM outbox.create_slot()",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(actions, vec!["slot exists", "publication exists"]);
+    enqueue(c, "orders", "k", "{}").await?;
+    assert_eq!(db.peek_wal_events().await?.len(), 1);
+    // a slot of another database does not count
+    let other = TestDb::create("ob_no_slot_other", port()).await?;
+    other
+        .client
+        .batch_execute("SET pg_outbox.slot_name = 'ob_no_slot'")
+        .await?;
+    let (code, _, _) =
+        expect_error(&other.client, "SELECT outbox.enqueue('orders', 'k', '{}')").await?;
+    assert_eq!(code, "55000");
+    Ok(())
+}
+
+#[tokio::test]
+async fn wal_mode_without_logical_wal_is_refused() -> Result<()> {
+    let db = TestDb::create("ob_replica_level", replica_port()).await?;
+    let c = &db.client;
+    let (code, message, hint) =
+        expect_error(c, "SELECT outbox.enqueue('orders', 'k', '{}')").await?;
+    assert_eq!(code, "55000");
+    assert!(message.contains("wal_level = logical"), "{message}");
+    assert!(hint.unwrap().contains("pg_outbox.mode = 'table'"));
+    let (code, _, _) = expect_error(c, "SELECT * FROM outbox.create_slot()").await?;
+    assert_eq!(code, "55000");
+    // table mode works on any cluster
+    c.batch_execute("SET pg_outbox.mode = 'table'").await?;
+    enqueue(c, "orders", "k", "{}").await?;
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM outbox.events", &[])
+        .await?
+        .get(0);
+    assert_eq!(n, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn only_writers_may_enqueue() -> Result<()> {
+    let db = TestDb::create("ob_roles", port()).await?;
+    db.create_slot().await?;
+    db.client
+        .batch_execute(
+            "DROP ROLE IF EXISTS ob_app; DROP ROLE IF EXISTS ob_stranger; \
+             CREATE ROLE ob_app LOGIN IN ROLE outbox_writer; CREATE ROLE ob_stranger LOGIN",
+        )
+        .await?;
+    let app = db.session_as("ob_app").await?;
+    enqueue(&app, "orders", "k", r#"{"by": "app"}"#).await?;
+    app.batch_execute("SET pg_outbox.mode = 'table'").await?;
+    enqueue(&app, "orders", "k", r#"{"by": "app"}"#).await?;
+    // a writer cannot read or delete the outbox, nor touch the inbox
+    let (code, _, _) = expect_error(&app, "SELECT * FROM outbox.events").await?;
+    assert_eq!(code, "42501");
+    let (code, _, _) = expect_error(&app, "SELECT inbox.try_receive('c', 'm')").await?;
+    assert_eq!(code, "42501");
+
+    let stranger = db.session_as("ob_stranger").await?;
+    let (code, _, _) =
+        expect_error(&stranger, "SELECT outbox.enqueue('orders', 'k', '{}')").await?;
+    assert_eq!(code, "42501");
+    let (code, _, _) = expect_error(
+        &stranger,
+        "INSERT INTO outbox.events (id, topic, payload) VALUES (gen_random_uuid(), 'orders', '')",
+    )
+    .await?;
+    assert_eq!(code, "42501");
+    assert_eq!(db.peek_wal_events().await?.len(), 1);
+    Ok(())
+}
