@@ -17,18 +17,26 @@ echo "test: installing the extension into $($PG_CONFIG --sharedir)/extension"
 SUDO=; [ "$(id -u)" = 0 ] || SUDO=--sudo
 (cd pg_outbox && cargo pgrx install $SUDO --pg-config "$PG_CONFIG" >/dev/null)
 
+echo "test: building the relay"
+cargo build -q -p pg_outbox_relay
+export PG_OUTBOX_RELAY_BIN=$PWD/target/debug/pg-outbox-relay
+
 export PG_OUTBOX_TEST_PORT=${PG_OUTBOX_TEST_PORT:-55432}
 export PG_OUTBOX_TEST_REPLICA_PORT=${PG_OUTBOX_TEST_REPLICA_PORT:-55433}
+export PG_OUTBOX_TEST_RESTART_PORT=${PG_OUTBOX_TEST_RESTART_PORT:-55434}
 root=$(mktemp -d "${TMPDIR:-/tmp}/pg_outbox-test.XXXXXX")
 chmod 755 "$root"
 cleanup() {
     scripts/pgcluster.sh stop "$root/logical" || true
     scripts/pgcluster.sh stop "$root/replica" || true
+    scripts/pgcluster.sh stop "$root/restart" || true
     rm -rf "$root"
 }
 trap cleanup EXIT
 scripts/pgcluster.sh start "$root/logical" "$PG_OUTBOX_TEST_PORT" logical
 scripts/pgcluster.sh start "$root/replica" "$PG_OUTBOX_TEST_REPLICA_PORT" replica
+scripts/pgcluster.sh start "$root/restart" "$PG_OUTBOX_TEST_RESTART_PORT" logical
+export PG_OUTBOX_TEST_RESTART_PGDATA=$root/restart
 
 echo "test: cargo test"
-cargo test -p pg_outbox_envelope -p pg_outbox_tests
+cargo test -p pg_outbox_envelope -p pg_outbox_relay -p pg_outbox_tests

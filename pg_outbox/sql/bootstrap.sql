@@ -7,17 +7,21 @@ COMMENT ON SCHEMA inbox IS 'pg_outbox: deduplicating inbox, consumer offsets and
 
 -- Roles are cluster-wide and outlive the extension; create them once, quietly.
 -- (PostgreSQL reserves role names starting with pg_, hence outbox_/inbox_.)
+-- CREATE EXTENSION may run concurrently in several databases of a fresh cluster: a role created by
+-- the other session meanwhile is fine.
 DO $roles$
+DECLARE
+    r text;
 BEGIN
-    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'outbox_writer') THEN
-        CREATE ROLE outbox_writer NOLOGIN;
-    END IF;
-    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'outbox_relay') THEN
-        CREATE ROLE outbox_relay NOLOGIN;
-    END IF;
-    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'inbox_consumer') THEN
-        CREATE ROLE inbox_consumer NOLOGIN;
-    END IF;
+    FOREACH r IN ARRAY ARRAY['outbox_writer', 'outbox_relay', 'inbox_consumer'] LOOP
+        IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = r) THEN
+            BEGIN
+                EXECUTE pg_catalog.format('CREATE ROLE %I NOLOGIN', r);
+            EXCEPTION WHEN duplicate_object OR unique_violation THEN
+                NULL;
+            END;
+        END IF;
+    END LOOP;
 END
 $roles$;
 
@@ -78,5 +82,20 @@ CREATE TABLE inbox.messages (
     completed_at timestamptz,
     UNIQUE (consumer, message_id)
 );
+-- Events the relay could never publish (oversized, undecodable), with the reason; exactly one row per
+-- source position, so a replay after a crash does not add a second.
+CREATE TABLE outbox.dead_letters (
+    source     text        NOT NULL,
+    position   text        NOT NULL,
+    event_id   uuid,
+    topic      text,
+    key        text,
+    headers    jsonb       NOT NULL DEFAULT '{}',
+    payload    bytea       NOT NULL,
+    reason     text        NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (source, position)
+);
+
 CREATE INDEX messages_claim_idx ON inbox.messages (consumer, visible_at, id)
     WHERE status IN ('pending', 'processing');

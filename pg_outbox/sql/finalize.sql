@@ -336,6 +336,7 @@ GRANT EXECUTE ON FUNCTION outbox.enqueue(text, text, jsonb, jsonb),
 GRANT INSERT ON outbox.events TO outbox_writer;
 
 GRANT SELECT, DELETE ON outbox.events TO outbox_relay;
+GRANT SELECT, INSERT ON outbox.dead_letters TO outbox_relay;
 GRANT EXECUTE ON FUNCTION outbox.create_slot(text) TO outbox_relay;
 
 GRANT USAGE ON SCHEMA inbox TO outbox_relay, inbox_consumer;

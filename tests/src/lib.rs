@@ -6,6 +6,8 @@
 //! test, with the extension created and `pg_outbox.slot_name` set to the database name, so tests can
 //! run in parallel without sharing a slot.
 
+pub mod kafka;
+
 use anyhow::{bail, Context, Result};
 use pg_outbox_envelope::{Event, MESSAGE_PREFIX};
 use tokio_postgres::{Client, NoTls};
@@ -70,6 +72,8 @@ impl TestDb {
         }
         let client = connect(port, name).await?;
         client.batch_execute("CREATE EXTENSION pg_outbox").await?;
+        // relay logs of this test start empty (kafka::Relay appends across restarts)
+        let _ = std::fs::remove_file(std::env::temp_dir().join(format!("relay-{name}.log")));
         Ok(TestDb {
             name: name.to_string(),
             port,
@@ -202,5 +206,45 @@ pub async fn expect_error(client: &Client, sql: &str) -> Result<(String, String,
                 db.hint().map(str::to_string),
             ))
         }
+    }
+}
+
+/// Waits until `check` returns true, polling every 100 ms, or fails after `timeout`.
+pub async fn wait_for<F, Fut>(what: &str, timeout: std::time::Duration, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if check().await? {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+impl TestDb {
+    /// Waits until the relay streams from this test's slot (a walsender holds it; merely "active"
+    /// is also true while the slot is still being created, when enqueue rightly refuses).
+    pub async fn wait_for_active_slot(&self) -> Result<()> {
+        let c = &self.client;
+        let name = self.name.clone();
+        wait_for("the relay to hold the slot", std::time::Duration::from_secs(30), || {
+            let name = name.clone();
+            async move {
+                Ok(c.query_opt(
+                    "SELECT 1 FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid \
+                     WHERE s.slot_name = $1",
+                    &[&name],
+                )
+                .await?
+                .is_some())
+            }
+        })
+        .await
     }
 }

@@ -1,0 +1,189 @@
+//! `check` and `status`: what an operator asks before and while the relay runs.
+
+use crate::config::Config;
+use crate::error::RelayError;
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{BaseProducer, Producer};
+use std::time::Duration;
+use tokio_postgres::Client;
+
+async fn connect(config: &Config) -> Result<Client, RelayError> {
+    let (client, connection) =
+        tokio_postgres::connect(&config.conninfo(), tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// One line of `check` output.
+pub struct Finding {
+    pub ok: bool,
+    pub what: String,
+    pub fix: String,
+}
+
+fn finding(ok: bool, what: impl Into<String>, fix: impl Into<String>) -> Finding {
+    Finding {
+        ok,
+        what: what.into(),
+        fix: fix.into(),
+    }
+}
+
+/// Verifies everything `run` needs; returns one finding per check.
+pub async fn check(config: &Config) -> Vec<Finding> {
+    let mut out = Vec::new();
+    match connect(config).await {
+        Err(e) => out.push(finding(
+            false,
+            format!(
+                "postgres {}:{} reachable: {e}",
+                config.pg_host, config.pg_port
+            ),
+            "check pg_host, pg_port, pg_user, pg_password and pg_database",
+        )),
+        Ok(pg) => {
+            out.push(finding(
+                true,
+                format!("postgres {}:{} reachable", config.pg_host, config.pg_port),
+                "",
+            ));
+            let q = |sql: &'static str| {
+                let pg = &pg;
+                let slot = config.slot.clone();
+                async move {
+                    pg.query_one(sql, &[&slot])
+                        .await
+                        .map(|r| r.get::<_, Option<String>>(0).unwrap_or_default())
+                        .unwrap_or_else(|e| format!("error: {e}"))
+                }
+            };
+            let wal_level =
+                q("SELECT current_setting('wal_level') WHERE $1::text IS NOT NULL").await;
+            out.push(finding(
+                wal_level == "logical",
+                format!("wal_level = {wal_level}"),
+                "set wal_level = logical in postgresql.conf and restart PostgreSQL",
+            ));
+            let ext = q("SELECT extversion FROM pg_extension WHERE extname = 'pg_outbox' AND $1::text IS NOT NULL UNION ALL SELECT NULL LIMIT 1").await;
+            out.push(finding(
+                !ext.is_empty(),
+                format!(
+                    "extension pg_outbox installed ({})",
+                    if ext.is_empty() { "missing" } else { &ext }
+                ),
+                "CREATE EXTENSION pg_outbox in this database",
+            ));
+            let slot = q("SELECT coalesce((SELECT plugin || '/' || database || '/' || coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = $1), '')").await;
+            let slot_ok = slot.starts_with("pgoutput/") && !slot.ends_with("/lost");
+            out.push(finding(
+                slot_ok || (slot.is_empty() && config.create_slot),
+                format!("slot {}: {}", config.slot, if slot.is_empty() { "missing" } else { &slot }),
+                "SELECT * FROM outbox.create_slot() (run creates it when create_slot = true); a lost slot must be recreated",
+            ));
+            let publication = q(
+                "SELECT coalesce((SELECT 'present' FROM pg_publication WHERE pubname = $1), '')",
+            )
+            .await;
+            out.push(finding(
+                !publication.is_empty() || config.create_slot,
+                format!(
+                    "publication {}: {}",
+                    config.slot,
+                    if publication.is_empty() {
+                        "missing"
+                    } else {
+                        "present"
+                    }
+                ),
+                "SELECT * FROM outbox.create_slot() creates it",
+            ));
+            let grants = q("SELECT CASE WHEN rolsuper THEN 'superuser' WHEN rolreplication AND pg_has_role(current_user, 'outbox_relay', 'member') THEN 'replication + outbox_relay' ELSE 'missing' END FROM pg_roles WHERE rolname = current_user AND $1::text IS NOT NULL").await;
+            out.push(finding(
+                grants != "missing" && !grants.starts_with("error"),
+                format!("role {}: {grants}", config.pg_user),
+                format!(
+                    "ALTER ROLE {} REPLICATION; GRANT outbox_relay TO {}",
+                    config.pg_user, config.pg_user
+                ),
+            ));
+        }
+    }
+    let brokers = config.brokers.clone();
+    let kafka = config.kafka.clone();
+    let reachable = tokio::task::spawn_blocking(move || {
+        let mut cc = ClientConfig::new();
+        cc.set("bootstrap.servers", &brokers);
+        for (k, v) in &kafka {
+            if k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.") {
+                cc.set(k, v);
+            }
+        }
+        let producer: BaseProducer = cc.create()?;
+        producer
+            .client()
+            .fetch_metadata(None, Duration::from_secs(5))
+            .map(|md| md.brokers().len())
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r.map_err(|e| e.to_string()));
+    out.push(match reachable {
+        Ok(n) => finding(
+            true,
+            format!("kafka {} reachable ({n} broker(s))", config.brokers),
+            "",
+        ),
+        Err(e) => finding(
+            false,
+            format!("kafka {} reachable: {e}", config.brokers),
+            "check brokers and the [kafka] security settings",
+        ),
+    });
+    out
+}
+
+/// `status`: slot lag and retention, as `name: value` lines.
+pub async fn status(config: &Config) -> Result<Vec<(String, String)>, RelayError> {
+    let pg = connect(config).await?;
+    let row = pg
+        .query_opt(
+            "SELECT s.active, coalesce(s.active_pid::text, '-'), coalesce(s.confirmed_flush_lsn::text, '-'), \
+                    coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint, 0), \
+                    coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint, 0), \
+                    coalesce(s.wal_status, '-'), \
+                    coalesce((SELECT extract(epoch FROM r.flush_lag)::float8 FROM pg_stat_replication r WHERE r.pid = s.active_pid), 0) \
+             FROM pg_replication_slots s WHERE s.slot_name = $1",
+            &[&config.slot],
+        )
+        .await?
+        .ok_or_else(|| RelayError::Slot(format!("slot \"{}\" does not exist", config.slot)))?;
+    let mut out = vec![
+        ("slot".to_string(), config.slot.clone()),
+        (
+            "active".into(),
+            format!(
+                "{} (pid {})",
+                row.get::<_, bool>(0),
+                row.get::<_, String>(1)
+            ),
+        ),
+        ("last_acknowledged_lsn".into(), row.get(2)),
+        ("lag_bytes".into(), row.get::<_, i64>(3).to_string()),
+        ("lag_seconds".into(), format!("{:.3}", row.get::<_, f64>(6))),
+        (
+            "retained_wal_bytes".into(),
+            row.get::<_, i64>(4).to_string(),
+        ),
+        ("wal_status".into(), row.get(5)),
+    ];
+    let oldest = pg
+        .query_one(
+            "SELECT coalesce((SELECT min(created_at)::text FROM outbox.events), 'none'), \
+                    (SELECT count(*) FROM outbox.dead_letters)",
+            &[],
+        )
+        .await?;
+    out.push(("oldest_unpublished_table_event".into(), oldest.get(0)));
+    out.push(("dead_letters".into(), oldest.get::<_, i64>(1).to_string()));
+    Ok(out)
+}

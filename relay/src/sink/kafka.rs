@@ -1,0 +1,319 @@
+//! The Kafka sink: an idempotent producer (`acks=all`) plus the restart dedup.
+//!
+//! Every record carries its source position (`pg_outbox-position`: commit LSN and index in the
+//! transaction) and source id (`pg_outbox-source`). Per partition, records are written in position
+//! order (one producer, idempotence keeps the order through retries). After any restart, before the
+//! first write to a partition, [`KafkaSink::last_position`] reads that partition's last record of this
+//! source; every event at or before that position is already in Kafka and is skipped. That makes the
+//! at-least-once replay from the slot exactly-once in Kafka without broker transactions.
+
+use crate::config::Config;
+use crate::error::RelayError;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::HashMap;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+pub const HEADER_ID: &str = "pg_outbox-id";
+pub const HEADER_POSITION: &str = "pg_outbox-position";
+pub const HEADER_SOURCE: &str = "pg_outbox-source";
+pub const HEADER_TRACE: &str = "traceparent";
+
+/// Where an event sits in the source: commit LSN of its transaction, then its index in it.
+/// Totally ordered in commit order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Position {
+    pub commit_lsn: u64,
+    pub index: u32,
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016X}:{:08X}", self.commit_lsn, self.index)
+    }
+}
+
+impl Position {
+    pub fn parse(s: &str) -> Option<Position> {
+        let (lsn, index) = s.split_once(':')?;
+        Some(Position {
+            commit_lsn: u64::from_str_radix(lsn, 16).ok()?,
+            index: u32::from_str_radix(index, 16).ok()?,
+        })
+    }
+}
+
+/// Records of one partition are read back in windows of this many when looking for our last one.
+const TAIL_WINDOW: i64 = 256;
+
+pub struct KafkaSink {
+    producer: FutureProducer,
+    reader_config: ClientConfig,
+    source_id: String,
+    partitions: HashMap<String, i32>,
+    timeout: Duration,
+}
+
+impl KafkaSink {
+    pub fn new(config: &Config) -> Result<KafkaSink, RelayError> {
+        let mut producer = ClientConfig::new();
+        producer
+            .set("bootstrap.servers", &config.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("partitioner", "murmur2_random")
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", "60000")
+            .set(
+                "message.max.bytes",
+                (config.max_record_bytes + 65536).max(1_000_000).to_string(),
+            );
+        for (k, v) in &config.kafka {
+            producer.set(k, v);
+        }
+        let producer: FutureProducer = producer.create().map_err(|e| {
+            RelayError::Config(format!("kafka settings rejected by librdkafka: {e}"))
+        })?;
+        let mut reader_config = ClientConfig::new();
+        reader_config
+            .set("bootstrap.servers", &config.brokers)
+            .set("group.id", format!("pg_outbox-relay-{}", config.source_id))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false");
+        for (k, v) in &config.kafka {
+            // connection and security settings apply to the reader too; producer-only ones would warn
+            if k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.") {
+                reader_config.set(k, v);
+            }
+        }
+        Ok(KafkaSink {
+            producer,
+            reader_config,
+            source_id: config.source_id.clone(),
+            partitions: HashMap::new(),
+            timeout: Duration::from_secs(10),
+        })
+    }
+
+    /// Number of partitions of `topic` (cached). An unknown topic is an error: the event stays in
+    /// the slot and is retried, so create the topic (or enable auto-creation on the broker).
+    pub async fn partition_count(&mut self, topic: &str) -> Result<i32, RelayError> {
+        if let Some(n) = self.partitions.get(topic) {
+            return Ok(*n);
+        }
+        let producer = self.producer.clone();
+        let name = topic.to_string();
+        let timeout = self.timeout;
+        let n = tokio::task::spawn_blocking(move || {
+            let md = producer.client().fetch_metadata(Some(&name), timeout)?;
+            let t = md
+                .topics()
+                .iter()
+                .find(|t| t.name() == name)
+                .ok_or_else(|| RelayError::Kafka(format!("topic {name} not in metadata")))?;
+            if let Some(err) = t.error() {
+                return Err(RelayError::Kafka(format!(
+                    "topic {name}: {err:?}; create the topic or enable auto-creation"
+                )));
+            }
+            if t.partitions().is_empty() {
+                return Err(RelayError::Kafka(format!(
+                    "topic {name} has no partitions yet"
+                )));
+            }
+            Ok(t.partitions().len() as i32)
+        })
+        .await
+        .map_err(|e| RelayError::Kafka(format!("metadata task: {e}")))??;
+        self.partitions.insert(topic.to_string(), n);
+        Ok(n)
+    }
+
+    /// The position of the last record of this source in `topic`/`partition`, if any.
+    pub async fn last_position(
+        &self,
+        topic: &str,
+        partition: i32,
+    ) -> Result<Option<Position>, RelayError> {
+        let reader: BaseConsumer = self.reader_config.create()?;
+        let topic = topic.to_string();
+        let source = self.source_id.clone();
+        let timeout = self.timeout;
+        tokio::task::spawn_blocking(move || {
+            read_last_position(&reader, &topic, partition, &source, timeout)
+        })
+        .await
+        .map_err(|e| RelayError::Kafka(format!("tail reader task: {e}")))?
+    }
+
+    /// Hands a record to librdkafka. The future resolves when the broker acknowledged it (or failed).
+    pub fn send(&self, record: FutureRecord<'_, [u8], [u8]>) -> Result<DeliveryFuture, RelayError> {
+        let mut record = record;
+        loop {
+            match self.producer.send_result(record) {
+                Ok(fut) => return Ok(fut),
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    back,
+                )) => {
+                    // librdkafka's queue is full: let it deliver, then try again
+                    self.producer.poll(Duration::from_millis(10));
+                    record = back;
+                }
+                Err((e, _)) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Waits until everything handed over is acknowledged (or the timeout passes).
+    pub async fn flush(&self, timeout: Duration) -> Result<(), RelayError> {
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || producer.flush(timeout))
+            .await
+            .map_err(|e| RelayError::Kafka(format!("flush task: {e}")))??;
+        Ok(())
+    }
+}
+
+/// Builds the headers of one record.
+pub fn record_headers(
+    event_id: &str,
+    position: Position,
+    source: &str,
+    user: &[(&str, &[u8])],
+    trace: Option<&str>,
+) -> OwnedHeaders {
+    let position = position.to_string();
+    let mut headers = OwnedHeaders::new_with_capacity(user.len() + 4)
+        .insert(Header {
+            key: HEADER_ID,
+            value: Some(event_id.as_bytes()),
+        })
+        .insert(Header {
+            key: HEADER_POSITION,
+            value: Some(position.as_bytes()),
+        })
+        .insert(Header {
+            key: HEADER_SOURCE,
+            value: Some(source.as_bytes()),
+        });
+    if let Some(trace) = trace {
+        headers = headers.insert(Header {
+            key: HEADER_TRACE,
+            value: Some(trace.as_bytes()),
+        });
+    }
+    for (name, value) in user {
+        headers = headers.insert(Header {
+            key: name,
+            value: Some(*value),
+        });
+    }
+    headers
+}
+
+fn read_last_position(
+    reader: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    source: &str,
+    timeout: Duration,
+) -> Result<Option<Position>, RelayError> {
+    let (low, high) = reader.fetch_watermarks(topic, partition, timeout)?;
+    // The reported high watermark is only a lower bound of the end: some brokers (Tansu 0.6)
+    // report the last batch's base offset + 1. So each window is read forward until the partition
+    // stays quiet, never just up to `high`. Nobody else writes this source's records meanwhile:
+    // the slot is held by this process.
+    let mut window_end = high;
+    let mut found_end: Option<i64> = None;
+    loop {
+        let start = (window_end - TAIL_WINDOW).max(low);
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(start))?;
+        reader.assign(&tpl)?;
+        let mut best: Option<Position> = None;
+        let mut next = start;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut quiet_since = Instant::now();
+        loop {
+            if Instant::now() > deadline {
+                return Err(RelayError::Kafka(format!(
+                    "timed out reading {topic}[{partition}] from offset {start} for the restart dedup"
+                )));
+            }
+            // past the window (a later window was read already) or quiet past the reported end
+            if found_end.is_some_and(|e| next >= e)
+                || (next >= window_end && quiet_since.elapsed() > TAIL_QUIET)
+            {
+                break;
+            }
+            let Some(msg) = reader.poll(Duration::from_millis(50)) else {
+                continue;
+            };
+            let msg = msg?;
+            quiet_since = Instant::now();
+            next = msg.offset() + 1;
+            if let Some(p) = own_position(&msg, source) {
+                best = best.max(Some(p));
+            }
+        }
+        if best.is_some() || start <= low {
+            return Ok(best);
+        }
+        found_end = Some(start);
+        window_end = start;
+    }
+}
+
+/// How long a partition must stay quiet before its end is taken as reached.
+const TAIL_QUIET: Duration = Duration::from_millis(300);
+
+/// The position of a record written by `source`, if it is one.
+fn own_position(msg: &rdkafka::message::BorrowedMessage<'_>, source: &str) -> Option<Position> {
+    let headers = msg.headers()?;
+    let mut ours = false;
+    let mut pos = None;
+    for h in headers.iter() {
+        match (h.key, h.value) {
+            (HEADER_SOURCE, Some(v)) => ours = v == source.as_bytes(),
+            (HEADER_POSITION, Some(v)) => {
+                pos = std::str::from_utf8(v).ok().and_then(Position::parse)
+            }
+            _ => {}
+        }
+    }
+    pos.filter(|_| ours)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn position_text_round_trips_and_sorts() {
+        let a = Position {
+            commit_lsn: 0x16B3748,
+            index: 2,
+        };
+        let b = Position {
+            commit_lsn: 0x16B3748,
+            index: 10,
+        };
+        let c = Position {
+            commit_lsn: 0x1_0000_0000,
+            index: 0,
+        };
+        for p in [a, b, c] {
+            assert_eq!(Position::parse(&p.to_string()), Some(p));
+        }
+        assert!(a < b && b < c);
+        assert!(a.to_string() < b.to_string() && b.to_string() < c.to_string());
+        assert_eq!(Position::parse("nonsense"), None);
+    }
+}

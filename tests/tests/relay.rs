@@ -1,0 +1,584 @@
+//! The relay against a real PostgreSQL cluster and a real Kafka-protocol broker (Tansu): exactly
+//! the committed events arrive, once, in per-key commit order, whatever is killed when.
+
+use anyhow::{ensure, Result};
+use pg_outbox_relay::sink::partition::partition_for;
+use pg_outbox_tests::kafka::{read_all, signal, Broker, Record, Relay};
+use pg_outbox_tests::{port, wait_for, TestDb};
+use rand::{Rng, SeedableRng};
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+const READ_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Every id exactly once, and per key the payload field `n` strictly increasing by one.
+fn assert_exactly_once_in_order(records: &[Record], expected: usize) -> Result<()> {
+    let ids: HashSet<String> = records.iter().map(Record::id).collect();
+    println!(
+        "records read: {}, distinct event ids: {}, expected: {expected}",
+        records.len(),
+        ids.len()
+    );
+    ensure!(
+        ids.len() == expected,
+        "{} distinct ids, expected {expected}",
+        ids.len()
+    );
+    if records.len() != expected {
+        let mut seen: HashMap<String, &Record> = HashMap::new();
+        for r in records {
+            if let Some(first) = seen.insert(r.id(), r) {
+                println!(
+                    "duplicate {} in {}[{}]: offsets {} and {}, positions {:?} and {:?}",
+                    r.id(),
+                    r.topic,
+                    r.partition,
+                    first.offset,
+                    r.offset,
+                    first.header("pg_outbox-position"),
+                    r.header("pg_outbox-position")
+                );
+            }
+        }
+    }
+    ensure!(
+        records.len() == expected,
+        "{} records for {expected} events: duplicates",
+        records.len()
+    );
+    let mut next: HashMap<Vec<u8>, i64> = HashMap::new();
+    let mut partition_of: HashMap<Vec<u8>, (String, i32)> = HashMap::new();
+    for r in records {
+        // records are sorted by (topic, partition, offset): per key that is the Kafka order
+        let key = r.key.clone().unwrap_or_default();
+        let place = (r.topic.clone(), r.partition);
+        ensure!(
+            partition_of
+                .entry(key.clone())
+                .or_insert_with(|| place.clone())
+                == &place,
+            "key {:?} in two partitions",
+            String::from_utf8_lossy(&key)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&r.payload)?;
+        let n = v["n"].as_i64().unwrap_or(-1);
+        let want = next.entry(key.clone()).or_insert(1);
+        ensure!(
+            n == *want,
+            "key {:?}: got n={n}, expected {want}",
+            String::from_utf8_lossy(&key)
+        );
+        *want += 1;
+    }
+    Ok(())
+}
+
+async fn enqueue(c: &Client, topic: &str, key: &str, payload: &str) -> Result<Uuid> {
+    Ok(c.query_one(
+        "SELECT outbox.enqueue($1, $2, $3::text::jsonb)",
+        &[&topic, &key, &payload],
+    )
+    .await?
+    .get(0))
+}
+
+#[tokio::test]
+async fn committed_events_arrive_with_topic_key_headers_and_payload() -> Result<()> {
+    let db = TestDb::create("rl_commit", port()).await?;
+    let broker = Broker::start()?;
+    broker.create_topic("orders", 3).await?;
+    broker.create_topic("payments", 2).await?;
+    let mut relay = Relay::start(db.port, &db.name, &broker.bootstrap(), &[])?;
+    db.wait_for_active_slot().await?;
+    let c = &db.client;
+
+    let mut expected = Vec::new();
+    c.batch_execute("BEGIN; SET LOCAL pg_outbox.trace_context = '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01'").await?;
+    let first: Uuid = c
+        .query_one(
+            r#"SELECT outbox.enqueue('orders', 'alice', '{"n": 1}', '{"type": "OrderCreated", "tenant": "acme"}')"#,
+            &[],
+        )
+        .await?
+        .get(0);
+    expected.push(first);
+    expected.push(enqueue(c, "payments", "alice", r#"{"n": 1}"#).await?);
+    c.batch_execute("COMMIT").await?;
+    c.batch_execute("BEGIN").await?;
+    enqueue(c, "orders", "ghost", r#"{"n": 1}"#).await?;
+    c.batch_execute("ROLLBACK").await?;
+    c.batch_execute("BEGIN").await?;
+    expected.push(enqueue(c, "orders", "bob", r#"{"n": 1}"#).await?);
+    c.batch_execute("SAVEPOINT s").await?;
+    enqueue(c, "orders", "ghost", r#"{"n": 1}"#).await?;
+    c.batch_execute("ROLLBACK TO SAVEPOINT s").await?;
+    expected.push(enqueue(c, "orders", "bob", r#"{"n": 2}"#).await?);
+    c.batch_execute("COMMIT").await?;
+    let bytes_id: Uuid = c
+        .query_one(
+            r"SELECT outbox.enqueue_bytes('payments', NULL, '\x00ff'::bytea)",
+            &[],
+        )
+        .await?
+        .get(0);
+    expected.push(bytes_id);
+
+    let records = read_all(
+        &broker.bootstrap(),
+        &[("orders", 3), ("payments", 2)],
+        5,
+        READ_TIMEOUT,
+    )?;
+    let mut got: Vec<Uuid> = records
+        .iter()
+        .map(|r| Uuid::parse_str(&r.id()).unwrap())
+        .collect();
+    got.sort();
+    expected.sort();
+    assert_eq!(got, expected, "exactly the committed events");
+    assert!(records.iter().all(|r| r.key.as_deref() != Some(b"ghost")));
+
+    let by_id: HashMap<String, &Record> = records.iter().map(|r| (r.id(), r)).collect();
+    let r = by_id[&first.to_string()];
+    assert_eq!(r.topic, "orders");
+    assert_eq!(r.key.as_deref(), Some(&b"alice"[..]));
+    assert_eq!(r.payload, br#"{"n": 1}"#);
+    assert_eq!(r.header("type"), Some("OrderCreated"));
+    assert_eq!(r.header("tenant"), Some("acme"));
+    assert_eq!(
+        r.header("traceparent"),
+        Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    );
+    assert_eq!(r.header("pg_outbox-source"), Some("rl_commit"));
+    assert!(r.header("pg_outbox-position").is_some());
+    // Java-compatible partitioning by key
+    assert_eq!(
+        r.partition,
+        partition_for(Some(b"alice"), first.as_bytes(), 3)
+    );
+    let b = by_id[&bytes_id.to_string()];
+    assert_eq!((b.key.clone(), b.payload.clone()), (None, vec![0x00, 0xff]));
+
+    // graceful shutdown: exit 0, and the slot confirmed everything: nothing is left to replay
+    let status = relay.terminate(Duration::from_secs(30))?;
+    assert!(status.success(), "exit status {status}");
+    let pending = db.peek_wal_events().await?;
+    assert!(
+        pending.is_empty(),
+        "{} events left unconfirmed",
+        pending.len()
+    );
+    Ok(())
+}
+
+/// `writers` sessions each commit `per_writer` events; per key, `n` counts up in commit order
+/// (a row lock on the key's counter serialises the transactions of one key).
+async fn concurrent_writers(
+    db: &TestDb,
+    writers: usize,
+    per_writer: usize,
+    keys: usize,
+) -> Result<usize> {
+    db.client
+        .batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS key_seq (key text PRIMARY KEY, n bigint NOT NULL); \
+             INSERT INTO key_seq SELECT 'k' || i, 0 FROM generate_series(0, {keys} - 1) i ON CONFLICT DO NOTHING"
+        ))
+        .await?;
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let c = db.session().await?;
+        tasks.push(tokio::spawn(async move {
+            for i in 0..per_writer {
+                let key = format!("k{}", (w * 7 + i * 13) % keys);
+                let topic = if key.len() % 2 == 0 { "orders" } else { "payments" };
+                c.batch_execute("BEGIN").await?;
+                let n: i64 = c
+                    .query_one("UPDATE key_seq SET n = n + 1 WHERE key = $1 RETURNING n", &[&key])
+                    .await?
+                    .get(0);
+                c.query_one(
+                    "SELECT outbox.enqueue($1, $2, jsonb_build_object('n', $3::bigint, 'w', $4::int))",
+                    &[&topic, &key, &n, &(w as i32)],
+                )
+                .await?;
+                c.batch_execute("COMMIT").await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(writers * per_writer)
+}
+
+#[tokio::test]
+async fn per_key_order_is_commit_order_with_concurrent_writers() -> Result<()> {
+    let db = TestDb::create("rl_order", port()).await?;
+    let broker = Broker::start()?;
+    broker.create_topic("orders", 4).await?;
+    broker.create_topic("payments", 3).await?;
+    let _relay = Relay::start(db.port, &db.name, &broker.bootstrap(), &[])?;
+    db.wait_for_active_slot().await?;
+    let total = concurrent_writers(&db, 8, 250, 24).await?;
+    let records = read_all(
+        &broker.bootstrap(),
+        &[("orders", 4), ("payments", 3)],
+        total,
+        READ_TIMEOUT,
+    )?;
+    assert_exactly_once_in_order(&records, total)
+}
+
+#[tokio::test]
+async fn kill_9_at_random_moments_loses_and_duplicates_nothing() -> Result<()> {
+    const TXNS: usize = 500;
+    const PER_TXN: usize = 100;
+    const KEYS: usize = 64;
+    let db = TestDb::create("rl_crash", port()).await?;
+    let broker = Broker::start()?;
+    broker.create_topic("orders", 6).await?;
+    let brokers = broker.bootstrap();
+    let mut relay = Relay::start(db.port, &db.name, &brokers, &[])?;
+    db.wait_for_active_slot().await?;
+
+    // one writer, so commit order is the order it issues; per key, n counts up
+    let writer = db.session().await?;
+    let writing = tokio::spawn(async move {
+        let mut seq = vec![0i64; KEYS];
+        let mut rng = rand::rngs::StdRng::from_os_rng();
+        for _ in 0..TXNS {
+            let mut keys = Vec::with_capacity(PER_TXN);
+            let mut payloads = Vec::with_capacity(PER_TXN);
+            for _ in 0..PER_TXN {
+                let k = rng.random_range(0..KEYS);
+                seq[k] += 1;
+                keys.push(format!("key-{k}"));
+                payloads.push(format!(
+                    r#"{{"n": {}, "pad": "{}"}}"#,
+                    seq[k],
+                    "x".repeat(64)
+                ));
+            }
+            writer
+                .query(
+                    "SELECT outbox.enqueue_batch('orders', $1, $2::text[]::jsonb[])",
+                    &[&keys, &payloads],
+                )
+                .await?;
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..40))).await;
+        }
+        anyhow::Ok(())
+    });
+
+    let mut kills = 0;
+    while !writing.is_finished() || kills < 10 {
+        let wait = rand::rng().random_range(200..1200);
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        relay.kill9()?;
+        kills += 1;
+        relay = Relay::start(db.port, &db.name, &brokers, &[])?;
+    }
+    writing.await??;
+    let total = TXNS * PER_TXN;
+    let records = read_all(&brokers, &[("orders", 6)], total, READ_TIMEOUT)?;
+    println!("relay killed with SIGKILL {kills} times during {total} events");
+    let skipped = relay
+        .log_text()
+        .matches("resuming after the last record")
+        .count();
+    println!("restarts that resumed from a partition's last record: {skipped}");
+    assert!(kills >= 10);
+    assert_exactly_once_in_order(&records, total)
+}
+
+#[tokio::test]
+async fn idle_database_keeps_no_unbounded_wal() -> Result<()> {
+    let db = TestDb::create("rl_idle", port()).await?;
+    let broker = Broker::start()?;
+    broker.create_topic("orders", 1).await?;
+    let _relay = Relay::start(db.port, &db.name, &broker.bootstrap(), &[])?;
+    db.wait_for_active_slot().await?;
+    let c = &db.client;
+    enqueue(c, "orders", "k", r#"{"n": 1}"#).await?;
+    // activity elsewhere: ~50 MB of WAL from another table, and no pg_outbox event at all
+    c.batch_execute("CREATE TABLE other (id int, pad text)")
+        .await?;
+    for _ in 0..10 {
+        c.batch_execute(
+            "INSERT INTO other SELECT i, repeat('x', 400) FROM generate_series(1, 10000) i",
+        )
+        .await?;
+    }
+    let written: i64 = c
+        .query_one("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1", &[&db.name])
+        .await?
+        .get(0);
+    println!("WAL written since the last confirmation: {written} bytes");
+    let name = db.name.clone();
+    wait_for(
+        "the slot to confirm the idle position",
+        Duration::from_secs(30),
+        || {
+            let name = name.clone();
+            async move {
+                c.batch_execute("CHECKPOINT").await?;
+                let r = c
+                .query_one(
+                    "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, \
+                            pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint \
+                     FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&name],
+                )
+                .await?;
+                let (lag, retained): (i64, i64) = (r.get(0), r.get(1));
+                Ok(lag < 1 << 20 && retained < 8 << 20)
+            }
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn poison_events_are_dead_lettered_and_the_stream_goes_on() -> Result<()> {
+    let db = TestDb::create("rl_poison", port()).await?;
+    let broker = Broker::start()?;
+    broker.create_topic("orders", 2).await?;
+    let _relay = Relay::start(
+        db.port,
+        &db.name,
+        &broker.bootstrap(),
+        &["--max-record-bytes", "2048"],
+    )?;
+    db.wait_for_active_slot().await?;
+    let c = &db.client;
+    enqueue(c, "orders", "k", r#"{"n": 1}"#).await?;
+    let big = format!(r#"{{"n": 0, "pad": "{}"}}"#, "y".repeat(4000));
+    let big_id = enqueue(c, "orders", "k", &big).await?;
+    enqueue(c, "orders", "k", r#"{"n": 2}"#).await?;
+    // an envelope from a future version: reported, not guessed at
+    c.batch_execute(r"SELECT pg_logical_emit_message(true, 'pg_outbox', '\x02000102'::bytea)")
+        .await?;
+    enqueue(c, "orders", "k", r#"{"n": 3}"#).await?;
+
+    let records = read_all(&broker.bootstrap(), &[("orders", 2)], 3, READ_TIMEOUT)?;
+    assert_exactly_once_in_order(&records, 3)?;
+    let rows = c
+        .query(
+            "SELECT event_id, reason, length(payload) FROM outbox.dead_letters ORDER BY position",
+            &[],
+        )
+        .await?;
+    assert_eq!(rows.len(), 2, "two dead letters");
+    let (id, reason, len): (Option<Uuid>, String, i32) =
+        (rows[0].get(0), rows[0].get(1), rows[0].get(2));
+    assert_eq!(id, Some(big_id));
+    assert!(reason.contains("max_record_bytes"), "{reason}");
+    assert_eq!(len as usize, big.len(), "the payload is kept whole");
+    let reason: String = rows[1].get(1);
+    assert!(reason.contains("unknown envelope version 2"), "{reason}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn broker_unreachable_at_start_then_stopped_mid_stream() -> Result<()> {
+    let db = TestDb::create("rl_broker", port()).await?;
+    let broker_port = pg_outbox_tests::kafka::free_port();
+    let brokers = format!("127.0.0.1:{broker_port}");
+    // the relay starts while nothing listens on the broker port
+    let _relay = Relay::start(db.port, &db.name, &brokers, &[])?;
+    db.wait_for_active_slot().await?;
+    let c = &db.client;
+    for n in 1..=100 {
+        enqueue(c, "orders", "k", &format!(r#"{{"n": {n}}}"#)).await?;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let broker = Broker::start_on(broker_port)?;
+    broker.create_topic("orders", 2).await?;
+    let records = read_all(&brokers, &[("orders", 2)], 100, READ_TIMEOUT)?;
+    assert_exactly_once_in_order(&records, 100)?;
+
+    // now freeze the broker while events keep coming, then let it go
+    let writer = db.session().await?;
+    let writing = tokio::spawn(async move {
+        for n in 101..=2000 {
+            writer
+                .query_one(
+                    "SELECT outbox.enqueue('orders', 'k', jsonb_build_object('n', $1::int))",
+                    &[&n],
+                )
+                .await?;
+        }
+        anyhow::Ok(())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(broker.pid(), "STOP")?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    signal(broker.pid(), "CONT")?;
+    writing.await??;
+    let records = read_all(&brokers, &[("orders", 2)], 2000, READ_TIMEOUT)?;
+    assert_exactly_once_in_order(&records, 2000)
+}
+
+#[tokio::test]
+async fn missing_publication_is_a_clear_permanent_error() -> Result<()> {
+    let db = TestDb::create("rl_nopub", port()).await?;
+    db.client
+        .batch_execute("SELECT pg_create_logical_replication_slot('rl_nopub', 'pgoutput')")
+        .await?;
+    let broker = Broker::start()?;
+    let mut relay = Relay::start(
+        db.port,
+        &db.name,
+        &broker.bootstrap(),
+        &["--create-slot", "false"],
+    )?;
+    let mut status = None;
+    for _ in 0..100 {
+        status = relay.try_wait()?;
+        if status.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = status.expect("the relay must stop on a permanent error");
+    assert!(!status.success());
+    let log = relay.log_text();
+    assert!(
+        log.contains("publication \\\"rl_nopub\\\" does not exist")
+            || log.contains("publication \"rl_nopub\" does not exist"),
+        "{log}"
+    );
+    // `check` says what to fix
+    let out = std::process::Command::new(pg_outbox_tests::kafka::relay_bin())
+        .args([
+            "check",
+            "--pg-port",
+            &db.port.to_string(),
+            "--pg-database",
+            &db.name,
+            "--slot",
+            &db.name,
+        ])
+        .args(["--brokers", &broker.bootstrap(), "--create-slot", "false"])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("FAIL  publication rl_nopub: missing"),
+        "{text}"
+    );
+    assert!(text.contains("ok    kafka"), "{text}");
+    Ok(())
+}
+
+/// A cluster of its own (PostgreSQL is restarted under the relay), started by `make test`.
+fn restart_cluster() -> Option<(u16, String)> {
+    let port = std::env::var("PG_OUTBOX_TEST_RESTART_PORT")
+        .ok()?
+        .parse()
+        .ok()?;
+    let pgdata = std::env::var("PG_OUTBOX_TEST_RESTART_PGDATA").ok()?;
+    Some((port, pgdata))
+}
+
+/// Writes events 1..=n for one key, one per transaction, riding out connection loss: a business
+/// row with the same number makes a retried transaction idempotent.
+async fn resilient_writer(port: u16, db: String, n: i64) -> Result<()> {
+    let mut i = 1;
+    let mut client: Option<Client> = None;
+    while i <= n {
+        let c = match &client {
+            Some(c) if !c.is_closed() => c,
+            _ => {
+                match pg_outbox_tests::connect(port, &db).await {
+                    Ok(c) => client = Some(c),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+                continue;
+            }
+        };
+        let attempt = async {
+            c.batch_execute("BEGIN").await?;
+            let fresh = c
+                .query_opt(
+                    "INSERT INTO written VALUES ($1) ON CONFLICT DO NOTHING RETURNING n",
+                    &[&i],
+                )
+                .await?
+                .is_some();
+            if fresh {
+                c.query_one(
+                    "SELECT outbox.enqueue('orders', 'k', jsonb_build_object('n', $1::bigint))",
+                    &[&i],
+                )
+                .await?;
+            }
+            c.batch_execute("COMMIT").await?;
+            anyhow::Ok(())
+        };
+        match attempt.await {
+            Ok(()) => i += 1,
+            Err(_) => {
+                client = None;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn postgres_restart_mid_stream_loses_and_duplicates_nothing() -> Result<()> {
+    let Some((pg_port, pgdata)) = restart_cluster() else {
+        anyhow::bail!("PG_OUTBOX_TEST_RESTART_PORT/PGDATA not set: run the tests with `make test`");
+    };
+    let db = TestDb::create("rl_pgrestart", pg_port).await?;
+    db.client
+        .batch_execute("CREATE TABLE written (n bigint PRIMARY KEY)")
+        .await?;
+    let broker = Broker::start()?;
+    broker.create_topic("orders", 2).await?;
+    let mut relay = Relay::start(pg_port, &db.name, &broker.bootstrap(), &[])?;
+    db.wait_for_active_slot().await?;
+    const N: i64 = 3000;
+    let writing = tokio::spawn(resilient_writer(pg_port, db.name.clone(), N));
+    let c = pg_outbox_tests::connect(pg_port, &db.name).await?;
+    wait_for("a third of the events", Duration::from_secs(60), || {
+        let c = &c;
+        async move {
+            Ok(c.query_one("SELECT count(*) FROM written", &[])
+                .await?
+                .get::<_, i64>(0)
+                > N / 3)
+        }
+    })
+    .await?;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/pgcluster.sh");
+    let status = std::process::Command::new(script)
+        .args(["restart", &pgdata])
+        .status()?;
+    assert!(status.success(), "restarting PostgreSQL");
+    writing.await??;
+    let records = read_all(
+        &broker.bootstrap(),
+        &[("orders", 2)],
+        N as usize,
+        READ_TIMEOUT,
+    )?;
+    assert!(
+        relay.try_wait()?.is_none(),
+        "the relay recovers by itself: still running"
+    );
+    let reconnects = relay
+        .log_text()
+        .matches("session ended; reconnecting")
+        .count();
+    println!("relay sessions restarted after the PostgreSQL restart: {reconnects}");
+    assert!(reconnects >= 1, "the relay must have noticed the restart");
+    assert_exactly_once_in_order(&records, N as usize)
+}
