@@ -3,8 +3,8 @@
 \pset footer off
 
 \echo
-\echo '== 1. Install the extension and create the slot that retains wal-mode events'
-CREATE EXTENSION pg_outbox;
+\echo '== 1. The extension is installed; the slot that retains wal-mode events exists (the relay created it)'
+CREATE EXTENSION IF NOT EXISTS pg_outbox;
 SELECT * FROM outbox.create_slot();
 
 \echo

@@ -39,4 +39,4 @@ scripts/pgcluster.sh start "$root/restart" "$PG_OUTBOX_TEST_RESTART_PORT" logica
 export PG_OUTBOX_TEST_RESTART_PGDATA=$root/restart
 
 echo "test: cargo test"
-cargo test -p pg_outbox_envelope -p pg_outbox_relay -p pg_outbox_tests
+cargo test -p pg_outbox_envelope -p pg_outbox_relay -p pg_outbox_tests -- --show-output

@@ -43,6 +43,8 @@ CREATE TABLE outbox.events (
     created_at      timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp()
 );
 COMMENT ON TABLE outbox.events IS 'pg_outbox table mode: events not yet published by the relay';
+-- the poll source reads below the snapshot horizon in (xid, seq) order
+CREATE INDEX events_xid_seq_idx ON outbox.events (xid, seq);
 
 -- inbox.try_receive: one row per (consumer, message id) ever received, kept for the dedup window.
 CREATE TABLE inbox.received (

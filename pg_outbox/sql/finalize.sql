@@ -18,6 +18,20 @@ AS $$ SELECT unnest(outbox._enqueue_batch_json(topic, keys, payloads::text[], he
 COMMENT ON FUNCTION outbox.enqueue_batch(text, text[], jsonb[], jsonb) IS
     'Enqueue many JSON events to one topic (keys[i] goes with payloads[i]); returns their ids in order';
 
+-- Wakes the relay's poll source when a transaction that wrote table-mode events commits
+-- (notifications are delivered at commit, and one per transaction is enough).
+CREATE FUNCTION outbox._notify_events() RETURNS trigger
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM pg_notify('pg_outbox_events', '');
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER events_notify AFTER INSERT ON outbox.events
+    FOR EACH STATEMENT EXECUTE FUNCTION outbox._notify_events();
+
 -- Creates the replication slot and the publication the relay reads, if missing. Says what it did.
 CREATE FUNCTION outbox.create_slot(slot_name text DEFAULT NULL)
 RETURNS TABLE (object text, name text, action text)
@@ -26,7 +40,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
-    sn text := coalesce(slot_name, current_setting('pg_outbox.slot_name'));
+    sn text := coalesce(slot_name, outbox._slot_name());
     existing record;
 BEGIN
     IF sn !~ '^[a-z0-9_]{1,63}$' THEN
@@ -337,7 +351,7 @@ GRANT INSERT ON outbox.events TO outbox_writer;
 
 GRANT SELECT, DELETE ON outbox.events TO outbox_relay;
 GRANT SELECT, INSERT ON outbox.dead_letters TO outbox_relay;
-GRANT EXECUTE ON FUNCTION outbox.create_slot(text) TO outbox_relay;
+GRANT EXECUTE ON FUNCTION outbox.create_slot(text), outbox._slot_name() TO outbox_relay;
 
 GRANT USAGE ON SCHEMA inbox TO outbox_relay, inbox_consumer;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA inbox TO inbox_consumer;

@@ -363,6 +363,17 @@ mod outbox {
         enqueue_events(&[event], &headers)[0]
     }
 
+    /// `outbox._slot_name()`: the current `pg_outbox.slot_name`. SQL functions read settings through
+    /// this rather than `current_setting`, which also loads the library so the setting is defined.
+    #[pg_extern(stable, parallel_safe)]
+    #[search_path(pg_catalog, pg_temp)]
+    fn _slot_name() -> String {
+        crate::gucs::SLOT_NAME
+            .get()
+            .map(|c| c.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "pg_outbox".into())
+    }
+
     /// Backs the SQL `outbox.enqueue(topic, key, payload jsonb, headers)`: the payload arrives as
     /// the jsonb's text form and is marked as JSON in the envelope.
     #[pg_extern(volatile, parallel_unsafe)]

@@ -57,6 +57,16 @@ pub struct Settings {
     /// Create the slot and publication at start when they are missing (default true).
     #[arg(long, env = "PG_OUTBOX_CREATE_SLOT")]
     pub create_slot: Option<bool>,
+    /// Where events come from: `wal` (the slot; pg_outbox.mode = wal) or `poll` (outbox.events;
+    /// pg_outbox.mode = table). Default wal.
+    #[arg(long, env = "PG_OUTBOX_SOURCE")]
+    pub source: Option<String>,
+    /// Poll source: rows read per batch (default 1000).
+    #[arg(long, env = "PG_OUTBOX_POLL_BATCH")]
+    pub poll_batch: Option<i64>,
+    /// Poll source: how often to look without a NOTIFY, in milliseconds (default 1000).
+    #[arg(long, env = "PG_OUTBOX_POLL_INTERVAL_MS")]
+    pub poll_interval_ms: Option<u64>,
     /// Kafka bootstrap servers.
     #[arg(long, env = "PG_OUTBOX_BROKERS")]
     pub brokers: Option<String>,
@@ -93,6 +103,13 @@ fn parse_key_value(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("--kafka expects key=value, got {s:?}"))
 }
 
+/// Where the relay reads events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    Wal,
+    Poll,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -103,6 +120,9 @@ pub struct Config {
     pub pg_database: String,
     pub slot: String,
     pub create_slot: bool,
+    pub source: SourceKind,
+    pub poll_batch: i64,
+    pub poll_interval: Duration,
     pub brokers: String,
     pub topic_template: String,
     pub source_id: String,
@@ -128,6 +148,9 @@ struct FileSettings {
     pg_database: Option<String>,
     slot: Option<String>,
     create_slot: Option<bool>,
+    source: Option<String>,
+    poll_batch: Option<i64>,
+    poll_interval_ms: Option<u64>,
     brokers: Option<String>,
     topic_template: Option<String>,
     source_id: Option<String>,
@@ -190,12 +213,31 @@ impl Settings {
                 "max_in_flight must be at least 1".into(),
             ));
         }
+        let source = match self.source.or(f.source).as_deref() {
+            None | Some("wal") => SourceKind::Wal,
+            Some("poll") => SourceKind::Poll,
+            Some(other) => {
+                return Err(RelayError::Config(format!(
+                    "source {other:?} is unknown: use \"wal\" (pg_outbox.mode = wal) or \"poll\" (pg_outbox.mode = table)"
+                )))
+            }
+        };
+        let poll_batch = self.poll_batch.or(f.poll_batch).unwrap_or(1000);
+        if !(1..=100_000).contains(&poll_batch) {
+            return Err(RelayError::Config(format!(
+                "poll_batch {poll_batch} is out of range (1 to 100000)"
+            )));
+        }
         let brokers = self.brokers.or(f.brokers).ok_or_else(|| {
             RelayError::Config(
                 "brokers is not set (--brokers, PG_OUTBOX_BROKERS or brokers = \"host:port\")"
                     .into(),
             )
         })?;
+        let pg_database = self
+            .pg_database
+            .or(f.pg_database)
+            .unwrap_or_else(|| "postgres".into());
         let mut kafka = BTreeMap::new();
         for (k, v) in file_kafka {
             let v = match v {
@@ -216,16 +258,26 @@ impl Settings {
                 .or(f.pg_user)
                 .unwrap_or_else(|| "postgres".into()),
             pg_password: self.pg_password.or(f.pg_password).unwrap_or_default(),
-            pg_database: self
-                .pg_database
-                .or(f.pg_database)
-                .unwrap_or_else(|| "postgres".into()),
+            pg_database: pg_database.clone(),
+            // the restart dedup compares positions of one source only: a WAL source and a poll
+            // source must never share an id, so their defaults differ
             source_id: self
                 .source_id
                 .or(f.source_id)
-                .unwrap_or_else(|| slot.clone()),
+                .unwrap_or_else(|| match source {
+                    SourceKind::Wal => slot.clone(),
+                    SourceKind::Poll => format!("poll.{pg_database}"),
+                }),
             slot,
             create_slot: self.create_slot.or(f.create_slot).unwrap_or(true),
+            source,
+            poll_batch,
+            poll_interval: Duration::from_millis(
+                self.poll_interval_ms
+                    .or(f.poll_interval_ms)
+                    .unwrap_or(1000)
+                    .max(10),
+            ),
             brokers,
             topic_template,
             max_record_bytes,
@@ -279,6 +331,14 @@ mod tests {
         let c = settings().resolve().unwrap();
         assert_eq!(c.slot, "pg_outbox");
         assert_eq!(c.source_id, "pg_outbox");
+        let poll = Settings {
+            source: Some("poll".into()),
+            pg_database: Some("shop".into()),
+            ..settings()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(poll.source_id, "poll.shop", "never the WAL source's id");
         assert_eq!(c.kafka_topic("orders"), "orders");
         assert!(c.create_slot);
     }
@@ -303,6 +363,14 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("topic_template"), "{err}");
+        let err = Settings {
+            source: Some("table".into()),
+            ..settings()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("source") && err.contains("poll"), "{err}");
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! pg_outbox relay: reads committed pg_outbox events from a logical replication slot, in commit
 //! order, and publishes them to Kafka exactly once.
 //!
-//! - `source`: the slot stream ([`pipeline`] drives pgwire-replication directly)
-//! - `sink`: the Kafka producer, partitioner and restart dedup ([`sink::kafka`])
+//! - [`source`]: the slot stream ([`source::wal`]) or the outbox table ([`source::poll`])
+//! - [`pipeline`]: sessions, reconnects, publishing with the restart dedup, dead letters
+//! - [`sink`]: the Kafka producer and partitioner ([`sink::kafka`])
 //! - `checkpoint`: which LSN may be confirmed ([`checkpoint`])
 //! - `ops`: `check` and `status`; `telemetry`: logs and metrics; `shutdown`: signals
 
@@ -13,6 +14,7 @@ pub mod ops;
 pub mod pipeline;
 pub mod shutdown;
 pub mod sink;
+pub mod source;
 pub mod telemetry;
 
 use config::{Cli, Command};

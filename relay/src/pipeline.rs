@@ -1,27 +1,24 @@
-//! The relay loop: slot -> decode -> dedup -> Kafka -> confirm.
+//! The relay loop: source -> decode -> dedup -> Kafka -> acknowledge back to the source.
 //!
-//! Order: events arrive from the slot in commit order and are handed to one idempotent producer in
-//! that order, so per partition (and so per key) Kafka holds them in commit order.
-//! Durability: the slot position is advanced only through [`Checkpoint`], i.e. after Kafka
-//! acknowledged (or the dead-letter table durably holds) every earlier event.
-//! Recovery: any transient error ends the session; the next session starts from the slot's
-//! confirmed position and the sink's per-partition dedup skips what Kafka already has.
+//! Order: a source yields events in commit order (`source::wal`) or in transaction order below the
+//! snapshot horizon (`source::poll`); they are handed to one idempotent producer in that order, so
+//! per partition (and so per key) Kafka holds them in that order.
+//! Durability: a source advances its durable position (slot LSN, deleted rows) only after Kafka
+//! acknowledged, or the dead-letter table durably holds, every earlier event.
+//! Recovery: any transient error ends the session; the next session starts from the durable
+//! position and [`Publisher`]'s per-partition dedup skips what Kafka already has.
 
-use crate::checkpoint::Checkpoint;
-use crate::config::Config;
+use crate::config::{Config, SourceKind};
 use crate::error::RelayError;
 use crate::sink::kafka::{record_headers, KafkaSink, Position, HEADER_ID, HEADER_POSITION};
 use crate::sink::partition::partition_for;
+use crate::source;
 use crate::telemetry::Metrics;
-use futures_util::stream::{FuturesOrdered, StreamExt};
-use pg_outbox_envelope::{Event, MESSAGE_PREFIX};
-use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
+use pg_outbox_envelope::Event;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message, OwnedMessage};
-use rdkafka::producer::FutureRecord;
+use rdkafka::producer::{DeliveryFuture, FutureRecord};
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,13 +26,11 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-type Delivery = (
-    u64,
-    Result<
-        rdkafka::producer::future_producer::OwnedDeliveryResult,
-        futures_channel::oneshot::Canceled,
-    >,
-);
+/// What a delivery future resolves to.
+pub type DeliveryOutcome = Result<
+    rdkafka::producer::future_producer::OwnedDeliveryResult,
+    futures_channel::oneshot::Canceled,
+>;
 
 /// Runs sessions until shutdown or a permanent error, reconnecting with backoff in between.
 pub async fn run(
@@ -50,7 +45,13 @@ pub async fn run(
     let mut sink = KafkaSink::new(config)?;
     loop {
         let started = Instant::now();
-        match session(config, &shutdown, &metrics, &mut sink, first).await {
+        let result = match config.source {
+            SourceKind::Wal => {
+                source::wal::session(config, &shutdown, &metrics, &mut sink, first).await
+            }
+            SourceKind::Poll => source::poll::session(config, &shutdown, &metrics, &mut sink).await,
+        };
+        match result {
             Ok(()) => return Ok(()),
             Err(e) if e.is_permanent() => return Err(e),
             Err(e) => {
@@ -71,73 +72,7 @@ pub async fn run(
     }
 }
 
-/// Makes sure the slot and publication exist (creating them only if allowed and this is the first
-/// session), and refuses a slot that was invalidated.
-async fn prepare_slot(pg: &Client, config: &Config, first: bool) -> Result<(), RelayError> {
-    let row = pg
-        .query_opt(
-            "SELECT database, plugin, coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = $1",
-            &[&config.slot],
-        )
-        .await?;
-    match row {
-        None if config.create_slot && first => {}
-        None => {
-            return Err(RelayError::Slot(format!(
-                "replication slot \"{}\" does not exist. It disappeared while the relay ran, so events \
-                 may be lost: check, then run SELECT * FROM outbox.create_slot('{}') and restart",
-                config.slot, config.slot
-            )))
-        }
-        Some(r) => {
-            let database: Option<String> = r.get(0);
-            let plugin: Option<String> = r.get(1);
-            let wal_status: String = r.get(2);
-            if database.as_deref() != Some(config.pg_database.as_str()) || plugin.as_deref() != Some("pgoutput") {
-                return Err(RelayError::Slot(format!(
-                    "slot \"{}\" is not a pgoutput slot of database \"{}\"; set slot (PG_OUTBOX_SLOT) to the pg_outbox slot",
-                    config.slot, config.pg_database
-                )));
-            }
-            if wal_status == "lost" {
-                return Err(RelayError::Slot(format!(
-                    "slot \"{}\" was invalidated (wal_status = lost): WAL it needed is gone and events may be lost. \
-                     Reconcile, then drop and recreate it",
-                    config.slot
-                )));
-            }
-        }
-    }
-    if config.create_slot {
-        for r in pg
-            .query(
-                "SELECT object, name, action FROM outbox.create_slot($1)",
-                &[&config.slot],
-            )
-            .await?
-        {
-            let (object, name, action): (String, String, String) = (r.get(0), r.get(1), r.get(2));
-            info!(%object, %name, %action, "setup");
-        }
-    } else {
-        let exists = pg
-            .query_opt(
-                "SELECT 1 FROM pg_publication WHERE pubname = $1",
-                &[&config.slot],
-            )
-            .await?
-            .is_some();
-        if !exists {
-            return Err(RelayError::Config(format!(
-                "publication \"{}\" does not exist; run SELECT * FROM outbox.create_slot('{}') or set create_slot = true",
-                config.slot, config.slot
-            )));
-        }
-    }
-    Ok(())
-}
-
-async fn connect_pg(config: &Config) -> Result<Client, RelayError> {
+pub async fn connect_pg(config: &Config) -> Result<Client, RelayError> {
     let (client, connection) =
         tokio_postgres::connect(&config.conninfo(), tokio_postgres::NoTls).await?;
     tokio::spawn(async move {
@@ -148,198 +83,60 @@ async fn connect_pg(config: &Config) -> Result<Client, RelayError> {
     Ok(client)
 }
 
-struct Session<'a> {
-    config: &'a Config,
-    metrics: &'a Metrics,
-    pg: Client,
-    sink: &'a mut KafkaSink,
-    repl: ReplicationClient,
-    checkpoint: Checkpoint,
-    inflight: FuturesOrdered<Pin<Box<dyn Future<Output = Delivery> + Send>>>,
+/// Publishes events of one session: routing, partitioning, the restart dedup and dead letters.
+pub struct Publisher<'a> {
+    pub config: &'a Config,
+    pub metrics: &'a Metrics,
+    pub pg: Client,
+    pub sink: &'a mut KafkaSink,
+    /// Per partition, the position of the last record of this source known to be in Kafka (read
+    /// back once per session), then of the last record this session sent.
     last_written: HashMap<(String, i32), Option<Position>>,
-    /// (checkpoint seq, commit LSN, next index) of the transaction being received.
-    current: Option<(u64, u64, u32)>,
 }
 
-async fn session(
-    config: &Config,
-    shutdown: &CancellationToken,
-    metrics: &Metrics,
-    sink: &mut KafkaSink,
-    first: bool,
-) -> Result<(), RelayError> {
-    let pg = connect_pg(config).await?;
-    prepare_slot(&pg, config, first).await?;
-    // whatever an earlier session of this process sent is settled before the dedup looks at Kafka
-    sink.flush(Duration::from_secs(60)).await?;
-    let repl_config = ReplicationConfig::new(
-        config.pg_host.clone(),
-        config.pg_user.clone(),
-        config.pg_password.clone(),
-        config.pg_database.clone(),
-        config.slot.clone(),
-        config.slot.clone(),
-    )
-    .with_port(config.pg_port)
-    .with_start_lsn(Lsn::ZERO)
-    .with_status_interval(Duration::from_millis(500))
-    .with_application_name("pg_outbox_relay");
-    let mut repl = ReplicationClient::connect(repl_config).await?;
-    repl.wait_started().await?;
-    // Holding the slot fences out any other relay process from now on, but a relay that was just
-    // killed may have left produce requests in its socket that the broker still appends. Give them
-    // time to land before the dedup reads the partitions' last records.
-    tokio::select! {
-        _ = shutdown.cancelled() => return Ok(()),
-        _ = tokio::time::sleep(config.restart_grace) => {}
-    }
-    info!(slot = %config.slot, "streaming from slot");
-    metrics.healthy.store(true, Ordering::Relaxed);
-    let mut s = Session {
-        config,
-        metrics,
-        pg,
-        sink,
-        repl,
-        checkpoint: Checkpoint::default(),
-        inflight: FuturesOrdered::new(),
-        last_written: HashMap::new(),
-        current: None,
-    };
-    let result = s.pump(shutdown).await;
-    if result.is_ok() {
-        s.drain().await?;
-    } else {
-        s.repl.abort();
-    }
-    result
-}
-
-impl Session<'_> {
-    async fn pump(&mut self, shutdown: &CancellationToken) -> Result<(), RelayError> {
-        loop {
-            let room = self.inflight.len() < self.config.max_in_flight;
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return Ok(()),
-                Some(delivery) = self.inflight.next(), if !self.inflight.is_empty() => {
-                    self.delivered(delivery).await?;
-                }
-                event = self.repl.recv(), if room => {
-                    match event? {
-                        Some(event) => self.received(event).await?,
-                        None => return Err(RelayError::Replication("stream ended".into())),
-                    }
-                }
-            }
-        }
+impl<'a> Publisher<'a> {
+    /// Starts a session: whatever an earlier session of this process sent is settled first, so
+    /// that the dedup sees it in Kafka.
+    pub async fn start(
+        config: &'a Config,
+        metrics: &'a Metrics,
+        pg: Client,
+        sink: &'a mut KafkaSink,
+    ) -> Result<Publisher<'a>, RelayError> {
+        sink.flush(Duration::from_secs(60)).await?;
+        Ok(Publisher {
+            config,
+            metrics,
+            pg,
+            sink,
+            last_written: HashMap::new(),
+        })
     }
 
-    /// Graceful shutdown: everything handed to Kafka is flushed and its position confirmed.
-    async fn drain(&mut self) -> Result<(), RelayError> {
-        info!(in_flight = self.inflight.len(), "shutting down: flushing");
-        self.sink.flush(Duration::from_secs(30)).await?;
-        while let Some(delivery) = self.inflight.next().await {
-            self.delivered(delivery).await?;
-        }
-        self.repl.shutdown().await?;
-        info!(
-            confirmed_lsn = %Lsn(self.metrics.confirmed_lsn.load(Ordering::Relaxed)),
-            "stopped cleanly"
-        );
-        Ok(())
-    }
-
-    fn confirm(&self, lsn: u64) {
-        self.repl.update_applied_lsn(Lsn(lsn));
-        self.metrics.confirmed_lsn.store(lsn, Ordering::Relaxed);
-    }
-
-    async fn delivered(&mut self, (seq, result): Delivery) -> Result<(), RelayError> {
-        match result {
-            Ok(Ok(_)) => {
-                self.metrics.published.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(Err((
-                KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
-                msg,
-            ))) => {
-                self.dead_letter_message(
-                    &msg,
-                    "broker refused the record as too large (MSG_SIZE_TOO_LARGE)",
-                )
-                .await?;
-            }
-            Ok(Err((e, _))) => return Err(RelayError::Kafka(format!("delivery failed: {e}"))),
-            Err(_) => return Err(RelayError::Kafka("producer dropped a delivery".into())),
-        }
-        if let Some(lsn) = self.checkpoint.acked(seq) {
-            self.confirm(lsn);
-        }
-        Ok(())
-    }
-
-    async fn received(&mut self, event: ReplicationEvent) -> Result<(), RelayError> {
-        match event {
-            ReplicationEvent::Begin { final_lsn, .. } => {
-                let seq = self.checkpoint.begin();
-                self.current = Some((seq, final_lsn.as_u64(), 0));
-            }
-            ReplicationEvent::Message {
-                transactional,
-                prefix,
-                content,
-                lsn,
-            } if prefix == MESSAGE_PREFIX => {
-                let Some((seq, commit_lsn, index)) = self.current.as_mut() else {
-                    warn!(%lsn, transactional, "pg_outbox message outside a transaction ignored");
-                    return Ok(());
-                };
-                let position = Position {
-                    commit_lsn: *commit_lsn,
-                    index: *index,
-                };
-                *index += 1;
-                let seq = *seq;
-                self.publish(seq, position, &content).await?;
-            }
-            ReplicationEvent::Message { .. } | ReplicationEvent::XLogData { .. } => {}
-            ReplicationEvent::Commit { end_lsn, .. } => {
-                if let Some((seq, _, _)) = self.current.take() {
-                    if let Some(lsn) = self.checkpoint.commit(seq, end_lsn.as_u64()) {
-                        self.confirm(lsn);
-                    }
-                }
-            }
-            ReplicationEvent::KeepAlive { wal_end, .. } => {
-                // Nothing pending: everything before wal_end is handled, so let the slot move on
-                // even when no pg_outbox event was written (activity elsewhere, idle database).
-                if self.checkpoint.is_idle() && self.current.is_none() {
-                    self.confirm(wal_end.as_u64());
-                }
-            }
-            ReplicationEvent::StoppedAt { .. } => {
-                return Err(RelayError::Replication("stream stopped".into()))
-            }
-        }
-        Ok(())
-    }
-
-    async fn publish(
+    /// Decodes a WAL envelope and publishes it; an undecodable one is dead-lettered.
+    pub async fn publish_envelope(
         &mut self,
-        seq: u64,
         position: Position,
         content: &[u8],
-    ) -> Result<(), RelayError> {
-        let event = match Event::decode(content) {
-            Ok(event) => event,
+    ) -> Result<Option<DeliveryFuture>, RelayError> {
+        match Event::decode(content) {
+            Ok(event) => self.publish(position, &event).await,
             Err(e) => {
                 let reason = format!("undecodable envelope: {e}");
-                return self
-                    .dead_letter(position, None, None, None, &[], content, &reason)
-                    .await;
+                self.dead_letter(position, None, None, None, &[], content, &reason)
+                    .await?;
+                Ok(None)
             }
-        };
+        }
+    }
+
+    /// Sends one event unless Kafka already has it. Returns the delivery to wait for, or None
+    /// when there is nothing to wait for (skipped as a duplicate, or dead-lettered).
+    pub async fn publish(
+        &mut self,
+        position: Position,
+        event: &Event<'_>,
+    ) -> Result<Option<DeliveryFuture>, RelayError> {
         let topic = self.config.kafka_topic(event.topic);
         let partitions = self.sink.partition_count(&topic).await?;
         let key = event.key.map(str::as_bytes);
@@ -357,7 +154,7 @@ impl Session<'_> {
         };
         if last.is_some_and(|last| position <= last) {
             self.metrics.skipped.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
+            return Ok(None);
         }
         // From now on this partition's last record is the one we send; a position the stream
         // delivers again (the server replays from the confirmed LSN) is skipped like above.
@@ -377,17 +174,17 @@ impl Session<'_> {
                 "record of {size} bytes exceeds max_record_bytes ({})",
                 self.config.max_record_bytes
             );
-            return self
-                .dead_letter(
-                    position,
-                    Some(&id),
-                    Some(event.topic),
-                    event.key,
-                    &event.headers,
-                    event.payload,
-                    &reason,
-                )
-                .await;
+            self.dead_letter(
+                position,
+                Some(&id),
+                Some(event.topic),
+                event.key,
+                &event.headers,
+                event.payload,
+                &reason,
+            )
+            .await?;
+            return Ok(None);
         }
         let headers = record_headers(
             &id,
@@ -404,10 +201,29 @@ impl Session<'_> {
         if let Some(key) = key {
             record = record.key(key);
         }
-        let future = self.sink.send(record)?;
-        self.checkpoint.sent(seq);
-        self.inflight
-            .push_back(Box::pin(async move { (seq, future.await) }));
+        Ok(Some(self.sink.send(record)?))
+    }
+
+    /// Handles one delivery report: a record the broker refuses as too large is dead-lettered,
+    /// any other failure ends the session (the source replays, the dedup skips what arrived).
+    pub async fn delivered(&mut self, outcome: DeliveryOutcome) -> Result<(), RelayError> {
+        match outcome {
+            Ok(Ok(_)) => {
+                self.metrics.published.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Err((
+                KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+                msg,
+            ))) => {
+                self.dead_letter_message(
+                    &msg,
+                    "broker refused the record as too large (MSG_SIZE_TOO_LARGE)",
+                )
+                .await?;
+            }
+            Ok(Err((e, _))) => return Err(RelayError::Kafka(format!("delivery failed: {e}"))),
+            Err(_) => return Err(RelayError::Kafka("producer dropped a delivery".into())),
+        }
         Ok(())
     }
 

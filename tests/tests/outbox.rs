@@ -315,6 +315,12 @@ async fn wal_mode_without_logical_wal_is_refused() -> Result<()> {
     assert!(hint.unwrap().contains("pg_outbox.mode = 'table'"));
     let (code, _, _) = expect_error(c, "SELECT * FROM outbox.create_slot()").await?;
     assert_eq!(code, "55000");
+    // in a new session that has not loaded the library and has no pg_outbox setting, too
+    c.batch_execute("ALTER DATABASE ob_replica_level RESET pg_outbox.slot_name")
+        .await?;
+    let fresh = db.session().await?;
+    let (code, message, _) = expect_error(&fresh, "SELECT * FROM outbox.create_slot()").await?;
+    assert_eq!(code, "55000", "{message}");
     // table mode works on any cluster
     c.batch_execute("SET pg_outbox.mode = 'table'").await?;
     enqueue(c, "orders", "k", "{}").await?;

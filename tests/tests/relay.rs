@@ -180,6 +180,7 @@ async fn concurrent_writers(
     writers: usize,
     per_writer: usize,
     keys: usize,
+    lock_key_first: bool,
 ) -> Result<usize> {
     db.client
         .batch_execute(&format!(
@@ -195,6 +196,12 @@ async fn concurrent_writers(
                 let key = format!("k{}", (w * 7 + i * 13) % keys);
                 let topic = if key.len() % 2 == 0 { "orders" } else { "payments" };
                 c.batch_execute("BEGIN").await?;
+                if lock_key_first {
+                    // table mode orders by xid: serialise the key before the first write (which
+                    // assigns the xid); an advisory lock assigns none
+                    c.query_one("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&key])
+                        .await?;
+                }
                 let n: i64 = c
                     .query_one("UPDATE key_seq SET n = n + 1 WHERE key = $1 RETURNING n", &[&key])
                     .await?
@@ -223,7 +230,7 @@ async fn per_key_order_is_commit_order_with_concurrent_writers() -> Result<()> {
     broker.create_topic("payments", 3).await?;
     let _relay = Relay::start(db.port, &db.name, &broker.bootstrap(), &[])?;
     db.wait_for_active_slot().await?;
-    let total = concurrent_writers(&db, 8, 250, 24).await?;
+    let total = concurrent_writers(&db, 8, 250, 24, false).await?;
     let records = read_all(
         &broker.bootstrap(),
         &[("orders", 4), ("payments", 3)],
@@ -581,4 +588,154 @@ async fn postgres_restart_mid_stream_loses_and_duplicates_nothing() -> Result<()
     println!("relay sessions restarted after the PostgreSQL restart: {reconnects}");
     assert!(reconnects >= 1, "the relay must have noticed the restart");
     assert_exactly_once_in_order(&records, N as usize)
+}
+
+/// A test database whose sessions enqueue in table mode.
+async fn table_mode_db(name: &str) -> Result<TestDb> {
+    let db = TestDb::create(name, port()).await?;
+    db.client
+        .batch_execute(&format!(
+            "ALTER DATABASE {name} SET pg_outbox.mode = 'table'; SET pg_outbox.mode = 'table'"
+        ))
+        .await?;
+    Ok(db)
+}
+
+async fn outbox_rows(c: &Client) -> Result<i64> {
+    Ok(c.query_one("SELECT count(*) FROM outbox.events", &[])
+        .await?
+        .get(0))
+}
+
+#[tokio::test]
+async fn table_mode_publishes_exactly_the_committed_rows_and_removes_them() -> Result<()> {
+    let db = table_mode_db("rl_table_commit").await?;
+    let broker = Broker::start()?;
+    broker.create_topic("orders", 3).await?;
+    let c = &db.client;
+    // events written before the relay starts are published too
+    let early = enqueue(c, "orders", "alice", r#"{"n": 1}"#).await?;
+    let mut relay = Relay::start(
+        db.port,
+        &db.name,
+        &broker.bootstrap(),
+        &["--source", "poll"],
+    )?;
+    let mut expected = vec![early];
+    c.batch_execute("BEGIN").await?;
+    expected.push(enqueue(c, "orders", "alice", r#"{"n": 2}"#).await?);
+    expected.push(enqueue(c, "orders", "bob", r#"{"n": 1}"#).await?);
+    c.batch_execute("COMMIT; BEGIN").await?;
+    enqueue(c, "orders", "ghost", r#"{"n": 1}"#).await?;
+    c.batch_execute("ROLLBACK; BEGIN").await?;
+    expected.push(enqueue(c, "orders", "bob", r#"{"n": 2}"#).await?);
+    c.batch_execute("SAVEPOINT s").await?;
+    enqueue(c, "orders", "ghost", r#"{"n": 1}"#).await?;
+    c.batch_execute("ROLLBACK TO SAVEPOINT s").await?;
+    // a transaction still open while the relay polls: not skipped, published once it commits
+    let open = db.session().await?;
+    open.batch_execute("BEGIN").await?;
+    let late = enqueue(&open, "orders", "carol", r#"{"n": 1}"#).await?;
+    c.batch_execute("COMMIT").await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    open.batch_execute("COMMIT").await?;
+    expected.push(late);
+
+    let records = read_all(
+        &broker.bootstrap(),
+        &[("orders", 3)],
+        expected.len(),
+        READ_TIMEOUT,
+    )?;
+    assert_exactly_once_in_order(&records, expected.len())?;
+    let mut got: Vec<Uuid> = records
+        .iter()
+        .map(|r| Uuid::parse_str(&r.id()).unwrap())
+        .collect();
+    got.sort();
+    expected.sort();
+    assert_eq!(got, expected);
+    wait_for(
+        "published rows to be deleted",
+        Duration::from_secs(30),
+        || async { Ok(outbox_rows(c).await? == 0) },
+    )
+    .await?;
+    let status = relay.terminate(Duration::from_secs(30))?;
+    assert!(status.success(), "exit status {status}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn table_mode_per_key_order_with_concurrent_writers() -> Result<()> {
+    let db = table_mode_db("rl_table_order").await?;
+    let broker = Broker::start()?;
+    broker.create_topic("orders", 4).await?;
+    broker.create_topic("payments", 3).await?;
+    let _relay = Relay::start(
+        db.port,
+        &db.name,
+        &broker.bootstrap(),
+        &["--source", "poll"],
+    )?;
+    let total = concurrent_writers(&db, 8, 250, 24, true).await?;
+    let records = read_all(
+        &broker.bootstrap(),
+        &[("orders", 4), ("payments", 3)],
+        total,
+        READ_TIMEOUT,
+    )?;
+    assert_exactly_once_in_order(&records, total)
+}
+
+#[tokio::test]
+async fn table_mode_kill_9_loses_and_duplicates_nothing() -> Result<()> {
+    const TXNS: usize = 200;
+    const PER_TXN: usize = 100;
+    let db = table_mode_db("rl_table_crash").await?;
+    let broker = Broker::start()?;
+    broker.create_topic("orders", 4).await?;
+    let brokers = broker.bootstrap();
+    let args = ["--source", "poll", "--poll-batch", "300"];
+    let mut relay = Relay::start(db.port, &db.name, &brokers, &args)?;
+    let writer = db.session().await?;
+    let writing = tokio::spawn(async move {
+        let mut seq = [0i64; 16];
+        let mut rng = rand::rngs::StdRng::from_os_rng();
+        for _ in 0..TXNS {
+            let (mut keys, mut payloads) = (Vec::new(), Vec::new());
+            for _ in 0..PER_TXN {
+                let k = rng.random_range(0..16);
+                seq[k] += 1;
+                keys.push(format!("key-{k}"));
+                payloads.push(format!(r#"{{"n": {}}}"#, seq[k]));
+            }
+            writer
+                .query(
+                    "SELECT outbox.enqueue_batch('orders', $1, $2::text[]::jsonb[])",
+                    &[&keys, &payloads],
+                )
+                .await?;
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..60))).await;
+        }
+        anyhow::Ok(())
+    });
+    let mut kills = 0;
+    while !writing.is_finished() || kills < 10 {
+        tokio::time::sleep(Duration::from_millis(rand::rng().random_range(200..900))).await;
+        relay.kill9()?;
+        kills += 1;
+        relay = Relay::start(db.port, &db.name, &brokers, &args)?;
+    }
+    writing.await??;
+    let total = TXNS * PER_TXN;
+    let records = read_all(&brokers, &[("orders", 4)], total, READ_TIMEOUT)?;
+    println!("poll source: relay killed with SIGKILL {kills} times during {total} events");
+    assert_exactly_once_in_order(&records, total)?;
+    wait_for(
+        "the outbox table to drain",
+        Duration::from_secs(30),
+        || async { Ok(outbox_rows(&db.client).await? == 0) },
+    )
+    .await
 }

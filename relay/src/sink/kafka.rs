@@ -1,7 +1,7 @@
 //! The Kafka sink: an idempotent producer (`acks=all`) plus the restart dedup.
 //!
 //! Every record carries its source position (`pg_outbox-position`: commit LSN and index in the
-//! transaction) and source id (`pg_outbox-source`). Per partition, records are written in position
+//! transaction, or xid and seq for the poll source) and source id (`pg_outbox-source`). Per partition, records are written in position
 //! order (one producer, idempotence keeps the order through retries). After any restart, before the
 //! first write to a partition, [`KafkaSink::last_position`] reads that partition's last record of this
 //! source; every event at or before that position is already in Kafka and is skipped. That makes the
@@ -23,26 +23,27 @@ pub const HEADER_POSITION: &str = "pg_outbox-position";
 pub const HEADER_SOURCE: &str = "pg_outbox-source";
 pub const HEADER_TRACE: &str = "traceparent";
 
-/// Where an event sits in the source: commit LSN of its transaction, then its index in it.
-/// Totally ordered in commit order.
+/// Where an event sits in its source, totally ordered in the source's publishing order.
+/// WAL source: (commit LSN of the transaction, index of the message in it).
+/// Poll source: (xid of the transaction, `outbox.events.seq`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Position {
-    pub commit_lsn: u64,
-    pub index: u32,
+    pub major: u64,
+    pub minor: u64,
 }
 
 impl fmt::Display for Position {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:016X}:{:08X}", self.commit_lsn, self.index)
+        write!(f, "{:016X}:{:016X}", self.major, self.minor)
     }
 }
 
 impl Position {
     pub fn parse(s: &str) -> Option<Position> {
-        let (lsn, index) = s.split_once(':')?;
+        let (major, minor) = s.split_once(':')?;
         Some(Position {
-            commit_lsn: u64::from_str_radix(lsn, 16).ok()?,
-            index: u32::from_str_radix(index, 16).ok()?,
+            major: u64::from_str_radix(major, 16).ok()?,
+            minor: u64::from_str_radix(minor, 16).ok()?,
         })
     }
 }
@@ -298,16 +299,16 @@ mod tests {
     #[test]
     fn position_text_round_trips_and_sorts() {
         let a = Position {
-            commit_lsn: 0x16B3748,
-            index: 2,
+            major: 0x16B3748,
+            minor: 2,
         };
         let b = Position {
-            commit_lsn: 0x16B3748,
-            index: 10,
+            major: 0x16B3748,
+            minor: 10,
         };
         let c = Position {
-            commit_lsn: 0x1_0000_0000,
-            index: 0,
+            major: 0x1_0000_0000,
+            minor: 0,
         };
         for p in [a, b, c] {
             assert_eq!(Position::parse(&p.to_string()), Some(p));
