@@ -204,8 +204,10 @@ AS $$
 $$;
 
 -- Puts one Kafka message into the consumer's queue; false if that message id was already there.
+-- With dead_reason, the message is recorded straight in the dead-letter state (poison input).
 CREATE FUNCTION inbox.deliver(consumer text, message_id text, topic text, partition integer,
-                              "offset" bigint, key text, payload bytea, headers jsonb DEFAULT '{}')
+                              "offset" bigint, key text, payload bytea, headers jsonb DEFAULT '{}',
+                              dead_reason text DEFAULT NULL)
 RETURNS boolean
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
@@ -219,9 +221,11 @@ BEGIN
         RAISE EXCEPTION 'pg_outbox: message_id and topic must be given'
             USING ERRCODE = 'null_value_not_allowed', HINT = 'Use topic/partition/offset as the id when the message has none.';
     END IF;
-    INSERT INTO inbox.messages (consumer, message_id, topic, partition, "offset", key, headers, payload)
+    INSERT INTO inbox.messages (consumer, message_id, topic, partition, "offset", key, headers, payload,
+                                status, last_error)
     VALUES (deliver.consumer, deliver.message_id, deliver.topic, deliver.partition, deliver."offset",
-            deliver.key, coalesce(deliver.headers, '{}'), deliver.payload)
+            deliver.key, coalesce(deliver.headers, '{}'), deliver.payload,
+            CASE WHEN dead_reason IS NULL THEN 'pending' ELSE 'dead' END, dead_reason)
     ON CONFLICT (consumer, message_id) DO NOTHING
     RETURNING true INTO inserted;
     RETURN coalesce(inserted, false);
@@ -358,7 +362,7 @@ GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA inbox TO inbox_consumer;
 GRANT SELECT, INSERT, UPDATE, DELETE ON inbox.received, inbox.messages TO inbox_consumer;
 GRANT SELECT, INSERT, UPDATE ON inbox.offsets TO inbox_consumer;
 GRANT EXECUTE ON FUNCTION inbox._check_consumer(text),
-                          inbox.deliver(text, text, text, integer, bigint, text, bytea, jsonb),
+                          inbox.deliver(text, text, text, integer, bigint, text, bytea, jsonb, text),
                           inbox.store_offset(text, text, integer, bigint, boolean),
                           inbox.get_offset(text, text, integer),
                           inbox.get_offsets(text, text)

@@ -31,6 +31,8 @@ pub enum Command {
     Check(Settings),
     /// Print slot lag, retained WAL and the last acknowledged position.
     Status(Settings),
+    /// Consume Kafka topics into inbox.messages, with offsets stored in the same transaction.
+    Ingest(Settings),
 }
 
 /// Every setting, as a flag with an environment fallback. Unset ones come from the file or defaults.
@@ -67,6 +69,15 @@ pub struct Settings {
     /// Poll source: how often to look without a NOTIFY, in milliseconds (default 1000).
     #[arg(long, env = "PG_OUTBOX_POLL_INTERVAL_MS")]
     pub poll_interval_ms: Option<u64>,
+    /// Ingest: the inbox consumer name the messages are recorded for.
+    #[arg(long, env = "PG_OUTBOX_CONSUMER")]
+    pub consumer: Option<String>,
+    /// Ingest: topics to consume, comma-separated.
+    #[arg(long, env = "PG_OUTBOX_TOPICS", value_delimiter = ',')]
+    pub topics: Vec<String>,
+    /// Ingest: messages written per PostgreSQL transaction (default 500).
+    #[arg(long, env = "PG_OUTBOX_INGEST_BATCH")]
+    pub ingest_batch: Option<usize>,
     /// Kafka bootstrap servers.
     #[arg(long, env = "PG_OUTBOX_BROKERS")]
     pub brokers: Option<String>,
@@ -123,6 +134,9 @@ pub struct Config {
     pub source: SourceKind,
     pub poll_batch: i64,
     pub poll_interval: Duration,
+    pub consumer: Option<String>,
+    pub topics: Vec<String>,
+    pub ingest_batch: usize,
     pub brokers: String,
     pub topic_template: String,
     pub source_id: String,
@@ -151,6 +165,10 @@ struct FileSettings {
     source: Option<String>,
     poll_batch: Option<i64>,
     poll_interval_ms: Option<u64>,
+    consumer: Option<String>,
+    #[serde(default)]
+    topics: Vec<String>,
+    ingest_batch: Option<usize>,
     brokers: Option<String>,
     topic_template: Option<String>,
     source_id: Option<String>,
@@ -234,6 +252,30 @@ impl Settings {
                     .into(),
             )
         })?;
+        let topics = if self.topics.is_empty() {
+            f.topics
+        } else {
+            self.topics
+        };
+        for t in &topics {
+            pg_outbox_envelope::validate_topic(t)
+                .map_err(|e| RelayError::Config(format!("topics: {t:?}: {e}")))?;
+        }
+        let consumer = self.consumer.or(f.consumer);
+        if consumer
+            .as_deref()
+            .is_some_and(|c| c.is_empty() || c.len() > 200)
+        {
+            return Err(RelayError::Config(
+                "consumer must be 1 to 200 characters".into(),
+            ));
+        }
+        let ingest_batch = self.ingest_batch.or(f.ingest_batch).unwrap_or(500);
+        if !(1..=100_000).contains(&ingest_batch) {
+            return Err(RelayError::Config(format!(
+                "ingest_batch {ingest_batch} is out of range (1 to 100000)"
+            )));
+        }
         let pg_database = self
             .pg_database
             .or(f.pg_database)
@@ -271,6 +313,9 @@ impl Settings {
             slot,
             create_slot: self.create_slot.or(f.create_slot).unwrap_or(true),
             source,
+            consumer,
+            topics,
+            ingest_batch,
             poll_batch,
             poll_interval: Duration::from_millis(
                 self.poll_interval_ms

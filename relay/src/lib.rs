@@ -5,11 +5,13 @@
 //! - [`pipeline`]: sessions, reconnects, publishing with the restart dedup, dead letters
 //! - [`sink`]: the Kafka producer and partitioner ([`sink::kafka`])
 //! - `checkpoint`: which LSN may be confirmed ([`checkpoint`])
+//! - [`ingest`]: the consumer side, Kafka -> `inbox.messages` + `inbox.offsets`
 //! - `ops`: `check` and `status`; `telemetry`: logs and metrics; `shutdown`: signals
 
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod ingest;
 pub mod ops;
 pub mod pipeline;
 pub mod shutdown;
@@ -27,6 +29,7 @@ pub async fn main(cli: Cli) -> ExitCode {
         Command::Run(s) => (s, "run"),
         Command::Check(s) => (s, "check"),
         Command::Status(s) => (s, "status"),
+        Command::Ingest(s) => (s, "ingest"),
     };
     let config = match settings.resolve() {
         Ok(c) => c,
@@ -83,7 +86,12 @@ pub async fn main(cli: Cli) -> ExitCode {
                     }
                 });
             }
-            match pipeline::run(&config, shutdown, metrics).await {
+            let result = if command == "ingest" {
+                ingest::run(&config, shutdown, metrics).await
+            } else {
+                pipeline::run(&config, shutdown, metrics).await
+            };
+            match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "relay stopped");

@@ -38,7 +38,7 @@ pub async fn run(
     shutdown: CancellationToken,
     metrics: Arc<Metrics>,
 ) -> Result<(), RelayError> {
-    let mut backoff = Duration::from_millis(200);
+    let mut retry = Retry::new(config);
     let mut first = true;
     // One producer for the life of the process: records of a failed session that are still in
     // flight are delivered (or fail) before the next session reads the partitions' last records.
@@ -51,24 +51,54 @@ pub async fn run(
             }
             SourceKind::Poll => source::poll::session(config, &shutdown, &metrics, &mut sink).await,
         };
+        first = false;
+        if !retry.after(result, started, &shutdown, &metrics).await? {
+            return Ok(());
+        }
+    }
+}
+
+/// Reconnects with exponential backoff after a transient error.
+pub struct Retry {
+    backoff: Duration,
+    max: Duration,
+}
+
+impl Retry {
+    pub fn new(config: &Config) -> Retry {
+        Retry {
+            backoff: Duration::from_millis(200),
+            max: config.backoff_max,
+        }
+    }
+
+    /// Decides what follows a session that began at `started`: Ok(false) to stop (clean end or
+    /// shutdown), Ok(true) to start another after the backoff, Err for a permanent error.
+    pub async fn after(
+        &mut self,
+        result: Result<(), RelayError>,
+        started: Instant,
+        shutdown: &CancellationToken,
+        metrics: &Metrics,
+    ) -> Result<bool, RelayError> {
         match result {
-            Ok(()) => return Ok(()),
+            Ok(()) => return Ok(false),
             Err(e) if e.is_permanent() => return Err(e),
             Err(e) => {
                 metrics.restarts.fetch_add(1, Ordering::Relaxed);
                 metrics.healthy.store(false, Ordering::Relaxed);
-                warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "session ended; reconnecting");
+                warn!(error = %e, backoff_ms = self.backoff.as_millis() as u64, "session ended; reconnecting");
             }
         }
-        first = false;
         if started.elapsed() > Duration::from_secs(30) {
-            backoff = Duration::from_millis(200);
+            self.backoff = Duration::from_millis(200);
         }
         tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.cancelled() => return Ok(false),
+            _ = tokio::time::sleep(self.backoff) => {}
         }
-        backoff = (backoff * 2).min(config.backoff_max);
+        self.backoff = (self.backoff * 2).min(self.max);
+        Ok(true)
     }
 }
 

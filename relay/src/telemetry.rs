@@ -13,6 +13,7 @@ pub struct Metrics {
     pub skipped: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub restarts: AtomicU64,
+    pub ingested: AtomicU64,
     pub confirmed_lsn: AtomicU64,
     pub healthy: AtomicBool,
 }

@@ -117,21 +117,40 @@ pub struct Relay {
 impl Relay {
     /// Starts `pg-outbox-relay run` with `args` appended to the connection settings.
     pub fn start(pg_port: u16, db: &str, brokers: &str, args: &[&str]) -> Result<Relay> {
+        let mut all = vec!["--slot", db];
+        all.extend_from_slice(args);
+        Self::command("run", pg_port, db, brokers, &all)
+    }
+
+    /// Starts `pg-outbox-relay ingest --consumer CONSUMER --topics TOPICS` plus `args`.
+    pub fn ingest(
+        pg_port: u16,
+        db: &str,
+        brokers: &str,
+        consumer: &str,
+        topics: &str,
+        args: &[&str],
+    ) -> Result<Relay> {
+        let mut all = vec!["--consumer", consumer, "--topics", topics];
+        all.extend_from_slice(args);
+        Self::command("ingest", pg_port, db, brokers, &all)
+    }
+
+    fn command(
+        command: &str,
+        pg_port: u16,
+        db: &str,
+        brokers: &str,
+        args: &[&str],
+    ) -> Result<Relay> {
         let log = std::env::temp_dir().join(format!("relay-{db}.log"));
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)?;
         let child = Command::new(relay_bin())
-            .arg("run")
-            .args([
-                "--pg-port",
-                &pg_port.to_string(),
-                "--pg-database",
-                db,
-                "--slot",
-                db,
-            ])
+            .arg(command)
+            .args(["--pg-port", &pg_port.to_string(), "--pg-database", db])
             .args(["--brokers", brokers])
             .args(args)
             .env(

@@ -1,0 +1,389 @@
+//! Ingest: Kafka topics -> `inbox.messages` + `inbox.offsets`, one PostgreSQL transaction per batch.
+//!
+//! Invariants:
+//! - The database, not the broker, holds the consumer position: on start every partition is
+//!   assigned at the offset stored in `inbox.offsets` (or the beginning), and a batch's messages
+//!   and its new offsets commit together. A crash anywhere re-reads exactly the uncommitted tail.
+//! - A message is identified by its `pg_outbox-id` header, or else by `topic/partition/offset`;
+//!   `(consumer, message_id)` is unique, so a duplicate already in Kafka is recorded once.
+//! - Poison input (payload over `max_record_bytes`, a key or header that is not UTF-8) is recorded
+//!   in the `dead` state with the reason; its offset is stored like any other, so the partition
+//!   keeps flowing and nothing is silently skipped.
+
+use crate::config::Config;
+use crate::error::RelayError;
+use crate::pipeline::{connect_pg, Retry};
+use crate::sink::kafka::HEADER_ID;
+use crate::telemetry::Metrics;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Runs ingest sessions until shutdown or a permanent error.
+pub async fn run(
+    config: &Config,
+    shutdown: CancellationToken,
+    metrics: Arc<Metrics>,
+) -> Result<(), RelayError> {
+    let consumer = config.consumer.clone().ok_or_else(|| {
+        RelayError::Config("ingest needs consumer (--consumer or PG_OUTBOX_CONSUMER)".into())
+    })?;
+    if config.topics.is_empty() {
+        return Err(RelayError::Config(
+            "ingest needs topics (--topics a,b or PG_OUTBOX_TOPICS)".into(),
+        ));
+    }
+    let mut retry = Retry::new(config);
+    loop {
+        let started = Instant::now();
+        let result = session(config, &consumer, &shutdown, &metrics).await;
+        if !retry.after(result, started, &shutdown, &metrics).await? {
+            return Ok(());
+        }
+    }
+}
+
+/// One row for `inbox.messages`.
+struct Row {
+    message_id: String,
+    topic: String,
+    partition: i32,
+    offset: i64,
+    key: Option<String>,
+    headers: serde_json::Value,
+    payload: Option<Vec<u8>>,
+    dead_reason: Option<String>,
+}
+
+fn to_row(msg: &BorrowedMessage<'_>, max_bytes: usize) -> Row {
+    let mut dead_reason = None;
+    let mut message_id = None;
+    let mut headers = serde_json::Map::new();
+    if let Some(hs) = msg.headers() {
+        for h in hs.iter() {
+            match std::str::from_utf8(h.value.unwrap_or_default()) {
+                Ok(v) => {
+                    if h.key == HEADER_ID && !v.is_empty() && v.len() <= 200 {
+                        message_id = Some(v.to_string());
+                    }
+                    headers.insert(h.key.to_string(), v.into());
+                }
+                Err(_) => {
+                    dead_reason = Some(format!("header {:?} is not valid UTF-8", h.key));
+                }
+            }
+        }
+    }
+    let key = match msg.key().map(std::str::from_utf8) {
+        None => None,
+        Some(Ok(k)) => Some(k.to_string()),
+        Some(Err(_)) => {
+            dead_reason = Some("key is not valid UTF-8".into());
+            None
+        }
+    };
+    let payload = msg.payload().map(<[u8]>::to_vec);
+    let size = payload.as_ref().map_or(0, Vec::len);
+    let payload = if size > max_bytes {
+        dead_reason = Some(format!(
+            "payload of {size} bytes exceeds max_record_bytes ({max_bytes})"
+        ));
+        None
+    } else {
+        payload
+    };
+    Row {
+        message_id: message_id
+            .unwrap_or_else(|| format!("{}/{}/{}", msg.topic(), msg.partition(), msg.offset())),
+        topic: msg.topic().to_string(),
+        partition: msg.partition(),
+        offset: msg.offset(),
+        key,
+        headers: serde_json::Value::Object(headers),
+        payload,
+        dead_reason,
+    }
+}
+
+/// Number of partitions of `topic` (a blocking metadata request).
+fn partitions(kafka: &StreamConsumer, topic: &str) -> Result<i32, RelayError> {
+    let md = kafka
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(|e| RelayError::Kafka(format!("metadata for {topic}: {e}")))?;
+    let t = md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+        .ok_or_else(|| RelayError::Kafka(format!("topic {topic} does not exist (yet)")))?;
+    Ok(t.partitions().len() as i32)
+}
+
+async fn session(
+    config: &Config,
+    consumer: &str,
+    shutdown: &CancellationToken,
+    metrics: &Metrics,
+) -> Result<(), RelayError> {
+    let mut pg = connect_pg(config).await?;
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", &config.brokers)
+        .set("group.id", format!("pg_outbox-ingest-{consumer}"))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest");
+    for (k, v) in &config.kafka {
+        if k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.") {
+            cc.set(k, v);
+        }
+    }
+    let kafka: StreamConsumer = cc
+        .create()
+        .map_err(|e| RelayError::Config(format!("kafka settings rejected by librdkafka: {e}")))?;
+    // the stored offsets are the truth; the broker's committed offsets are never used
+    let stored: HashMap<(String, i32), i64> = pg
+        .query(
+            "SELECT topic, partition, next_offset FROM inbox.offsets WHERE consumer = $1",
+            &[&consumer],
+        )
+        .await?
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect();
+    let mut tpl = TopicPartitionList::new();
+    let mut cursors: HashMap<(String, i32), Cursor> = HashMap::new();
+    for topic in &config.topics {
+        let n = tokio::task::block_in_place(|| partitions(&kafka, topic))?;
+        for p in 0..n {
+            let next = stored.get(&(topic.clone(), p)).copied();
+            tpl.add_partition_offset(topic, p, next.map_or(Offset::Beginning, Offset::Offset))?;
+            cursors.insert((topic.clone(), p), Cursor::new(next));
+        }
+    }
+    kafka.assign(&tpl)?;
+    metrics.healthy.store(true, Ordering::Relaxed);
+    info!(consumer, topics = ?config.topics, "ingesting");
+    let mut batch = Vec::with_capacity(config.ingest_batch);
+    loop {
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            m = kafka.recv() => m?,
+        };
+        take(&kafka, &mut cursors, &first, config, &mut batch)?;
+        drop(first);
+        let linger = tokio::time::sleep(Duration::from_millis(20));
+        tokio::pin!(linger);
+        while batch.len() < config.ingest_batch {
+            tokio::select! {
+                _ = &mut linger => break,
+                m = kafka.recv() => take(&kafka, &mut cursors, &m?, config, &mut batch)?,
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        write_batch(&mut pg, consumer, &batch).await?;
+        metrics
+            .ingested
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        batch.clear();
+    }
+}
+
+/// Adds a message to the batch unless its partition's cursor says otherwise.
+fn take(
+    kafka: &StreamConsumer,
+    cursors: &mut HashMap<(String, i32), Cursor>,
+    msg: &BorrowedMessage<'_>,
+    config: &Config,
+    batch: &mut Vec<Row>,
+) -> Result<(), RelayError> {
+    let Some(cursor) = cursors.get_mut(&(msg.topic().to_string(), msg.partition())) else {
+        return Ok(());
+    };
+    match cursor.judge(msg.offset()) {
+        Verdict::Take => batch.push(to_row(msg, config.max_record_bytes)),
+        Verdict::Skip => {}
+        Verdict::Reseek(offset) => {
+            warn!(
+                topic = msg.topic(),
+                partition = msg.partition(),
+                expected = cursor.next.unwrap_or_default(),
+                got = msg.offset(),
+                seek_to = ?offset,
+                "broker served past the stored offset; seeking back"
+            );
+            tokio::task::block_in_place(|| {
+                kafka.seek(
+                    msg.topic(),
+                    msg.partition(),
+                    offset,
+                    Duration::from_secs(10),
+                )
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Per partition: the next offset the database expects, and whether the broker was seen serving
+/// from exactly there.
+///
+/// Kafka returns the whole batch containing a fetch offset and the client drops what precedes it.
+/// Some brokers (Tansu 0.6) instead start at the *next* batch, which would silently skip messages.
+/// So until a partition delivers its expected offset, a message beyond it makes the ingest seek
+/// further back (doubling the distance) and skip what it already has. After that, a gap is the
+/// log's own (compaction, transaction markers) and is accepted.
+struct Cursor {
+    next: Option<i64>,
+    verified: bool,
+    lookback: i64,
+    reseeked_at: Option<Instant>,
+}
+
+enum Verdict {
+    Take,
+    Skip,
+    Reseek(Offset),
+}
+
+impl Cursor {
+    fn new(next: Option<i64>) -> Cursor {
+        Cursor {
+            next,
+            verified: next.is_none(),
+            lookback: 256,
+            reseeked_at: None,
+        }
+    }
+
+    fn judge(&mut self, offset: i64) -> Verdict {
+        let Some(next) = self.next else {
+            self.next = Some(offset + 1);
+            return Verdict::Take;
+        };
+        if offset < next {
+            return Verdict::Skip;
+        }
+        if offset > next && !self.verified {
+            // messages fetched before the last seek may still arrive: give the seek time
+            if self
+                .reseeked_at
+                .is_some_and(|t| t.elapsed() < Duration::from_millis(500))
+            {
+                return Verdict::Skip;
+            }
+            if self.lookback <= next {
+                let to = next - self.lookback;
+                self.lookback *= 2;
+                self.reseeked_at = Some(Instant::now());
+                return Verdict::Reseek(Offset::Offset(to));
+            }
+            if self.reseeked_at.is_none() || self.lookback < i64::MAX / 2 {
+                // last resort: the very beginning, which every broker serves from its first batch
+                self.lookback = i64::MAX / 2;
+                self.reseeked_at = Some(Instant::now());
+                return Verdict::Reseek(Offset::Beginning);
+            }
+            warn!(
+                expected = next,
+                got = offset,
+                "log starts after the stored offset (retention?)"
+            );
+        }
+        self.verified = true;
+        self.next = Some(offset + 1);
+        Verdict::Take
+    }
+}
+
+/// Messages and the partitions' next offsets, in one transaction.
+async fn write_batch(pg: &mut Client, consumer: &str, batch: &[Row]) -> Result<(), RelayError> {
+    let tx = pg.transaction().await?;
+    let ids: Vec<&str> = batch.iter().map(|r| r.message_id.as_str()).collect();
+    let topics: Vec<&str> = batch.iter().map(|r| r.topic.as_str()).collect();
+    let partitions: Vec<i32> = batch.iter().map(|r| r.partition).collect();
+    let offsets: Vec<i64> = batch.iter().map(|r| r.offset).collect();
+    let keys: Vec<Option<&str>> = batch.iter().map(|r| r.key.as_deref()).collect();
+    let headers: Vec<&serde_json::Value> = batch.iter().map(|r| &r.headers).collect();
+    let payloads: Vec<Option<&[u8]>> = batch.iter().map(|r| r.payload.as_deref()).collect();
+    let reasons: Vec<Option<&str>> = batch.iter().map(|r| r.dead_reason.as_deref()).collect();
+    tx.execute(
+        "INSERT INTO inbox.messages (consumer, message_id, topic, partition, \"offset\", key, headers, \
+                                     payload, status, last_error) \
+         SELECT $1, m.id, m.topic, m.partition, m.off, m.key, m.headers, m.payload, \
+                CASE WHEN m.reason IS NULL THEN 'pending' ELSE 'dead' END, m.reason \
+           FROM unnest($2::text[], $3::text[], $4::int[], $5::bigint[], $6::text[], $7::jsonb[], \
+                       $8::bytea[], $9::text[]) \
+                AS m(id, topic, partition, off, key, headers, payload, reason) \
+         ON CONFLICT (consumer, message_id) DO NOTHING",
+        &[&consumer, &ids, &topics, &partitions, &offsets, &keys, &headers, &payloads, &reasons],
+    )
+    .await?;
+    let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+    for r in batch {
+        let e = next.entry((r.topic.as_str(), r.partition)).or_insert(0);
+        *e = (*e).max(r.offset + 1);
+    }
+    for ((topic, partition), offset) in next {
+        tx.execute(
+            "SELECT inbox.store_offset($1, $2, $3, $4)",
+            &[&consumer, &topic, &partition, &offset],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursor_takes_the_expected_offset_and_skips_what_is_stored() {
+        let mut c = Cursor::new(Some(10));
+        assert!(matches!(c.judge(8), Verdict::Skip));
+        assert!(matches!(c.judge(10), Verdict::Take));
+        assert!(matches!(c.judge(11), Verdict::Take));
+        // verified: a later gap is the log's own
+        assert!(matches!(c.judge(20), Verdict::Take));
+        assert!(matches!(c.judge(20), Verdict::Skip));
+    }
+
+    #[test]
+    fn cursor_seeks_back_when_the_broker_serves_past_the_stored_offset() {
+        let mut c = Cursor::new(Some(1000));
+        assert!(matches!(
+            c.judge(1050),
+            Verdict::Reseek(Offset::Offset(744))
+        ));
+        // stale prefetch right after the seek is skipped, not escalated
+        assert!(matches!(c.judge(1051), Verdict::Skip));
+        c.reseeked_at = None;
+        assert!(matches!(
+            c.judge(1050),
+            Verdict::Reseek(Offset::Offset(488))
+        ));
+        c.reseeked_at = None;
+        assert!(matches!(c.judge(1050), Verdict::Reseek(Offset::Beginning)));
+        // served from before the stored offset now: skip up to it, then take
+        assert!(matches!(c.judge(0), Verdict::Skip));
+        assert!(matches!(c.judge(1000), Verdict::Take));
+    }
+
+    #[test]
+    fn a_partition_without_stored_offset_takes_everything() {
+        let mut c = Cursor::new(None);
+        assert!(matches!(c.judge(5), Verdict::Take));
+        assert!(matches!(c.judge(6), Verdict::Take));
+    }
+}

@@ -1,0 +1,302 @@
+//! Ingest and the worker API against PostgreSQL and Tansu: every Kafka message lands in the inbox
+//! exactly once with its offset, whatever is killed when, and a worker's side effects happen once.
+
+use anyhow::Result;
+use pg_outbox_tests::kafka::{Broker, Relay};
+use pg_outbox_tests::{port, wait_for, TestDb};
+use rand::{Rng, SeedableRng};
+use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+use tokio_postgres::Client;
+
+fn producer(brokers: &str) -> Result<FutureProducer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "5")
+        .create()?)
+}
+
+/// Produces one record; returns (partition, offset).
+async fn produce(
+    p: &FutureProducer,
+    topic: &str,
+    partition: i32,
+    key: &[u8],
+    id: Option<&str>,
+    payload: &[u8],
+) -> Result<(i32, i64)> {
+    let mut record = FutureRecord::<[u8], [u8]>::to(topic)
+        .partition(partition)
+        .key(key)
+        .payload(payload);
+    if let Some(id) = id {
+        record = record.headers(OwnedHeaders::new().insert(Header {
+            key: "pg_outbox-id",
+            value: Some(id),
+        }));
+    }
+    let d = p
+        .send(record, Duration::from_secs(30))
+        .await
+        .map_err(|(e, _)| e)?;
+    Ok((d.partition, d.offset))
+}
+
+async fn stored_offsets(c: &Client, consumer: &str) -> Result<BTreeMap<i32, i64>> {
+    Ok(c.query(
+        "SELECT partition, next_offset FROM inbox.offsets WHERE consumer = $1",
+        &[&consumer],
+    )
+    .await?
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect())
+}
+
+#[tokio::test]
+async fn ingest_killed_at_random_moments_records_every_message_once() -> Result<()> {
+    const EVENTS: usize = 20_000;
+    let db = TestDb::create("in_crash", port()).await?;
+    let broker = Broker::start()?;
+    broker.create_topic("events", 3).await?;
+    let brokers = broker.bootstrap();
+    let args = ["--ingest-batch", "200"];
+    let mut ingest = Relay::ingest(db.port, &db.name, &brokers, "billing", "events", &args)?;
+
+    // a stream of events, 10% of them produced twice (a producer retry upstream)
+    let p = producer(&brokers)?;
+    let producing = tokio::spawn(async move {
+        let mut rng = rand::rngs::StdRng::from_os_rng();
+        let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
+        let mut ids = HashSet::new();
+        let mut pending = Vec::new();
+        for i in 0..EVENTS {
+            let id = uuid::Uuid::now_v7().to_string();
+            let copies = if i % 10 == 0 { 2 } else { 1 };
+            for _ in 0..copies {
+                let part = (i % 3) as i32;
+                let payload = format!(r#"{{"i": {i}}}"#);
+                let p = p.clone();
+                let id = id.clone();
+                pending.push(tokio::spawn(async move {
+                    produce(
+                        &p,
+                        "events",
+                        part,
+                        format!("k{}", i % 50).as_bytes(),
+                        Some(&id),
+                        payload.as_bytes(),
+                    )
+                    .await
+                }));
+            }
+            ids.insert(id);
+            if pending.len() >= 500 {
+                for h in pending.drain(..) {
+                    let (part, off) = h.await??;
+                    let e = ends.entry(part).or_insert(0);
+                    *e = (*e).max(off + 1);
+                }
+                tokio::time::sleep(Duration::from_millis(rng.random_range(0..100))).await;
+            }
+        }
+        for h in pending {
+            let (part, off) = h.await??;
+            let e = ends.entry(part).or_insert(0);
+            *e = (*e).max(off + 1);
+        }
+        anyhow::Ok((ids, ends))
+    });
+
+    let mut kills = 0;
+    while !producing.is_finished() || kills < 10 {
+        tokio::time::sleep(Duration::from_millis(rand::rng().random_range(150..700))).await;
+        ingest.kill9()?;
+        kills += 1;
+        ingest = Relay::ingest(db.port, &db.name, &brokers, "billing", "events", &args)?;
+    }
+    let (ids, ends) = producing.await??;
+    let c = &db.client;
+    wait_for(
+        "the offsets to reach the end of every partition",
+        Duration::from_secs(120),
+        || async { Ok(stored_offsets(c, "billing").await? == ends) },
+    )
+    .await?;
+    let stored: HashSet<String> = c
+        .query(
+            "SELECT message_id FROM inbox.messages WHERE consumer = 'billing'",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let rows: i64 = c
+        .query_one("SELECT count(*) FROM inbox.messages", &[])
+        .await?
+        .get(0);
+    let produced: i64 = ends.values().sum();
+    println!(
+        "ingest killed with SIGKILL {kills} times; {produced} records produced for {} events; \
+         {rows} inbox rows; offsets {ends:?}",
+        ids.len()
+    );
+    assert!(kills >= 10);
+    assert_eq!(rows as usize, ids.len(), "one row per event id");
+    assert_eq!(stored, ids, "exactly the produced ids");
+    Ok(())
+}
+
+#[tokio::test]
+async fn poison_and_id_less_messages_keep_the_partition_flowing() -> Result<()> {
+    let db = TestDb::create("in_poison", port()).await?;
+    let broker = Broker::start()?;
+    broker.create_topic("events", 1).await?;
+    let brokers = broker.bootstrap();
+    let _ingest = Relay::ingest(
+        db.port,
+        &db.name,
+        &brokers,
+        "billing",
+        "events",
+        &["--max-record-bytes", "2048"],
+    )?;
+    let p = producer(&brokers)?;
+    produce(&p, "events", 0, b"k", Some("good-1"), b"{}").await?;
+    produce(&p, "events", 0, b"k", Some("big"), &[b'x'; 4000]).await?;
+    produce(&p, "events", 0, &[0xff, 0xfe], Some("bad-key"), b"{}").await?;
+    let (_, no_id_offset) = produce(&p, "events", 0, b"k", None, b"{}").await?;
+    produce(&p, "events", 0, b"k", Some("good-2"), b"{}").await?;
+    let c = &db.client;
+    wait_for("five messages", Duration::from_secs(60), || async {
+        Ok(stored_offsets(c, "billing").await?.get(&0) == Some(&5))
+    })
+    .await?;
+    let rows: Vec<(String, String, Option<String>)> = c
+        .query(
+            "SELECT message_id, status, last_error FROM inbox.messages ORDER BY \"offset\"",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(rows.len(), 5);
+    assert_eq!(
+        (rows[0].0.as_str(), rows[0].1.as_str()),
+        ("good-1", "pending")
+    );
+    assert_eq!((rows[1].0.as_str(), rows[1].1.as_str()), ("big", "dead"));
+    assert!(rows[1].2.as_deref().unwrap().contains("max_record_bytes"));
+    assert_eq!(
+        (rows[2].0.as_str(), rows[2].1.as_str()),
+        ("bad-key", "dead")
+    );
+    assert!(rows[2].2.as_deref().unwrap().contains("UTF-8"));
+    assert_eq!(
+        rows[3].0,
+        format!("events/0/{no_id_offset}"),
+        "deterministic id"
+    );
+    assert_eq!(
+        (rows[4].0.as_str(), rows[4].1.as_str()),
+        ("good-2", "pending")
+    );
+    Ok(())
+}
+
+/// One worker step in one transaction: claim, apply the side effect, complete.
+async fn work_once(c: &Client, lease: &str) -> Result<usize> {
+    c.batch_execute("BEGIN").await?;
+    let ids: Vec<i64> = c
+        .query(
+            &format!("SELECT id FROM inbox.claim('billing', 5, '{lease}')"),
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for id in &ids {
+        c.execute("INSERT INTO credit_reserved (message) VALUES ($1)", &[id])
+            .await?;
+        c.query_one("SELECT inbox.complete($1)", &[id]).await?;
+    }
+    c.batch_execute("COMMIT").await?;
+    Ok(ids.len())
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_transaction_changes_nothing_and_its_messages_are_processed_once(
+) -> Result<()> {
+    let db = TestDb::create("in_worker", port()).await?;
+    let c = &db.client;
+    c.batch_execute(
+        "CREATE TABLE credit_reserved (message bigint NOT NULL); \
+         SELECT inbox.deliver('billing', 'm' || i, 'orders', 0, i, 'k', NULL) FROM generate_series(1, 50) i",
+    )
+    .await?;
+    // worker A claims and applies side effects, then dies before COMMIT
+    let a = db.session().await?;
+    a.batch_execute("BEGIN").await?;
+    let claimed: Vec<i64> = a
+        .query(
+            "SELECT id FROM inbox.claim('billing', 5, '30 seconds')",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for id in &claimed {
+        a.execute("INSERT INTO credit_reserved (message) VALUES ($1)", &[id])
+            .await?;
+    }
+    let pid: i32 = a.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+    c.query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .await?;
+    // worker B (and a committed-claim worker C whose lease runs out) finish the job
+    let c2 = db.session().await?;
+    c2.batch_execute(
+        "BEGIN; SELECT inbox.claim('billing', 3, '300 milliseconds'); COMMIT", // C claims, then dies
+    )
+    .await?;
+    drop(c2);
+    let b = db.session().await?;
+    let mut done = 0;
+    for _ in 0..100 {
+        done += work_once(&b, "30 seconds").await?;
+        if done == 50 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(done, 50);
+    let (rows, distinct): (i64, i64) = {
+        let r = c
+            .query_one(
+                "SELECT count(*), count(DISTINCT message) FROM credit_reserved",
+                &[],
+            )
+            .await?;
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(
+        (rows, distinct),
+        (50, 50),
+        "each credit reserved exactly once"
+    );
+    let open: i64 = c
+        .query_one(
+            "SELECT count(*) FROM inbox.messages WHERE status <> 'done'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(open, 0);
+    Ok(())
+}
