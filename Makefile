@@ -1,11 +1,14 @@
 # pg_outbox: `make test` and `make demo` install what they need (scripts/setup.sh), idempotently.
-.PHONY: test demo setup lint install clean
+.PHONY: test demo demo-saga setup lint install clean
 
 test:
 	scripts/test.sh
 
 demo:
 	scripts/demo.sh
+
+demo-saga:
+	scripts/demo-saga.sh
 
 setup:
 	scripts/setup.sh

@@ -5,6 +5,7 @@
 #   Debian packages   PostgreSQL 15 server + headers, clang (pgrx bindgen), C/C++ toolchain (librdkafka)
 #   cargo-pgrx        the exact version pinned for pgrx in Cargo.toml, then `cargo pgrx init --pg15`
 #   tansu             the Kafka-protocol broker used by the relay tests and the demo
+#   psycopg           the Python PostgreSQL client of the saga example's customer service
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -53,5 +54,13 @@ if command -v tansu >/dev/null && tansu --version 2>/dev/null | grep -q "$TANSU_
 else
     say "installing tansu $TANSU_VERSION (about 10 minutes on 2 cores, once)"
     cargo install tansu --version "=$TANSU_VERSION" --locked --features libsql,dynostore --quiet
+fi
+# --- Python client for the saga example's customer service ----------------------------------------
+if python3 -c 'import psycopg' 2>/dev/null; then
+    say "python psycopg present"
+else
+    say "installing python psycopg"
+    python3 -m pip install -q --disable-pip-version-check 'psycopg[binary]>=3.1' 2>&1 | grep -v 'running pip as' || true
+    python3 -c 'import psycopg'
 fi
 say "ready"

@@ -17,9 +17,10 @@ echo "test: installing the extension into $($PG_CONFIG --sharedir)/extension"
 SUDO=; [ "$(id -u)" = 0 ] || SUDO=--sudo
 (cd pg_outbox && cargo pgrx install $SUDO --pg-config "$PG_CONFIG" >/dev/null)
 
-echo "test: building the relay"
-cargo build -q -p pg_outbox_relay
+echo "test: building the relay and the saga example"
+cargo build -q -p pg_outbox_relay -p saga_example
 export PG_OUTBOX_RELAY_BIN=$PWD/target/debug/pg-outbox-relay
+export PG_OUTBOX_SAGA_BIN=$PWD/target/debug/saga-order-service
 
 export PG_OUTBOX_TEST_PORT=${PG_OUTBOX_TEST_PORT:-55432}
 export PG_OUTBOX_TEST_REPLICA_PORT=${PG_OUTBOX_TEST_REPLICA_PORT:-55433}

@@ -18,19 +18,22 @@ AS $$ SELECT unnest(outbox._enqueue_batch_json(topic, keys, payloads::text[], he
 COMMENT ON FUNCTION outbox.enqueue_batch(text, text[], jsonb[], jsonb) IS
     'Enqueue many JSON events to one topic (keys[i] goes with payloads[i]); returns their ids in order';
 
--- Wakes the relay's poll source when a transaction that wrote table-mode events commits
--- (notifications are delivered at commit, and one per transaction is enough).
-CREATE FUNCTION outbox._notify_events() RETURNS trigger
+-- Wakes whoever LISTENs on the channel named by the trigger's argument when a transaction that
+-- inserted rows commits (notifications are delivered at commit, one per transaction is enough):
+-- pg_outbox_events for the relay's poll source, pg_outbox_inbox for inbox workers.
+CREATE FUNCTION outbox._notify() RETURNS trigger
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    PERFORM pg_notify('pg_outbox_events', '');
+    PERFORM pg_notify(TG_ARGV[0], '');
     RETURN NULL;
 END
 $$;
 CREATE TRIGGER events_notify AFTER INSERT ON outbox.events
-    FOR EACH STATEMENT EXECUTE FUNCTION outbox._notify_events();
+    FOR EACH STATEMENT EXECUTE FUNCTION outbox._notify('pg_outbox_events');
+CREATE TRIGGER messages_notify AFTER INSERT ON inbox.messages
+    FOR EACH STATEMENT EXECUTE FUNCTION outbox._notify('pg_outbox_inbox');
 
 -- Creates the replication slot and the publication the relay reads, if missing. Says what it did.
 CREATE FUNCTION outbox.create_slot(slot_name text DEFAULT NULL)
