@@ -1,5 +1,5 @@
 # pg_outbox: `make test` and `make demo` install what they need (scripts/setup.sh), idempotently.
-.PHONY: test demo demo-saga setup lint install clean
+.PHONY: test demo demo-saga bench setup lint install clean
 
 test:
 	scripts/test.sh
@@ -9,6 +9,9 @@ demo:
 
 demo-saga:
 	scripts/demo-saga.sh
+
+bench:
+	scripts/bench.sh
 
 setup:
 	scripts/setup.sh

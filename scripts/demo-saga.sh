@@ -6,30 +6,15 @@
 # move the events: a WAL relay per database and an ingest per inbox.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PATH="$HOME/.cargo/bin:$PATH"
-PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
+source scripts/stage.sh
 PORT=${PG_OUTBOX_DEMO_PORT:-55452}
 KAFKA_PORT=${PG_OUTBOX_DEMO_KAFKA_PORT:-19402}
 BROKERS=127.0.0.1:$KAFKA_PORT
 N=${ORDERS:-500}
 
-scripts/setup.sh >/dev/null
-echo "saga: building and installing the extension, the relay and the order service"
-SUDO=; [ "$(id -u)" = 0 ] || SUDO=--sudo
-(cd pg_outbox && cargo pgrx install $SUDO --pg-config "$PG_CONFIG" >/dev/null 2>&1)
+stage_begin
 cargo build -q -p pg_outbox_relay -p saga_example
 RELAY=target/debug/pg-outbox-relay
-
-root=$(mktemp -d "${TMPDIR:-/tmp}/pg_outbox-saga.XXXXXX")
-chmod 755 "$root"
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    scripts/pgcluster.sh stop "$root/pg" >/dev/null || true
-    rm -rf "$root"
-}
-trap cleanup EXIT
 sql() { local db=$1; shift; psql -X -q -h 127.0.0.1 -p "$PORT" -U postgres -d "$db" "$@"; }
 dsn() { echo "host=127.0.0.1 port=$PORT user=postgres dbname=$1"; }
 
@@ -38,11 +23,7 @@ for db in orders customers; do
     sql postgres -c "CREATE DATABASE $db" -c "ALTER DATABASE $db SET pg_outbox.slot_name = '${db}_outbox'"
     sql "$db" -f "examples/saga/$db.sql"
 done
-tansu broker --listener-url "tcp://$BROKERS" --advertised-listener-url "tcp://$BROKERS" \
-    --storage-engine memory://tansu/ >"$root/tansu.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 100); do (echo >"/dev/tcp/127.0.0.1/$KAFKA_PORT") 2>/dev/null && break; sleep 0.1; done
-for t in orders customers; do tansu topic create "$t" --partitions 3 --broker "tcp://$BROKERS" >/dev/null; done
+stage_broker "$KAFKA_PORT" orders:3 customers:3
 
 common=(--pg-port "$PORT" --brokers "$BROKERS")
 "$RELAY" run "${common[@]}" --pg-database orders --slot orders_outbox 2>"$root/relay-orders.log" & pids+=($!)

@@ -4,40 +4,19 @@
 # reached Kafka, and `relay status`. Everything runs on 127.0.0.1 and is removed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PATH="$HOME/.cargo/bin:$PATH"
-PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
+source scripts/stage.sh
 PORT=${PG_OUTBOX_DEMO_PORT:-55442}
 KAFKA_PORT=${PG_OUTBOX_DEMO_KAFKA_PORT:-19392}
 METRICS=127.0.0.1:${PG_OUTBOX_DEMO_METRICS_PORT:-19393}
 BROKERS=127.0.0.1:$KAFKA_PORT
 
-scripts/setup.sh >/dev/null
-echo "demo: building and installing the extension and the relay"
-SUDO=; [ "$(id -u)" = 0 ] || SUDO=--sudo
-(cd pg_outbox && cargo pgrx install $SUDO --pg-config "$PG_CONFIG" >/dev/null 2>&1)
+stage_begin
 cargo build -q -p pg_outbox_relay -p pg_outbox_tests --bins
 RELAY=target/debug/pg-outbox-relay
-
-root=$(mktemp -d "${TMPDIR:-/tmp}/pg_outbox-demo.XXXXXX")
-chmod 755 "$root"
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    scripts/pgcluster.sh stop "$root/pg" >/dev/null || true
-    rm -rf "$root"
-}
-trap cleanup EXIT
 psql_() { psql -X -q -h 127.0.0.1 -p "$PORT" -U postgres -d postgres "$@"; }
 
 scripts/pgcluster.sh start "$root/pg" "$PORT" logical
-tansu broker --listener-url "tcp://$BROKERS" --advertised-listener-url "tcp://$BROKERS" \
-    --storage-engine memory://tansu/ >"$root/tansu.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 100); do (echo >"/dev/tcp/127.0.0.1/$KAFKA_PORT") 2>/dev/null && break; sleep 0.1; done
-for t in orders:3 shipments:1; do
-    tansu topic create "${t%%:*}" --partitions "${t##*:}" --broker "tcp://$BROKERS" >/dev/null
-done
+stage_broker "$KAFKA_PORT" orders:3 shipments:1
 echo "demo: Tansu broker on $BROKERS with topics orders (3 partitions) and shipments (1)"
 
 psql_ -c "CREATE EXTENSION pg_outbox"

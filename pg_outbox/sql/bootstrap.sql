@@ -101,3 +101,5 @@ CREATE TABLE outbox.dead_letters (
 
 CREATE INDEX messages_claim_idx ON inbox.messages (consumer, visible_at, id)
     WHERE status IN ('pending', 'processing');
+CREATE INDEX messages_key_idx ON inbox.messages (consumer, key, id)
+    WHERE status IN ('pending', 'processing');

@@ -237,7 +237,10 @@ $$;
 
 -- Hands up to n visible messages to the caller and hides them for the lease. A message whose lease
 -- expired (its worker died) becomes visible again; one that used up its attempts is dead-lettered.
-CREATE FUNCTION inbox.claim(consumer text, n integer DEFAULT 10, lease interval DEFAULT '30 seconds')
+-- With per_key, only the oldest unfinished message of each key can be claimed, so a key is never
+-- handed to two workers at once and its messages are processed in order.
+CREATE FUNCTION inbox.claim(consumer text, n integer DEFAULT 10, lease interval DEFAULT '30 seconds',
+                            per_key boolean DEFAULT false)
 RETURNS SETOF inbox.messages
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
@@ -263,6 +266,10 @@ BEGIN
      WHERE m.id IN (SELECT c.id FROM inbox.messages c
                      WHERE c.consumer = claim.consumer AND c.status IN ('pending', 'processing')
                        AND c.visible_at <= now()
+                       AND (NOT per_key OR c.key IS NULL OR NOT EXISTS (
+                             SELECT FROM inbox.messages e
+                              WHERE e.consumer = c.consumer AND e.key = c.key AND e.id < c.id
+                                AND e.status IN ('pending', 'processing')))
                      ORDER BY c.id
                      LIMIT n
                        FOR UPDATE SKIP LOCKED)

@@ -171,17 +171,10 @@ impl<'a> Publisher<'a> {
         let partitions = self.sink.partition_count(&topic).await?;
         let key = event.key.map(str::as_bytes);
         let partition = partition_for(key, &event.id, partitions);
-        let last = match self.last_written.get(&(topic.clone(), partition)) {
-            Some(last) => *last,
-            None => {
-                let last = self.sink.last_position(&topic, partition).await?;
-                if let Some(p) = last {
-                    info!(%topic, partition, last_position = %p, "resuming after the last record of this source");
-                }
-                self.last_written.insert((topic.clone(), partition), last);
-                last
-            }
-        };
+        if !self.last_written.contains_key(&(topic.clone(), partition)) {
+            self.read_back(&topic, partitions).await?;
+        }
+        let last = self.last_written[&(topic.clone(), partition)];
         if last.is_some_and(|last| position <= last) {
             self.metrics.skipped.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
@@ -232,6 +225,22 @@ impl<'a> Publisher<'a> {
             record = record.key(key);
         }
         Ok(Some(self.sink.send(record)?))
+    }
+
+    /// First touch of a topic in this session: reads the last record of this source in every
+    /// partition, all partitions at once (a restart waits for this before publishing).
+    async fn read_back(&mut self, topic: &str, partitions: i32) -> Result<(), RelayError> {
+        let sink = &*self.sink;
+        let reads = (0..partitions).map(|p| async move { (p, sink.last_position(topic, p).await) });
+        for (partition, last) in futures_util::future::join_all(reads).await {
+            let last = last?;
+            if let Some(p) = last {
+                info!(%topic, partition, last_position = %p, "resuming after the last record of this source");
+            }
+            self.last_written
+                .insert((topic.to_string(), partition), last);
+        }
+        Ok(())
     }
 
     /// Handles one delivery report: a record the broker refuses as too large is dead-lettered,

@@ -193,6 +193,21 @@ impl Relay {
         Ok(self.child.try_wait()?)
     }
 
+    /// Waits until `needle` appears `count` times in the log (relays of one database share it).
+    pub async fn wait_for_log(&self, needle: &str, count: usize, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while self.log_text().matches(needle).count() < count {
+            if Instant::now() > deadline {
+                bail!(
+                    "timed out waiting for {needle:?} x{count} in {}",
+                    self.log.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -371,3 +371,54 @@ async fn purge_keeps_what_dedup_still_needs() -> Result<()> {
     assert_eq!(removed, 0);
     Ok(())
 }
+
+async fn claim(client: &Client) -> Result<Vec<String>> {
+    Ok(client
+        .query(
+            "SELECT message_id FROM inbox.claim('billing', 10, '30 seconds', per_key => true)",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+#[tokio::test]
+async fn per_key_claims_hand_a_key_to_one_worker_at_a_time_in_order() -> Result<()> {
+    let db = TestDb::create("ib_per_key", port()).await?;
+    let c = &db.client;
+    for (id, key, offset) in [
+        ("a1", "A", 0i64),
+        ("b1", "B", 1),
+        ("a2", "A", 2),
+        ("a3", "A", 3),
+    ] {
+        c.execute(
+            "SELECT inbox.deliver('billing', $1, 'orders', 0, $3, $2, NULL)",
+            &[&id, &key, &offset],
+        )
+        .await?;
+    }
+    let w1 = db.session().await?;
+    let w2 = db.session().await?;
+    w1.batch_execute("BEGIN").await?;
+    w2.batch_execute("BEGIN").await?;
+    assert_eq!(claim(&w1).await?, vec!["a1", "b1"], "the head of each key");
+    assert!(claim(&w2).await?.is_empty(), "A and B are being processed");
+    w2.batch_execute("ROLLBACK").await?;
+    w1.batch_execute(
+        "SELECT inbox.complete(id) FROM inbox.messages WHERE message_id IN ('a1', 'b1'); COMMIT",
+    )
+    .await?;
+    assert_eq!(claim(&w2).await?, vec!["a2"]);
+    // without per_key, the rest of the queue is handed out regardless of keys
+    let rest: Vec<String> = c
+        .query("SELECT message_id FROM inbox.claim('billing', 10)", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(rest, vec!["a3"]);
+    Ok(())
+}

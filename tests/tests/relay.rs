@@ -222,45 +222,58 @@ async fn concurrent_writers(
     Ok(writers * per_writer)
 }
 
-#[tokio::test]
-async fn per_key_order_is_commit_order_with_concurrent_writers() -> Result<()> {
-    let db = TestDb::create("rl_order", port()).await?;
+/// A WAL relay must hold its slot before wal-mode enqueues are accepted; a poll relay needs nothing.
+async fn wait_for_source(db: &TestDb, relay_args: &[&str]) -> Result<()> {
+    if relay_args.contains(&"poll") {
+        Ok(())
+    } else {
+        db.wait_for_active_slot().await
+    }
+}
+
+/// 8 concurrent writers over 24 keys and two topics; per key, the records arrive in commit order.
+async fn order_run(db: &TestDb, relay_args: &[&str], lock_key_first: bool) -> Result<()> {
     let broker = Broker::start()?;
     broker.create_topic("orders", 4).await?;
     broker.create_topic("payments", 3).await?;
-    let _relay = Relay::start(db.port, &db.name, &broker.bootstrap(), &[])?;
-    db.wait_for_active_slot().await?;
-    let total = concurrent_writers(&db, 8, 250, 24, false).await?;
-    let records = read_all(
-        &broker.bootstrap(),
-        &[("orders", 4), ("payments", 3)],
-        total,
-        READ_TIMEOUT,
-    )?;
+    let _relay = Relay::start(db.port, &db.name, &broker.bootstrap(), relay_args)?;
+    wait_for_source(db, relay_args).await?;
+    let total = concurrent_writers(db, 8, 250, 24, lock_key_first).await?;
+    let topics = [("orders", 4), ("payments", 3)];
+    let records = read_all(&broker.bootstrap(), &topics, total, READ_TIMEOUT)?;
     assert_exactly_once_in_order(&records, total)
 }
 
 #[tokio::test]
-async fn kill_9_at_random_moments_loses_and_duplicates_nothing() -> Result<()> {
-    const TXNS: usize = 500;
-    const PER_TXN: usize = 100;
-    const KEYS: usize = 64;
-    let db = TestDb::create("rl_crash", port()).await?;
-    let broker = Broker::start()?;
-    broker.create_topic("orders", 6).await?;
-    let brokers = broker.bootstrap();
-    let mut relay = Relay::start(db.port, &db.name, &brokers, &[])?;
-    db.wait_for_active_slot().await?;
+async fn per_key_order_is_commit_order_with_concurrent_writers() -> Result<()> {
+    let db = TestDb::create("rl_order", port()).await?;
+    order_run(&db, &[], false).await
+}
 
-    // one writer, so commit order is the order it issues; per key, n counts up
+/// Streams `txns` transactions of `per_txn` events (one writer, so commit order is the order it
+/// issues; per key, n counts up) while the relay is killed with SIGKILL at random moments, at least
+/// 10 times, and restarted; then checks every event arrived once, in per-key order.
+async fn crash_run(
+    db: &TestDb,
+    relay_args: &[&str],
+    txns: usize,
+    per_txn: usize,
+    partitions: i32,
+) -> Result<()> {
+    const KEYS: usize = 64;
+    let broker = Broker::start()?;
+    broker.create_topic("orders", partitions).await?;
+    let brokers = broker.bootstrap();
+    let mut relay = Relay::start(db.port, &db.name, &brokers, relay_args)?;
+    wait_for_source(db, relay_args).await?;
     let writer = db.session().await?;
     let writing = tokio::spawn(async move {
         let mut seq = vec![0i64; KEYS];
         let mut rng = rand::rngs::StdRng::from_os_rng();
-        for _ in 0..TXNS {
-            let mut keys = Vec::with_capacity(PER_TXN);
-            let mut payloads = Vec::with_capacity(PER_TXN);
-            for _ in 0..PER_TXN {
+        for _ in 0..txns {
+            let mut keys = Vec::with_capacity(per_txn);
+            let mut payloads = Vec::with_capacity(per_txn);
+            for _ in 0..per_txn {
                 let k = rng.random_range(0..KEYS);
                 seq[k] += 1;
                 keys.push(format!("key-{k}"));
@@ -276,30 +289,46 @@ async fn kill_9_at_random_moments_loses_and_duplicates_nothing() -> Result<()> {
                     &[&keys, &payloads],
                 )
                 .await?;
-            tokio::time::sleep(Duration::from_millis(rng.random_range(0..40))).await;
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..80))).await;
         }
         anyhow::Ok(())
     });
-
+    // kill each relay at a random moment after it started publishing (not while it sets up)
+    let streaming = if relay_args.contains(&"poll") {
+        "polling outbox.events"
+    } else {
+        "streaming from slot"
+    };
     let mut kills = 0;
     while !writing.is_finished() || kills < 10 {
-        let wait = rand::rng().random_range(200..1200);
+        relay
+            .wait_for_log(streaming, kills + 1, Duration::from_secs(60))
+            .await?;
+        let wait = rand::rng().random_range(200..1500);
         tokio::time::sleep(Duration::from_millis(wait)).await;
         relay.kill9()?;
         kills += 1;
-        relay = Relay::start(db.port, &db.name, &brokers, &[])?;
+        relay = Relay::start(db.port, &db.name, &brokers, relay_args)?;
     }
     writing.await??;
-    let total = TXNS * PER_TXN;
-    let records = read_all(&brokers, &[("orders", 6)], total, READ_TIMEOUT)?;
-    println!("relay killed with SIGKILL {kills} times during {total} events");
-    let skipped = relay
+    let total = txns * per_txn;
+    let records = read_all(&brokers, &[("orders", partitions)], total, READ_TIMEOUT)?;
+    let resumed = relay
         .log_text()
         .matches("resuming after the last record")
         .count();
-    println!("restarts that resumed from a partition's last record: {skipped}");
+    println!(
+        "relay {relay_args:?} killed with SIGKILL {kills} times during {total} events; \
+         {resumed} partition resumes after a partition's last record"
+    );
     assert!(kills >= 10);
     assert_exactly_once_in_order(&records, total)
+}
+
+#[tokio::test]
+async fn kill_9_at_random_moments_loses_and_duplicates_nothing() -> Result<()> {
+    let db = TestDb::create("rl_crash", port()).await?;
+    crash_run(&db, &[], 500, 100, 6).await
 }
 
 #[tokio::test]
@@ -669,69 +698,20 @@ async fn table_mode_publishes_exactly_the_committed_rows_and_removes_them() -> R
 #[tokio::test]
 async fn table_mode_per_key_order_with_concurrent_writers() -> Result<()> {
     let db = table_mode_db("rl_table_order").await?;
-    let broker = Broker::start()?;
-    broker.create_topic("orders", 4).await?;
-    broker.create_topic("payments", 3).await?;
-    let _relay = Relay::start(
-        db.port,
-        &db.name,
-        &broker.bootstrap(),
-        &["--source", "poll"],
-    )?;
-    let total = concurrent_writers(&db, 8, 250, 24, true).await?;
-    let records = read_all(
-        &broker.bootstrap(),
-        &[("orders", 4), ("payments", 3)],
-        total,
-        READ_TIMEOUT,
-    )?;
-    assert_exactly_once_in_order(&records, total)
+    order_run(&db, &["--source", "poll"], true).await
 }
 
 #[tokio::test]
 async fn table_mode_kill_9_loses_and_duplicates_nothing() -> Result<()> {
-    const TXNS: usize = 200;
-    const PER_TXN: usize = 100;
     let db = table_mode_db("rl_table_crash").await?;
-    let broker = Broker::start()?;
-    broker.create_topic("orders", 4).await?;
-    let brokers = broker.bootstrap();
-    let args = ["--source", "poll", "--poll-batch", "300"];
-    let mut relay = Relay::start(db.port, &db.name, &brokers, &args)?;
-    let writer = db.session().await?;
-    let writing = tokio::spawn(async move {
-        let mut seq = [0i64; 16];
-        let mut rng = rand::rngs::StdRng::from_os_rng();
-        for _ in 0..TXNS {
-            let (mut keys, mut payloads) = (Vec::new(), Vec::new());
-            for _ in 0..PER_TXN {
-                let k = rng.random_range(0..16);
-                seq[k] += 1;
-                keys.push(format!("key-{k}"));
-                payloads.push(format!(r#"{{"n": {}}}"#, seq[k]));
-            }
-            writer
-                .query(
-                    "SELECT outbox.enqueue_batch('orders', $1, $2::text[]::jsonb[])",
-                    &[&keys, &payloads],
-                )
-                .await?;
-            tokio::time::sleep(Duration::from_millis(rng.random_range(0..60))).await;
-        }
-        anyhow::Ok(())
-    });
-    let mut kills = 0;
-    while !writing.is_finished() || kills < 10 {
-        tokio::time::sleep(Duration::from_millis(rand::rng().random_range(200..900))).await;
-        relay.kill9()?;
-        kills += 1;
-        relay = Relay::start(db.port, &db.name, &brokers, &args)?;
-    }
-    writing.await??;
-    let total = TXNS * PER_TXN;
-    let records = read_all(&brokers, &[("orders", 4)], total, READ_TIMEOUT)?;
-    println!("poll source: relay killed with SIGKILL {kills} times during {total} events");
-    assert_exactly_once_in_order(&records, total)?;
+    crash_run(
+        &db,
+        &["--source", "poll", "--poll-batch", "300"],
+        200,
+        100,
+        4,
+    )
+    .await?;
     wait_for(
         "the outbox table to drain",
         Duration::from_secs(30),
