@@ -19,7 +19,7 @@ CLIENTS=${CLIENTS:-2}
 stage_begin --release
 scripts/pgcluster.sh start "$root/pg" "$PORT" logical >/dev/null
 sql() { psql -X -q -h 127.0.0.1 -p "$PORT" -U postgres -d postgres "$@"; }
-sql -c "CREATE EXTENSION pg_outbox" -c "SELECT * FROM outbox.create_slot()" >/dev/null
+sql -c "CREATE EXTENSION pg_outbox" -c "CALL outbox.setup()" >/dev/null
 sql <<'SQL'
 CREATE TABLE bench_orders (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, customer int NOT NULL,
                            total numeric NOT NULL, created_at timestamptz NOT NULL DEFAULT now());

@@ -5,7 +5,7 @@
 \echo
 \echo '== 1. The extension is installed; the slot that retains wal-mode events exists (the relay created it)'
 CREATE EXTENSION IF NOT EXISTS pg_outbox;
-SELECT * FROM outbox.create_slot();
+CALL outbox.setup();
 
 \echo
 \echo '== 2. A business transaction: the order row and its event commit together'

@@ -36,7 +36,8 @@ CREATE TABLE outbox.events (
                     CONSTRAINT events_topic_check
                     CHECK (topic ~ '^[a-zA-Z0-9._-]{1,249}$' AND topic NOT IN ('.', '..')),
     key             text,
-    headers         jsonb       NOT NULL DEFAULT '{}',
+    headers         jsonb       NOT NULL DEFAULT '{}'
+                    CONSTRAINT events_headers_check CHECK (pg_catalog.jsonb_typeof(headers) = 'object'),
     payload         bytea       NOT NULL,
     payload_is_json boolean     NOT NULL DEFAULT false,
     trace_context   text,

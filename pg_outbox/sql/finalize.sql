@@ -35,7 +35,46 @@ CREATE TRIGGER events_notify AFTER INSERT ON outbox.events
 CREATE TRIGGER messages_notify AFTER INSERT ON inbox.messages
     FOR EACH STATEMENT EXECUTE FUNCTION outbox._notify('pg_outbox_inbox');
 
--- Creates the replication slot and the publication the relay reads, if missing. Says what it did.
+-- Setup for wal mode, in two steps that must commit separately and in this order: the publication
+-- first, then the slot. pgoutput looks the publication up as of each decoded transaction, so a slot
+-- that is older than its publication fails on every transaction committed in between.
+-- CALL outbox.setup() does both; the functions below are its steps, each idempotent, each saying
+-- what it did.
+CREATE FUNCTION outbox._check_slot_name(sn text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF sn IS NULL OR sn !~ '^[a-z0-9_]{1,63}$' THEN
+        RAISE EXCEPTION 'pg_outbox: invalid slot name "%"', sn
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Slot names are 1 to 63 characters of lower-case letters, digits and underscores.';
+    END IF;
+END
+$$;
+
+CREATE FUNCTION outbox.create_publication(publication_name text DEFAULT NULL)
+RETURNS TABLE (object text, name text, action text)
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_variable
+DECLARE
+    pn text := coalesce(publication_name, outbox._slot_name());
+BEGIN
+    PERFORM outbox._check_slot_name(pn);
+    IF EXISTS (SELECT FROM pg_catalog.pg_publication p WHERE p.pubname = pn) THEN
+        RETURN QUERY SELECT 'publication', pn, 'exists';
+    ELSE
+        -- an empty publication: pgoutput sends pg_outbox messages whatever tables it lists
+        EXECUTE format('CREATE PUBLICATION %I', pn);
+        RETURN QUERY SELECT 'publication', pn, 'created';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION outbox.create_publication(text) IS
+    'Create the pg_outbox publication if missing (step 1 of outbox.setup; commit before creating the slot)';
+
 CREATE FUNCTION outbox.create_slot(slot_name text DEFAULT NULL)
 RETURNS TABLE (object text, name text, action text)
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
@@ -46,11 +85,7 @@ DECLARE
     sn text := coalesce(slot_name, outbox._slot_name());
     existing record;
 BEGIN
-    IF sn !~ '^[a-z0-9_]{1,63}$' THEN
-        RAISE EXCEPTION 'pg_outbox: invalid slot name "%"', sn
-            USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'Slot names are 1 to 63 characters of lower-case letters, digits and underscores.';
-    END IF;
+    PERFORM outbox._check_slot_name(sn);
     IF current_setting('wal_level') <> 'logical' THEN
         RAISE EXCEPTION 'pg_outbox: wal mode needs wal_level = logical (it is %)', current_setting('wal_level')
             USING ERRCODE = 'object_not_in_prerequisite_state',
@@ -59,6 +94,11 @@ BEGIN
     SELECT s.database, s.plugin, s.slot_type INTO existing
       FROM pg_catalog.pg_replication_slots s WHERE s.slot_name = sn;
     IF NOT FOUND THEN
+        IF NOT EXISTS (SELECT FROM pg_catalog.pg_publication p WHERE p.pubname = sn) THEN
+            RAISE EXCEPTION 'pg_outbox: publication "%" must exist before the slot is created', sn
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      HINT = 'CALL outbox.setup(); or SELECT * FROM outbox.create_publication(); then create the slot in a new transaction.';
+        END IF;
         PERFORM pg_catalog.pg_create_logical_replication_slot(sn, 'pgoutput');
         RETURN QUERY SELECT 'slot', sn, 'created';
     ELSIF existing.slot_type <> 'logical' OR existing.plugin <> 'pgoutput'
@@ -70,17 +110,29 @@ BEGIN
     ELSE
         RETURN QUERY SELECT 'slot', sn, 'exists';
     END IF;
-    IF EXISTS (SELECT FROM pg_catalog.pg_publication p WHERE p.pubname = sn) THEN
-        RETURN QUERY SELECT 'publication', sn, 'exists';
-    ELSE
-        -- An empty publication: pgoutput sends pg_outbox messages whatever tables it lists.
-        EXECUTE format('CREATE PUBLICATION %I', sn);
-        RETURN QUERY SELECT 'publication', sn, 'created';
-    END IF;
 END
 $$;
 COMMENT ON FUNCTION outbox.create_slot(text) IS
-    'Create the pg_outbox logical replication slot and publication if missing (idempotent)';
+    'Create the pg_outbox logical replication slot if missing (step 2 of outbox.setup; needs the publication)';
+
+-- (no SET clause: PostgreSQL forbids COMMIT in a procedure that has one; every name is qualified)
+CREATE PROCEDURE outbox.setup(slot_name text DEFAULT NULL)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN SELECT * FROM outbox.create_publication(slot_name) LOOP
+        RAISE NOTICE 'pg_outbox: % % %', r.object, r.name, r.action;
+    END LOOP;
+    COMMIT;
+    FOR r IN SELECT * FROM outbox.create_slot(slot_name) LOOP
+        RAISE NOTICE 'pg_outbox: % % %', r.object, r.name, r.action;
+    END LOOP;
+END
+$$;
+COMMENT ON PROCEDURE outbox.setup(text) IS
+    'Set up wal mode: the publication, committed, then the slot; idempotent (CALL it outside a transaction block)';
 
 -- ---------------------------------------------------------------------------------------------
 -- inbox
@@ -365,7 +417,9 @@ GRANT INSERT ON outbox.events TO outbox_writer;
 
 GRANT SELECT, DELETE ON outbox.events TO outbox_relay;
 GRANT SELECT, INSERT ON outbox.dead_letters TO outbox_relay;
-GRANT EXECUTE ON FUNCTION outbox.create_slot(text), outbox._slot_name() TO outbox_relay;
+GRANT EXECUTE ON FUNCTION outbox.create_slot(text), outbox.create_publication(text), outbox._slot_name(),
+                          outbox._check_slot_name(text) TO outbox_relay;
+GRANT EXECUTE ON PROCEDURE outbox.setup(text) TO outbox_relay;
 
 GRANT USAGE ON SCHEMA inbox TO outbox_relay, inbox_consumer;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA inbox TO inbox_consumer;

@@ -171,7 +171,7 @@ fn check_wal_ready() -> Result<(), Refusal> {
                 "pg_outbox: replication slot \"{}\" does not exist in this database, so a wal-mode event would not be retained",
                 name.to_string_lossy()
             ),
-            "Run SELECT * FROM outbox.create_slot(); (or start the relay, which creates it), \
+            "Run CALL outbox.setup(); (or start the relay, which sets it up), \
              or use SET pg_outbox.mode = 'table'.",
         )
     };

@@ -289,6 +289,28 @@ impl Settings {
             kafka.insert(k, v);
         }
         kafka.extend(self.kafka);
+        // the restart dedup relies on per-partition order through retries: keep these as they are
+        for (key, required) in [("enable.idempotence", "true"), ("acks", "all")] {
+            if kafka
+                .get(key)
+                .is_some_and(|v| v != required && !(key == "acks" && v == "-1"))
+            {
+                return Err(RelayError::Config(format!(
+                    "kafka setting {key} must stay {required}: the exactly-once guarantee depends on it"
+                )));
+            }
+        }
+        if let Some(limit) = kafka.get("message.max.bytes") {
+            if limit
+                .parse::<usize>()
+                .map_or(true, |l| l < max_record_bytes)
+            {
+                return Err(RelayError::Config(format!(
+                    "kafka setting message.max.bytes ({limit}) is below max_record_bytes ({max_record_bytes}): \
+                     such records would fail over and over instead of being dead-lettered"
+                )));
+            }
+        }
         Ok(Config {
             pg_host: self
                 .pg_host
@@ -346,15 +368,17 @@ impl Config {
 
     /// A libpq-style connection string for tokio-postgres (the password is not logged anywhere).
     pub fn conninfo(&self) -> String {
+        // every value quoted, with \ and ' escaped, as libpq's connection strings require
+        let quote = |v: &str| format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"));
         let mut s = format!(
             "host={} port={} user={} dbname={} application_name=pg_outbox_relay",
-            self.pg_host, self.pg_port, self.pg_user, self.pg_database
+            quote(&self.pg_host),
+            self.pg_port,
+            quote(&self.pg_user),
+            quote(&self.pg_database)
         );
         if !self.pg_password.is_empty() {
-            s.push_str(&format!(
-                " password='{}'",
-                self.pg_password.replace('\'', "\\'")
-            ));
+            s.push_str(&format!(" password={}", quote(&self.pg_password)));
         }
         s
     }
@@ -416,6 +440,35 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("source") && err.contains("poll"), "{err}");
+        for (key, value) in [
+            ("enable.idempotence", "false"),
+            ("acks", "1"),
+            ("message.max.bytes", "1000"),
+        ] {
+            let err = Settings {
+                kafka: vec![(key.into(), value.into())],
+                ..settings()
+            }
+            .resolve()
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(key), "{err}");
+        }
+    }
+
+    #[test]
+    fn conninfo_quotes_every_value() {
+        let c = Settings {
+            pg_password: Some(r"it's a \secret".into()),
+            pg_database: Some("my db".into()),
+            ..settings()
+        }
+        .resolve()
+        .unwrap();
+        let info = c.conninfo();
+        assert!(info.contains(r"password='it\'s a \\secret'"), "{info}");
+        assert!(info.contains("dbname='my db'"), "{info}");
+        info.parse::<tokio_postgres::Config>().unwrap();
     }
 
     #[test]

@@ -52,7 +52,7 @@ impl From<pgwire_replication::PgWireError> for RelayError {
         {
             RelayError::Slot(format!(
                 "{text}; the slot is missing or invalidated. Events it retained may be lost: \
-                 compare the outbox with Kafka, then recreate it with SELECT * FROM outbox.create_slot()"
+                 compare the outbox with Kafka, then recreate it with CALL outbox.setup()"
             ))
         } else {
             RelayError::Replication(text)

@@ -246,7 +246,6 @@ struct Cursor {
     next: Option<i64>,
     verified: bool,
     lookback: i64,
-    reseeked_at: Option<Instant>,
 }
 
 enum Verdict {
@@ -261,7 +260,6 @@ impl Cursor {
             next,
             verified: next.is_none(),
             lookback: 256,
-            reseeked_at: None,
         }
     }
 
@@ -274,29 +272,21 @@ impl Cursor {
             return Verdict::Skip;
         }
         if offset > next && !self.verified {
-            // messages fetched before the last seek may still arrive: give the seek time
-            if self
-                .reseeked_at
-                .is_some_and(|t| t.elapsed() < Duration::from_millis(500))
-            {
-                return Verdict::Skip;
-            }
+            // (librdkafka drops messages fetched before a seek, so this is the broker's answer)
             if self.lookback <= next {
                 let to = next - self.lookback;
                 self.lookback *= 2;
-                self.reseeked_at = Some(Instant::now());
                 return Verdict::Reseek(Offset::Offset(to));
             }
-            if self.reseeked_at.is_none() || self.lookback < i64::MAX / 2 {
+            if self.lookback < i64::MAX / 2 {
                 // last resort: the very beginning, which every broker serves from its first batch
                 self.lookback = i64::MAX / 2;
-                self.reseeked_at = Some(Instant::now());
                 return Verdict::Reseek(Offset::Beginning);
             }
             warn!(
                 expected = next,
                 got = offset,
-                "log starts after the stored offset (retention?)"
+                "no message at the stored offset (a gap in the log, or retention)"
             );
         }
         self.verified = true;
@@ -366,18 +356,24 @@ mod tests {
             c.judge(1050),
             Verdict::Reseek(Offset::Offset(744))
         ));
-        // stale prefetch right after the seek is skipped, not escalated
-        assert!(matches!(c.judge(1051), Verdict::Skip));
-        c.reseeked_at = None;
         assert!(matches!(
             c.judge(1050),
             Verdict::Reseek(Offset::Offset(488))
         ));
-        c.reseeked_at = None;
         assert!(matches!(c.judge(1050), Verdict::Reseek(Offset::Beginning)));
         // served from before the stored offset now: skip up to it, then take
         assert!(matches!(c.judge(0), Verdict::Skip));
         assert!(matches!(c.judge(1000), Verdict::Take));
+    }
+
+    #[test]
+    fn a_gap_at_the_stored_offset_is_accepted_after_reading_from_the_beginning() {
+        let mut c = Cursor::new(Some(10));
+        assert!(matches!(c.judge(12), Verdict::Reseek(Offset::Beginning)));
+        assert!(matches!(c.judge(3), Verdict::Skip));
+        // offsets 10 and 11 do not exist (a transaction marker, compaction): take 12, not skip it
+        assert!(matches!(c.judge(12), Verdict::Take));
+        assert!(matches!(c.judge(13), Verdict::Take));
     }
 
     #[test]

@@ -78,14 +78,14 @@ pub async fn check(config: &Config) -> Vec<Finding> {
             out.push(finding(
                 slot_ok || (slot.is_empty() && config.create_slot),
                 format!("slot {}: {}", config.slot, if slot.is_empty() { "missing" } else { &slot }),
-                "SELECT * FROM outbox.create_slot() (run creates it when create_slot = true); a lost slot must be recreated",
+                "CALL outbox.setup() (run creates it when create_slot = true); a lost slot must be recreated",
             ));
             let publication = q(
                 "SELECT coalesce((SELECT 'present' FROM pg_publication WHERE pubname = $1), '')",
             )
             .await;
             out.push(finding(
-                !publication.is_empty() || config.create_slot,
+                !publication.is_empty() || (config.create_slot && slot.is_empty()),
                 format!(
                     "publication {}: {}",
                     config.slot,
@@ -95,7 +95,7 @@ pub async fn check(config: &Config) -> Vec<Finding> {
                         "present"
                     }
                 ),
-                "SELECT * FROM outbox.create_slot() creates it",
+                "CALL outbox.setup() creates it (before the slot)",
             ));
             let grants = q("SELECT CASE WHEN rolsuper THEN 'superuser' WHEN rolreplication AND pg_has_role(current_user, 'outbox_relay', 'member') THEN 'replication + outbox_relay' ELSE 'missing' END FROM pg_roles WHERE rolname = current_user AND $1::text IS NOT NULL").await;
             out.push(finding(

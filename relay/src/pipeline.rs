@@ -10,7 +10,7 @@
 
 use crate::config::{Config, SourceKind};
 use crate::error::RelayError;
-use crate::sink::kafka::{record_headers, KafkaSink, Position, HEADER_ID, HEADER_POSITION};
+use crate::sink::kafka::{record_headers, KafkaSink, Position, Tail, HEADER_ID, HEADER_POSITION};
 use crate::sink::partition::partition_for;
 use crate::source;
 use crate::telemetry::Metrics;
@@ -47,11 +47,10 @@ pub async fn run(
         let started = Instant::now();
         let result = match config.source {
             SourceKind::Wal => {
-                source::wal::session(config, &shutdown, &metrics, &mut sink, first).await
+                source::wal::session(config, &shutdown, &metrics, &mut sink, &mut first).await
             }
             SourceKind::Poll => source::poll::session(config, &shutdown, &metrics, &mut sink).await,
         };
-        first = false;
         if !retry.after(result, started, &shutdown, &metrics).await? {
             return Ok(());
         }
@@ -121,7 +120,7 @@ pub struct Publisher<'a> {
     pub sink: &'a mut KafkaSink,
     /// Per partition, the position of the last record of this source known to be in Kafka (read
     /// back once per session), then of the last record this session sent.
-    last_written: HashMap<(String, i32), Option<Position>>,
+    tails: HashMap<(String, i32), Tail>,
 }
 
 impl<'a> Publisher<'a> {
@@ -139,7 +138,7 @@ impl<'a> Publisher<'a> {
             metrics,
             pg,
             sink,
-            last_written: HashMap::new(),
+            tails: HashMap::new(),
         })
     }
 
@@ -168,21 +167,37 @@ impl<'a> Publisher<'a> {
         event: &Event<'_>,
     ) -> Result<Option<DeliveryFuture>, RelayError> {
         let topic = self.config.kafka_topic(event.topic);
+        if let Err(e) = pg_outbox_envelope::validate_topic(&topic) {
+            let reason = format!("topic_template gives an invalid Kafka topic {topic:?}: {e}");
+            let id = event.id_string();
+            self.dead_letter(
+                position,
+                Some(&id),
+                Some(event.topic),
+                event.key,
+                &event.headers,
+                event.payload,
+                &reason,
+            )
+            .await?;
+            return Ok(None);
+        }
         let partitions = self.sink.partition_count(&topic).await?;
         let key = event.key.map(str::as_bytes);
         let partition = partition_for(key, &event.id, partitions);
-        if !self.last_written.contains_key(&(topic.clone(), partition)) {
+        if !self.tails.contains_key(&(topic.clone(), partition)) {
             self.read_back(&topic, partitions).await?;
         }
-        let last = self.last_written[&(topic.clone(), partition)];
-        if last.is_some_and(|last| position <= last) {
+        let tail = self
+            .tails
+            .get_mut(&(topic.clone(), partition))
+            .expect("read back above");
+        if tail.has(position) {
             self.metrics.skipped.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         }
-        // From now on this partition's last record is the one we send; a position the stream
-        // delivers again (the server replays from the confirmed LSN) is skipped like above.
-        self.last_written
-            .insert((topic.clone(), partition), Some(position));
+        // a position the stream delivers again (a replay from the confirmed LSN) is skipped above
+        tail.sent(position);
         let id = event.id_string();
         let size = event.payload.len()
             + key.map_or(0, <[u8]>::len)
@@ -231,14 +246,13 @@ impl<'a> Publisher<'a> {
     /// partition, all partitions at once (a restart waits for this before publishing).
     async fn read_back(&mut self, topic: &str, partitions: i32) -> Result<(), RelayError> {
         let sink = &*self.sink;
-        let reads = (0..partitions).map(|p| async move { (p, sink.last_position(topic, p).await) });
-        for (partition, last) in futures_util::future::join_all(reads).await {
-            let last = last?;
-            if let Some(p) = last {
+        let reads = (0..partitions).map(|p| async move { (p, sink.read_tail(topic, p).await) });
+        for (partition, tail) in futures_util::future::join_all(reads).await {
+            let tail = tail?;
+            if let Some(p) = tail.last {
                 info!(%topic, partition, last_position = %p, "resuming after the last record of this source");
             }
-            self.last_written
-                .insert((topic.to_string(), partition), last);
+            self.tails.insert((topic.to_string(), partition), tail);
         }
         Ok(())
     }
@@ -268,7 +282,7 @@ impl<'a> Publisher<'a> {
 
     /// Durably records an event that can never be published; exactly once per source position.
     #[allow(clippy::too_many_arguments)]
-    async fn dead_letter(
+    pub async fn dead_letter(
         &mut self,
         position: Position,
         event_id: Option<&str>,

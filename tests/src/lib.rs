@@ -90,11 +90,9 @@ impl TestDb {
         connect_as(self.port, &self.name, user).await
     }
 
-    /// Creates the slot and publication through the extension's own setup function.
+    /// Creates the publication and the slot through the extension's own setup procedure.
     pub async fn create_slot(&self) -> Result<()> {
-        self.client
-            .batch_execute("SELECT * FROM outbox.create_slot()")
-            .await?;
+        self.client.batch_execute("CALL outbox.setup()").await?;
         Ok(())
     }
 

@@ -258,7 +258,7 @@ async fn wal_mode_without_a_slot_is_refused() -> Result<()> {
         expect_error(c, "SELECT outbox.enqueue('orders', 'k', '{}')").await?;
     assert_eq!(code, "55000", "{message}");
     assert!(message.contains("ob_no_slot"), "{message}");
-    assert!(hint.unwrap().contains("outbox.create_slot"));
+    assert!(hint.unwrap().contains("outbox.setup"));
     c.batch_execute("ROLLBACK TO SAVEPOINT s; COMMIT").await?;
     let n: i64 = c
         .query_one("SELECT count(*) FROM business", &[])
@@ -268,28 +268,26 @@ async fn wal_mode_without_a_slot_is_refused() -> Result<()> {
     // table mode needs no slot
     c.batch_execute("SET pg_outbox.mode = 'table'").await?;
     enqueue(c, "orders", "k", "{}").await?;
-    // once the slot exists, wal mode works; create_slot is idempotent and says what it did
+    // setup is two idempotent steps that say what they did; the slot needs the publication first
     c.batch_execute("SET pg_outbox.mode = 'wal'").await?;
-    let actions: Vec<String> = c
-        .query(
-            "SELECT object || ' ' || action FROM outbox.create_slot()",
-            &[],
+    let actions = |sql: &'static str| async move {
+        let rows = c.query(sql, &[]).await?;
+        anyhow::Ok(
+            rows.iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>(),
         )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(actions, vec!["slot created", "publication created"]);
-    let actions: Vec<String> = c
-        .query(
-            "SELECT object || ' ' || action FROM outbox.create_slot()",
-            &[],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(actions, vec!["slot exists", "publication exists"]);
+    };
+    let (code, message, hint) = expect_error(c, "SELECT * FROM outbox.create_slot()").await?;
+    assert_eq!(code, "55000", "{message}");
+    assert!(hint.unwrap().contains("outbox.setup"));
+    let publication = "SELECT object || ' ' || action FROM outbox.create_publication()";
+    let slot = "SELECT object || ' ' || action FROM outbox.create_slot()";
+    assert_eq!(actions(publication).await?, vec!["publication created"]);
+    assert_eq!(actions(slot).await?, vec!["slot created"]);
+    assert_eq!(actions(publication).await?, vec!["publication exists"]);
+    assert_eq!(actions(slot).await?, vec!["slot exists"]);
+    c.batch_execute("CALL outbox.setup()").await?;
     enqueue(c, "orders", "k", "{}").await?;
     assert_eq!(db.peek_wal_events().await?.len(), 1);
     // a slot of another database does not count

@@ -14,7 +14,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -48,6 +48,43 @@ impl Position {
     }
 }
 
+/// What one partition holds of this source, as read back after a restart.
+///
+/// Records reach a partition in position order, except that a record can be missing in the middle
+/// (the broker refused it, and the records after it were acknowledged). So the read-back keeps the
+/// exact positions found in the last window rather than only the highest one: an event is known to
+/// be in Kafka if its position was seen, or lies below the window, or was sent by this session.
+#[derive(Debug, Clone, Default)]
+pub struct Tail {
+    /// The highest position of this source in the partition.
+    pub last: Option<Position>,
+    /// The lowest position seen in the window that was read; older ones are taken as present.
+    floor: Option<Position>,
+    seen: HashSet<Position>,
+    /// The first position this session sent; everything from it up to `last` is in Kafka.
+    first_sent: Option<Position>,
+}
+
+impl Tail {
+    /// Whether the record at `position` is already in the partition.
+    pub fn has(&self, position: Position) -> bool {
+        match self.last {
+            Some(last) if position <= last => {
+                self.seen.contains(&position)
+                    || self.floor.is_some_and(|floor| position < floor)
+                    || self.first_sent.is_some_and(|first| position >= first)
+            }
+            _ => false,
+        }
+    }
+
+    /// This session sent the record at `position` (positions are sent in increasing order).
+    pub fn sent(&mut self, position: Position) {
+        self.first_sent.get_or_insert(position);
+        self.last = Some(position);
+    }
+}
+
 /// Records of one partition are read back in windows of this many when looking for our last one.
 const TAIL_WINDOW: i64 = 256;
 
@@ -68,7 +105,9 @@ impl KafkaSink {
             .set("acks", "all")
             .set("partitioner", "murmur2_random")
             .set("linger.ms", "5")
-            .set("message.timeout.ms", "60000")
+            // never give up on a record: a timed-out record followed by acknowledged ones would be
+            // a hole in the partition; an unreachable broker just holds the stream (and the slot)
+            .set("message.timeout.ms", "0")
             .set(
                 "message.max.bytes",
                 (config.max_record_bytes + 65536).max(1_000_000).to_string(),
@@ -134,21 +173,15 @@ impl KafkaSink {
         Ok(n)
     }
 
-    /// The position of the last record of this source in `topic`/`partition`, if any.
-    pub async fn last_position(
-        &self,
-        topic: &str,
-        partition: i32,
-    ) -> Result<Option<Position>, RelayError> {
+    /// What `topic`/`partition` holds of this source (see [`Tail`]).
+    pub async fn read_tail(&self, topic: &str, partition: i32) -> Result<Tail, RelayError> {
         let reader: BaseConsumer = self.reader_config.create()?;
         let topic = topic.to_string();
         let source = self.source_id.clone();
         let timeout = self.timeout;
-        tokio::task::spawn_blocking(move || {
-            read_last_position(&reader, &topic, partition, &source, timeout)
-        })
-        .await
-        .map_err(|e| RelayError::Kafka(format!("tail reader task: {e}")))?
+        tokio::task::spawn_blocking(move || read_tail(&reader, &topic, partition, &source, timeout))
+            .await
+            .map_err(|e| RelayError::Kafka(format!("tail reader task: {e}")))?
     }
 
     /// Hands a record to librdkafka. The future resolves when the broker acknowledged it (or failed).
@@ -219,13 +252,13 @@ pub fn record_headers(
     headers
 }
 
-fn read_last_position(
+fn read_tail(
     reader: &BaseConsumer,
     topic: &str,
     partition: i32,
     source: &str,
     timeout: Duration,
-) -> Result<Option<Position>, RelayError> {
+) -> Result<Tail, RelayError> {
     let (low, high) = reader.fetch_watermarks(topic, partition, timeout)?;
     // The reported high watermark is only a lower bound of the end: some brokers (Tansu 0.6)
     // report the last batch's base offset + 1. So each window is read forward until the partition
@@ -238,7 +271,7 @@ fn read_last_position(
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, partition, Offset::Offset(start))?;
         reader.assign(&tpl)?;
-        let mut best: Option<Position> = None;
+        let mut tail = Tail::default();
         let mut next = start;
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut quiet_since = Instant::now();
@@ -248,7 +281,8 @@ fn read_last_position(
                     "timed out reading {topic}[{partition}] from offset {start} for the restart dedup"
                 )));
             }
-            // past the window (a later window was read already) or quiet past the reported end
+            // past the window (a later window was read already), or past the reported end with
+            // none of our records for a while (other producers may keep writing)
             if found_end.is_some_and(|e| next >= e)
                 || (next >= window_end && quiet_since.elapsed() > TAIL_QUIET)
             {
@@ -258,14 +292,20 @@ fn read_last_position(
                 continue;
             };
             let msg = msg?;
-            quiet_since = Instant::now();
             next = msg.offset() + 1;
             if let Some(p) = own_position(&msg, source) {
-                best = best.max(Some(p));
+                quiet_since = Instant::now();
+                tail.last = tail.last.max(Some(p));
+                tail.floor = Some(tail.floor.map_or(p, |f| f.min(p)));
+                tail.seen.insert(p);
             }
         }
-        if best.is_some() || start <= low {
-            return Ok(best);
+        if tail.last.is_some() || start <= low {
+            if start <= low {
+                // the whole partition was read: nothing older is present
+                tail.floor = None;
+            }
+            return Ok(tail);
         }
         found_end = Some(start);
         window_end = start;
@@ -316,5 +356,49 @@ mod tests {
         assert!(a < b && b < c);
         assert!(a.to_string() < b.to_string() && b.to_string() < c.to_string());
         assert_eq!(Position::parse("nonsense"), None);
+    }
+}
+
+#[cfg(test)]
+mod tail_tests {
+    use super::*;
+
+    fn p(major: u64, minor: u64) -> Position {
+        Position { major, minor }
+    }
+
+    #[test]
+    fn a_hole_in_the_window_is_not_taken_as_present() {
+        let tail = Tail {
+            last: Some(p(10, 3)),
+            floor: Some(p(10, 0)),
+            seen: [p(10, 0), p(10, 1), p(10, 3)].into_iter().collect(),
+            first_sent: None,
+        };
+        assert!(tail.has(p(9, 7)), "below the window");
+        assert!(tail.has(p(10, 1)));
+        assert!(!tail.has(p(10, 2)), "the hole is sent again");
+        assert!(!tail.has(p(10, 4)), "beyond the last");
+    }
+
+    #[test]
+    fn what_this_session_sent_is_present() {
+        let mut tail = Tail::default();
+        assert!(!tail.has(p(1, 0)));
+        tail.sent(p(5, 0));
+        tail.sent(p(6, 0));
+        assert!(tail.has(p(5, 0)) && tail.has(p(6, 0)));
+        assert!(!tail.has(p(7, 0)));
+    }
+
+    #[test]
+    fn a_fully_read_partition_has_only_what_was_seen() {
+        let tail = Tail {
+            last: Some(p(4, 0)),
+            floor: None,
+            seen: [p(2, 0), p(4, 0)].into_iter().collect(),
+            first_sent: None,
+        };
+        assert!(!tail.has(p(1, 0)) && tail.has(p(2, 0)) && !tail.has(p(3, 0)));
     }
 }

@@ -31,8 +31,13 @@ const POLL_SQL: &str =
       ORDER BY xid, seq \
       LIMIT $1";
 
-/// A wake-up channel fed by LISTEN; it closes when the listening connection is lost.
-async fn listen(config: &Config) -> Result<tokio::sync::mpsc::Receiver<()>, RelayError> {
+/// Wake-ups from NOTIFY on a connection of their own; `rx` closes when that connection is lost.
+struct Wake {
+    rx: tokio::sync::mpsc::Receiver<()>,
+    _client: tokio_postgres::Client,
+}
+
+async fn listen(config: &Config) -> Result<Wake, RelayError> {
     let (client, mut connection) =
         tokio_postgres::connect(&config.conninfo(), tokio_postgres::NoTls).await?;
     let (tx, rx) = tokio::sync::mpsc::channel(1);
@@ -50,9 +55,12 @@ async fn listen(config: &Config) -> Result<tokio::sync::mpsc::Receiver<()>, Rela
                 }
             }
         }
-        drop(client);
     });
-    Ok(rx)
+    client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+    Ok(Wake {
+        rx,
+        _client: client,
+    })
 }
 
 pub async fn session(
@@ -73,7 +81,26 @@ pub async fn session(
             config.pg_database
         )));
     }
-    pg.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+    // one poller per source at a time (the slot plays this part for the WAL source): a second
+    // relay waits as a standby and takes over when the first one's session ends
+    let locked: bool = pg
+        .query_one(
+            "SELECT pg_try_advisory_lock(hashtextextended('pg_outbox.poll:' || $1, 0))",
+            &[&config.source_id],
+        )
+        .await?
+        .get(0);
+    if !locked {
+        return Err(RelayError::Postgres(format!(
+            "another relay polls with source_id \"{}\"; standing by",
+            config.source_id
+        )));
+    }
+    // as for the WAL source: let what a killed predecessor sent land before the read-back
+    tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        _ = tokio::time::sleep(config.restart_grace) => {}
+    }
     let mut publisher = Publisher::start(config, metrics, pg, sink).await?;
     metrics.healthy.store(true, Ordering::Relaxed);
     info!("polling outbox.events");
@@ -85,7 +112,7 @@ pub async fn session(
         }
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            woke = wake.recv() => {
+            woke = wake.rx.recv() => {
                 if woke.is_none() {
                     return Err(RelayError::Postgres("LISTEN connection closed".into()));
                 }

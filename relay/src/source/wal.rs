@@ -20,12 +20,13 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 type Delivery = (u64, DeliveryOutcome);
 
-/// Makes sure the slot and publication exist (creating them only if allowed and this is the first
-/// session), and refuses a slot that was invalidated.
+/// Makes sure the publication and the slot exist, creating them (publication first, committed, then
+/// the slot) only if allowed and this is the first session; refuses a slot that was invalidated, or
+/// one without its publication (pgoutput would fail on every transaction older than the publication).
 async fn prepare_slot(pg: &Client, config: &Config, first: bool) -> Result<(), RelayError> {
     let row = pg
         .query_opt(
@@ -33,20 +34,42 @@ async fn prepare_slot(pg: &Client, config: &Config, first: bool) -> Result<(), R
             &[&config.slot],
         )
         .await?;
+    let publication = pg
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&config.slot],
+        )
+        .await?
+        .is_some();
     match row {
-        None if config.create_slot && first => {}
+        None if config.create_slot && first => {
+            // two statements, two transactions: the publication must commit before the slot exists
+            for step in ["outbox.create_publication", "outbox.create_slot"] {
+                let sql = format!("SELECT object, name, action FROM {step}($1)");
+                for r in pg.query(&sql, &[&config.slot]).await? {
+                    let (object, name, action): (String, String, String) =
+                        (r.get(0), r.get(1), r.get(2));
+                    info!(%object, %name, %action, "setup");
+                }
+            }
+            return Ok(());
+        }
         None => {
             return Err(RelayError::Slot(format!(
-                "replication slot \"{}\" does not exist. It disappeared while the relay ran, so events \
-                 may be lost: check, then run SELECT * FROM outbox.create_slot('{}') and restart",
-                config.slot, config.slot
+                "replication slot \"{}\" does not exist{}. Events it retained may be lost: check, then \
+                 CALL outbox.setup('{}') and restart",
+                config.slot,
+                if first { " and create_slot is off" } else { "; it disappeared while the relay ran" },
+                config.slot
             )))
         }
         Some(r) => {
             let database: Option<String> = r.get(0);
             let plugin: Option<String> = r.get(1);
             let wal_status: String = r.get(2);
-            if database.as_deref() != Some(config.pg_database.as_str()) || plugin.as_deref() != Some("pgoutput") {
+            if database.as_deref() != Some(config.pg_database.as_str())
+                || plugin.as_deref() != Some("pgoutput")
+            {
                 return Err(RelayError::Slot(format!(
                     "slot \"{}\" is not a pgoutput slot of database \"{}\"; set slot (PG_OUTBOX_SLOT) to the pg_outbox slot",
                     config.slot, config.pg_database
@@ -59,32 +82,13 @@ async fn prepare_slot(pg: &Client, config: &Config, first: bool) -> Result<(), R
                     config.slot
                 )));
             }
-        }
-    }
-    if config.create_slot {
-        for r in pg
-            .query(
-                "SELECT object, name, action FROM outbox.create_slot($1)",
-                &[&config.slot],
-            )
-            .await?
-        {
-            let (object, name, action): (String, String, String) = (r.get(0), r.get(1), r.get(2));
-            info!(%object, %name, %action, "setup");
-        }
-    } else {
-        let exists = pg
-            .query_opt(
-                "SELECT 1 FROM pg_publication WHERE pubname = $1",
-                &[&config.slot],
-            )
-            .await?
-            .is_some();
-        if !exists {
-            return Err(RelayError::Config(format!(
-                "publication \"{}\" does not exist; run SELECT * FROM outbox.create_slot('{}') or set create_slot = true",
-                config.slot, config.slot
-            )));
+            if !publication {
+                return Err(RelayError::Slot(format!(
+                    "publication \"{}\" does not exist but slot \"{}\" does: pgoutput cannot decode \
+                     transactions older than the publication. Drop the slot, then CALL outbox.setup('{}')",
+                    config.slot, config.slot, config.slot
+                )));
+            }
         }
     }
     Ok(())
@@ -106,10 +110,12 @@ pub async fn session(
     shutdown: &CancellationToken,
     metrics: &Metrics,
     sink: &mut KafkaSink,
-    first: bool,
+    first: &mut bool,
 ) -> Result<(), RelayError> {
     let pg = connect_pg(config).await?;
-    prepare_slot(&pg, config, first).await?;
+    prepare_slot(&pg, config, *first).await?;
+    // from now on a missing slot means it disappeared, never that it is still to be created
+    *first = false;
     let publisher = Publisher::start(config, metrics, pg, sink).await?;
     let repl_config = ReplicationConfig::new(
         config.pg_host.clone(),
@@ -213,8 +219,19 @@ impl Session<'_> {
                 lsn,
             } if prefix == MESSAGE_PREFIX => {
                 let Some((seq, commit_lsn, index)) = self.current.as_mut() else {
-                    warn!(%lsn, transactional, "pg_outbox message outside a transaction ignored");
-                    return Ok(());
+                    // not written by outbox.enqueue (which is always transactional): nothing
+                    // ties it to a commit, so it is kept as a dead letter rather than published
+                    let position = Position {
+                        major: lsn.as_u64(),
+                        minor: 0,
+                    };
+                    let reason = format!(
+                        "non-transactional pg_outbox message (transactional = {transactional})"
+                    );
+                    return self
+                        .publisher
+                        .dead_letter(position, None, None, None, &[], &content, &reason)
+                        .await;
                 };
                 let position = Position {
                     major: *commit_lsn,
