@@ -7,6 +7,11 @@
 #   c  a + outbox.enqueue in wal mode
 #   d  a + outbox.enqueue in table mode
 #   e  a + outbox.enqueue_batch of 100 events
+#
+# Relay drain: a backlog of EVENTS events (~256-byte payloads, 1,000 keys, 4 topics) published and
+# acknowledged, next to two physical limits measured in the same run: raw logical decoding of the same
+# backlog (pg_recvlogical, same plugin options, to /dev/null) and raw produce of as many records by a
+# minimal rdkafka producer with the relay's settings and no PostgreSQL. Also the relay's peak RSS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/stage.sh
@@ -15,6 +20,9 @@ PORT=${PG_OUTBOX_BENCH_PORT:-55462}
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-5}
 ROUNDS=${ROUNDS:-3}
 CLIENTS=${CLIENTS:-2}
+EVENTS=${EVENTS:-1000000}  # the backlog of the relay drain measurement
+KAFKA_PORT=${PG_OUTBOX_BENCH_KAFKA_PORT:-19412}
+METRICS_PORT=${PG_OUTBOX_BENCH_METRICS_PORT:-19413}
 
 stage_begin --release
 scripts/pgcluster.sh start "$root/pg" "$PORT" logical >/dev/null
@@ -73,6 +81,72 @@ TABLE
 )
 echo
 echo "$table"
+
+# --- relay drain ------------------------------------------------------------------------------------
+echo "bench: building the relay and the raw producer (release)"
+cargo build -q --release -p pg_outbox_relay -p pg_outbox_tests --bin pg-outbox-relay --bin raw_produce
+stage_broker "$KAFKA_PORT" b0:3 b1:3 b2:3 b3:3 r0:3 r1:3 r2:3 r3:3
+BROKERS=127.0.0.1:$KAFKA_PORT
+# a second slot for the raw decoding limit, created before the backlog so both slots hold all of it
+sql -c "SELECT pg_create_logical_replication_slot('bench_raw', 'pgoutput')" >/dev/null
+sql -c "SELECT count(*) FROM pg_logical_slot_get_binary_changes('pg_outbox', NULL, NULL, 'proto_version', '1', 'publication_names', 'pg_outbox', 'messages', 'true')" >/dev/null
+echo "bench: writing a backlog of $EVENTS events"
+batches=$((EVENTS / 1000))
+for i in $(seq 0 $((batches - 1))); do
+    echo "SELECT count(*) FROM outbox.enqueue_batch('b$((i % 4))', (SELECT array_agg('key-' || (($i * 1000 + g) % 1000)) FROM generate_series(1, 1000) g), (SELECT array_agg(jsonb_build_object('pad', repeat('x', 240))) FROM generate_series(1, 1000)));"
+done | sql -o /dev/null
+end_lsn=$(sql -tAc "SELECT pg_current_wal_lsn()")
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.3f", b - a}'; }
+
+t0=$(now)
+"$PGBIN/pg_recvlogical" -h 127.0.0.1 -p "$PORT" -U postgres -d postgres --slot bench_raw --start \
+    --endpos "$end_lsn" -o proto_version=1 -o publication_names=pg_outbox -o messages=true -f /dev/null
+decode_s=$(elapsed "$t0" "$(now)")
+echo "bench: raw decode ${decode_s}s"
+
+produce_s=$(target/release/raw_produce "$BROKERS" r0,r1,r2,r3 "$EVENTS" 256 1000)
+echo "bench: raw produce ${produce_s}s"
+
+t0=$(now)
+target/release/pg-outbox-relay run --pg-port "$PORT" --brokers "$BROKERS" --restart-grace-ms 0 \
+    --metrics-addr "127.0.0.1:$METRICS_PORT" 2>"$root/relay.log" &
+relay_pid=$!
+pids+=("$relay_pid")
+metric() { # the value of one counter from /metrics, 0 while the endpoint is not up yet
+    { exec 3<>"/dev/tcp/127.0.0.1/$METRICS_PORT" && printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3 \
+        && sed -n "s/^$1 //p" <&3; } 2>/dev/null | head -1
+}
+published=0
+while (( published < EVENTS )); do
+    sleep 0.05
+    published=$(metric pg_outbox_relay_events_published_total || true)
+    published=${published:-0}
+    kill -0 "$relay_pid" || { tail "$root/relay.log"; exit 1; }
+done
+relay_s=$(elapsed "$t0" "$(now)")
+rss_kb=$(awk '/VmHWM/ {print $2}' "/proc/$relay_pid/status")
+echo "bench: relay ${relay_s}s, peak RSS ${rss_kb} kB"
+
+rate() { awk -v n="$EVENTS" -v s="$1" 'BEGIN {printf "%.0f", n / s}'; }
+mbs() { awk -v n="$EVENTS" -v s="$1" 'BEGIN {printf "%.1f", n * 256 / s / 1e6}'; }
+limit_s=$(awk -v a="$decode_s" -v b="$produce_s" 'BEGIN {print (a > b) ? a : b}')
+drain_table=$(cat <<TABLE
+| what | seconds | events/s | payload MB/s |
+|---|---:|---:|---:|
+| raw logical decoding (pg_recvlogical to /dev/null) | $decode_s | $(rate "$decode_s") | $(mbs "$decode_s") |
+| raw produce (rdkafka, relay settings, no PostgreSQL) | $produce_s | $(rate "$produce_s") | $(mbs "$produce_s") |
+| **relay** (slot to acknowledged records) | $relay_s | $(rate "$relay_s") | $(mbs "$relay_s") |
+
+| ratio | value | goal |
+|---|---:|---|
+| relay / min(raw decode, raw produce) | $(awk -v r="$relay_s" -v l="$limit_s" 'BEGIN {printf "%.2f", l / r}') | ≥ 0.80 |
+| relay peak RSS | $((rss_kb / 1024)) MB | ≤ 64 MB |
+TABLE
+)
+echo
+echo "$drain_table"
+
 machine="$(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -sr), $($PGBIN/postgres --version)"
 cat > BENCHMARKS.md <<DOC
 # Benchmarks
@@ -91,10 +165,16 @@ $table
 Every variant but (a) sends one more statement per transaction, so with pgbench's one round trip per
 statement (b), (c) and (d) share that fixed cost; compare (c) with (b) for the price of the mechanism itself.
 
+## Relay drain: a backlog of $EVENTS events
+
+~256-byte payloads, 1,000 keys, 4 topics of 3 partitions, Tansu with in-memory storage on the same machine.
+
+$drain_table
+
 ## Not measured yet
 
-Relay drain throughput against raw logical decoding and raw produce, commit-to-ack latency, ingest throughput
-and relay memory (issue "Benchmarks", items 2 to 5).
+Commit-to-acknowledgement latency at fixed rates, and ingest throughput next to a raw consumer (issue
+"Benchmarks", items 3 and 4).
 DOC
 echo
 echo "bench: wrote BENCHMARKS.md"

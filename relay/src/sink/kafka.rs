@@ -266,8 +266,12 @@ fn read_tail(
     // the slot is held by this process.
     let mut window_end = high;
     let mut found_end: Option<i64> = None;
+    // windows double going back, so a partition full of other producers' records takes a few
+    // reads, not one per 256 records
+    let mut span = TAIL_WINDOW;
     loop {
-        let start = (window_end - TAIL_WINDOW).max(low);
+        let start = (window_end - span).max(low);
+        span = span.saturating_mul(2);
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, partition, Offset::Offset(start))?;
         reader.assign(&tpl)?;
