@@ -169,18 +169,7 @@ impl<'a> Publisher<'a> {
         let topic = self.config.kafka_topic(event.topic);
         if let Err(e) = pg_outbox_envelope::validate_topic(&topic) {
             let reason = format!("topic_template gives an invalid Kafka topic {topic:?}: {e}");
-            let id = event.id_string();
-            self.dead_letter(
-                position,
-                Some(&id),
-                Some(event.topic),
-                event.key,
-                &event.headers,
-                event.payload,
-                &reason,
-            )
-            .await?;
-            return Ok(None);
+            return self.dead_letter_event(position, event, &reason).await;
         }
         let partitions = self.sink.partition_count(&topic).await?;
         let key = event.key.map(str::as_bytes);
@@ -212,17 +201,7 @@ impl<'a> Publisher<'a> {
                 "record of {size} bytes exceeds max_record_bytes ({})",
                 self.config.max_record_bytes
             );
-            self.dead_letter(
-                position,
-                Some(&id),
-                Some(event.topic),
-                event.key,
-                &event.headers,
-                event.payload,
-                &reason,
-            )
-            .await?;
-            return Ok(None);
+            return self.dead_letter_event(position, event, &reason).await;
         }
         let headers = record_headers(
             &id,
@@ -278,6 +257,27 @@ impl<'a> Publisher<'a> {
             Err(_) => return Err(RelayError::Kafka("producer dropped a delivery".into())),
         }
         Ok(())
+    }
+
+    /// Dead-letters a decoded event: there is no delivery to wait for afterwards.
+    async fn dead_letter_event(
+        &mut self,
+        position: Position,
+        event: &Event<'_>,
+        reason: &str,
+    ) -> Result<Option<DeliveryFuture>, RelayError> {
+        let id = event.id_string();
+        self.dead_letter(
+            position,
+            Some(&id),
+            Some(event.topic),
+            event.key,
+            &event.headers,
+            event.payload,
+            reason,
+        )
+        .await?;
+        Ok(None)
     }
 
     /// Durably records an event that can never be published; exactly once per source position.
