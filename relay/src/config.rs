@@ -361,19 +361,6 @@ impl Settings {
 }
 
 impl Config {
-    /// A librdkafka client configuration for the relay's readers and probes: the brokers plus the
-    /// connection and security settings of `[kafka]` (producer-only settings would make them warn).
-    pub fn kafka_client(&self) -> rdkafka::config::ClientConfig {
-        let mut cc = rdkafka::config::ClientConfig::new();
-        cc.set("bootstrap.servers", &self.brokers);
-        for (k, v) in &self.kafka {
-            if k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.") {
-                cc.set(k, v);
-            }
-        }
-        cc
-    }
-
     /// The Kafka topic an event with `topic` is published to.
     pub fn kafka_topic(&self, topic: &str) -> String {
         self.topic_template.replace("{topic}", topic)

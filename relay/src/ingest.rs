@@ -15,6 +15,7 @@ use crate::error::RelayError;
 use crate::pipeline::{connect_pg, Retry};
 use crate::sink::kafka::HEADER_ID;
 use crate::telemetry::Metrics;
+use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
@@ -133,11 +134,17 @@ async fn session(
     metrics: &Metrics,
 ) -> Result<(), RelayError> {
     let mut pg = connect_pg(config).await?;
-    let mut cc = config.kafka_client();
-    cc.set("group.id", format!("pg_outbox-ingest-{consumer}"))
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", &config.brokers)
+        .set("group.id", format!("pg_outbox-ingest-{consumer}"))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest");
+    for (k, v) in &config.kafka {
+        if k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.") {
+            cc.set(k, v);
+        }
+    }
     let kafka: StreamConsumer = cc
         .create()
         .map_err(|e| RelayError::Config(format!("kafka settings rejected by librdkafka: {e}")))?;

@@ -2,9 +2,17 @@
 
 use crate::config::Config;
 use crate::error::RelayError;
-use crate::pipeline::connect_pg as connect;
+use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseProducer, Producer};
 use std::time::Duration;
+use tokio_postgres::Client;
+
+async fn connect(config: &Config) -> Result<Client, RelayError> {
+    let (client, connection) =
+        tokio_postgres::connect(&config.conninfo(), tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
 
 /// One line of `check` output.
 pub struct Finding {
@@ -100,8 +108,16 @@ pub async fn check(config: &Config) -> Vec<Finding> {
             ));
         }
     }
-    let cc = config.kafka_client();
+    let brokers = config.brokers.clone();
+    let kafka = config.kafka.clone();
     let reachable = tokio::task::spawn_blocking(move || {
+        let mut cc = ClientConfig::new();
+        cc.set("bootstrap.servers", &brokers);
+        for (k, v) in &kafka {
+            if k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.") {
+                cc.set(k, v);
+            }
+        }
         let producer: BaseProducer = cc.create()?;
         producer
             .client()

@@ -118,11 +118,18 @@ impl KafkaSink {
         let producer: FutureProducer = producer.create().map_err(|e| {
             RelayError::Config(format!("kafka settings rejected by librdkafka: {e}"))
         })?;
-        let mut reader_config = config.kafka_client();
+        let mut reader_config = ClientConfig::new();
         reader_config
+            .set("bootstrap.servers", &config.brokers)
             .set("group.id", format!("pg_outbox-relay-{}", config.source_id))
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false");
+        for (k, v) in &config.kafka {
+            // connection and security settings apply to the reader too; producer-only ones would warn
+            if k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.") {
+                reader_config.set(k, v);
+            }
+        }
         Ok(KafkaSink {
             producer,
             reader_config,
