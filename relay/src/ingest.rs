@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// Runs ingest sessions until shutdown or a permanent error.
 pub async fn run(
@@ -172,9 +172,20 @@ async fn session(
     metrics.healthy.store(true, Ordering::Relaxed);
     info!(consumer, topics = ?config.topics, "ingesting");
     let mut batch = Vec::with_capacity(config.ingest_batch);
+    let mut idle_check = tokio::time::interval(IDLE / 4);
     loop {
         let first = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
+            _ = idle_check.tick() => {
+                for ((topic, partition), cursor) in &mut cursors {
+                    if let Some(offset) = cursor.idle(Instant::now()) {
+                        debug!(topic, partition, expected = cursor.next, seek_to = ?offset,
+                               "nothing served at the stored offset; seeking back");
+                        seek(&kafka, topic, *partition, offset)?;
+                    }
+                }
+                continue;
+            }
             m = kafka.recv() => m?,
         };
         take(&kafka, &mut cursors, &first, config, &mut batch)?;
@@ -221,31 +232,41 @@ fn take(
                 seek_to = ?offset,
                 "broker served past the stored offset; seeking back"
             );
-            tokio::task::block_in_place(|| {
-                kafka.seek(
-                    msg.topic(),
-                    msg.partition(),
-                    offset,
-                    Duration::from_secs(10),
-                )
-            })?;
+            seek(kafka, msg.topic(), msg.partition(), offset)?;
         }
     }
     Ok(())
 }
 
+fn seek(
+    kafka: &StreamConsumer,
+    topic: &str,
+    partition: i32,
+    offset: Offset,
+) -> Result<(), RelayError> {
+    tokio::task::block_in_place(|| kafka.seek(topic, partition, offset, Duration::from_secs(10)))
+        .map_err(|e| RelayError::Kafka(format!("seeking {topic}[{partition}] to {offset:?}: {e}")))
+}
+
+/// How long a partition may serve nothing at its stored offset before the ingest seeks back.
+const IDLE: Duration = Duration::from_secs(2);
+
 /// Per partition: the next offset the database expects, and whether the broker was seen serving
-/// from exactly there.
+/// from there.
 ///
 /// Kafka returns the whole batch containing a fetch offset and the client drops what precedes it.
-/// Some brokers (Tansu 0.6) instead start at the *next* batch, which would silently skip messages.
-/// So until a partition delivers its expected offset, a message beyond it makes the ingest seek
-/// further back (doubling the distance) and skip what it already has. After that, a gap is the
-/// log's own (compaction, transaction markers) and is accepted.
+/// Some brokers (Tansu 0.6) instead start at the *next* batch: a message beyond the expected
+/// offset arrives, or, when that batch is the partition's last, nothing at all. Either would lose
+/// the rest of the batch. So until the partition serves its expected offset or anything before
+/// it, a message beyond it, or `IDLE` without any message, makes the ingest seek further back
+/// (doubling the distance) and skip what it already has. Once verified, fetching proceeds batch
+/// by batch, and a gap is the log's own (compaction, transaction markers), accepted.
 struct Cursor {
     next: Option<i64>,
     verified: bool,
     lookback: i64,
+    /// When the partition was assigned or last sought.
+    since: Instant,
 }
 
 enum Verdict {
@@ -258,8 +279,9 @@ impl Cursor {
     fn new(next: Option<i64>) -> Cursor {
         Cursor {
             next,
-            verified: next.is_none(),
+            verified: next.is_none_or(|n| n == 0),
             lookback: 256,
+            since: Instant::now(),
         }
     }
 
@@ -269,19 +291,14 @@ impl Cursor {
             return Verdict::Take;
         };
         if offset < next {
+            // served from before the expected offset: the fetch goes on from here in order
+            self.verified = true;
             return Verdict::Skip;
         }
         if offset > next && !self.verified {
             // (librdkafka drops messages fetched before a seek, so this is the broker's answer)
-            if self.lookback <= next {
-                let to = next - self.lookback;
-                self.lookback *= 2;
-                return Verdict::Reseek(Offset::Offset(to));
-            }
-            if self.lookback < i64::MAX / 2 {
-                // last resort: the very beginning, which every broker serves from its first batch
-                self.lookback = i64::MAX / 2;
-                return Verdict::Reseek(Offset::Beginning);
+            if let Some(to) = self.back(next) {
+                return Verdict::Reseek(to);
             }
             warn!(
                 expected = next,
@@ -292,6 +309,36 @@ impl Cursor {
         self.verified = true;
         self.next = Some(offset + 1);
         Verdict::Take
+    }
+
+    /// Where to seek when nothing has been served for `IDLE` before the partition was verified.
+    fn idle(&mut self, now: Instant) -> Option<Offset> {
+        if self.verified || now.duration_since(self.since) < IDLE {
+            return None;
+        }
+        let next = self.next?;
+        let to = self.back(next);
+        if to.is_none() {
+            // nothing at all from the beginning: an empty partition, take whatever comes
+            self.verified = true;
+        }
+        to
+    }
+
+    /// The next seek-back target, doubling the distance; None once the beginning was tried.
+    fn back(&mut self, next: i64) -> Option<Offset> {
+        self.since = Instant::now();
+        if self.lookback <= next {
+            let to = next - self.lookback;
+            self.lookback *= 2;
+            return Some(Offset::Offset(to));
+        }
+        if self.lookback < i64::MAX / 2 {
+            // last resort: the very beginning, which every broker serves from its first batch
+            self.lookback = i64::MAX / 2;
+            return Some(Offset::Beginning);
+        }
+        None
     }
 }
 
@@ -374,6 +421,29 @@ mod tests {
         // offsets 10 and 11 do not exist (a transaction marker, compaction): take 12, not skip it
         assert!(matches!(c.judge(12), Verdict::Take));
         assert!(matches!(c.judge(13), Verdict::Take));
+    }
+
+    #[test]
+    fn a_partition_serving_nothing_at_the_stored_offset_is_sought_back() {
+        let mut c = Cursor::new(Some(1000));
+        let t0 = c.since;
+        assert!(c.idle(t0 + Duration::from_millis(500)).is_none());
+        assert!(matches!(c.idle(t0 + IDLE), Some(Offset::Offset(744))));
+        // the timer restarts at each seek
+        assert!(c.idle(c.since + Duration::from_millis(10)).is_none());
+        // served from before the expected offset: verified, no more idle seeks
+        assert!(matches!(c.judge(800), Verdict::Skip));
+        assert!(c.idle(c.since + IDLE * 10).is_none());
+        assert!(matches!(c.judge(1000), Verdict::Take));
+    }
+
+    #[test]
+    fn an_empty_partition_stops_seeking_after_the_beginning() {
+        let mut c = Cursor::new(Some(10));
+        assert!(matches!(c.idle(c.since + IDLE), Some(Offset::Beginning)));
+        assert!(c.idle(c.since + IDLE).is_none());
+        assert!(c.verified);
+        assert!(matches!(c.judge(12), Verdict::Take));
     }
 
     #[test]

@@ -300,3 +300,54 @@ async fn a_worker_killed_mid_transaction_changes_nothing_and_its_messages_are_pr
     assert_eq!(open, 0);
     Ok(())
 }
+
+/// A previous ingest stored an offset in the middle of the partition's last batch (its own batches
+/// need not match the producer's). Some brokers serve a fetch from the middle of a batch from the
+/// *next* batch, and there is none yet: the ingest must still deliver the rest of that batch.
+#[tokio::test]
+async fn an_offset_stored_inside_the_last_batch_is_resumed_from_exactly_there() -> Result<()> {
+    let db = TestDb::create("in_midbatch", port()).await?;
+    let broker = Broker::start()?;
+    broker.create_topic("events", 1).await?;
+    let brokers = broker.bootstrap();
+    // 100 records sent at once with a long linger: one batch
+    let p: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("linger.ms", "200")
+        .create()?;
+    let sends: Vec<_> = (0..100)
+        .map(|i| {
+            let p = p.clone();
+            tokio::spawn(async move {
+                let id = format!("m{i}");
+                produce(&p, "events", 0, b"k", Some(&id), b"{}").await
+            })
+        })
+        .collect();
+    let mut offsets = Vec::new();
+    for s in sends {
+        offsets.push(s.await??.1);
+    }
+    offsets.sort();
+    assert_eq!(offsets, (0..100).collect::<Vec<i64>>());
+    // as if an ingest had recorded 0..49 and stopped
+    let c = &db.client;
+    c.execute("SELECT inbox.store_offset('billing', 'events', 0, 50)", &[])
+        .await?;
+    let _ingest = Relay::ingest(db.port, &db.name, &brokers, "billing", "events", &[])?;
+    wait_for("offset 100", Duration::from_secs(60), || async {
+        Ok(stored_offsets(c, "billing").await?.get(&0) == Some(&100))
+    })
+    .await?;
+    let offsets: Vec<i64> = c
+        .query(
+            "SELECT \"offset\" FROM inbox.messages WHERE consumer = 'billing' ORDER BY 1",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(offsets, (50..100).collect::<Vec<i64>>(), "exactly 50..99");
+    Ok(())
+}
