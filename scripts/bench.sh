@@ -12,6 +12,12 @@
 # acknowledged, next to two physical limits measured in the same run: raw logical decoding of the same
 # backlog (pg_recvlogical, same plugin options, to /dev/null) and raw produce of as many records by a
 # minimal rdkafka producer with the relay's settings and no PostgreSQL. Also the relay's peak RSS.
+#
+# Latency: commit -> record received by a consumer, p50/p95/p99, at offered rates of 1,000 and 5,000
+# events/s (one event per transaction), wal mode (slot) and table mode (poll source).
+#
+# Ingest: INGEST_EVENTS records (256-byte payloads, id headers) from Kafka into the inbox with their
+# offsets, next to a raw consumer reading the same topic and writing nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/stage.sh
@@ -21,6 +27,8 @@ SECONDS_PER_RUN=${SECONDS_PER_RUN:-5}
 ROUNDS=${ROUNDS:-3}
 CLIENTS=${CLIENTS:-2}
 EVENTS=${EVENTS:-1000000}  # the backlog of the relay drain measurement
+LAT_SECONDS=${LAT_SECONDS:-10}  # per latency run
+INGEST_EVENTS=${INGEST_EVENTS:-200000}
 KAFKA_PORT=${PG_OUTBOX_BENCH_KAFKA_PORT:-19412}
 METRICS_PORT=${PG_OUTBOX_BENCH_METRICS_PORT:-19413}
 
@@ -84,8 +92,9 @@ echo "$table"
 
 # --- relay drain ------------------------------------------------------------------------------------
 echo "bench: building the relay and the raw producer (release)"
-cargo build -q --release -p pg_outbox_relay -p pg_outbox_tests --bin pg-outbox-relay --bin raw_produce
-stage_broker "$KAFKA_PORT" b0:3 b1:3 b2:3 b3:3 r0:3 r1:3 r2:3 r3:3
+cargo build -q --release -p pg_outbox_relay -p pg_outbox_tests --bin pg-outbox-relay --bin raw_produce \
+    --bin raw_consume --bin latency
+stage_broker "$KAFKA_PORT" b0:3 b1:3 b2:3 b3:3 r0:3 r1:3 r2:3 r3:3 lat:3 i0:3
 BROKERS=127.0.0.1:$KAFKA_PORT
 # a second slot for the raw decoding limit, created before the backlog so both slots hold all of it
 sql -c "SELECT pg_create_logical_replication_slot('bench_raw', 'pgoutput')" >/dev/null
@@ -108,22 +117,30 @@ echo "bench: raw decode ${decode_s}s"
 produce_s=$(target/release/raw_produce "$BROKERS" r0,r1,r2,r3 "$EVENTS" 256 1000)
 echo "bench: raw produce ${produce_s}s"
 
-t0=$(now)
-target/release/pg-outbox-relay run --pg-port "$PORT" --brokers "$BROKERS" --restart-grace-ms 0 \
-    --metrics-addr "127.0.0.1:$METRICS_PORT" 2>"$root/relay.log" &
-relay_pid=$!
-pids+=("$relay_pid")
-metric() { # the value of one counter from /metrics, 0 while the endpoint is not up yet
-    { exec 3<>"/dev/tcp/127.0.0.1/$METRICS_PORT" && printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3 \
-        && sed -n "s/^$1 //p" <&3; } 2>/dev/null | head -1
+relay() { # start a relay in the background (its log in $root/relay-$1.log), remember its pid
+    local name=$1; shift
+    target/release/pg-outbox-relay "$@" --pg-port "$PORT" --brokers "$BROKERS" \
+        --metrics-addr "127.0.0.1:$METRICS_PORT" 2>"$root/relay-$name.log" &
+    relay_pid=$!
+    pids+=("$relay_pid")
 }
-published=0
-while (( published < EVENTS )); do
-    sleep 0.05
-    published=$(metric pg_outbox_relay_events_published_total || true)
-    published=${published:-0}
-    kill -0 "$relay_pid" || { tail "$root/relay.log"; exit 1; }
-done
+metric() { # the value of one counter from /metrics, 0 while the endpoint is not up yet
+    local v
+    v=$({ exec 3<>"/dev/tcp/127.0.0.1/$METRICS_PORT" && printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3 \
+        && sed -n "s/^$1 //p" <&3; } 2>/dev/null | head -1)
+    echo "${v:-0}"
+}
+wait_metric() { # name target log: until the counter reaches the target (the relay must stay up)
+    while (( $(metric "$1") < $2 )); do
+        sleep 0.05
+        kill -0 "$relay_pid" || { tail "$3"; exit 1; }
+    done
+}
+stop_relay() { kill "$relay_pid"; wait "$relay_pid" 2>/dev/null || true; }
+
+t0=$(now)
+relay drain run --restart-grace-ms 0
+wait_metric pg_outbox_relay_events_published_total "$EVENTS" "$root/relay-drain.log"
 relay_s=$(elapsed "$t0" "$(now)")
 rss_kb=$(awk '/VmHWM/ {print $2}' "/proc/$relay_pid/status")
 echo "bench: relay ${relay_s}s, peak RSS ${rss_kb} kB"
@@ -146,6 +163,87 @@ TABLE
 )
 echo
 echo "$drain_table"
+
+# --- latency ------------------------------------------------------------------------------------------
+CONNINFO="host=127.0.0.1 port=$PORT user=postgres dbname=postgres"
+declare -A lat
+latency() { # mode rate -> "events achieved ack_p50 ack_p95 ack_p99 recv_p50 recv_p95 recv_p99 recv_max"
+    local topic="lat_$1_$2"  # a fresh topic per run: Tansu's memory storage slows down as a topic grows
+    tansu topic create "$topic" --partitions 3 --broker "tcp://$BROKERS" >/dev/null
+    target/release/latency "$CONNINFO" "$BROKERS" "$topic" 3 "$1" "$2" "$LAT_SECONDS" \
+        ${3:+"127.0.0.1:$METRICS_PORT"}
+}
+for rate in 1000 5000; do
+    lat[raw,$rate]=$(latency raw "$rate")
+    echo "bench: latency raw $rate/s: ${lat[raw,$rate]}"
+done
+# the drain's relay is still streaming the slot: wal mode first
+for rate in 1000 5000; do
+    lat[wal,$rate]=$(latency wal "$rate" relay)
+    echo "bench: latency wal $rate/s: ${lat[wal,$rate]}"
+done
+stop_relay
+relay poll run --source poll
+for rate in 1000 5000; do
+    lat[table,$rate]=$(latency table "$rate" relay)
+    echo "bench: latency table $rate/s: ${lat[table,$rate]}"
+done
+stop_relay
+field() { echo "$1" | awk -v f="$2" '{print $f}'; }
+lat_rows=""
+for mode in wal table raw; do
+    for rate in 1000 5000; do
+        l=${lat[$mode,$rate]}
+        case $mode in
+            raw) what="raw produce (no PostgreSQL, no relay)"; le="" ;;
+            *) what="relay, $mode mode"; le="≤ " ;;
+        esac
+        lat_rows+="| $what | $rate | $(field "$l" 2) | $le$(field "$l" 3) | $le$(field "$l" 4) | **$le$(field "$l" 5)** | $(field "$l" 6) | $(field "$l" 8) | $(field "$l" 9) |"$'\n'
+    done
+done
+latency_table=$(cat <<TABLE
+| path | offered events/s | achieved | ack p50 ms | ack p95 ms | ack p99 ms | receipt p50 ms | receipt p99 ms | receipt max ms |
+|---|---:|---:|---:|---:|---:|---:|---:|---:|
+${lat_rows%$'\n'}
+
+| goal | value |
+|---|---|
+| p99 commit -> ack at 1,000 events/s ≤ 25 ms, wal mode | ≤ $(field "${lat[wal,1000]}" 5) ms |
+| p99 commit -> ack at 1,000 events/s ≤ 25 ms, table mode | ≤ $(field "${lat[table,1000]}" 5) ms |
+TABLE
+)
+echo
+echo "$latency_table"
+
+# --- ingest -------------------------------------------------------------------------------------------
+echo "bench: producing $INGEST_EVENTS records to ingest"
+target/release/raw_produce "$BROKERS" i0 "$INGEST_EVENTS" 256 1000 >/dev/null
+consume_s=$(target/release/raw_consume "$BROKERS" i0 3 "$INGEST_EVENTS" 2>/dev/null)
+echo "bench: raw consume ${consume_s}s"
+t0=$(now)
+relay ingest ingest --consumer bench --topics i0
+wait_metric pg_outbox_relay_messages_ingested_total "$INGEST_EVENTS" "$root/relay-ingest.log"
+ingest_s=$(elapsed "$t0" "$(now)")
+ingest_rss_kb=$(awk '/VmHWM/ {print $2}' "/proc/$relay_pid/status")
+stop_relay
+stored=$(sql -tAc "SELECT count(*) FROM inbox.messages WHERE consumer = 'bench'")
+[ "$stored" = "$INGEST_EVENTS" ] || { echo "bench: the inbox holds $stored of $INGEST_EVENTS messages"; exit 1; }
+echo "bench: ingest ${ingest_s}s, peak RSS ${ingest_rss_kb} kB"
+irate() { awk -v n="$INGEST_EVENTS" -v s="$1" 'BEGIN {printf "%.0f", n / s}'; }
+ingest_table=$(cat <<TABLE
+| what | seconds | events/s |
+|---|---:|---:|
+| raw consumer (rdkafka, reads and drops) | $consume_s | $(irate "$consume_s") |
+| **relay ingest** (inbox rows + offsets, one transaction per batch) | $ingest_s | $(irate "$ingest_s") |
+
+| ratio | value | goal |
+|---|---:|---|
+| ingest / raw consume | $(awk -v r="$ingest_s" -v c="$consume_s" 'BEGIN {printf "%.2f", c / r}') | ≥ 0.50 |
+| ingest peak RSS | $((ingest_rss_kb / 1024)) MB | — |
+TABLE
+)
+echo
+echo "$ingest_table"
 
 machine="$(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -sr), $($PGBIN/postgres --version)"
 cat > BENCHMARKS.md <<DOC
@@ -171,10 +269,26 @@ statement (b), (c) and (d) share that fixed cost; compare (c) with (b) for the p
 
 $drain_table
 
-## Not measured yet
+## Latency: commit to Kafka at fixed offered rates
 
-Commit-to-acknowledgement latency at fixed rates, and ingest throughput next to a raw consumer (issue
-"Benchmarks", items 3 and 4).
+One event per transaction (\`SELECT outbox.enqueue(...)\` in autocommit) from 4 connections on a fixed
+schedule (an open loop) for $LAT_SECONDS s per row, after one event through the whole path and a 1 s warm-up.
+- **ack**: commit to Kafka's acknowledgement, from the relay's \`pg_outbox_relay_event_latency_seconds\`
+  histogram (its change over the run; "≤ x" is the upper bound of the bucket holding the percentile).
+  wal mode counts from the commit timestamp in the WAL; table mode from the transaction's start
+  (\`created_at\`), a little earlier. The raw row times the producer's own delivery reports.
+- **receipt**: from the COMMIT returning to the client to a consumer (\`fetch.wait.max.ms=1\`) receiving the
+  record: what a downstream service sees, the consumer's fetch included.
+- **raw produce** is the floor: the same records produced straight to Kafka at the same rate with the
+  relay's producer settings (\`linger.ms=5\`, idempotent, acks=all).
+
+$latency_table
+
+## Ingest: $INGEST_EVENTS records from Kafka into the inbox
+
+256-byte payloads with an id header, 3 partitions, read from the beginning.
+
+$ingest_table
 DOC
 echo
 echo "bench: wrote BENCHMARKS.md"

@@ -13,7 +13,7 @@ use crate::error::RelayError;
 use crate::sink::kafka::{record_headers, KafkaSink, Position, Tail, HEADER_ID, HEADER_POSITION};
 use crate::sink::partition::partition_for;
 use crate::source;
-use crate::telemetry::Metrics;
+use crate::telemetry::{micros_since, Metrics};
 use pg_outbox_envelope::Event;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message, OwnedMessage};
@@ -236,12 +236,18 @@ impl<'a> Publisher<'a> {
         Ok(())
     }
 
-    /// Handles one delivery report: a record the broker refuses as too large is dead-lettered,
-    /// any other failure ends the session (the source replays, the dedup skips what arrived).
-    pub async fn delivered(&mut self, outcome: DeliveryOutcome) -> Result<(), RelayError> {
+    /// Handles one delivery report of an event committed (or begun) at `since` (Unix µs): a
+    /// record the broker refuses as too large is dead-lettered, any other failure ends the session
+    /// (the source replays, the dedup skips what arrived).
+    pub async fn delivered(
+        &mut self,
+        outcome: DeliveryOutcome,
+        since: i64,
+    ) -> Result<(), RelayError> {
         match outcome {
             Ok(Ok(_)) => {
                 self.metrics.published.fetch_add(1, Ordering::Relaxed);
+                self.metrics.latency.observe(micros_since(since));
             }
             Ok(Err((
                 KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),

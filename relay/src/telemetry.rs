@@ -16,6 +16,56 @@ pub struct Metrics {
     pub ingested: AtomicU64,
     pub confirmed_lsn: AtomicU64,
     pub healthy: AtomicBool,
+    /// From an event's commit (wal) or its transaction's start (poll) to Kafka's acknowledgement.
+    pub latency: Histogram,
+}
+
+/// Upper bounds of the latency buckets, in microseconds (Prometheus `le`, in seconds when shown).
+const LATENCY_BUCKETS_US: [u64; 24] = [
+    1_000, 2_000, 3_000, 4_000, 5_000, 6_000, 7_000, 8_000, 9_000, 10_000, 12_500, 15_000, 17_500,
+    20_000, 25_000, 30_000, 40_000, 50_000, 75_000, 100_000, 250_000, 500_000, 1_000_000,
+    5_000_000,
+];
+
+/// A fixed-bucket histogram that many tasks can record into without locks.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Per bucket (the last one is +Inf), observations at or below its bound and above the previous.
+    buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, micros: u64) {
+        let i = LATENCY_BUCKETS_US.partition_point(|&b| b < micros);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// Prometheus text exposition (cumulative buckets).
+    fn render(&self, name: &str, help: &str, out: &mut String) {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} histogram\n"));
+        let mut cumulative = 0;
+        for (i, bucket) in self.buckets.iter().enumerate() {
+            cumulative += bucket.load(Ordering::Relaxed);
+            let le = LATENCY_BUCKETS_US
+                .get(i)
+                .map_or("+Inf".to_string(), |us| format!("{}", *us as f64 / 1e6));
+            out.push_str(&format!("{name}_bucket{{le=\"{le}\"}} {cumulative}\n"));
+        }
+        out.push_str(&format!(
+            "{name}_sum {}\n{name}_count {cumulative}\n",
+            self.sum_us.load(Ordering::Relaxed) as f64 / 1e6
+        ));
+    }
+}
+
+/// Microseconds from `unix_micros` (a PostgreSQL server's clock) until now (this host's clock).
+pub fn micros_since(unix_micros: i64) -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64);
+    now.saturating_sub(unix_micros).max(0) as u64
 }
 
 impl Metrics {
@@ -37,6 +87,11 @@ impl Metrics {
                 &self.dead_lettered,
             ),
             (
+                "pg_outbox_relay_messages_ingested_total",
+                "Kafka messages written to the inbox by `ingest` (with their offsets).",
+                &self.ingested,
+            ),
+            (
                 "pg_outbox_relay_restarts_total",
                 "Sessions ended by an error and restarted.",
                 &self.restarts,
@@ -53,6 +108,12 @@ impl Metrics {
             "# HELP pg_outbox_relay_confirmed_lsn Last LSN confirmed to the slot.\n# TYPE pg_outbox_relay_confirmed_lsn gauge\npg_outbox_relay_confirmed_lsn {}\n",
             self.confirmed_lsn.load(Ordering::Relaxed)
         ));
+        self.latency.render(
+            "pg_outbox_relay_event_latency_seconds",
+            "From an event's commit (wal source) or its transaction's start (poll source) to Kafka's \
+             acknowledgement; both clocks must agree.",
+            &mut out,
+        );
         out.push_str(&format!(
             "# HELP pg_outbox_relay_up 1 while streaming.\n# TYPE pg_outbox_relay_up gauge\npg_outbox_relay_up {}\n",
             u8::from(self.healthy.load(Ordering::Relaxed))
@@ -109,5 +170,26 @@ pub async fn serve(
                 warn!(error = %e, "metrics response failed");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_bounds_inclusive() {
+        let h = Histogram::default();
+        for us in [500, 1_000, 1_001, 24_999, 25_000, 9_000_000] {
+            h.observe(us);
+        }
+        let mut out = String::new();
+        h.render("x", "help", &mut out);
+        assert!(out.contains("x_bucket{le=\"0.001\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"0.002\"} 3\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"0.025\"} 5\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"5\"} 5\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"+Inf\"} 6\n"), "{out}");
+        assert!(out.contains("x_count 6\n"), "{out}");
     }
 }

@@ -22,6 +22,22 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// The text of the relay's `/metrics` at `addr` (host:port).
+pub fn scrape_metrics(addr: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// One value from a Prometheus text exposition (the line `name value`).
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// Sends a signal to a process (kill -9, SIGSTOP, SIGCONT, SIGTERM).
 pub fn signal(pid: u32, sig: &str) -> Result<()> {
     let status = Command::new("kill")

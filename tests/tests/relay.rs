@@ -3,7 +3,9 @@
 
 use anyhow::{ensure, Result};
 use pg_outbox_relay::sink::partition::partition_for;
-use pg_outbox_tests::kafka::{read_all, signal, Broker, Record, Relay};
+use pg_outbox_tests::kafka::{
+    free_port, metric, read_all, scrape_metrics, signal, Broker, Record, Relay,
+};
 use pg_outbox_tests::{port, wait_for, TestDb};
 use rand::{Rng, SeedableRng};
 use std::collections::{HashMap, HashSet};
@@ -90,7 +92,13 @@ async fn committed_events_arrive_with_topic_key_headers_and_payload() -> Result<
     let broker = Broker::start()?;
     broker.create_topic("orders", 3).await?;
     broker.create_topic("payments", 2).await?;
-    let mut relay = Relay::start(db.port, &db.name, &broker.bootstrap(), &[])?;
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let mut relay = Relay::start(
+        db.port,
+        &db.name,
+        &broker.bootstrap(),
+        &["--metrics-addr", &metrics_addr],
+    )?;
     db.wait_for_active_slot().await?;
     let c = &db.client;
 
@@ -160,6 +168,22 @@ async fn committed_events_arrive_with_topic_key_headers_and_payload() -> Result<
     );
     let b = by_id[&bytes_id.to_string()];
     assert_eq!((b.key.clone(), b.payload.clone()), (None, vec![0x00, 0xff]));
+
+    // counters: five published, each with its commit-to-acknowledgement latency
+    // (the delivery reports may trail the records a moment)
+    wait_for("5 published", Duration::from_secs(10), || async {
+        let text = scrape_metrics(&metrics_addr)?;
+        Ok(metric(&text, "pg_outbox_relay_events_published_total") == Some(5.0))
+    })
+    .await?;
+    let text = scrape_metrics(&metrics_addr)?;
+    assert_eq!(
+        metric(&text, "pg_outbox_relay_event_latency_seconds_count"),
+        Some(5.0),
+        "{text}"
+    );
+    let sum = metric(&text, "pg_outbox_relay_event_latency_seconds_sum").unwrap();
+    assert!(sum > 0.0 && sum < 5.0 * 60.0, "latency sum {sum} s");
 
     // graceful shutdown: exit 0, and the slot confirmed everything: nothing is left to replay
     let status = relay.terminate(Duration::from_secs(30))?;

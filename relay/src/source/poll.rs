@@ -2,21 +2,30 @@
 //!
 //! Only rows of transactions below the snapshot horizon are read (`xid < pg_snapshot_xmin`): every
 //! transaction that could still add a row with a smaller xid has finished, so nothing in flight is
-//! skipped, and no high-water mark is needed because published rows are deleted (after Kafka
-//! acknowledged them). Rows are published in (xid, seq) order; the position (xid, seq) increases
-//! in that order across polls, which the restart dedup relies on. Per key this is commit order
-//! whenever transactions on the same key are serialised (e.g. by a row lock on the aggregate) at
-//! or before their first write; see README.md, "Two capture modes".
+//! skipped. Rows are published in (xid, seq) order; the position (xid, seq) increases in that
+//! order across polls, which the restart dedup relies on. Per key this is commit order whenever
+//! transactions on the same key are serialised (e.g. by a row lock on the aggregate) at or before
+//! their first write; see README.md, "Two capture modes".
+//!
+//! The poller does not wait for Kafka between polls: a session keeps a cursor, the last (xid, seq)
+//! it handed to the producer, and the next poll reads after it. No row can appear behind the
+//! cursor, since its xid was below the horizon. Rows are deleted once Kafka acknowledged them, in
+//! batches; after a crash the next session starts from the first row left and the restart dedup
+//! skips what Kafka already has.
 //! A statement-level trigger NOTIFYs `pg_outbox_events` at commit, which wakes the poller at once.
 
 use crate::config::Config;
 use crate::error::RelayError;
-use crate::pipeline::{connect_pg, Publisher};
+use crate::pipeline::{connect_pg, DeliveryOutcome, Publisher};
 use crate::sink::kafka::{KafkaSink, Position};
 use crate::telemetry::Metrics;
-use futures_util::stream::StreamExt;
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use futures_util::FutureExt;
 use pg_outbox_envelope::Event;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -27,9 +36,10 @@ const POLL_SQL: &str =
     "SELECT seq, id, xid::text::bigint, topic, key, headers, payload, payload_is_json, \
             trace_context, (extract(epoch FROM created_at) * 1000000)::bigint \
        FROM outbox.events \
-      WHERE xid < pg_snapshot_xmin(pg_current_snapshot()) \
+      WHERE (xid, seq) > ($1::text::xid8, $2) \
+        AND xid < pg_snapshot_xmin(pg_current_snapshot()) \
       ORDER BY xid, seq \
-      LIMIT $1";
+      LIMIT $3";
 
 /// Wake-ups from NOTIFY on a connection of their own; `rx` closes when that connection is lost.
 struct Wake {
@@ -101,89 +111,142 @@ pub async fn session(
         _ = shutdown.cancelled() => return Ok(()),
         _ = tokio::time::sleep(config.restart_grace) => {}
     }
-    let mut publisher = Publisher::start(config, metrics, pg, sink).await?;
+    let publisher = Publisher::start(config, metrics, pg, sink).await?;
     metrics.healthy.store(true, Ordering::Relaxed);
     info!("polling outbox.events");
+    let mut poller = Poller {
+        publisher,
+        after: (0, 0),
+        inflight: FuturesOrdered::new(),
+        acked: Vec::new(),
+    };
+    let max_in_flight = config.max_in_flight;
     loop {
-        while drain_batch(&mut publisher).await? {
-            if shutdown.is_cancelled() {
-                return Ok(());
-            }
+        // poll while there is more and room for it; then wait for acknowledgements or news
+        let more = poller.inflight.len() < max_in_flight && poller.poll().await?;
+        if more && poller.inflight.len() < max_in_flight {
+            poller.settle_ready().await?;
+            continue;
         }
         tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            woke = wake.rx.recv() => {
+            _ = shutdown.cancelled() => break,
+            Some((seq, since, outcome)) = poller.inflight.next(), if !poller.inflight.is_empty() => {
+                poller.publisher.delivered(outcome, since).await?;
+                poller.acked.push(seq);
+                poller.settle_ready().await?;
+            }
+            woke = wake.rx.recv(), if !more => {
                 if woke.is_none() {
                     return Err(RelayError::Postgres("LISTEN connection closed".into()));
                 }
             }
-            _ = tokio::time::sleep(config.poll_interval) => {}
+            _ = tokio::time::sleep(config.poll_interval), if !more => {}
         }
     }
+    // shutdown: what was handed to Kafka is acknowledged and deleted
+    poller.publisher.sink.flush(Duration::from_secs(30)).await?;
+    while let Some((seq, since, outcome)) = poller.inflight.next().await {
+        poller.publisher.delivered(outcome, since).await?;
+        poller.acked.push(seq);
+    }
+    poller.delete_acked().await
 }
 
-/// Publishes one batch, waits for every acknowledgement, then deletes the rows. Returns whether
-/// there was anything to publish.
-async fn drain_batch(publisher: &mut Publisher<'_>) -> Result<bool, RelayError> {
-    let rows = publisher
-        .pg
-        .query(POLL_SQL, &[&publisher.config.poll_batch])
-        .await?;
-    if rows.is_empty() {
-        return Ok(false);
-    }
-    let mut deliveries = Vec::with_capacity(rows.len());
-    let mut seqs = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let seq: i64 = row.get(0);
-        let id: uuid::Uuid = row.get(1);
-        let xid: i64 = row.get(2);
-        let topic: &str = row.get(3);
-        let key: Option<&str> = row.get(4);
-        let headers: serde_json::Value = row.get(5);
-        let payload: &[u8] = row.get(6);
-        let trace: Option<&str> = row.get(8);
-        let headers: Vec<(String, Vec<u8>)> = match headers {
-            serde_json::Value::Object(map) => map
-                .into_iter()
-                .map(|(k, v)| {
-                    let v = match v {
-                        serde_json::Value::String(s) => s.into_bytes(),
-                        other => other.to_string().into_bytes(),
-                    };
-                    (k, v)
-                })
-                .collect(),
-            _ => Vec::new(),
-        };
-        let event = Event {
-            id: *id.as_bytes(),
-            created_at_micros: row.get(9),
-            topic,
-            key,
-            headers: headers
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_slice()))
-                .collect(),
-            trace_context: trace,
-            payload_is_json: row.get(7),
-            payload,
-        };
-        let position = Position {
-            major: xid as u64,
-            minor: seq as u64,
-        };
-        if let Some(delivery) = publisher.publish(position, &event).await? {
-            deliveries.push(delivery);
+/// A delivery in flight: the row's seq, its transaction's start (Unix µs), the outcome.
+type Delivery = (i64, i64, DeliveryOutcome);
+
+struct Poller<'a> {
+    publisher: Publisher<'a>,
+    /// The (xid, seq) of the last row handed to the producer in this session.
+    after: (i64, i64),
+    inflight: FuturesOrdered<Pin<Box<dyn Future<Output = Delivery> + Send>>>,
+    /// Rows acknowledged by Kafka and not deleted yet.
+    acked: Vec<i64>,
+}
+
+impl Poller<'_> {
+    /// Reads and publishes the rows after the cursor. Returns whether a full batch came back
+    /// (there may be more).
+    async fn poll(&mut self) -> Result<bool, RelayError> {
+        let limit = self.publisher.config.poll_batch;
+        let rows = self
+            .publisher
+            .pg
+            .query(
+                POLL_SQL,
+                &[&self.after.0.to_string(), &self.after.1, &limit],
+            )
+            .await?;
+        for row in &rows {
+            let seq: i64 = row.get(0);
+            let xid: i64 = row.get(2);
+            self.after = (xid, seq);
+            let position = Position {
+                major: xid as u64,
+                minor: seq as u64,
+            };
+            let headers: serde_json::Value = row.get(5);
+            let headers: Vec<(String, Vec<u8>)> = match headers {
+                serde_json::Value::Object(map) => map
+                    .into_iter()
+                    .map(|(k, v)| {
+                        let v = match v {
+                            serde_json::Value::String(s) => s.into_bytes(),
+                            other => other.to_string().into_bytes(),
+                        };
+                        (k, v)
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
+            let id: uuid::Uuid = row.get(1);
+            let event = Event {
+                id: *id.as_bytes(),
+                created_at_micros: row.get(9),
+                topic: row.get(3),
+                key: row.get(4),
+                headers: headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_slice()))
+                    .collect(),
+                trace_context: row.get(8),
+                payload_is_json: row.get(7),
+                payload: row.get(6),
+            };
+            match self.publisher.publish(position, &event).await? {
+                Some(delivery) => {
+                    let since = event.created_at_micros;
+                    self.inflight
+                        .push_back(Box::pin(async move { (seq, since, delivery.await) }));
+                }
+                // skipped (already in Kafka) or dead-lettered: done with the row
+                None => self.acked.push(seq),
+            }
         }
-        seqs.push(seq);
+        Ok(rows.len() as i64 == limit)
     }
-    for delivery in deliveries {
-        publisher.delivered(delivery.await).await?;
+
+    /// Takes every delivery that is already complete, then deletes the acknowledged rows.
+    async fn settle_ready(&mut self) -> Result<(), RelayError> {
+        while let Some(Some((seq, since, outcome))) = self.inflight.next().now_or_never() {
+            self.publisher.delivered(outcome, since).await?;
+            self.acked.push(seq);
+        }
+        self.delete_acked().await
     }
-    publisher
-        .pg
-        .execute("DELETE FROM outbox.events WHERE seq = ANY($1)", &[&seqs])
-        .await?;
-    Ok(true)
+
+    async fn delete_acked(&mut self) -> Result<(), RelayError> {
+        if self.acked.is_empty() {
+            return Ok(());
+        }
+        self.publisher
+            .pg
+            .execute(
+                "DELETE FROM outbox.events WHERE seq = ANY($1)",
+                &[&self.acked],
+            )
+            .await?;
+        self.acked.clear();
+        Ok(())
+    }
 }

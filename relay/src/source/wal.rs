@@ -22,7 +22,8 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-type Delivery = (u64, DeliveryOutcome);
+/// (checkpoint seq, commit time in Unix µs, outcome)
+type Delivery = (u64, i64, DeliveryOutcome);
 
 /// Makes sure the publication and the slot exist, creating them (publication first, committed, then
 /// the slot) only if allowed and this is the first session; refuses a slot that was invalidated, or
@@ -101,9 +102,21 @@ struct Session<'a> {
     repl: ReplicationClient,
     checkpoint: Checkpoint,
     inflight: FuturesOrdered<Pin<Box<dyn Future<Output = Delivery> + Send>>>,
-    /// (checkpoint seq, commit LSN, next index) of the transaction being received.
-    current: Option<(u64, u64, u64)>,
+    /// The transaction being received.
+    current: Option<Txn>,
 }
+
+/// The transaction being received: its checkpoint seq, commit LSN and time, next event index.
+struct Txn {
+    seq: u64,
+    commit_lsn: u64,
+    /// Unix µs.
+    commit_time: i64,
+    index: u64,
+}
+
+/// PostgreSQL timestamps count from 2000-01-01; Unix µs from 1970-01-01.
+const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
 
 pub async fn session(
     config: &Config,
@@ -198,8 +211,8 @@ impl Session<'_> {
         self.metrics.confirmed_lsn.store(lsn, Ordering::Relaxed);
     }
 
-    async fn delivered(&mut self, (seq, outcome): Delivery) -> Result<(), RelayError> {
-        self.publisher.delivered(outcome).await?;
+    async fn delivered(&mut self, (seq, since, outcome): Delivery) -> Result<(), RelayError> {
+        self.publisher.delivered(outcome, since).await?;
         if let Some(lsn) = self.checkpoint.acked(seq) {
             self.confirm(lsn);
         }
@@ -208,9 +221,17 @@ impl Session<'_> {
 
     async fn received(&mut self, event: ReplicationEvent) -> Result<(), RelayError> {
         match event {
-            ReplicationEvent::Begin { final_lsn, .. } => {
-                let seq = self.checkpoint.begin();
-                self.current = Some((seq, final_lsn.as_u64(), 0));
+            ReplicationEvent::Begin {
+                final_lsn,
+                commit_time_micros,
+                ..
+            } => {
+                self.current = Some(Txn {
+                    seq: self.checkpoint.begin(),
+                    commit_lsn: final_lsn.as_u64(),
+                    commit_time: commit_time_micros + PG_EPOCH_UNIX_MICROS,
+                    index: 0,
+                });
             }
             ReplicationEvent::Message {
                 transactional,
@@ -218,7 +239,7 @@ impl Session<'_> {
                 content,
                 lsn,
             } if prefix == MESSAGE_PREFIX => {
-                let Some((seq, commit_lsn, index)) = self.current.as_mut() else {
+                let Some(txn) = self.current.as_mut() else {
                     // not written by outbox.enqueue (which is always transactional): nothing
                     // ties it to a commit, so it is kept as a dead letter rather than published
                     let position = Position {
@@ -234,21 +255,21 @@ impl Session<'_> {
                         .await;
                 };
                 let position = Position {
-                    major: *commit_lsn,
-                    minor: *index,
+                    major: txn.commit_lsn,
+                    minor: txn.index,
                 };
-                *index += 1;
-                let seq = *seq;
+                txn.index += 1;
+                let (seq, since) = (txn.seq, txn.commit_time);
                 if let Some(future) = self.publisher.publish_envelope(position, &content).await? {
                     self.checkpoint.sent(seq);
                     self.inflight
-                        .push_back(Box::pin(async move { (seq, future.await) }));
+                        .push_back(Box::pin(async move { (seq, since, future.await) }));
                 }
             }
             ReplicationEvent::Message { .. } | ReplicationEvent::XLogData { .. } => {}
             ReplicationEvent::Commit { end_lsn, .. } => {
-                if let Some((seq, _, _)) = self.current.take() {
-                    if let Some(lsn) = self.checkpoint.commit(seq, end_lsn.as_u64()) {
+                if let Some(txn) = self.current.take() {
+                    if let Some(lsn) = self.checkpoint.commit(txn.seq, end_lsn.as_u64()) {
                         self.confirm(lsn);
                     }
                 }
