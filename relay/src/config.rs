@@ -362,8 +362,12 @@ impl Settings {
 
 impl Config {
     /// The Kafka topic an event with `topic` is published to.
-    pub fn kafka_topic(&self, topic: &str) -> String {
-        self.topic_template.replace("{topic}", topic)
+    pub fn kafka_topic<'t>(&self, topic: &'t str) -> std::borrow::Cow<'t, str> {
+        if self.topic_template == "{topic}" {
+            std::borrow::Cow::Borrowed(topic)
+        } else {
+            std::borrow::Cow::Owned(self.topic_template.replace("{topic}", topic))
+        }
     }
 
     /// A libpq-style connection string for tokio-postgres (the password is not logged anywhere).

@@ -120,7 +120,7 @@ pub struct Publisher<'a> {
     pub sink: &'a mut KafkaSink,
     /// Per partition, the position of the last record of this source known to be in Kafka (read
     /// back once per session), then of the last record this session sent.
-    tails: HashMap<(String, i32), Tail>,
+    tails: HashMap<String, Vec<Tail>>,
 }
 
 impl<'a> Publisher<'a> {
@@ -174,13 +174,11 @@ impl<'a> Publisher<'a> {
         let partitions = self.sink.partition_count(&topic).await?;
         let key = event.key.map(str::as_bytes);
         let partition = partition_for(key, &event.id, partitions);
-        if !self.tails.contains_key(&(topic.clone(), partition)) {
+        if !self.tails.contains_key(topic.as_ref()) {
             self.read_back(&topic, partitions).await?;
         }
-        let tail = self
-            .tails
-            .get_mut(&(topic.clone(), partition))
-            .expect("read back above");
+        let tail =
+            &mut self.tails.get_mut(topic.as_ref()).expect("read back above")[partition as usize];
         if tail.has(position) {
             self.metrics.skipped.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
@@ -226,13 +224,15 @@ impl<'a> Publisher<'a> {
     async fn read_back(&mut self, topic: &str, partitions: i32) -> Result<(), RelayError> {
         let sink = &*self.sink;
         let reads = (0..partitions).map(|p| async move { (p, sink.read_tail(topic, p).await) });
+        let mut tails = Vec::with_capacity(partitions as usize);
         for (partition, tail) in futures_util::future::join_all(reads).await {
             let tail = tail?;
             if let Some(p) = tail.last {
                 info!(%topic, partition, last_position = %p, "resuming after the last record of this source");
             }
-            self.tails.insert((topic.to_string(), partition), tail);
+            tails.push(tail);
         }
+        self.tails.insert(topic.to_string(), tails);
         Ok(())
     }
 

@@ -34,11 +34,24 @@ pub struct Position {
 
 impl fmt::Display for Position {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:016X}:{:016X}", self.major, self.minor)
+        let text = self.encode();
+        f.write_str(std::str::from_utf8(&text).expect("ASCII hex"))
     }
 }
 
 impl Position {
+    /// `%016X:%016X` without the formatting machinery (it is written into every record).
+    pub fn encode(&self) -> [u8; 33] {
+        const HEX: &[u8; 16] = b"0123456789ABCDEF";
+        let mut out = [b':'; 33];
+        for (half, value) in [(0, self.major), (17, self.minor)] {
+            for i in 0..16 {
+                out[half + i] = HEX[((value >> (60 - 4 * i)) & 15) as usize];
+            }
+        }
+        out
+    }
+
     pub fn parse(s: &str) -> Option<Position> {
         let (major, minor) = s.split_once(':')?;
         Some(Position {
@@ -223,7 +236,7 @@ pub fn record_headers(
     user: &[(&str, &[u8])],
     trace: Option<&str>,
 ) -> OwnedHeaders {
-    let position = position.to_string();
+    let position = position.encode();
     let mut headers = OwnedHeaders::new_with_capacity(user.len() + 4)
         .insert(Header {
             key: HEADER_ID,
@@ -231,7 +244,7 @@ pub fn record_headers(
         })
         .insert(Header {
             key: HEADER_POSITION,
-            value: Some(position.as_bytes()),
+            value: Some(&position[..]),
         })
         .insert(Header {
             key: HEADER_SOURCE,
@@ -260,6 +273,10 @@ fn read_tail(
     timeout: Duration,
 ) -> Result<Tail, RelayError> {
     let (low, high) = reader.fetch_watermarks(topic, partition, timeout)?;
+    if high <= 0 {
+        // never written to (a broker reports at least 1 once it holds a batch)
+        return Ok(Tail::default());
+    }
     // The reported high watermark is only a lower bound of the end: some brokers (Tansu 0.6)
     // report the last batch's base offset + 1. So each window is read forward until the partition
     // stays quiet, never just up to `high`. Nobody else writes this source's records meanwhile:
@@ -360,6 +377,11 @@ mod tests {
         assert!(a < b && b < c);
         assert!(a.to_string() < b.to_string() && b.to_string() < c.to_string());
         assert_eq!(Position::parse("nonsense"), None);
+        let exact = Position {
+            major: 0x1A2B_3C4D,
+            minor: u64::MAX,
+        };
+        assert_eq!(exact.to_string(), "000000001A2B3C4D:FFFFFFFFFFFFFFFF");
     }
 }
 
