@@ -2,11 +2,6 @@
 -- Every function pins search_path and names every object with its schema; user input never reaches
 -- dynamic SQL except slot/publication names, which are validated and quoted with %I.
 
-CREATE FUNCTION outbox.enqueue(topic text, key text, payload jsonb, headers jsonb DEFAULT '{}')
-RETURNS uuid
-LANGUAGE sql VOLATILE PARALLEL UNSAFE
-SET search_path = pg_catalog, pg_temp
-AS $$ SELECT outbox._enqueue_json(topic, key, payload::text, headers) $$;
 COMMENT ON FUNCTION outbox.enqueue(text, text, jsonb, jsonb) IS
     'Enqueue a JSON event in the current transaction; returns its UUIDv7 event id';
 
@@ -410,7 +405,6 @@ GRANT USAGE ON SCHEMA outbox TO outbox_writer, outbox_relay;
 GRANT EXECUTE ON FUNCTION outbox.enqueue(text, text, jsonb, jsonb),
                           outbox.enqueue_bytes(text, text, bytea, jsonb),
                           outbox.enqueue_batch(text, text[], jsonb[], jsonb),
-                          outbox._enqueue_json(text, text, text, jsonb),
                           outbox._enqueue_batch_json(text, text[], text[], jsonb)
       TO outbox_writer;
 GRANT INSERT ON outbox.events TO outbox_writer;

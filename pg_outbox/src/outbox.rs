@@ -46,6 +46,54 @@ unsafe extern "C-unwind" {
 const PREFIX: &std::ffi::CStr = c"pg_outbox";
 const _: () = assert!(PREFIX.to_bytes().len() == MESSAGE_PREFIX.len());
 
+/// A `jsonb` argument as its canonical text, straight from `jsonb_out`. (pgrx's `JsonB` would
+/// parse that text into a serde value, which also loses numeric precision, and print it again.)
+pub struct JsonbText(pub Vec<u8>);
+
+impl FromDatum for JsonbText {
+    unsafe fn from_polymorphic_datum(
+        datum: pg_sys::Datum,
+        is_null: bool,
+        _: pg_sys::Oid,
+    ) -> Option<JsonbText> {
+        if is_null {
+            return None;
+        }
+        // SAFETY: the datum is a jsonb (the SQL signature says so); jsonb_out detoasts nothing
+        // itself, hence the packed detoast first, and returns a palloc'd C string that is copied
+        // and freed here.
+        unsafe {
+            let detoasted = pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr());
+            let text = pgrx::direct_function_call::<&std::ffi::CStr>(
+                pg_sys::jsonb_out,
+                &[Some(pg_sys::Datum::from(detoasted))],
+            )?;
+            let bytes = text.to_bytes().to_vec();
+            pg_sys::pfree(text.as_ptr().cast_mut().cast());
+            Some(JsonbText(bytes))
+        }
+    }
+}
+
+impl_sql_translatable!(JsonbText, arg_only = "jsonb");
+
+// SAFETY: unboxed through FromDatum above, like pgrx's own JsonB.
+unsafe impl<'fcx> pgrx::callconv::ArgAbi<'fcx> for JsonbText {
+    unsafe fn unbox_arg_unchecked(arg: pgrx::callconv::Arg<'_, 'fcx>) -> Self {
+        let index = arg.index();
+        // SAFETY: the caller guarantees a non-null jsonb argument.
+        unsafe { arg.unbox_arg_using_from_datum() }
+            .unwrap_or_else(|| panic!("argument {index} must not be null"))
+    }
+
+    unsafe fn unbox_nullable_arg(
+        arg: pgrx::callconv::Arg<'_, 'fcx>,
+    ) -> pgrx::nullable::Nullable<Self> {
+        // SAFETY: as above; a null argument gives None.
+        unsafe { arg.unbox_arg_using_from_datum() }.into()
+    }
+}
+
 /// One event as the caller gave it.
 pub struct NewEvent<'a> {
     pub topic: Option<&'a str>,
@@ -374,22 +422,22 @@ mod outbox {
             .unwrap_or_else(|| "pg_outbox".into())
     }
 
-    /// Backs the SQL `outbox.enqueue(topic, key, payload jsonb, headers)`: the payload arrives as
-    /// the jsonb's text form and is marked as JSON in the envelope.
+    /// `outbox.enqueue(topic, key, payload jsonb, headers)`: a JSON event, its payload the jsonb's
+    /// text form. A C function of its own rather than a SQL wrapper, which PostgreSQL would plan
+    /// again on every call.
     #[pg_extern(volatile, parallel_unsafe)]
     #[search_path(pg_catalog, pg_temp)]
-    fn _enqueue_json(
+    fn enqueue(
         topic: Option<&str>,
         key: Option<&str>,
-        payload: Option<&str>,
-        headers: Option<JsonB>,
+        payload: Option<super::JsonbText>,
+        headers: default!(Option<JsonB>, "'{}'"),
     ) -> pgrx::Uuid {
+        let payload = payload.unwrap_or_else(|| super::null_payload());
         let event = NewEvent {
             topic,
             key,
-            payload: payload
-                .map(str::as_bytes)
-                .unwrap_or_else(|| super::null_payload()),
+            payload: &payload.0,
             payload_is_json: true,
         };
         enqueue_events(&[event], &headers)[0]

@@ -363,3 +363,23 @@ async fn only_writers_may_enqueue() -> Result<()> {
     assert_eq!(db.peek_wal_events().await?.len(), 1);
     Ok(())
 }
+
+#[tokio::test]
+async fn the_payload_is_the_jsonb_text_exactly() -> Result<()> {
+    let db = TestDb::create("ob_wal_jsonb_text", port()).await?;
+    db.create_slot().await?;
+    let c = &db.client;
+    // jsonb normalises key order and whitespace but keeps numeric precision; so must the payload
+    let input = r#"{"zeta": 1.000000000000000000000000001, "a": [1, 2.50, {"b": null}], "big": 123456789012345678901234567890}"#;
+    let id = enqueue(c, "orders", "k", input).await?;
+    let expected: String = c
+        .query_one("SELECT $1::text::jsonb::text", &[&input])
+        .await?
+        .get(0);
+    let events = db.peek_wal_events().await?;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].id, id);
+    assert_eq!(String::from_utf8_lossy(&events[0].payload), expected);
+    assert!(expected.contains("1.000000000000000000000000001"));
+    Ok(())
+}
