@@ -7,6 +7,8 @@
 #   c  a + outbox.enqueue in wal mode
 #   d  a + outbox.enqueue in table mode
 #   e  a + outbox.enqueue_batch of 100 events
+#   f  a + SELECT 1: the floor for any outbox write that is a statement of its own
+#   g  a + pg_logical_emit_message of the same payload: PostgreSQL's bare WAL message, no envelope
 #
 # Relay drain: a backlog of EVENTS events (~256-byte payloads, 1,000 keys, 4 topics) published and
 # acknowledged, next to two physical limits measured in the same run: raw logical decoding of the same
@@ -54,13 +56,16 @@ declare -A tps
 # round trip (statements joined by \;), which leaves only the server-side cost of each variant
 script() { # variant style -> file
     local f
-    case $1 in a) f=a_business ;; b) f=b_handrolled ;; c | d) f=c_enqueue ;; e) f=e_batch ;; esac
+    case $1 in
+        a) f=a_business ;; b) f=b_handrolled ;; c | d) f=c_enqueue ;; e) f=e_batch ;;
+        f) f=f_statement ;; g) f=g_emit_message ;;
+    esac
     [ "$2" = t ] && f=${f}_1rt
     echo "bench/$f.sql"
 }
 for round in $(seq "$ROUNDS"); do
     for style in s t; do
-        for v in a b c d e; do
+        for v in a b c d e f g; do
             mode=wal; [ "$v" = d ] && mode=table
             t=$(run "$v" "$(script "$v" "$style")" "$mode")
             tps[$v$style]="${tps[$v$style]:-} $t"
@@ -73,7 +78,7 @@ for round in $(seq "$ROUNDS"); do
 done
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {printf "%.0f", (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 declare -A med
-for v in a b c d e; do for style in s t; do med[$v$style]=$(echo "${tps[$v$style]}" | median); done; done
+for v in a b c d e f g; do for style in s t; do med[$v$style]=$(echo "${tps[$v$style]}" | median); done; done
 ratio() { awk -v x="$1" -v y="$2" 'BEGIN {printf "%.2f", x / y}'; }
 events() { awk -v t="$1" -v n="$2" 'BEGIN {printf "%.0f", t * n}'; }
 
@@ -85,12 +90,16 @@ table=$(cat <<TABLE
 | c | a + \`outbox.enqueue\`, wal mode | ${med[cs]} | ${med[ct]} | ${med[ct]} |
 | d | a + \`outbox.enqueue\`, table mode | ${med[ds]} | ${med[dt]} | ${med[dt]} |
 | e | a + \`outbox.enqueue_batch\` of 100, wal mode | ${med[es]} | ${med[et]} | $(events "${med[et]}" 100) |
+| f | a + \`SELECT 1\` (floor: any extra statement) | ${med[fs]} | ${med[ft]} | — |
+| g | a + \`pg_logical_emit_message\` (floor: PostgreSQL's bare WAL message) | ${med[gs]} | ${med[gt]} | ${med[gt]} |
 
 | ratio | a round trip per statement | one round trip | goal |
 |---|---:|---:|---|
 | c / b (wal enqueue vs hand-rolled outbox) | $(ratio "${med[cs]}" "${med[bs]}") | **$(ratio "${med[ct]}" "${med[bt]}")** | ≥ 1.15 |
 | d / b (table enqueue vs hand-rolled outbox) | $(ratio "${med[ds]}" "${med[bs]}") | $(ratio "${med[dt]}" "${med[bt]}") | — |
 | c / a (wal enqueue vs business alone) | $(ratio "${med[cs]}" "${med[as]}") | **$(ratio "${med[ct]}" "${med[at]}")** | ≥ 0.90 |
+| f / a (any extra statement vs business alone: the ceiling of c / a) | $(ratio "${med[fs]}" "${med[as]}") | $(ratio "${med[ft]}" "${med[at]}") | — |
+| c / g (enqueue vs the bare WAL message) | $(ratio "${med[cs]}" "${med[gs]}") | $(ratio "${med[ct]}" "${med[gt]}") | — |
 TABLE
 )
 echo

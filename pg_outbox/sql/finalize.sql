@@ -4,6 +4,8 @@
 
 COMMENT ON FUNCTION outbox.enqueue(text, text, jsonb, jsonb) IS
     'Enqueue a JSON event in the current transaction; returns its UUIDv7 event id';
+COMMENT ON FUNCTION outbox.enqueue(text, text, jsonb) IS
+    'Enqueue a JSON event without headers in the current transaction; returns its UUIDv7 event id';
 
 CREATE FUNCTION outbox.enqueue_batch(topic text, keys text[], payloads jsonb[], headers jsonb DEFAULT '{}')
 RETURNS SETOF uuid
@@ -403,6 +405,7 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA inbox FROM PUBLIC;
 
 GRANT USAGE ON SCHEMA outbox TO outbox_writer, outbox_relay;
 GRANT EXECUTE ON FUNCTION outbox.enqueue(text, text, jsonb, jsonb),
+                          outbox.enqueue(text, text, jsonb),
                           outbox.enqueue_bytes(text, text, bytea, jsonb),
                           outbox.enqueue_batch(text, text[], jsonb[], jsonb),
                           outbox._enqueue_batch_json(text, text[], text[], jsonb)

@@ -339,6 +339,22 @@ fn now_micros() -> i64 {
         .unwrap_or(0)
 }
 
+/// A UUIDv7: the Unix time in milliseconds, then 74 random bits from PostgreSQL's own strong
+/// random source (OpenSSL's generator in user space, re-seeded in every backend; no system call
+/// per id, unlike the uuid crate's generator).
+fn new_event_id() -> uuid::Uuid {
+    let mut random = [0u8; 10];
+    // SAFETY: the buffer is valid for its length.
+    let ok = unsafe { pg_sys::pg_strong_random(random.as_mut_ptr().cast(), random.len()) };
+    if !ok {
+        error!("pg_outbox: could not generate random bytes for an event id");
+    }
+    let millis = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid()
+}
+
 /// Validates every event, then writes them all. Returns the new event ids in input order.
 pub fn enqueue_events(events: &[NewEvent], headers: &Option<JsonB>) -> Vec<pgrx::Uuid> {
     let pairs = header_pairs(headers).or_raise();
@@ -355,7 +371,7 @@ pub fn enqueue_events(events: &[NewEvent], headers: &Option<JsonB>) -> Vec<pgrx:
     let mut ids = Vec::with_capacity(events.len());
     let mut buf = Vec::new();
     for (event, topic) in events.iter().zip(topics) {
-        let id = uuid::Uuid::now_v7();
+        let id = new_event_id();
         let pg_id = pgrx::Uuid::from_bytes(*id.as_bytes());
         match mode {
             Mode::Wal => {
@@ -393,9 +409,14 @@ mod outbox {
     use pgrx::prelude::*;
     use pgrx::JsonB;
 
+    // The enqueue functions are the hot path and, unlike every other function of the extension,
+    // do not pin search_path: they resolve no names (table mode's INSERT is schema-qualified,
+    // typed and prepared once), and a SET clause would cost each call a GUC save and restore and
+    // the caller a search-path recomputation. For the same reason `enqueue` comes as two
+    // overloads instead of a DEFAULT for headers, which PostgreSQL would expand on every call.
+
     /// `outbox.enqueue_bytes(topic, key, payload bytea, headers)`: an opaque-bytes event.
     #[pg_extern(volatile, parallel_unsafe)]
-    #[search_path(pg_catalog, pg_temp)]
     fn enqueue_bytes(
         topic: Option<&str>,
         key: Option<&str>,
@@ -422,16 +443,14 @@ mod outbox {
             .unwrap_or_else(|| "pg_outbox".into())
     }
 
-    /// `outbox.enqueue(topic, key, payload jsonb, headers)`: a JSON event, its payload the jsonb's
-    /// text form. A C function of its own rather than a SQL wrapper, which PostgreSQL would plan
-    /// again on every call.
+    /// `outbox.enqueue(topic, key, payload jsonb, headers jsonb)`: a JSON event, its payload the
+    /// jsonb's text form. A C function rather than a SQL wrapper, which would be planned per call.
     #[pg_extern(volatile, parallel_unsafe)]
-    #[search_path(pg_catalog, pg_temp)]
     fn enqueue(
         topic: Option<&str>,
         key: Option<&str>,
         payload: Option<super::JsonbText>,
-        headers: default!(Option<JsonB>, "'{}'"),
+        headers: Option<JsonB>,
     ) -> pgrx::Uuid {
         let payload = payload.unwrap_or_else(|| super::null_payload());
         let event = NewEvent {
@@ -443,9 +462,18 @@ mod outbox {
         enqueue_events(&[event], &headers)[0]
     }
 
+    /// `outbox.enqueue(topic, key, payload jsonb)`: the same without headers.
+    #[pg_extern(volatile, parallel_unsafe, name = "enqueue")]
+    fn enqueue_without_headers(
+        topic: Option<&str>,
+        key: Option<&str>,
+        payload: Option<super::JsonbText>,
+    ) -> pgrx::Uuid {
+        enqueue(topic, key, payload, None)
+    }
+
     /// Backs `outbox.enqueue_batch`: one topic, aligned arrays of keys and JSON payloads.
     #[pg_extern(volatile, parallel_unsafe)]
-    #[search_path(pg_catalog, pg_temp)]
     fn _enqueue_batch_json(
         topic: Option<&str>,
         keys: Option<Array<&str>>,

@@ -383,3 +383,34 @@ async fn the_payload_is_the_jsonb_text_exactly() -> Result<()> {
     assert!(expected.contains("1.000000000000000000000000001"));
     Ok(())
 }
+
+/// README: every function pins search_path except `outbox.setup` (PostgreSQL forbids COMMIT with a
+/// SET clause) and the C enqueue functions, which resolve no names.
+#[tokio::test]
+async fn every_function_pins_search_path_but_the_documented_ones() -> Result<()> {
+    let db = TestDb::create("ob_search_path", port()).await?;
+    let unpinned: Vec<String> = db
+        .client
+        .query(
+            "SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+              WHERE n.nspname IN ('outbox', 'inbox') \
+                AND NOT coalesce('search_path=pg_catalog, pg_temp' = ANY (p.proconfig), false) \
+              ORDER BY 1",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        unpinned,
+        vec![
+            "outbox._enqueue_batch_json(text,text[],text[],jsonb)",
+            "outbox.enqueue(text,text,jsonb)",
+            "outbox.enqueue(text,text,jsonb,jsonb)",
+            "outbox.enqueue_bytes(text,text,bytea,jsonb)",
+            "outbox.setup(text)",
+        ]
+    );
+    Ok(())
+}
