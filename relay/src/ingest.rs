@@ -139,7 +139,9 @@ async fn session(
         .set("group.id", format!("pg_outbox-ingest-{consumer}"))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest");
+        .set("auto.offset.reset", "earliest")
+        // prefetch at most 16 MB (librdkafka's default is 64 MB): a batch is a few hundred messages
+        .set("queued.max.messages.kbytes", "16384");
     for (k, v) in &config.kafka {
         if k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.") {
             cc.set(k, v);
