@@ -59,15 +59,11 @@ impl FromDatum for JsonbText {
         if is_null {
             return None;
         }
-        // SAFETY: the datum is a jsonb (the SQL signature says so); jsonb_out detoasts nothing
-        // itself, hence the packed detoast first, and returns a palloc'd C string that is copied
-        // and freed here.
+        // SAFETY: the datum is a jsonb (the SQL signature says so); jsonb_out detoasts it and
+        // returns a palloc'd C string, which is copied and freed here.
         unsafe {
-            let detoasted = pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr());
-            let text = pgrx::direct_function_call::<&std::ffi::CStr>(
-                pg_sys::jsonb_out,
-                &[Some(pg_sys::Datum::from(detoasted))],
-            )?;
+            let text =
+                pgrx::direct_function_call::<&std::ffi::CStr>(pg_sys::jsonb_out, &[Some(datum)])?;
             let bytes = text.to_bytes().to_vec();
             pg_sys::pfree(text.as_ptr().cast_mut().cast());
             Some(JsonbText(bytes))
@@ -339,19 +335,36 @@ fn now_micros() -> i64 {
         .unwrap_or(0)
 }
 
-/// A UUIDv7: the Unix time in milliseconds, then 74 random bits from PostgreSQL's own strong
-/// random source (OpenSSL's generator in user space, re-seeded in every backend; no system call
-/// per id, unlike the uuid crate's generator).
+thread_local! {
+    /// The last event id of this backend: (Unix ms, its 10 bytes after the timestamp).
+    static LAST_ID: std::cell::Cell<(u64, [u8; 10])> = const { std::cell::Cell::new((0, [0; 10])) };
+}
+
+/// A UUIDv7: the Unix time in milliseconds, then 74 random bits from PostgreSQL's strong random
+/// source (with OpenSSL, a generator in user space: no system call per id, unlike the uuid crate's).
+/// Ids of one backend increase: within one millisecond (or if the clock steps back) the previous
+/// id's random part is counted up instead (RFC 9562, method 2).
 fn new_event_id() -> uuid::Uuid {
-    let mut random = [0u8; 10];
-    // SAFETY: the buffer is valid for its length.
-    let ok = unsafe { pg_sys::pg_strong_random(random.as_mut_ptr().cast(), random.len()) };
-    if !ok {
-        error!("pg_outbox: could not generate random bytes for an event id");
-    }
-    let millis = SystemTime::now()
+    let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
+    let (last_ms, last_random) = LAST_ID.get();
+    let (millis, random) = if now > last_ms {
+        let mut random = [0u8; 10];
+        // SAFETY: the buffer is valid for its length.
+        if !unsafe { pg_sys::pg_strong_random(random.as_mut_ptr().cast(), random.len()) } {
+            error!("pg_outbox: could not generate random bytes for an event id");
+        }
+        // leave headroom in the low 32 bits so that counting up within a millisecond never wraps
+        random[6] &= 0x7f;
+        (now, random)
+    } else {
+        let mut random = last_random;
+        let low = u32::from_be_bytes([random[6], random[7], random[8], random[9]]).wrapping_add(1);
+        random[6..].copy_from_slice(&low.to_be_bytes());
+        (last_ms, random)
+    };
+    LAST_ID.set((millis, random));
     uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid()
 }
 

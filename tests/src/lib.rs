@@ -92,14 +92,36 @@ impl TestDb {
 
     /// Creates the publication and the slot through the extension's own setup procedure.
     pub async fn create_slot(&self) -> Result<()> {
-        self.client.batch_execute("CALL outbox.setup()").await?;
-        Ok(())
+        setup(&self.client).await
     }
 
     /// Every pg_outbox event this test's slot would deliver, in commit order, without consuming them.
     pub async fn peek_wal_events(&self) -> Result<Vec<OwnedEvent>> {
         peek_wal_events(&self.client, &self.name).await
     }
+}
+
+/// `CALL outbox.setup()`, tried again when PostgreSQL 15 fails it with "snapshot reference ... is
+/// not owned by resource owner TopTransaction" (XX000). That internal error comes now and then from
+/// `pg_create_logical_replication_slot` called from PL/pgSQL while other sessions' transactions
+/// are running, as they are when tests run in parallel; the slot is not created, and a second try
+/// succeeds. The relay retries its setup the same way.
+pub async fn setup(client: &Client) -> Result<()> {
+    for attempt in 1.. {
+        match client.batch_execute("CALL outbox.setup()").await {
+            Ok(()) => return Ok(()),
+            Err(e)
+                if attempt < 5
+                    && e.as_db_error().is_some_and(|d| {
+                        d.code().code() == "XX000" && d.message().contains("snapshot reference")
+                    }) =>
+            {
+                eprintln!("outbox.setup hit PostgreSQL's snapshot-reference error; trying again");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    unreachable!()
 }
 
 /// Every pg_outbox event `slot` would deliver (pgoutput, publication of the same name), in commit

@@ -287,7 +287,7 @@ async fn wal_mode_without_a_slot_is_refused() -> Result<()> {
     assert_eq!(actions(slot).await?, vec!["slot created"]);
     assert_eq!(actions(publication).await?, vec!["publication exists"]);
     assert_eq!(actions(slot).await?, vec!["slot exists"]);
-    c.batch_execute("CALL outbox.setup()").await?;
+    pg_outbox_tests::setup(c).await?;
     enqueue(c, "orders", "k", "{}").await?;
     assert_eq!(db.peek_wal_events().await?.len(), 1);
     // a slot of another database does not count
@@ -412,5 +412,29 @@ async fn every_function_pins_search_path_but_the_documented_ones() -> Result<()>
             "outbox.setup(text)",
         ]
     );
+    Ok(())
+}
+
+/// Event ids of one session increase, also within one millisecond (a batch of 2,000 takes less).
+#[tokio::test]
+async fn event_ids_of_a_session_increase() -> Result<()> {
+    let db = TestDb::create("ob_id_order", port()).await?;
+    db.create_slot().await?;
+    let ids: Vec<Uuid> = db
+        .client
+        .query(
+            "SELECT outbox.enqueue_batch('orders', array_fill(NULL::text, ARRAY[2000]), \
+                    array_fill('{}'::jsonb, ARRAY[2000]))",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids.len(), 2000);
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids in creation order");
+    assert!(ids.iter().all(|id| id.get_version_num() == 7));
+    let single = enqueue(&db.client, "orders", "k", "{}").await?;
+    assert!(single > ids[1999]);
     Ok(())
 }

@@ -123,9 +123,14 @@ pub async fn session(
     let max_in_flight = config.max_in_flight;
     loop {
         // poll while there is more and room for it; then wait for acknowledgements or news
-        let more = poller.inflight.len() < max_in_flight && poller.poll().await?;
+        let room = max_in_flight.saturating_sub(poller.inflight.len());
+        let more = room > 0 && poller.poll(room).await?;
+        // also deletes rows that needed no delivery (already in Kafka, dead-lettered)
+        poller.settle_ready().await?;
+        if shutdown.is_cancelled() {
+            break;
+        }
         if more && poller.inflight.len() < max_in_flight {
-            poller.settle_ready().await?;
             continue;
         }
         tokio::select! {
@@ -165,10 +170,14 @@ struct Poller<'a> {
 }
 
 impl Poller<'_> {
-    /// Reads and publishes the rows after the cursor. Returns whether a full batch came back
-    /// (there may be more).
-    async fn poll(&mut self) -> Result<bool, RelayError> {
-        let limit = self.publisher.config.poll_batch;
+    /// Reads and publishes up to `room` rows after the cursor. Returns whether a full batch came
+    /// back (there may be more).
+    async fn poll(&mut self, room: usize) -> Result<bool, RelayError> {
+        let limit = self
+            .publisher
+            .config
+            .poll_batch
+            .min(i64::try_from(room).unwrap_or(i64::MAX));
         let rows = self
             .publisher
             .pg
