@@ -60,8 +60,13 @@ script() { # variant style -> file
         a) f=a_business ;; b) f=b_handrolled ;; c | d) f=c_enqueue ;; e) f=e_batch ;;
         f) f=f_statement ;; g) f=g_emit_message ;;
     esac
-    [ "$2" = t ] && f=${f}_1rt
-    echo "bench/$f.sql"
+    if [ "$2" = t ]; then
+        # the same transaction in one round trip: every statement but the final COMMIT ends in \;
+        sed -e '/^COMMIT;$/!s/;$/ \\;/' "bench/$f.sql" >"$root/${f}_1rt.sql"
+        echo "$root/${f}_1rt.sql"
+    else
+        echo "bench/$f.sql"
+    fi
 }
 for round in $(seq "$ROUNDS"); do
     for style in s t; do

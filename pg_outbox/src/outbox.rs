@@ -343,11 +343,9 @@ thread_local! {
 /// A UUIDv7: the Unix time in milliseconds, then 74 random bits from PostgreSQL's strong random
 /// source (with OpenSSL, a generator in user space: no system call per id, unlike the uuid crate's).
 /// Ids of one backend increase: within one millisecond (or if the clock steps back) the previous
-/// id's random part is counted up instead (RFC 9562, method 2).
-fn new_event_id() -> uuid::Uuid {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+/// id's random part is counted up instead (RFC 9562, method 2). `now_micros` is the event's time.
+fn new_event_id(now_micros: i64) -> uuid::Uuid {
+    let now = (now_micros / 1000).max(0) as u64;
     let (last_ms, last_random) = LAST_ID.get();
     let (millis, random) = if now > last_ms {
         let mut random = [0u8; 10];
@@ -384,14 +382,15 @@ pub fn enqueue_events(events: &[NewEvent], headers: &Option<JsonB>) -> Vec<pgrx:
     let mut ids = Vec::with_capacity(events.len());
     let mut buf = Vec::new();
     for (event, topic) in events.iter().zip(topics) {
-        let id = new_event_id();
+        let created_at_micros = now_micros();
+        let id = new_event_id(created_at_micros);
         let pg_id = pgrx::Uuid::from_bytes(*id.as_bytes());
         match mode {
             Mode::Wal => {
                 buf.clear();
                 Event {
                     id: *id.as_bytes(),
-                    created_at_micros: now_micros(),
+                    created_at_micros,
                     topic,
                     key: event.key,
                     headers: pairs.iter().map(|(n, v)| (*n, v.as_slice())).collect(),

@@ -109,22 +109,29 @@ pub struct KafkaSink {
     timeout: Duration,
 }
 
+/// The producer settings the relay sends every record with, before `message.max.bytes` and the
+/// `[kafka]` settings. (`make bench` produces its raw baseline with these too.)
+pub fn producer_config(brokers: &str) -> ClientConfig {
+    let mut producer = ClientConfig::new();
+    producer
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "5")
+        // never give up on a record: a timed-out record followed by acknowledged ones would be
+        // a hole in the partition; an unreachable broker just holds the stream (and the slot)
+        .set("message.timeout.ms", "0");
+    producer
+}
+
 impl KafkaSink {
     pub fn new(config: &Config) -> Result<KafkaSink, RelayError> {
-        let mut producer = ClientConfig::new();
-        producer
-            .set("bootstrap.servers", &config.brokers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("partitioner", "murmur2_random")
-            .set("linger.ms", "5")
-            // never give up on a record: a timed-out record followed by acknowledged ones would be
-            // a hole in the partition; an unreachable broker just holds the stream (and the slot)
-            .set("message.timeout.ms", "0")
-            .set(
-                "message.max.bytes",
-                (config.max_record_bytes + 65536).max(1_000_000).to_string(),
-            );
+        let mut producer = producer_config(&config.brokers);
+        producer.set(
+            "message.max.bytes",
+            (config.max_record_bytes + 65536).max(1_000_000).to_string(),
+        );
         for (k, v) in &config.kafka {
             producer.set(k, v);
         }

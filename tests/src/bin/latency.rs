@@ -20,6 +20,7 @@
 //! in Kafka with the same event id).
 
 use anyhow::{bail, Context, Result};
+use pg_outbox_tests::kafka::scrape_metrics;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
@@ -117,15 +118,7 @@ async fn main() -> Result<()> {
     };
 
     let producer: Option<FutureProducer> = match mode.as_str() {
-        "raw" => Some(
-            ClientConfig::new()
-                .set("bootstrap.servers", brokers)
-                .set("enable.idempotence", "true")
-                .set("acks", "all")
-                .set("linger.ms", "5")
-                .set("partitioner", "murmur2_random")
-                .create()?,
-        ),
+        "raw" => Some(pg_outbox_relay::sink::kafka::producer_config(brokers).create()?),
         "wal" | "table" => None,
         other => bail!("MODE must be wal, table or raw, not {other:?}"),
     };
@@ -298,13 +291,8 @@ fn bucket_percentile(buckets: &[(f64, u64)], p: f64) -> f64 {
 
 /// The relay's latency histogram: per bucket, its upper bound in seconds and its own count.
 async fn histogram(addr: &str) -> Result<Vec<(f64, u64)>> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("connecting to the relay's metrics at {addr}"))?;
-    stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await?;
+    let owned = addr.to_string();
+    let text = tokio::task::spawn_blocking(move || scrape_metrics(&owned)).await??;
     let mut cumulative = Vec::new();
     for line in text.lines() {
         let Some(rest) = line.strip_prefix("pg_outbox_relay_event_latency_seconds_bucket{le=\"")

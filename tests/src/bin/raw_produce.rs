@@ -1,10 +1,10 @@
 //! `raw_produce BROKERS TOPICS N PAYLOAD_BYTES KEYS`: the physical limit the relay is compared with
 //! in `make bench`: N records of the given size over KEYS keys, round-robin over TOPICS (comma
 //! separated), with the same headers as the relay's records, produced with the relay's producer
-//! settings (idempotent, acks=all, linger 5 ms) and no PostgreSQL. Prints the elapsed seconds.
+//! settings (`producer_config`: idempotent, acks=all, linger 5 ms) and no PostgreSQL. Prints the
+//! elapsed seconds.
 
 use anyhow::{Context, Result};
-use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use std::time::{Duration, Instant};
@@ -19,13 +19,8 @@ async fn main() -> Result<()> {
     let n: usize = n.parse().context("N")?;
     let size: usize = size.parse().context("PAYLOAD_BYTES")?;
     let keys: usize = keys.parse().context("KEYS")?;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .set("partitioner", "murmur2_random")
-        .create()?;
+    let producer: FutureProducer =
+        pg_outbox_relay::sink::kafka::producer_config(brokers).create()?;
     let payload = vec![b'x'; size];
     let started = Instant::now();
     let mut pending = std::collections::VecDeque::new();
