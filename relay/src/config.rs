@@ -1,5 +1,10 @@
 //! Configuration: an optional TOML file, then environment variables, then flags (later wins),
-//! validated once into a typed [`Config`] that is passed down explicitly.
+//! validated once, at load, for the subcommand being run, into a typed [`Config`] that is passed
+//! down explicitly.
+//!
+//! Settings are grouped by concern (PostgreSQL, Kafka, source, ingest, telemetry). Each group is
+//! one struct used both as flags (clap, flattened) and as keys of the file (serde, flattened), so
+//! the file and the command line name every setting the same way.
 //!
 //! Kafka settings pass through to librdkafka as a string map (`[kafka]` in the file, or
 //! `--kafka key=value`), applied after our defaults (idempotence, acks=all, murmur2) so that every
@@ -7,6 +12,7 @@
 
 use crate::error::RelayError;
 use clap::{Args, Parser, Subcommand};
+use rdkafka::config::ClientConfig;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -35,77 +41,177 @@ pub enum Command {
     Ingest(Settings),
 }
 
+/// What the process was asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Run,
+    Check,
+    Status,
+    Ingest,
+}
+
+impl Command {
+    pub fn into_parts(self) -> (Mode, Settings) {
+        match self {
+            Command::Run(s) => (Mode::Run, s),
+            Command::Check(s) => (Mode::Check, s),
+            Command::Status(s) => (Mode::Status, s),
+            Command::Ingest(s) => (Mode::Ingest, s),
+        }
+    }
+}
+
+/// Declares a group of optional settings and how a higher layer overrides a lower one.
+macro_rules! settings_group {
+    ($(#[$meta:meta])* pub struct $name:ident {
+        $( $(#[$field_meta:meta])* pub $field:ident : Option<$ty:ty>, )*
+    }) => {
+        $(#[$meta])*
+        #[derive(Args, Deserialize, Debug, Default, Clone)]
+        pub struct $name {
+            $( $(#[$field_meta])* pub $field: Option<$ty>, )*
+        }
+
+        impl $name {
+            /// Each setting from `self` where set, else from `lower`.
+            fn over(self, lower: $name) -> $name {
+                $name { $( $field: self.$field.or(lower.$field), )* }
+            }
+        }
+    };
+}
+
+settings_group! {
+    /// PostgreSQL connection.
+    pub struct PgSettings {
+        /// PostgreSQL host (or socket directory).
+        #[arg(long, env = "PG_OUTBOX_PG_HOST")]
+        pub pg_host: Option<String>,
+        #[arg(long, env = "PG_OUTBOX_PG_PORT")]
+        pub pg_port: Option<u16>,
+        /// Login role: needs REPLICATION and outbox_relay.
+        #[arg(long, env = "PG_OUTBOX_PG_USER")]
+        pub pg_user: Option<String>,
+        #[arg(long, env = "PG_OUTBOX_PG_PASSWORD", hide_env_values = true)]
+        pub pg_password: Option<String>,
+        #[arg(long, env = "PG_OUTBOX_PG_DATABASE")]
+        pub pg_database: Option<String>,
+    }
+}
+
+settings_group! {
+    /// Kafka: brokers, routing and record limits (librdkafka settings are `--kafka`).
+    pub struct KafkaSettings {
+        /// Kafka bootstrap servers.
+        #[arg(long, env = "PG_OUTBOX_BROKERS")]
+        pub brokers: Option<String>,
+        /// Kafka topic for an event: `{topic}` is replaced by the event's topic (default "{topic}").
+        #[arg(long, env = "PG_OUTBOX_TOPIC_TEMPLATE")]
+        pub topic_template: Option<String>,
+        /// Largest record (key + value + headers) sent to Kafka; larger events are dead-lettered.
+        #[arg(long, env = "PG_OUTBOX_MAX_RECORD_BYTES")]
+        pub max_record_bytes: Option<usize>,
+    }
+}
+
+settings_group! {
+    /// Where events come from and how the pipeline paces them.
+    pub struct SourceSettings {
+        /// Replication slot (and publication) name; must match pg_outbox.slot_name.
+        #[arg(long, env = "PG_OUTBOX_SLOT")]
+        pub slot: Option<String>,
+        /// Create the slot and publication at start when they are missing (default true).
+        #[arg(long, env = "PG_OUTBOX_CREATE_SLOT")]
+        pub create_slot: Option<bool>,
+        /// Where events come from: `wal` (the slot; pg_outbox.mode = wal) or `poll` (outbox.events;
+        /// pg_outbox.mode = table). Default wal.
+        #[arg(long, env = "PG_OUTBOX_SOURCE")]
+        pub source: Option<String>,
+        /// Poll source: rows read per batch (default 1000).
+        #[arg(long, env = "PG_OUTBOX_POLL_BATCH")]
+        pub poll_batch: Option<i64>,
+        /// Poll source: how often to look without a NOTIFY, in milliseconds (default 1000).
+        #[arg(long, env = "PG_OUTBOX_POLL_INTERVAL_MS")]
+        pub poll_interval_ms: Option<u64>,
+        /// Identifies this source in record headers; the restart dedup only trusts records carrying it.
+        #[arg(long, env = "PG_OUTBOX_SOURCE_ID")]
+        pub source_id: Option<String>,
+        /// Events sent but not yet acknowledged before reading pauses.
+        #[arg(long, env = "PG_OUTBOX_MAX_IN_FLIGHT")]
+        pub max_in_flight: Option<usize>,
+        /// Pause after taking the slot, before the restart dedup reads Kafka, in milliseconds (default
+        /// 1000): lets the broker append what a killed predecessor had already sent.
+        #[arg(long, env = "PG_OUTBOX_RESTART_GRACE_MS")]
+        pub restart_grace_ms: Option<u64>,
+    }
+}
+
+settings_group! {
+    /// `ingest`: Kafka into the inbox.
+    pub struct IngestSettings {
+        /// Ingest: the inbox consumer name the messages are recorded for.
+        #[arg(long, env = "PG_OUTBOX_CONSUMER")]
+        pub consumer: Option<String>,
+        /// Ingest: topics to consume, comma-separated.
+        #[arg(long, env = "PG_OUTBOX_TOPICS", value_delimiter = ',')]
+        pub topics: Option<Vec<String>>,
+        /// Ingest: messages written per PostgreSQL transaction (default 500).
+        #[arg(long, env = "PG_OUTBOX_INGEST_BATCH")]
+        pub ingest_batch: Option<usize>,
+    }
+}
+
+settings_group! {
+    /// Logs and metrics.
+    pub struct TelemetrySettings {
+        /// Address for /metrics and /healthz, e.g. 127.0.0.1:9187 (off when unset).
+        #[arg(long, env = "PG_OUTBOX_METRICS_ADDR")]
+        pub metrics_addr: Option<String>,
+        /// Log as JSON lines.
+        #[arg(long, env = "PG_OUTBOX_LOG_JSON")]
+        pub log_json: Option<bool>,
+    }
+}
+
 /// Every setting, as a flag with an environment fallback. Unset ones come from the file or defaults.
 #[derive(Args, Debug, Default)]
 pub struct Settings {
     /// TOML configuration file.
     #[arg(long, env = "PG_OUTBOX_CONFIG")]
     pub config: Option<PathBuf>,
-    /// PostgreSQL host (or socket directory).
-    #[arg(long, env = "PG_OUTBOX_PG_HOST")]
-    pub pg_host: Option<String>,
-    #[arg(long, env = "PG_OUTBOX_PG_PORT")]
-    pub pg_port: Option<u16>,
-    /// Login role: needs REPLICATION and outbox_relay.
-    #[arg(long, env = "PG_OUTBOX_PG_USER")]
-    pub pg_user: Option<String>,
-    #[arg(long, env = "PG_OUTBOX_PG_PASSWORD", hide_env_values = true)]
-    pub pg_password: Option<String>,
-    #[arg(long, env = "PG_OUTBOX_PG_DATABASE")]
-    pub pg_database: Option<String>,
-    /// Replication slot (and publication) name; must match pg_outbox.slot_name.
-    #[arg(long, env = "PG_OUTBOX_SLOT")]
-    pub slot: Option<String>,
-    /// Create the slot and publication at start when they are missing (default true).
-    #[arg(long, env = "PG_OUTBOX_CREATE_SLOT")]
-    pub create_slot: Option<bool>,
-    /// Where events come from: `wal` (the slot; pg_outbox.mode = wal) or `poll` (outbox.events;
-    /// pg_outbox.mode = table). Default wal.
-    #[arg(long, env = "PG_OUTBOX_SOURCE")]
-    pub source: Option<String>,
-    /// Poll source: rows read per batch (default 1000).
-    #[arg(long, env = "PG_OUTBOX_POLL_BATCH")]
-    pub poll_batch: Option<i64>,
-    /// Poll source: how often to look without a NOTIFY, in milliseconds (default 1000).
-    #[arg(long, env = "PG_OUTBOX_POLL_INTERVAL_MS")]
-    pub poll_interval_ms: Option<u64>,
-    /// Ingest: the inbox consumer name the messages are recorded for.
-    #[arg(long, env = "PG_OUTBOX_CONSUMER")]
-    pub consumer: Option<String>,
-    /// Ingest: topics to consume, comma-separated.
-    #[arg(long, env = "PG_OUTBOX_TOPICS", value_delimiter = ',')]
-    pub topics: Vec<String>,
-    /// Ingest: messages written per PostgreSQL transaction (default 500).
-    #[arg(long, env = "PG_OUTBOX_INGEST_BATCH")]
-    pub ingest_batch: Option<usize>,
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "PG_OUTBOX_BROKERS")]
-    pub brokers: Option<String>,
-    /// Kafka topic for an event: `{topic}` is replaced by the event's topic (default "{topic}").
-    #[arg(long, env = "PG_OUTBOX_TOPIC_TEMPLATE")]
-    pub topic_template: Option<String>,
-    /// Identifies this source in record headers; the restart dedup only trusts records carrying it.
-    #[arg(long, env = "PG_OUTBOX_SOURCE_ID")]
-    pub source_id: Option<String>,
-    /// Largest record (key + value + headers) sent to Kafka; larger events are dead-lettered.
-    #[arg(long, env = "PG_OUTBOX_MAX_RECORD_BYTES")]
-    pub max_record_bytes: Option<usize>,
-    /// Events sent but not yet acknowledged before reading pauses.
-    #[arg(long, env = "PG_OUTBOX_MAX_IN_FLIGHT")]
-    pub max_in_flight: Option<usize>,
-    /// Pause after taking the slot, before the restart dedup reads Kafka, in milliseconds (default
-    /// 1000): lets the broker append what a killed predecessor had already sent.
-    #[arg(long, env = "PG_OUTBOX_RESTART_GRACE_MS")]
-    pub restart_grace_ms: Option<u64>,
-    /// Address for /metrics and /healthz, e.g. 127.0.0.1:9187 (off when unset).
-    #[arg(long, env = "PG_OUTBOX_METRICS_ADDR")]
-    pub metrics_addr: Option<String>,
-    /// Log as JSON lines.
-    #[arg(long, env = "PG_OUTBOX_LOG_JSON")]
-    pub log_json: Option<bool>,
+    #[command(flatten)]
+    pub pg: PgSettings,
+    #[command(flatten)]
+    pub kafka: KafkaSettings,
+    #[command(flatten)]
+    pub source: SourceSettings,
+    #[command(flatten)]
+    pub ingest: IngestSettings,
+    #[command(flatten)]
+    pub telemetry: TelemetrySettings,
     /// librdkafka settings, `key=value`, repeatable; override the defaults.
     #[arg(long = "kafka", value_parser = parse_key_value)]
-    pub kafka: Vec<(String, String)>,
+    pub librdkafka: Vec<(String, String)>,
+}
+
+/// The file form: the same groups, flattened, plus `[kafka]` as a table.
+#[derive(Deserialize, Default)]
+struct FileSettings {
+    #[serde(default)]
+    kafka: BTreeMap<String, toml::Value>,
+    #[serde(flatten)]
+    pg: PgSettings,
+    #[serde(flatten)]
+    broker: KafkaSettings,
+    #[serde(flatten)]
+    source: SourceSettings,
+    #[serde(flatten)]
+    ingest: IngestSettings,
+    #[serde(flatten)]
+    telemetry: TelemetrySettings,
+    /// Whatever no group took: a misspelt key, reported by name.
+    #[serde(flatten)]
+    unknown: BTreeMap<String, toml::Value>,
 }
 
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
@@ -124,245 +230,258 @@ pub enum SourceKind {
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub pg_host: String,
-    pub pg_port: u16,
-    pub pg_user: String,
-    pub pg_password: String,
-    pub pg_database: String,
-    pub slot: String,
-    pub create_slot: bool,
-    pub source: SourceKind,
-    pub poll_batch: i64,
-    pub poll_interval: Duration,
-    pub consumer: Option<String>,
-    pub topics: Vec<String>,
-    pub ingest_batch: usize,
-    pub brokers: String,
-    pub topic_template: String,
-    pub source_id: String,
-    pub max_record_bytes: usize,
-    pub max_in_flight: usize,
-    pub metrics_addr: Option<String>,
-    pub log_json: bool,
-    pub kafka: BTreeMap<String, String>,
-    pub backoff_max: Duration,
-    pub restart_grace: Duration,
+    pub postgres: PgConfig,
+    pub kafka: KafkaConfig,
+    pub source: SourceConfig,
+    /// Present exactly when the mode is [`Mode::Ingest`].
+    pub ingest: Option<IngestConfig>,
+    pub telemetry: TelemetryConfig,
 }
 
-/// The file form: the same settings, with `[kafka]` as a table.
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct FileSettings {
-    #[serde(default)]
-    kafka: BTreeMap<String, toml::Value>,
-    pg_host: Option<String>,
-    pg_port: Option<u16>,
-    pg_user: Option<String>,
-    pg_password: Option<String>,
-    pg_database: Option<String>,
-    slot: Option<String>,
-    create_slot: Option<bool>,
-    source: Option<String>,
-    poll_batch: Option<i64>,
-    poll_interval_ms: Option<u64>,
-    consumer: Option<String>,
-    #[serde(default)]
-    topics: Vec<String>,
-    ingest_batch: Option<usize>,
-    brokers: Option<String>,
-    topic_template: Option<String>,
-    source_id: Option<String>,
-    max_record_bytes: Option<usize>,
-    max_in_flight: Option<usize>,
-    restart_grace_ms: Option<u64>,
-    metrics_addr: Option<String>,
-    log_json: Option<bool>,
+#[derive(Debug, Clone)]
+pub struct PgConfig {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+    pub database: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub topic_template: String,
+    pub max_record_bytes: usize,
+    /// librdkafka settings given by the operator, applied over ours.
+    pub settings: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    pub kind: SourceKind,
+    pub slot: String,
+    pub create_slot: bool,
+    pub source_id: String,
+    pub poll_batch: i64,
+    pub poll_interval: Duration,
+    pub max_in_flight: usize,
+    pub restart_grace: Duration,
+    pub backoff_max: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    pub consumer: String,
+    pub topics: Vec<String>,
+    pub batch: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct TelemetryConfig {
+    pub metrics_addr: Option<String>,
+    pub log_json: bool,
 }
 
 impl Settings {
-    /// Merges file < env/flags and validates.
-    pub fn resolve(self) -> Result<Config, RelayError> {
-        let mut file = match &self.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| {
-                    RelayError::Config(format!("cannot read config file {}: {e}", path.display()))
-                })?;
-                toml::from_str::<FileSettings>(&text).map_err(|e| {
-                    RelayError::Config(format!("config file {}: {e}", path.display()))
-                })?
-            }
+    /// Merges file < env/flags and validates what `mode` needs, once.
+    pub fn resolve(self, mode: Mode) -> Result<Config, RelayError> {
+        let file = match &self.config {
+            Some(path) => read_file(path)?,
             None => FileSettings::default(),
         };
-        let file_kafka = std::mem::take(&mut file.kafka);
-        let f = file;
-        let slot = self.slot.or(f.slot).unwrap_or_else(|| "pg_outbox".into());
-        if slot.is_empty()
-            || slot.len() > 63
-            || !slot
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-        {
-            return Err(RelayError::Config(format!(
-                "slot {slot:?} is not a valid slot name: use 1 to 63 of [a-z0-9_]"
-            )));
-        }
-        let topic_template = self
-            .topic_template
-            .or(f.topic_template)
-            .unwrap_or_else(|| "{topic}".into());
-        let probe = topic_template.replace("{topic}", "t");
-        pg_outbox_envelope::validate_topic(&probe).map_err(|e| {
-            RelayError::Config(format!(
-                "topic_template {topic_template:?} cannot produce a valid topic: {e}"
-            ))
-        })?;
-        let max_record_bytes = self
-            .max_record_bytes
-            .or(f.max_record_bytes)
-            .unwrap_or(1_000_000);
-        if max_record_bytes < 1024 {
-            return Err(RelayError::Config(format!(
-                "max_record_bytes {max_record_bytes} is too small (at least 1024)"
-            )));
-        }
-        let max_in_flight = self.max_in_flight.or(f.max_in_flight).unwrap_or(20_000);
-        if max_in_flight == 0 {
-            return Err(RelayError::Config(
-                "max_in_flight must be at least 1".into(),
-            ));
-        }
-        let source = match self.source.or(f.source).as_deref() {
+        let postgres = resolve_pg(self.pg.over(file.pg));
+        let source = self.source.over(file.source);
+        let kind = match source.source.as_deref() {
             None | Some("wal") => SourceKind::Wal,
             Some("poll") => SourceKind::Poll,
             Some(other) => {
-                return Err(RelayError::Config(format!(
+                return Err(RelayError::config(format!(
                     "source {other:?} is unknown: use \"wal\" (pg_outbox.mode = wal) or \"poll\" (pg_outbox.mode = table)"
                 )))
             }
         };
-        let poll_batch = self.poll_batch.or(f.poll_batch).unwrap_or(1000);
-        if !(1..=100_000).contains(&poll_batch) {
-            return Err(RelayError::Config(format!(
-                "poll_batch {poll_batch} is out of range (1 to 100000)"
-            )));
-        }
-        let brokers = self.brokers.or(f.brokers).ok_or_else(|| {
-            RelayError::Config(
-                "brokers is not set (--brokers, PG_OUTBOX_BROKERS or brokers = \"host:port\")"
-                    .into(),
-            )
-        })?;
-        let topics = if self.topics.is_empty() {
-            f.topics
-        } else {
-            self.topics
-        };
-        for t in &topics {
-            pg_outbox_envelope::validate_topic(t)
-                .map_err(|e| RelayError::Config(format!("topics: {t:?}: {e}")))?;
-        }
-        let consumer = self.consumer.or(f.consumer);
-        if consumer
-            .as_deref()
-            .is_some_and(|c| c.is_empty() || c.len() > 200)
-        {
-            return Err(RelayError::Config(
-                "consumer must be 1 to 200 characters".into(),
-            ));
-        }
-        let ingest_batch = self.ingest_batch.or(f.ingest_batch).unwrap_or(500);
-        if !(1..=100_000).contains(&ingest_batch) {
-            return Err(RelayError::Config(format!(
-                "ingest_batch {ingest_batch} is out of range (1 to 100000)"
-            )));
-        }
-        let pg_database = self
-            .pg_database
-            .or(f.pg_database)
-            .unwrap_or_else(|| "postgres".into());
-        let mut kafka = BTreeMap::new();
-        for (k, v) in file_kafka {
+        let mut settings = BTreeMap::new();
+        for (k, v) in file.kafka {
             let v = match v {
                 toml::Value::String(s) => s,
                 other => other.to_string(),
             };
-            kafka.insert(k, v);
+            settings.insert(k, v);
         }
-        kafka.extend(self.kafka);
-        // the restart dedup relies on per-partition order through retries: keep these as they are
-        for (key, required) in [("enable.idempotence", "true"), ("acks", "all")] {
-            if kafka
-                .get(key)
-                .is_some_and(|v| v != required && !(key == "acks" && v == "-1"))
-            {
-                return Err(RelayError::Config(format!(
-                    "kafka setting {key} must stay {required}: the exactly-once guarantee depends on it"
-                )));
-            }
-        }
-        if let Some(limit) = kafka.get("message.max.bytes") {
-            if limit
-                .parse::<usize>()
-                .map_or(true, |l| l < max_record_bytes)
-            {
-                return Err(RelayError::Config(format!(
-                    "kafka setting message.max.bytes ({limit}) is below max_record_bytes ({max_record_bytes}): \
-                     such records would fail over and over instead of being dead-lettered"
-                )));
-            }
-        }
+        settings.extend(self.librdkafka);
         Ok(Config {
-            pg_host: self
-                .pg_host
-                .or(f.pg_host)
-                .unwrap_or_else(|| "127.0.0.1".into()),
-            pg_port: self.pg_port.or(f.pg_port).unwrap_or(5432),
-            pg_user: self
-                .pg_user
-                .or(f.pg_user)
-                .unwrap_or_else(|| "postgres".into()),
-            pg_password: self.pg_password.or(f.pg_password).unwrap_or_default(),
-            pg_database: pg_database.clone(),
-            // the restart dedup compares positions of one source only: a WAL source and a poll
-            // source must never share an id, so their defaults differ
-            source_id: self
-                .source_id
-                .or(f.source_id)
-                .unwrap_or_else(|| match source {
-                    SourceKind::Wal => slot.clone(),
-                    SourceKind::Poll => format!("poll.{pg_database}"),
-                }),
-            slot,
-            create_slot: self.create_slot.or(f.create_slot).unwrap_or(true),
-            source,
-            consumer,
-            topics,
-            ingest_batch,
-            poll_batch,
-            poll_interval: Duration::from_millis(
-                self.poll_interval_ms
-                    .or(f.poll_interval_ms)
-                    .unwrap_or(1000)
-                    .max(10),
-            ),
-            brokers,
-            topic_template,
-            max_record_bytes,
-            max_in_flight,
-            metrics_addr: self.metrics_addr.or(f.metrics_addr),
-            log_json: self.log_json.or(f.log_json).unwrap_or(false),
-            kafka,
-            backoff_max: Duration::from_secs(10),
-            restart_grace: Duration::from_millis(
-                self.restart_grace_ms.or(f.restart_grace_ms).unwrap_or(1000),
-            ),
+            kafka: resolve_kafka(self.kafka.over(file.broker), settings)?,
+            source: resolve_source(source, kind, &postgres.database)?,
+            ingest: match mode {
+                Mode::Ingest => Some(resolve_ingest(self.ingest.over(file.ingest))?),
+                _ => None,
+            },
+            telemetry: {
+                let t = self.telemetry.over(file.telemetry);
+                TelemetryConfig {
+                    metrics_addr: t.metrics_addr,
+                    log_json: t.log_json.unwrap_or(false),
+                }
+            },
+            postgres,
         })
     }
 }
 
-impl Config {
+fn read_file(path: &std::path::Path) -> Result<FileSettings, RelayError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        RelayError::config(format!("cannot read config file {}", path.display())).caused_by(e)
+    })?;
+    let file = toml::from_str::<FileSettings>(&text)
+        .map_err(|e| RelayError::config(format!("config file {}", path.display())).caused_by(e))?;
+    if let Some(key) = file.unknown.keys().next() {
+        return Err(RelayError::config(format!(
+            "config file {}: unknown setting `{key}`",
+            path.display()
+        )));
+    }
+    Ok(file)
+}
+
+fn resolve_pg(s: PgSettings) -> PgConfig {
+    PgConfig {
+        host: s.pg_host.unwrap_or_else(|| "127.0.0.1".into()),
+        port: s.pg_port.unwrap_or(5432),
+        user: s.pg_user.unwrap_or_else(|| "postgres".into()),
+        password: s.pg_password.unwrap_or_default(),
+        database: s.pg_database.unwrap_or_else(|| "postgres".into()),
+    }
+}
+
+fn resolve_kafka(
+    s: KafkaSettings,
+    settings: BTreeMap<String, String>,
+) -> Result<KafkaConfig, RelayError> {
+    let brokers = s.brokers.ok_or_else(|| {
+        RelayError::config(
+            "brokers is not set (--brokers, PG_OUTBOX_BROKERS or brokers = \"host:port\")",
+        )
+    })?;
+    let topic_template = s.topic_template.unwrap_or_else(|| "{topic}".into());
+    let probe = topic_template.replace("{topic}", "t");
+    pg_outbox_envelope::validate_topic(&probe).map_err(|e| {
+        RelayError::config(format!(
+            "topic_template {topic_template:?} cannot produce a valid topic: {e}"
+        ))
+    })?;
+    let max_record_bytes = s.max_record_bytes.unwrap_or(1_000_000);
+    if max_record_bytes < 1024 {
+        return Err(RelayError::config(format!(
+            "max_record_bytes {max_record_bytes} is too small (at least 1024)"
+        )));
+    }
+    // the restart dedup relies on per-partition order through retries: keep these as they are
+    for (key, required) in [("enable.idempotence", "true"), ("acks", "all")] {
+        if settings
+            .get(key)
+            .is_some_and(|v| v != required && !(key == "acks" && v == "-1"))
+        {
+            return Err(RelayError::config(format!(
+                "kafka setting {key} must stay {required}: the exactly-once guarantee depends on it"
+            )));
+        }
+    }
+    if let Some(limit) = settings.get("message.max.bytes") {
+        if limit
+            .parse::<usize>()
+            .map_or(true, |l| l < max_record_bytes)
+        {
+            return Err(RelayError::config(format!(
+                "kafka setting message.max.bytes ({limit}) is below max_record_bytes ({max_record_bytes}): \
+                 such records would fail over and over instead of being dead-lettered"
+            )));
+        }
+    }
+    Ok(KafkaConfig {
+        brokers,
+        topic_template,
+        max_record_bytes,
+        settings,
+    })
+}
+
+fn resolve_source(
+    s: SourceSettings,
+    kind: SourceKind,
+    database: &str,
+) -> Result<SourceConfig, RelayError> {
+    let slot = s.slot.unwrap_or_else(|| "pg_outbox".into());
+    if slot.is_empty()
+        || slot.len() > 63
+        || !slot
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        return Err(RelayError::config(format!(
+            "slot {slot:?} is not a valid slot name: use 1 to 63 of [a-z0-9_]"
+        )));
+    }
+    let max_in_flight = s.max_in_flight.unwrap_or(20_000);
+    if max_in_flight == 0 {
+        return Err(RelayError::config("max_in_flight must be at least 1"));
+    }
+    let poll_batch = s.poll_batch.unwrap_or(1000);
+    if !(1..=100_000).contains(&poll_batch) {
+        return Err(RelayError::config(format!(
+            "poll_batch {poll_batch} is out of range (1 to 100000)"
+        )));
+    }
+    Ok(SourceConfig {
+        kind,
+        // the restart dedup compares positions of one source only: a WAL source and a poll
+        // source must never share an id, so their defaults differ
+        source_id: s.source_id.unwrap_or_else(|| match kind {
+            SourceKind::Wal => slot.clone(),
+            SourceKind::Poll => format!("poll.{database}"),
+        }),
+        slot,
+        create_slot: s.create_slot.unwrap_or(true),
+        poll_batch,
+        poll_interval: Duration::from_millis(s.poll_interval_ms.unwrap_or(1000).max(10)),
+        max_in_flight,
+        restart_grace: Duration::from_millis(s.restart_grace_ms.unwrap_or(1000)),
+        backoff_max: Duration::from_secs(10),
+    })
+}
+
+fn resolve_ingest(s: IngestSettings) -> Result<IngestConfig, RelayError> {
+    let consumer = s.consumer.ok_or_else(|| {
+        RelayError::config("ingest needs consumer (--consumer or PG_OUTBOX_CONSUMER)")
+    })?;
+    if consumer.is_empty() || consumer.len() > 200 {
+        return Err(RelayError::config("consumer must be 1 to 200 characters"));
+    }
+    let topics = s.topics.unwrap_or_default();
+    if topics.is_empty() {
+        return Err(RelayError::config(
+            "ingest needs topics (--topics a,b or PG_OUTBOX_TOPICS)",
+        ));
+    }
+    for t in &topics {
+        pg_outbox_envelope::validate_topic(t)
+            .map_err(|e| RelayError::config(format!("topics: {t:?}: {e}")))?;
+    }
+    let batch = s.ingest_batch.unwrap_or(500);
+    if !(1..=100_000).contains(&batch) {
+        return Err(RelayError::config(format!(
+            "ingest_batch {batch} is out of range (1 to 100000)"
+        )));
+    }
+    Ok(IngestConfig {
+        consumer,
+        topics,
+        batch,
+    })
+}
+
+impl KafkaConfig {
     /// The Kafka topic an event with `topic` is published to.
-    pub fn kafka_topic<'t>(&self, topic: &'t str) -> std::borrow::Cow<'t, str> {
+    pub fn topic_for<'t>(&self, topic: &'t str) -> std::borrow::Cow<'t, str> {
         if self.topic_template == "{topic}" {
             std::borrow::Cow::Borrowed(topic)
         } else {
@@ -370,19 +489,34 @@ impl Config {
         }
     }
 
+    /// A client for reading (consumers, metadata): the brokers plus the operator's connection and
+    /// security settings; producer-only settings would only make librdkafka warn.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut cc = ClientConfig::new();
+        cc.set("bootstrap.servers", &self.brokers);
+        for (k, v) in &self.settings {
+            if k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.") {
+                cc.set(k, v);
+            }
+        }
+        cc
+    }
+}
+
+impl PgConfig {
     /// A libpq-style connection string for tokio-postgres (the password is not logged anywhere).
     pub fn conninfo(&self) -> String {
         // every value quoted, with \ and ' escaped, as libpq's connection strings require
         let quote = |v: &str| format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"));
         let mut s = format!(
             "host={} port={} user={} dbname={} application_name=pg_outbox_relay",
-            quote(&self.pg_host),
-            self.pg_port,
-            quote(&self.pg_user),
-            quote(&self.pg_database)
+            quote(&self.host),
+            self.port,
+            quote(&self.user),
+            quote(&self.database)
         );
-        if !self.pg_password.is_empty() {
-            s.push_str(&format!(" password={}", quote(&self.pg_password)));
+        if !self.password.is_empty() {
+            s.push_str(&format!(" password={}", quote(&self.password)));
         }
         s
     }
@@ -394,82 +528,96 @@ mod tests {
 
     fn settings() -> Settings {
         Settings {
-            brokers: Some("127.0.0.1:9092".into()),
+            kafka: KafkaSettings {
+                brokers: Some("127.0.0.1:9092".into()),
+                ..Default::default()
+            },
             ..Default::default()
         }
     }
 
+    fn run_error(s: Settings) -> String {
+        s.resolve(Mode::Run).unwrap_err().to_string()
+    }
+
     #[test]
     fn defaults_are_sensible() {
-        let c = settings().resolve().unwrap();
-        assert_eq!(c.slot, "pg_outbox");
-        assert_eq!(c.source_id, "pg_outbox");
-        let poll = Settings {
-            source: Some("poll".into()),
-            pg_database: Some("shop".into()),
-            ..settings()
-        }
-        .resolve()
-        .unwrap();
-        assert_eq!(poll.source_id, "poll.shop", "never the WAL source's id");
-        assert_eq!(c.kafka_topic("orders"), "orders");
-        assert!(c.create_slot);
+        let c = settings().resolve(Mode::Run).unwrap();
+        assert_eq!(c.source.slot, "pg_outbox");
+        assert_eq!(c.source.source_id, "pg_outbox");
+        let mut poll = settings();
+        poll.source.source = Some("poll".into());
+        poll.pg.pg_database = Some("shop".into());
+        let poll = poll.resolve(Mode::Run).unwrap();
+        assert_eq!(
+            poll.source.source_id, "poll.shop",
+            "never the WAL source's id"
+        );
+        assert_eq!(c.kafka.topic_for("orders"), "orders");
+        assert!(c.source.create_slot);
+        assert!(c.ingest.is_none(), "ingest settings belong to ingest only");
     }
 
     #[test]
     fn errors_name_the_setting() {
-        let err = Settings::default().resolve().unwrap_err().to_string();
+        let err = Settings::default()
+            .resolve(Mode::Run)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("brokers"), "{err}");
-        let err = Settings {
-            slot: Some("Bad-Slot".into()),
-            ..settings()
-        }
-        .resolve()
-        .unwrap_err()
-        .to_string();
+        let mut s = settings();
+        s.source.slot = Some("Bad-Slot".into());
+        let err = run_error(s);
         assert!(err.contains("slot"), "{err}");
-        let err = Settings {
-            topic_template: Some("out box.{topic}".into()),
-            ..settings()
-        }
-        .resolve()
-        .unwrap_err()
-        .to_string();
+        let mut s = settings();
+        s.kafka.topic_template = Some("out box.{topic}".into());
+        let err = run_error(s);
         assert!(err.contains("topic_template"), "{err}");
-        let err = Settings {
-            source: Some("table".into()),
-            ..settings()
-        }
-        .resolve()
-        .unwrap_err()
-        .to_string();
+        let mut s = settings();
+        s.source.source = Some("table".into());
+        let err = run_error(s);
         assert!(err.contains("source") && err.contains("poll"), "{err}");
         for (key, value) in [
             ("enable.idempotence", "false"),
             ("acks", "1"),
             ("message.max.bytes", "1000"),
         ] {
-            let err = Settings {
-                kafka: vec![(key.into(), value.into())],
-                ..settings()
-            }
-            .resolve()
-            .unwrap_err()
-            .to_string();
+            let mut s = settings();
+            s.librdkafka = vec![(key.into(), value.into())];
+            let err = run_error(s);
             assert!(err.contains(key), "{err}");
         }
     }
 
     #[test]
+    fn ingest_settings_are_validated_at_load_for_ingest() {
+        let err = settings().resolve(Mode::Ingest).unwrap_err().to_string();
+        assert!(err.contains("consumer"), "{err}");
+        let mut s = settings();
+        s.ingest.consumer = Some("billing".into());
+        let err = s.resolve(Mode::Ingest).unwrap_err().to_string();
+        assert!(err.contains("topics"), "{err}");
+        let mut s = settings();
+        s.ingest.consumer = Some("billing".into());
+        s.ingest.topics = Some(vec!["orders".into()]);
+        s.ingest.ingest_batch = Some(0);
+        let err = s.resolve(Mode::Ingest).unwrap_err().to_string();
+        assert!(err.contains("ingest_batch"), "{err}");
+        let mut s = settings();
+        s.ingest.consumer = Some("billing".into());
+        s.ingest.topics = Some(vec!["orders".into()]);
+        let c = s.resolve(Mode::Ingest).unwrap();
+        let ingest = c.ingest.unwrap();
+        assert_eq!((ingest.consumer.as_str(), ingest.batch), ("billing", 500));
+    }
+
+    #[test]
     fn conninfo_quotes_every_value() {
-        let c = Settings {
-            pg_password: Some(r"it's a \secret".into()),
-            pg_database: Some("my db".into()),
-            ..settings()
-        }
-        .resolve()
-        .unwrap();
-        let info = c.conninfo();
+        let mut s = settings();
+        s.pg.pg_password = Some(r"it's a \secret".into());
+        s.pg.pg_database = Some("my db".into());
+        let c = s.resolve(Mode::Run).unwrap();
+        let info = c.postgres.conninfo();
         assert!(info.contains(r"password='it\'s a \\secret'"), "{info}");
         assert!(info.contains("dbname='my db'"), "{info}");
         info.parse::<tokio_postgres::Config>().unwrap();
@@ -483,28 +631,35 @@ mod tests {
         std::fs::write(
             &path,
             "brokers = \"file:9092\"\nslot = \"from_file\"\ntopic_template = \"outbox.event.{topic}\"\n\
+             pg_port = 6543\nconsumer = \"c\"\ntopics = [\"a\", \"b\"]\nlog_json = true\n\
              [kafka]\n\"linger.ms\" = 5\n\"compression.type\" = \"lz4\"\n",
         )
         .unwrap();
         let c = Settings {
             config: Some(path.clone()),
-            slot: Some("from_flag".into()),
-            kafka: vec![("linger.ms".into(), "20".into())],
+            source: SourceSettings {
+                slot: Some("from_flag".into()),
+                ..Default::default()
+            },
+            librdkafka: vec![("linger.ms".into(), "20".into())],
             ..Default::default()
         }
-        .resolve()
+        .resolve(Mode::Ingest)
         .unwrap();
-        assert_eq!(c.brokers, "file:9092");
-        assert_eq!(c.slot, "from_flag");
-        assert_eq!(c.kafka_topic("orders"), "outbox.event.orders");
-        assert_eq!(c.kafka.get("linger.ms").unwrap(), "20");
-        assert_eq!(c.kafka.get("compression.type").unwrap(), "lz4");
+        assert_eq!(c.kafka.brokers, "file:9092");
+        assert_eq!(c.source.slot, "from_flag");
+        assert_eq!(c.postgres.port, 6543);
+        assert!(c.telemetry.log_json);
+        assert_eq!(c.ingest.unwrap().topics, ["a", "b"]);
+        assert_eq!(c.kafka.topic_for("orders"), "outbox.event.orders");
+        assert_eq!(c.kafka.settings.get("linger.ms").unwrap(), "20");
+        assert_eq!(c.kafka.settings.get("compression.type").unwrap(), "lz4");
         std::fs::write(&path, "brokerz = \"x\"\n").unwrap();
         let err = Settings {
             config: Some(path),
             ..Default::default()
         }
-        .resolve()
+        .resolve(Mode::Run)
         .unwrap_err()
         .to_string();
         assert!(err.contains("brokerz"), "{err}");

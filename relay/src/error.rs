@@ -1,61 +1,180 @@
-//! One error type for the relay. Each error is classified where it is made: transient errors
-//! (connection lost, broker unreachable) make the relay reconnect with backoff and resume from the
-//! slot's confirmed position; permanent ones (bad configuration, missing or invalidated slot) stop
-//! it with a message that says what to fix.
+//! One error type for the relay, classified where it is made.
+//!
+//! - [`Kind::Transient`]: the session ends, the relay reconnects with backoff and resumes from the
+//!   durable position (connection lost, broker unreachable, a server error retrying can fix).
+//! - [`Kind::Permanent`]: retrying cannot help (bad configuration, a missing or invalidated slot);
+//!   the relay stops with a message that says what to fix.
+//! - [`Kind::Event`]: this one event can never be published (a record the broker refuses as too
+//!   large, an undecodable envelope); it is dead-lettered and the stream goes on.
+//!
+//! Causes are kept as sources, never flattened into strings.
 
-#[derive(Debug, thiserror::Error)]
-pub enum RelayError {
-    #[error("configuration: {0}")]
-    Config(String),
-    #[error("replication slot: {0}")]
-    Slot(String),
-    #[error("postgres: {0}")]
-    Postgres(String),
-    #[error("replication stream: {0}")]
-    Replication(String),
-    #[error("kafka: {0}")]
-    Kafka(String),
+use std::fmt;
+
+/// What the relay does about an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Transient,
+    Permanent,
+    Event,
+}
+
+type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+#[derive(Debug)]
+pub struct RelayError {
+    kind: Kind,
+    context: String,
+    source: Option<Cause>,
+}
+
+impl fmt::Display for RelayError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.context)?;
+        if let Some(cause) = &self.source {
+            write!(f, ": {cause}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for RelayError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|c| c as &(dyn std::error::Error + 'static))
+    }
 }
 
 impl RelayError {
+    pub fn new(kind: Kind, context: impl Into<String>) -> RelayError {
+        RelayError {
+            kind,
+            context: context.into(),
+            source: None,
+        }
+    }
+
+    /// A bad setting: names the setting and what to do.
+    pub fn config(context: impl Into<String>) -> RelayError {
+        RelayError::new(
+            Kind::Permanent,
+            format!("configuration: {}", context.into()),
+        )
+    }
+
+    pub fn transient(context: impl Into<String>) -> RelayError {
+        RelayError::new(Kind::Transient, context)
+    }
+
+    pub fn permanent(context: impl Into<String>) -> RelayError {
+        RelayError::new(Kind::Permanent, context)
+    }
+
+    /// Keeps `cause` as the source of this error.
+    pub fn caused_by(
+        mut self,
+        cause: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> RelayError {
+        self.source = Some(cause.into());
+        self
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
     /// Retrying cannot help: stop and tell the operator.
     pub fn is_permanent(&self) -> bool {
-        matches!(self, RelayError::Config(_) | RelayError::Slot(_))
+        self.kind == Kind::Permanent
     }
+
+    /// The SQLSTATE of the PostgreSQL error behind this one, if any.
+    pub fn sqlstate(&self) -> Option<String> {
+        let cause = self.source.as_deref()?;
+        if let Some(e) = cause.downcast_ref::<tokio_postgres::Error>() {
+            return e.code().map(|c| c.code().to_string());
+        }
+        if let Some(e) = cause.downcast_ref::<pgwire_replication::PgWireError>() {
+            return wire_sqlstate(e).map(str::to_string);
+        }
+        None
+    }
+}
+
+/// The SQLSTATE of a server error on the replication connection: pgwire-replication keeps only the
+/// text, which ends in `(SQLSTATE XXXXX)`.
+fn wire_sqlstate(e: &pgwire_replication::PgWireError) -> Option<&str> {
+    let pgwire_replication::PgWireError::Server(text) = e else {
+        return None;
+    };
+    let code = text.rsplit_once("(SQLSTATE ")?.1.strip_suffix(')')?;
+    (code.len() == 5).then_some(code)
 }
 
 impl From<tokio_postgres::Error> for RelayError {
     fn from(e: tokio_postgres::Error) -> Self {
-        match e.as_db_error() {
-            Some(db) => {
-                RelayError::Postgres(format!("{} (SQLSTATE {})", db.message(), db.code().code()))
-            }
-            None => RelayError::Postgres(e.to_string()),
-        }
+        RelayError::transient("postgres").caused_by(e)
     }
 }
 
 impl From<rdkafka::error::KafkaError> for RelayError {
     fn from(e: rdkafka::error::KafkaError) -> Self {
-        RelayError::Kafka(e.to_string())
+        RelayError::transient("kafka").caused_by(e)
     }
 }
 
+/// A refused login (class 28) or a missing database (`3D000`) stops the relay. Slot errors are
+/// recognised by SQLSTATE: `42704` (the slot does not exist) and `55000` (it was
+/// invalidated and can no longer stream). Re-creating the slot would skip events, so both stop the
+/// relay. Anything else on the replication connection (including `55006`, the slot is held by
+/// another relay) is transient.
 impl From<pgwire_replication::PgWireError> for RelayError {
     fn from(e: pgwire_replication::PgWireError) -> Self {
-        let text = e.to_string();
-        // The server says so when the slot is gone or unusable; re-creating it would skip events.
-        if text.contains("replication slot")
-            && (text.contains("does not exist")
-                || text.contains("invalidated")
-                || text.contains("can no longer"))
-        {
-            RelayError::Slot(format!(
-                "{text}; the slot is missing or invalidated. Events it retained may be lost: \
-                 compare the outbox with Kafka, then recreate it with CALL outbox.setup()"
-            ))
-        } else {
-            RelayError::Replication(text)
+        if e.is_auth() {
+            return RelayError::permanent(
+                "the replication connection's login was refused: check pg_user and pg_password",
+            )
+            .caused_by(e);
         }
+        match wire_sqlstate(&e) {
+            Some(code) if code.starts_with("28") || code == "3D000" => RelayError::permanent(
+                "the replication connection was refused: check pg_user, pg_password and pg_database",
+            )
+            .caused_by(e),
+            Some("42704") | Some("55000") => RelayError::permanent(
+                "replication slot is missing or invalidated; events it retained may be lost: \
+                 compare the outbox with Kafka, then recreate it with CALL outbox.setup()",
+            )
+            .caused_by(e),
+            _ => RelayError::transient("replication stream").caused_by(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pgwire_replication::PgWireError;
+
+    #[test]
+    fn slot_errors_are_recognised_by_sqlstate() {
+        let gone = RelayError::from(PgWireError::Server(
+            "replication slot \"x\" does not exist (SQLSTATE 42704)".into(),
+        ));
+        assert!(gone.is_permanent(), "{gone}");
+        assert_eq!(gone.sqlstate().as_deref(), Some("42704"));
+        let busy = RelayError::from(PgWireError::Server(
+            "replication slot \"x\" is active for PID 7 (SQLSTATE 55006)".into(),
+        ));
+        assert_eq!(busy.kind(), Kind::Transient);
+        // the text alone decides nothing
+        let text = RelayError::from(PgWireError::Server(
+            "replication slot does not exist".into(),
+        ));
+        assert_eq!(text.kind(), Kind::Transient);
+        let io = RelayError::from(PgWireError::Protocol("eof".into()));
+        assert_eq!(io.kind(), Kind::Transient);
+        assert!(std::error::Error::source(&io).is_some(), "cause kept");
     }
 }

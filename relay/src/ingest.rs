@@ -10,12 +10,13 @@
 //!   in the `dead` state with the reason; its offset is stored like any other, so the partition
 //!   keeps flowing and nothing is silently skipped.
 
-use crate::config::Config;
+use crate::config::{Config, IngestConfig};
 use crate::error::RelayError;
-use crate::pipeline::{connect_pg, Retry};
-use crate::sink::kafka::HEADER_ID;
+use crate::postgres;
+use crate::retry::Retry;
+use crate::sink::kafka::{fetch_partition_count, off_runtime};
+use crate::sink::HEADER_ID;
 use crate::telemetry::Metrics;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
@@ -30,21 +31,14 @@ use tracing::{debug, info, warn};
 /// Runs ingest sessions until shutdown or a permanent error.
 pub async fn run(
     config: &Config,
+    ingest: &IngestConfig,
     shutdown: CancellationToken,
     metrics: Arc<Metrics>,
 ) -> Result<(), RelayError> {
-    let consumer = config.consumer.clone().ok_or_else(|| {
-        RelayError::Config("ingest needs consumer (--consumer or PG_OUTBOX_CONSUMER)".into())
-    })?;
-    if config.topics.is_empty() {
-        return Err(RelayError::Config(
-            "ingest needs topics (--topics a,b or PG_OUTBOX_TOPICS)".into(),
-        ));
-    }
-    let mut retry = Retry::new(config);
+    let mut retry = Retry::new(config.source.backoff_max);
     loop {
         let started = Instant::now();
-        let result = session(config, &consumer, &shutdown, &metrics).await;
+        let result = session(config, ingest, &shutdown, &metrics).await;
         if !retry.after(result, started, &shutdown, &metrics).await? {
             return Ok(());
         }
@@ -68,10 +62,11 @@ fn to_row(msg: &BorrowedMessage<'_>, max_bytes: usize) -> Row {
     let mut message_id = None;
     let mut headers = serde_json::Map::new();
     if let Some(hs) = msg.headers() {
-        for h in hs.iter() {
+        for (i, h) in hs.iter().enumerate() {
             match std::str::from_utf8(h.value.unwrap_or_default()) {
                 Ok(v) => {
-                    if h.key == HEADER_ID && !v.is_empty() && v.len() <= 200 {
+                    // the relay writes the id as the first header; one further on is the writer's
+                    if i == 0 && h.key == HEADER_ID && !v.is_empty() && v.len() <= 200 {
                         message_id = Some(v.to_string());
                     }
                     headers.insert(h.key.to_string(), v.into());
@@ -113,43 +108,26 @@ fn to_row(msg: &BorrowedMessage<'_>, max_bytes: usize) -> Row {
     }
 }
 
-/// Number of partitions of `topic` (a blocking metadata request).
-fn partitions(kafka: &StreamConsumer, topic: &str) -> Result<i32, RelayError> {
-    let md = kafka
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .map_err(|e| RelayError::Kafka(format!("metadata for {topic}: {e}")))?;
-    let t = md
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic)
-        .filter(|t| t.error().is_none() && !t.partitions().is_empty())
-        .ok_or_else(|| RelayError::Kafka(format!("topic {topic} does not exist (yet)")))?;
-    Ok(t.partitions().len() as i32)
-}
-
 async fn session(
     config: &Config,
-    consumer: &str,
+    ingest: &IngestConfig,
     shutdown: &CancellationToken,
     metrics: &Metrics,
 ) -> Result<(), RelayError> {
-    let mut pg = connect_pg(config).await?;
-    let mut cc = ClientConfig::new();
-    cc.set("bootstrap.servers", &config.brokers)
-        .set("group.id", format!("pg_outbox-ingest-{consumer}"))
+    let consumer = ingest.consumer.as_str();
+    let max_bytes = config.kafka.max_record_bytes;
+    let mut pg = postgres::connect(&config.postgres).await?;
+    let mut cc = config.kafka.client_config();
+    cc.set("group.id", format!("pg_outbox-ingest-{consumer}"))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         // prefetch at most 16 MB (librdkafka's default is 64 MB): a batch is a few hundred messages
         .set("queued.max.messages.kbytes", "16384");
-    for (k, v) in &config.kafka {
-        if k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.") {
-            cc.set(k, v);
-        }
-    }
-    let kafka: StreamConsumer = cc
-        .create()
-        .map_err(|e| RelayError::Config(format!("kafka settings rejected by librdkafka: {e}")))?;
+    let kafka: Arc<StreamConsumer> =
+        Arc::new(cc.create().map_err(|e| {
+            RelayError::config("kafka settings rejected by librdkafka").caused_by(e)
+        })?);
     // the stored offsets are the truth; the broker's committed offsets are never used
     let stored: HashMap<(String, i32), i64> = pg
         .query(
@@ -162,8 +140,12 @@ async fn session(
         .collect();
     let mut tpl = TopicPartitionList::new();
     let mut cursors: HashMap<(String, i32), Cursor> = HashMap::new();
-    for topic in &config.topics {
-        let n = tokio::task::block_in_place(|| partitions(&kafka, topic))?;
+    for topic in &ingest.topics {
+        let (k, t) = (kafka.clone(), topic.clone());
+        let n = off_runtime("metadata task", move || {
+            fetch_partition_count(k.client(), &t, Duration::from_secs(10))
+        })
+        .await?;
         for p in 0..n {
             let next = stored.get(&(topic.clone(), p)).copied();
             tpl.add_partition_offset(topic, p, next.map_or(Offset::Beginning, Offset::Offset))?;
@@ -172,8 +154,8 @@ async fn session(
     }
     kafka.assign(&tpl)?;
     metrics.healthy.store(true, Ordering::Relaxed);
-    info!(consumer, topics = ?config.topics, "ingesting");
-    let mut batch = Vec::with_capacity(config.ingest_batch);
+    info!(consumer, topics = ?ingest.topics, "ingesting");
+    let mut batch = Vec::with_capacity(ingest.batch);
     let mut idle_check = tokio::time::interval(IDLE / 4);
     loop {
         let first = tokio::select! {
@@ -183,21 +165,25 @@ async fn session(
                     if let Some(offset) = cursor.idle(Instant::now()) {
                         debug!(topic, partition, expected = cursor.next, seek_to = ?offset,
                                "nothing served at the stored offset; seeking back");
-                        seek(&kafka, topic, *partition, offset)?;
+                        seek(&kafka, topic, *partition, offset).await?;
                     }
                 }
                 continue;
             }
             m = kafka.recv() => m?,
         };
-        take(&kafka, &mut cursors, &first, config, &mut batch)?;
+        let reseek = take(&mut cursors, &first, max_bytes, &mut batch);
         drop(first);
+        reseek_to(&kafka, reseek).await?;
         let linger = tokio::time::sleep(Duration::from_millis(20));
         tokio::pin!(linger);
-        while batch.len() < config.ingest_batch {
+        while batch.len() < ingest.batch {
             tokio::select! {
                 _ = &mut linger => break,
-                m = kafka.recv() => take(&kafka, &mut cursors, &m?, config, &mut batch)?,
+                m = kafka.recv() => {
+                    let reseek = take(&mut cursors, &m?, max_bytes, &mut batch);
+                    reseek_to(&kafka, reseek).await?;
+                }
             }
         }
         if batch.is_empty() {
@@ -211,19 +197,20 @@ async fn session(
     }
 }
 
-/// Adds a message to the batch unless its partition's cursor says otherwise.
+/// A partition to seek back: (topic, partition, offset).
+type Reseek = Option<(String, i32, Offset)>;
+
+/// Adds a message to the batch unless its partition's cursor says otherwise; returns the seek the
+/// cursor asks for, if any.
 fn take(
-    kafka: &StreamConsumer,
     cursors: &mut HashMap<(String, i32), Cursor>,
     msg: &BorrowedMessage<'_>,
-    config: &Config,
+    max_bytes: usize,
     batch: &mut Vec<Row>,
-) -> Result<(), RelayError> {
-    let Some(cursor) = cursors.get_mut(&(msg.topic().to_string(), msg.partition())) else {
-        return Ok(());
-    };
+) -> Reseek {
+    let cursor = cursors.get_mut(&(msg.topic().to_string(), msg.partition()))?;
     match cursor.judge(msg.offset()) {
-        Verdict::Take => batch.push(to_row(msg, config.max_record_bytes)),
+        Verdict::Take => batch.push(to_row(msg, max_bytes)),
         Verdict::Skip => {}
         Verdict::Reseek(offset) => {
             warn!(
@@ -234,20 +221,36 @@ fn take(
                 seek_to = ?offset,
                 "broker served past the stored offset; seeking back"
             );
-            seek(kafka, msg.topic(), msg.partition(), offset)?;
+            return Some((msg.topic().to_string(), msg.partition(), offset));
         }
     }
-    Ok(())
+    None
 }
 
-fn seek(
-    kafka: &StreamConsumer,
+async fn reseek_to(kafka: &Arc<StreamConsumer>, reseek: Reseek) -> Result<(), RelayError> {
+    match reseek {
+        Some((topic, partition, offset)) => seek(kafka, &topic, partition, offset).await,
+        None => Ok(()),
+    }
+}
+
+/// Seeks a partition (a blocking librdkafka call, run off the runtime).
+async fn seek(
+    kafka: &Arc<StreamConsumer>,
     topic: &str,
     partition: i32,
     offset: Offset,
 ) -> Result<(), RelayError> {
-    tokio::task::block_in_place(|| kafka.seek(topic, partition, offset, Duration::from_secs(10)))
-        .map_err(|e| RelayError::Kafka(format!("seeking {topic}[{partition}] to {offset:?}: {e}")))
+    let (kafka, t) = (kafka.clone(), topic.to_string());
+    off_runtime("seek task", move || {
+        kafka
+            .seek(&t, partition, offset, Duration::from_secs(10))
+            .map_err(|e| {
+                RelayError::transient(format!("seeking {t}[{partition}] to {offset:?}"))
+                    .caused_by(e)
+            })
+    })
+    .await
 }
 
 /// How long a partition may serve nothing at its stored offset before the ingest seeks back.

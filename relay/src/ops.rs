@@ -2,17 +2,10 @@
 
 use crate::config::Config;
 use crate::error::RelayError;
-use rdkafka::config::ClientConfig;
+use crate::postgres::connect;
+use crate::sink::kafka::off_runtime;
 use rdkafka::producer::{BaseProducer, Producer};
 use std::time::Duration;
-use tokio_postgres::Client;
-
-async fn connect(config: &Config) -> Result<Client, RelayError> {
-    let (client, connection) =
-        tokio_postgres::connect(&config.conninfo(), tokio_postgres::NoTls).await?;
-    tokio::spawn(connection);
-    Ok(client)
-}
 
 /// One line of `check` output.
 pub struct Finding {
@@ -32,24 +25,27 @@ fn finding(ok: bool, what: impl Into<String>, fix: impl Into<String>) -> Finding
 /// Verifies everything `run` needs; returns one finding per check.
 pub async fn check(config: &Config) -> Vec<Finding> {
     let mut out = Vec::new();
-    match connect(config).await {
+    match connect(&config.postgres).await {
         Err(e) => out.push(finding(
             false,
             format!(
                 "postgres {}:{} reachable: {e}",
-                config.pg_host, config.pg_port
+                config.postgres.host, config.postgres.port
             ),
             "check pg_host, pg_port, pg_user, pg_password and pg_database",
         )),
         Ok(pg) => {
             out.push(finding(
                 true,
-                format!("postgres {}:{} reachable", config.pg_host, config.pg_port),
+                format!(
+                    "postgres {}:{} reachable",
+                    config.postgres.host, config.postgres.port
+                ),
                 "",
             ));
             let q = |sql: &'static str| {
                 let pg = &pg;
-                let slot = config.slot.clone();
+                let slot = config.source.slot.clone();
                 async move {
                     pg.query_one(sql, &[&slot])
                         .await
@@ -76,8 +72,8 @@ pub async fn check(config: &Config) -> Vec<Finding> {
             let slot = q("SELECT coalesce((SELECT plugin || '/' || database || '/' || coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = $1), '')").await;
             let slot_ok = slot.starts_with("pgoutput/") && !slot.ends_with("/lost");
             out.push(finding(
-                slot_ok || (slot.is_empty() && config.create_slot),
-                format!("slot {}: {}", config.slot, if slot.is_empty() { "missing" } else { &slot }),
+                slot_ok || (slot.is_empty() && config.source.create_slot),
+                format!("slot {}: {}", config.source.slot, if slot.is_empty() { "missing" } else { &slot }),
                 "CALL outbox.setup() (run creates it when create_slot = true); a lost slot must be recreated",
             ));
             let publication = q(
@@ -85,10 +81,10 @@ pub async fn check(config: &Config) -> Vec<Finding> {
             )
             .await;
             out.push(finding(
-                !publication.is_empty() || (config.create_slot && slot.is_empty()),
+                !publication.is_empty() || (config.source.create_slot && slot.is_empty()),
                 format!(
                     "publication {}: {}",
-                    config.slot,
+                    config.source.slot,
                     if publication.is_empty() {
                         "missing"
                     } else {
@@ -100,42 +96,32 @@ pub async fn check(config: &Config) -> Vec<Finding> {
             let grants = q("SELECT CASE WHEN rolsuper THEN 'superuser' WHEN rolreplication AND pg_has_role(current_user, 'outbox_relay', 'member') THEN 'replication + outbox_relay' ELSE 'missing' END FROM pg_roles WHERE rolname = current_user AND $1::text IS NOT NULL").await;
             out.push(finding(
                 grants != "missing" && !grants.starts_with("error"),
-                format!("role {}: {grants}", config.pg_user),
+                format!("role {}: {grants}", config.postgres.user),
                 format!(
                     "ALTER ROLE {} REPLICATION; GRANT outbox_relay TO {}",
-                    config.pg_user, config.pg_user
+                    config.postgres.user, config.postgres.user
                 ),
             ));
         }
     }
-    let brokers = config.brokers.clone();
-    let kafka = config.kafka.clone();
-    let reachable = tokio::task::spawn_blocking(move || {
-        let mut cc = ClientConfig::new();
-        cc.set("bootstrap.servers", &brokers);
-        for (k, v) in &kafka {
-            if k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.") {
-                cc.set(k, v);
-            }
-        }
+    let cc = config.kafka.client_config();
+    let reachable = off_runtime("metadata task", move || {
         let producer: BaseProducer = cc.create()?;
-        producer
+        let md = producer
             .client()
-            .fetch_metadata(None, Duration::from_secs(5))
-            .map(|md| md.brokers().len())
+            .fetch_metadata(None, Duration::from_secs(5))?;
+        Ok(md.brokers().len())
     })
-    .await
-    .map_err(|e| e.to_string())
-    .and_then(|r| r.map_err(|e| e.to_string()));
+    .await;
     out.push(match reachable {
         Ok(n) => finding(
             true,
-            format!("kafka {} reachable ({n} broker(s))", config.brokers),
+            format!("kafka {} reachable ({n} broker(s))", config.kafka.brokers),
             "",
         ),
         Err(e) => finding(
             false,
-            format!("kafka {} reachable: {e}", config.brokers),
+            format!("kafka {} reachable: {e}", config.kafka.brokers),
             "check brokers and the [kafka] security settings",
         ),
     });
@@ -144,7 +130,7 @@ pub async fn check(config: &Config) -> Vec<Finding> {
 
 /// `status`: slot lag and retention, as `name: value` lines.
 pub async fn status(config: &Config) -> Result<Vec<(String, String)>, RelayError> {
-    let pg = connect(config).await?;
+    let pg = connect(&config.postgres).await?;
     let row = pg
         .query_opt(
             "SELECT s.active, coalesce(s.active_pid::text, '-'), coalesce(s.confirmed_flush_lsn::text, '-'), \
@@ -153,12 +139,14 @@ pub async fn status(config: &Config) -> Result<Vec<(String, String)>, RelayError
                     coalesce(s.wal_status, '-'), \
                     coalesce((SELECT extract(epoch FROM r.flush_lag)::float8 FROM pg_stat_replication r WHERE r.pid = s.active_pid), 0) \
              FROM pg_replication_slots s WHERE s.slot_name = $1",
-            &[&config.slot],
+            &[&config.source.slot],
         )
         .await?
-        .ok_or_else(|| RelayError::Slot(format!("slot \"{}\" does not exist", config.slot)))?;
+        .ok_or_else(|| {
+            RelayError::permanent(format!("slot \"{}\" does not exist", config.source.slot))
+        })?;
     let mut out = vec![
-        ("slot".to_string(), config.slot.clone()),
+        ("slot".to_string(), config.source.slot.clone()),
         (
             "active".into(),
             format!(

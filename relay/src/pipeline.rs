@@ -1,36 +1,43 @@
-//! The relay loop: source -> decode -> dedup -> Kafka -> acknowledge back to the source.
+//! The relay loop, written once for every source: source -> decode -> route -> dedup -> sink ->
+//! acknowledge -> checkpoint -> confirm back to the source.
 //!
-//! Order: a source yields events in commit order (`source::wal`) or in transaction order below the
-//! snapshot horizon (`source::poll`); they are handed to one idempotent producer in that order, so
-//! per partition (and so per key) Kafka holds them in that order.
-//! Durability: a source advances its durable position (slot LSN, deleted rows) only after Kafka
-//! acknowledged, or the dead-letter table durably holds, every earlier event.
-//! Recovery: any transient error ends the session; the next session starts from the durable
-//! position and [`Publisher`]'s per-partition dedup skips what Kafka already has.
+//! - Order: a source hands events over in its publishing order; they are sent to one sink in that
+//!   order, so per partition (and so per key) Kafka holds them in that order.
+//! - Durability: a source makes a position durable only when [`crate::checkpoint`] says so: after
+//!   Kafka acknowledged, or the dead letters durably hold, or the dedup found in Kafka, every event
+//!   up to it.
+//! - Back-pressure: at most `max_in_flight` records are unacknowledged; reading pauses beyond that.
+//! - Recovery: any transient error ends the session; the next session starts from the durable
+//!   position, and [`Dedup`] skips what Kafka already has.
+//! - Shutdown: stop reading, flush, wait for what is in flight (bounded), confirm, close.
 
-use crate::config::{Config, SourceKind};
+use crate::checkpoint::{Checkpoint, UnitId};
+use crate::config::{Config, KafkaConfig, SourceConfig, SourceKind};
+use crate::deadletter::{DeadLetter, DeadLetters, PgDeadLetters};
 use crate::error::RelayError;
-use crate::sink::kafka::{record_headers, KafkaSink, Position, Tail, HEADER_ID, HEADER_POSITION};
+use crate::event::{Body, Position, SourceEvent};
+use crate::postgres;
+use crate::retry::Retry;
+use crate::sink::dedup::Dedup;
+use crate::sink::kafka::KafkaSink;
 use crate::sink::partition::partition_for;
-use crate::source;
+use crate::sink::{Delivered, Delivery, Record, Sink};
+use crate::source::poll::PollSource;
+use crate::source::wal::WalSource;
+use crate::source::{Source, Step};
 use crate::telemetry::{micros_since, Metrics};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
 use pg_outbox_envelope::Event;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Headers, Message, OwnedMessage};
-use rdkafka::producer::{DeliveryFuture, FutureRecord};
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-/// What a delivery future resolves to.
-pub type DeliveryOutcome = Result<
-    rdkafka::producer::future_producer::OwnedDeliveryResult,
-    futures_channel::oneshot::Canceled,
->;
+/// How long a graceful shutdown waits for records in flight; what is still unacknowledged then
+/// is not confirmed, and is replayed by the next session.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs sessions until shutdown or a permanent error, reconnecting with backoff in between.
 pub async fn run(
@@ -38,339 +45,555 @@ pub async fn run(
     shutdown: CancellationToken,
     metrics: Arc<Metrics>,
 ) -> Result<(), RelayError> {
-    let mut retry = Retry::new(config);
-    let mut first = true;
+    let mut retry = Retry::new(config.source.backoff_max);
     // One producer for the life of the process: records of a failed session that are still in
-    // flight are delivered (or fail) before the next session reads the partitions' last records.
-    let mut sink = KafkaSink::new(config)?;
+    // flight are delivered (or fail) before the next session reads the partitions back.
+    let mut sink = KafkaSink::new(&config.kafka, &config.source.source_id)?;
+    let mut first = true;
     loop {
         let started = Instant::now();
-        let result = match config.source {
-            SourceKind::Wal => {
-                source::wal::session(config, &shutdown, &metrics, &mut sink, &mut first).await
-            }
-            SourceKind::Poll => source::poll::session(config, &shutdown, &metrics, &mut sink).await,
-        };
+        let result = session(config, &shutdown, &metrics, &mut sink, &mut first).await;
         if !retry.after(result, started, &shutdown, &metrics).await? {
             return Ok(());
         }
     }
 }
 
-/// Reconnects with exponential backoff after a transient error.
-pub struct Retry {
-    backoff: Duration,
-    max: Duration,
-}
-
-impl Retry {
-    pub fn new(config: &Config) -> Retry {
-        Retry {
-            backoff: Duration::from_millis(200),
-            max: config.backoff_max,
+/// One session: open the configured source, then run the loop until it ends.
+async fn session(
+    config: &Config,
+    shutdown: &CancellationToken,
+    metrics: &Arc<Metrics>,
+    sink: &mut KafkaSink,
+    first: &mut bool,
+) -> Result<(), RelayError> {
+    let dead = PgDeadLetters::new(
+        postgres::connect(&config.postgres).await?,
+        &config.source.source_id,
+    );
+    let pipeline = Pipeline::new(&config.kafka, &config.source, metrics, sink, dead);
+    match config.source.kind {
+        SourceKind::Wal => {
+            let source = WalSource::open(config, first, metrics.clone()).await?;
+            pipeline.run(source, shutdown).await
+        }
+        SourceKind::Poll => {
+            let source = PollSource::open(config).await?;
+            pipeline.run(source, shutdown).await
         }
     }
-
-    /// Decides what follows a session that began at `started`: Ok(false) to stop (clean end or
-    /// shutdown), Ok(true) to start another after the backoff, Err for a permanent error.
-    pub async fn after(
-        &mut self,
-        result: Result<(), RelayError>,
-        started: Instant,
-        shutdown: &CancellationToken,
-        metrics: &Metrics,
-    ) -> Result<bool, RelayError> {
-        match result {
-            Ok(()) => return Ok(false),
-            Err(e) if e.is_permanent() => return Err(e),
-            Err(e) => {
-                metrics.restarts.fetch_add(1, Ordering::Relaxed);
-                metrics.healthy.store(false, Ordering::Relaxed);
-                warn!(error = %e, backoff_ms = self.backoff.as_millis() as u64, "session ended; reconnecting");
-            }
-        }
-        if started.elapsed() > Duration::from_secs(30) {
-            self.backoff = Duration::from_millis(200);
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(false),
-            _ = tokio::time::sleep(self.backoff) => {}
-        }
-        self.backoff = (self.backoff * 2).min(self.max);
-        Ok(true)
-    }
 }
 
-pub async fn connect_pg(config: &Config) -> Result<Client, RelayError> {
-    let (client, connection) =
-        tokio_postgres::connect(&config.conninfo(), tokio_postgres::NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            warn!(error = %e, "postgres connection closed");
-        }
-    });
-    Ok(client)
+/// Routing, partitioning, the restart dedup and dead letters for one session.
+pub struct Pipeline<'a, K: Sink, D: DeadLetters> {
+    kafka: &'a KafkaConfig,
+    source: &'a SourceConfig,
+    metrics: &'a Metrics,
+    sink: &'a mut K,
+    dead: D,
+    dedup: Dedup,
 }
 
-/// Publishes events of one session: routing, partitioning, the restart dedup and dead letters.
-pub struct Publisher<'a> {
-    pub config: &'a Config,
-    pub metrics: &'a Metrics,
-    pub pg: Client,
-    pub sink: &'a mut KafkaSink,
-    /// Per partition, the position of the last record of this source known to be in Kafka (read
-    /// back once per session), then of the last record this session sent.
-    tails: HashMap<String, Vec<Tail>>,
+/// A record in flight: its checkpoint unit, its start time (Unix µs), and its outcome.
+async fn track(unit: UnitId, since: i64, delivery: Delivery) -> (UnitId, i64, Delivered) {
+    (unit, since, delivery.await)
 }
 
-impl<'a> Publisher<'a> {
-    /// Starts a session: whatever an earlier session of this process sent is settled first, so
-    /// that the dedup sees it in Kafka.
-    pub async fn start(
-        config: &'a Config,
+impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
+    pub fn new(
+        kafka: &'a KafkaConfig,
+        source: &'a SourceConfig,
         metrics: &'a Metrics,
-        pg: Client,
-        sink: &'a mut KafkaSink,
-    ) -> Result<Publisher<'a>, RelayError> {
-        sink.flush(Duration::from_secs(60)).await?;
-        Ok(Publisher {
-            config,
+        sink: &'a mut K,
+        dead: D,
+    ) -> Self {
+        Pipeline {
+            kafka,
+            source,
             metrics,
-            pg,
             sink,
-            tails: HashMap::new(),
-        })
-    }
-
-    /// Decodes a WAL envelope and publishes it; an undecodable one is dead-lettered.
-    pub async fn publish_envelope(
-        &mut self,
-        position: Position,
-        content: &[u8],
-    ) -> Result<Option<DeliveryFuture>, RelayError> {
-        match Event::decode(content) {
-            Ok(event) => self.publish(position, &event).await,
-            Err(e) => {
-                let reason = format!("undecodable envelope: {e}");
-                self.dead_letter(position, None, None, None, &[], content, &reason)
-                    .await?;
-                Ok(None)
-            }
+            dead,
+            dedup: Dedup::default(),
         }
     }
 
-    /// Sends one event unless Kafka already has it. Returns the delivery to wait for, or None
-    /// when there is nothing to wait for (skipped as a duplicate, or dead-lettered).
-    pub async fn publish(
+    /// Streams from `source` until shutdown (Ok, after a drain) or an error (no confirmation past
+    /// the last fully acknowledged unit).
+    pub async fn run<S: Source>(
+        mut self,
+        mut source: S,
+        shutdown: &CancellationToken,
+    ) -> Result<(), RelayError> {
+        // Whatever an earlier session of this process sent is settled first, so the dedup sees it
+        // in Kafka. Holding the source (slot, lock) fences out any other relay from now on, but a
+        // relay that was just killed may have left produce requests in its socket that the broker
+        // still appends: give them time to land before the dedup reads the partitions back.
+        self.sink.flush(Duration::from_secs(60)).await?;
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(self.source.restart_grace) => {}
+        }
+        self.metrics.healthy.store(true, Ordering::Relaxed);
+        let mut checkpoint = Checkpoint::<S::Ack>::default();
+        let mut inflight = FuturesUnordered::new();
+        let mut steps = Vec::new();
+        let max_in_flight = self.source.max_in_flight;
+        loop {
+            let room = max_in_flight.saturating_sub(inflight.len());
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                Some((unit, since, outcome)) = inflight.next(), if !inflight.is_empty() => {
+                    self.delivered(&mut checkpoint, unit, since, outcome).await?;
+                    // take every other acknowledgement that is already there before confirming
+                    while let Some(Some((unit, since, outcome))) = inflight.next().now_or_never() {
+                        self.delivered(&mut checkpoint, unit, since, outcome).await?;
+                    }
+                }
+                taken = source.next(room, &mut steps), if room > 0 => {
+                    taken?;
+                    for step in steps.drain(..) {
+                        match step {
+                            Step::Event(event) => {
+                                let since = event.since_micros;
+                                if let Some(delivery) = self.publish(event).await? {
+                                    inflight.push(track(checkpoint.sent(), since, delivery));
+                                }
+                            }
+                            Step::Close(ack) => checkpoint.close(ack),
+                            Step::Idle(ack) => checkpoint.idle(ack),
+                        }
+                    }
+                }
+            }
+            if let Some(ack) = checkpoint.take() {
+                source.confirm(ack).await?;
+            }
+        }
+        info!(in_flight = inflight.len(), "shutting down: flushing");
+        self.sink.flush(DRAIN_TIMEOUT).await?;
+        let deadline = tokio::time::sleep(DRAIN_TIMEOUT);
+        tokio::pin!(deadline);
+        while !inflight.is_empty() {
+            tokio::select! {
+                Some((unit, since, outcome)) = inflight.next() => {
+                    self.delivered(&mut checkpoint, unit, since, outcome).await?;
+                }
+                _ = &mut deadline => {
+                    warn!(in_flight = inflight.len(), "records still unacknowledged at shutdown; the next session replays them");
+                    break;
+                }
+            }
+        }
+        if let Some(ack) = checkpoint.take() {
+            source.confirm(ack).await?;
+        }
+        source.close().await
+    }
+
+    /// One outcome: acknowledged or dead-lettered events count as done; a failure ends the session.
+    async fn delivered<A: Copy>(
+        &mut self,
+        checkpoint: &mut Checkpoint<A>,
+        unit: UnitId,
+        since: i64,
+        outcome: Delivered,
+    ) -> Result<(), RelayError> {
+        match outcome {
+            Delivered::Acked => {
+                self.metrics.published.fetch_add(1, Ordering::Relaxed);
+                self.metrics.latency.observe(micros_since(since));
+            }
+            Delivered::Rejected(letter) => self.dead_letter(*letter).await?,
+            Delivered::Failed(e) => return Err(e),
+        }
+        checkpoint.acked(unit);
+        Ok(())
+    }
+
+    async fn dead_letter(&mut self, letter: DeadLetter) -> Result<(), RelayError> {
+        self.dead.record(letter).await?;
+        self.metrics.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Sends one event unless Kafka already has it. Returns the delivery to wait for, or None when
+    /// there is nothing to wait for (found in Kafka, or dead-lettered).
+    async fn publish(&mut self, event: SourceEvent) -> Result<Option<Delivery>, RelayError> {
+        let position = event.position;
+        let decoded;
+        let event = match &event.body {
+            Body::Envelope(content) => match Event::decode(content) {
+                Ok(e) => e,
+                Err(e) => {
+                    let reason = format!("undecodable envelope: {e}");
+                    self.dead_letter(DeadLetter::raw(position, content, reason))
+                        .await?;
+                    return Ok(None);
+                }
+            },
+            Body::Row(row) => {
+                decoded = row.as_event();
+                decoded
+            }
+            Body::Invalid { reason, content } => {
+                self.dead_letter(DeadLetter::raw(position, content, reason.as_str()))
+                    .await?;
+                return Ok(None);
+            }
+        };
+        self.send(position, &event).await
+    }
+
+    async fn send(
         &mut self,
         position: Position,
         event: &Event<'_>,
-    ) -> Result<Option<DeliveryFuture>, RelayError> {
-        let topic = self.config.kafka_topic(event.topic);
+    ) -> Result<Option<Delivery>, RelayError> {
+        let topic = self.kafka.topic_for(event.topic);
         if let Err(e) = pg_outbox_envelope::validate_topic(&topic) {
             let reason = format!("topic_template gives an invalid Kafka topic {topic:?}: {e}");
-            return self.dead_letter_event(position, event, &reason).await;
+            self.dead_letter(DeadLetter::of_event(position, event, reason))
+                .await?;
+            return Ok(None);
         }
         let partitions = self.sink.partition_count(&topic).await?;
         let key = event.key.map(str::as_bytes);
         let partition = partition_for(key, &event.id, partitions);
-        if !self.tails.contains_key(topic.as_ref()) {
-            self.read_back(&topic, partitions).await?;
-        }
-        let tail =
-            &mut self.tails.get_mut(topic.as_ref()).expect("read back above")[partition as usize];
-        if tail.has(position) {
+        let source_id = self.source.source_id.as_str();
+        if self
+            .dedup
+            .already_published(
+                &*self.sink,
+                source_id,
+                &topic,
+                partitions,
+                partition,
+                position,
+            )
+            .await?
+        {
             self.metrics.skipped.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         }
-        // a position the stream delivers again (a replay from the confirmed LSN) is skipped above
-        tail.sent(position);
         let id = event.id_string();
-        let size = event.payload.len()
-            + key.map_or(0, <[u8]>::len)
-            + event
-                .headers
-                .iter()
-                .map(|(n, v)| n.len() + v.len())
-                .sum::<usize>()
-            + 128;
-        if size > self.config.max_record_bytes {
+        let record = Record {
+            topic: &topic,
+            partition,
+            key,
+            payload: event.payload,
+            timestamp_ms: event.created_at_micros / 1000,
+            event_id: &id,
+            position,
+            source_id,
+            headers: &event.headers,
+            trace: event.trace_context,
+        };
+        let size = record.size();
+        if size > self.kafka.max_record_bytes {
             let reason = format!(
                 "record of {size} bytes exceeds max_record_bytes ({})",
-                self.config.max_record_bytes
+                self.kafka.max_record_bytes
             );
-            return self.dead_letter_event(position, event, &reason).await;
-        }
-        let headers = record_headers(
-            &id,
-            position,
-            &self.config.source_id,
-            &event.headers,
-            event.trace_context,
-        );
-        let mut record = FutureRecord::<[u8], [u8]>::to(&topic)
-            .partition(partition)
-            .payload(event.payload)
-            .headers(headers)
-            .timestamp(event.created_at_micros / 1000);
-        if let Some(key) = key {
-            record = record.key(key);
-        }
-        Ok(Some(self.sink.send(record)?))
-    }
-
-    /// First touch of a topic in this session: reads the last record of this source in every
-    /// partition, all partitions at once (a restart waits for this before publishing).
-    async fn read_back(&mut self, topic: &str, partitions: i32) -> Result<(), RelayError> {
-        let sink = &*self.sink;
-        let reads = (0..partitions).map(|p| async move { (p, sink.read_tail(topic, p).await) });
-        let mut tails = Vec::with_capacity(partitions as usize);
-        for (partition, tail) in futures_util::future::join_all(reads).await {
-            let tail = tail?;
-            if let Some(p) = tail.last {
-                info!(%topic, partition, last_position = %p, "resuming after the last record of this source");
-            }
-            tails.push(tail);
-        }
-        self.tails.insert(topic.to_string(), tails);
-        Ok(())
-    }
-
-    /// Handles one delivery report of an event committed (or begun) at `since` (Unix µs): a
-    /// record the broker refuses as too large is dead-lettered, any other failure ends the session
-    /// (the source replays, the dedup skips what arrived).
-    pub async fn delivered(
-        &mut self,
-        outcome: DeliveryOutcome,
-        since: i64,
-    ) -> Result<(), RelayError> {
-        match outcome {
-            Ok(Ok(_)) => {
-                self.metrics.published.fetch_add(1, Ordering::Relaxed);
-                self.metrics.latency.observe(micros_since(since));
-            }
-            Ok(Err((
-                KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
-                msg,
-            ))) => {
-                self.dead_letter_message(
-                    &msg,
-                    "broker refused the record as too large (MSG_SIZE_TOO_LARGE)",
-                )
+            self.dead_letter(DeadLetter::of_event(position, event, reason))
                 .await?;
-            }
-            Ok(Err((e, _))) => return Err(RelayError::Kafka(format!("delivery failed: {e}"))),
-            Err(_) => return Err(RelayError::Kafka("producer dropped a delivery".into())),
+            return Ok(None);
         }
-        Ok(())
+        Ok(Some(self.sink.send(record).await?))
+    }
+}
+
+/// The loop against an in-memory source, sink and dead letters, with injected faults. Every test
+/// checks the checkpoint rule on the log of what happened: when a unit is confirmed, every event
+/// of it and of every earlier unit was acknowledged or dead-lettered before.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::deadletter::memory::MemoryDeadLetters;
+    use crate::sink::memory::{Fate, MemorySink, Plan};
+    use crate::source::memory::MemorySource;
+    use bytes::Bytes;
+    use std::sync::Mutex;
+
+    #[derive(Debug, Clone, PartialEq)]
+    enum Entry {
+        Acked(Position),
+        Dead(Position),
+        Confirmed(u64),
     }
 
-    /// Dead-letters a decoded event: there is no delivery to wait for afterwards.
-    async fn dead_letter_event(
-        &mut self,
-        position: Position,
-        event: &Event<'_>,
-        reason: &str,
-    ) -> Result<Option<DeliveryFuture>, RelayError> {
-        let id = event.id_string();
-        self.dead_letter(
+    type Log = Arc<Mutex<Vec<Entry>>>;
+
+    fn envelope(position: Position) -> Bytes {
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&position.major.to_be_bytes());
+        id[8..].copy_from_slice(&position.minor.to_be_bytes());
+        let key = format!("k{}", position.minor % 3);
+        let event = Event {
+            id,
+            created_at_micros: 1,
+            topic: "t",
+            key: Some(&key),
+            headers: vec![("h", b"v".as_slice())],
+            trace_context: None,
+            payload_is_json: true,
+            payload: b"{}",
+        };
+        Bytes::from(event.encode().unwrap())
+    }
+
+    fn event(position: Position, body: Option<Body>) -> Step<u64> {
+        Step::Event(SourceEvent {
             position,
-            Some(&id),
-            Some(event.topic),
-            event.key,
-            &event.headers,
-            event.payload,
-            reason,
-        )
-        .await?;
-        Ok(None)
+            since_micros: 0,
+            body: body.unwrap_or_else(|| Body::Envelope(envelope(position))),
+        })
     }
 
-    /// Durably records an event that can never be published; exactly once per source position.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn dead_letter(
-        &mut self,
-        position: Position,
-        event_id: Option<&str>,
-        topic: Option<&str>,
-        key: Option<&str>,
-        headers: &[(&str, &[u8])],
-        payload: &[u8],
-        reason: &str,
-    ) -> Result<(), RelayError> {
-        let headers: serde_json::Map<String, serde_json::Value> = headers
+    /// `units` units of `per_unit` events; unit u holds positions (u, 0..per_unit), closed by u.
+    fn script(units: u64, per_unit: u64) -> Vec<Step<u64>> {
+        let mut steps = Vec::new();
+        for u in 0..units {
+            for i in 0..per_unit {
+                steps.push(event(Position::new(u, i), None));
+            }
+            steps.push(Step::Close(u));
+        }
+        steps
+    }
+
+    struct Outcome {
+        result: Result<(), RelayError>,
+        log: Vec<Entry>,
+        confirmed: Vec<u64>,
+        closed: bool,
+        dead: Vec<DeadLetter>,
+        metrics: Metrics,
+    }
+
+    /// Runs the loop until it fails, or until `last` is confirmed (then shuts down), or until
+    /// `shutdown_after` passes.
+    async fn run(
+        steps: Vec<Step<u64>>,
+        plan: Plan,
+        max_in_flight: usize,
+        last: Option<u64>,
+        shutdown_after: Option<Duration>,
+    ) -> Outcome {
+        let log: Log = Arc::default();
+        let positions: Vec<Position> = steps
             .iter()
-            .map(|(n, v)| {
-                (
-                    n.to_string(),
-                    String::from_utf8_lossy(v).into_owned().into(),
-                )
+            .filter_map(|s| match s {
+                Step::Event(e) => Some(e.position),
+                _ => None,
             })
             .collect();
-        let event_id = event_id.and_then(|s| uuid::Uuid::parse_str(s).ok());
-        self.pg
-            .execute(
-                "INSERT INTO outbox.dead_letters (source, position, event_id, topic, key, headers, payload, reason) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (source, position) DO NOTHING",
-                &[
-                    &self.config.source_id,
-                    &position.to_string(),
-                    &event_id,
-                    &topic,
-                    &key,
-                    &serde_json::Value::Object(headers),
-                    &payload,
-                    &reason,
-                ],
-            )
-            .await?;
-        self.metrics.dead_lettered.fetch_add(1, Ordering::Relaxed);
-        warn!(%position, event_id = ?event_id, reason, "event dead-lettered to outbox.dead_letters");
-        Ok(())
+        let shutdown = CancellationToken::new();
+        let mut source = MemorySource::new(steps);
+        let (l, token) = (log.clone(), shutdown.clone());
+        source.on_confirm = Some(Arc::new(move |ack| {
+            // the rule: everything up to this unit is done
+            let log = l.lock().unwrap();
+            for p in positions.iter().filter(|p| p.major <= ack) {
+                assert!(
+                    log.contains(&Entry::Acked(*p)) || log.contains(&Entry::Dead(*p)),
+                    "confirmed {ack} while {p} was neither acknowledged nor dead-lettered"
+                );
+            }
+            drop(log);
+            l.lock().unwrap().push(Entry::Confirmed(ack));
+            if Some(ack) == last {
+                token.cancel();
+            }
+        }));
+        let (confirmed, closed) = (source.confirmed.clone(), source.closed.clone());
+        let mut sink = MemorySink::new(1, plan);
+        let l = log.clone();
+        sink.on_ack = Some(Arc::new(move |p| l.lock().unwrap().push(Entry::Acked(p))));
+        let mut dead = MemoryDeadLetters::default();
+        let l = log.clone();
+        dead.on_record = Some(Arc::new(move |p| l.lock().unwrap().push(Entry::Dead(p))));
+        let kafka = KafkaConfig {
+            brokers: String::new(),
+            topic_template: "{topic}".into(),
+            max_record_bytes: 1_000_000,
+            settings: Default::default(),
+        };
+        let source_config = SourceConfig {
+            kind: SourceKind::Wal,
+            slot: "s".into(),
+            create_slot: false,
+            source_id: "test".into(),
+            poll_batch: 1000,
+            poll_interval: Duration::from_secs(1),
+            max_in_flight,
+            restart_grace: Duration::ZERO,
+            backoff_max: Duration::from_secs(1),
+        };
+        if let Some(after) = shutdown_after {
+            let token = shutdown.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                token.cancel();
+            });
+        }
+        let metrics = Metrics::default();
+        let pipeline = Pipeline::new(&kafka, &source_config, &metrics, &mut sink, dead.clone());
+        let result = pipeline.run(source, &shutdown).await;
+        let log = log.lock().unwrap().clone();
+        let confirmed = confirmed.lock().unwrap().clone();
+        let dead = dead.letters.lock().unwrap().clone();
+        Outcome {
+            result,
+            log,
+            confirmed,
+            closed: closed.load(Ordering::Relaxed),
+            dead,
+            metrics,
+        }
     }
 
-    async fn dead_letter_message(
-        &mut self,
-        msg: &OwnedMessage,
-        reason: &str,
-    ) -> Result<(), RelayError> {
-        let mut id = None;
-        let mut position = None;
-        let mut user = Vec::new();
-        if let Some(headers) = msg.headers() {
-            for h in headers.iter() {
-                let value = h.value.unwrap_or_default();
-                match h.key {
-                    HEADER_ID => id = std::str::from_utf8(value).ok().map(str::to_string),
-                    HEADER_POSITION => {
-                        position = std::str::from_utf8(value).ok().and_then(Position::parse)
-                    }
-                    k if k.starts_with("pg_outbox-") => {}
-                    k => user.push((k.to_string(), value.to_vec())),
-                }
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_delivery_in_the_middle_of_a_batch_stops_confirmation_before_it() {
+        // ten one-event units; the fifth fails after the later ones were acknowledged
+        let plan: Plan = Box::new(|n, _| {
+            if n == 4 {
+                Fate::Fail(ms(50))
+            } else {
+                Fate::Ack(Duration::ZERO)
             }
+        });
+        let out = run(script(10, 1), plan, 100, None, None).await;
+        let err = out.result.expect_err("the session ends");
+        assert!(!err.is_permanent(), "transient: the relay reconnects");
+        assert_eq!(
+            out.confirmed.last(),
+            Some(&3),
+            "nothing at or after the hole"
+        );
+        for later in 5..10 {
+            assert!(
+                out.log.contains(&Entry::Acked(Position::new(later, 0))),
+                "unit {later} was acknowledged, and still not confirmed"
+            );
         }
-        let position =
-            position.ok_or_else(|| RelayError::Kafka("failed record without position".into()))?;
-        let user: Vec<(&str, &[u8])> = user
+        assert!(!out.closed, "an error is not a graceful end");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_waits_for_records_in_flight_then_confirms_them() {
+        let plan: Plan = Box::new(|_, _| Fate::Ack(ms(100)));
+        let out = run(script(5, 2), plan, 100, None, Some(ms(10))).await;
+        out.result.expect("graceful");
+        assert_eq!(
+            out.confirmed.last(),
+            Some(&4),
+            "all ten drained and confirmed"
+        );
+        assert_eq!(out.metrics.published.load(Ordering::Relaxed), 10);
+        assert!(out.closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_never_confirms_a_record_that_stays_unacknowledged() {
+        // the eighth record (unit 3) never gets an answer: the drain gives up on it
+        let plan: Plan = Box::new(|n, _| {
+            if n == 7 {
+                Fate::Hang
+            } else {
+                Fate::Ack(ms(100))
+            }
+        });
+        let out = run(script(5, 2), plan, 100, None, Some(ms(10))).await;
+        out.result.expect("graceful");
+        assert_eq!(out.confirmed.last(), Some(&2), "units 3 and 4 are replayed");
+        assert_eq!(out.metrics.published.load(Ordering::Relaxed), 9);
+        assert!(out.closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dead_lettered_events_between_acknowledged_ones_count_as_done() {
+        let mut steps = script(6, 1);
+        // an undecodable envelope and an event the source already knows is invalid, in unit 6
+        steps.push(event(
+            Position::new(6, 0),
+            Some(Body::Envelope(Bytes::from_static(b"\xff junk"))),
+        ));
+        steps.push(event(
+            Position::new(6, 1),
+            Some(Body::Invalid {
+                reason: "non-transactional".into(),
+                content: Bytes::from_static(b"x"),
+            }),
+        ));
+        steps.push(Step::Close(6));
+        steps.extend([event(Position::new(7, 0), None), Step::Close(7)]);
+        // the broker refuses the third record for good
+        let plan: Plan = Box::new(|n, _| {
+            if n == 2 {
+                Fate::Reject(ms(5))
+            } else {
+                Fate::Ack(ms(1))
+            }
+        });
+        let out = run(steps, plan, 100, Some(7), None).await;
+        out.result.expect("graceful");
+        assert_eq!(out.confirmed.last(), Some(&7));
+        let dead: Vec<Position> = out.dead.iter().map(|d| d.position).collect();
+        assert_eq!(
+            dead,
+            [
+                Position::new(6, 0),
+                Position::new(6, 1),
+                Position::new(2, 0)
+            ]
+        );
+        assert!(
+            out.dead[0].reason.contains("undecodable"),
+            "{:?}",
+            out.dead[0]
+        );
+        assert_eq!(out.dead[2].topic.as_deref(), Some("t"));
+        assert_eq!(out.metrics.published.load(Ordering::Relaxed), 6);
+        assert_eq!(out.metrics.dead_lettered.load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn acknowledgements_out_of_order_confirm_only_complete_prefixes() {
+        // later records are acknowledged first
+        let plan: Plan = Box::new(|n, _| Fate::Ack(ms(200 - n as u64)));
+        let out = run(script(20, 3), plan, 25, Some(19), None).await;
+        out.result.expect("graceful");
+        assert_eq!(out.confirmed.last(), Some(&19));
+        let acked: Vec<Position> = out
+            .log
             .iter()
-            .map(|(k, v)| (k.as_str(), v.as_slice()))
+            .filter_map(|e| match e {
+                Entry::Acked(p) => Some(*p),
+                _ => None,
+            })
             .collect();
-        let key = msg
-            .key()
-            .and_then(|k| std::str::from_utf8(k).ok())
-            .map(str::to_string);
-        let topic = msg.topic().to_string();
-        let payload = msg.payload().unwrap_or_default().to_vec();
-        self.dead_letter(
-            position,
-            id.as_deref(),
-            Some(&topic),
-            key.as_deref(),
-            &user,
-            &payload,
-            reason,
-        )
-        .await
+        assert_eq!(acked.len(), 60);
+        assert!(
+            acked.windows(2).any(|w| w[0] > w[1]),
+            "acknowledgements did arrive out of order"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_replayed_event_already_in_the_sink_is_skipped_and_confirmed() {
+        // unit 1 handed over twice (a replay from the confirmed position)
+        let mut steps = script(2, 2);
+        steps.extend(script(2, 2).into_iter().skip(3));
+        let plan: Plan = Box::new(|_, _| Fate::Ack(Duration::ZERO));
+        let out = run(steps, plan, 100, None, Some(ms(500))).await;
+        out.result.expect("graceful");
+        assert_eq!(out.metrics.published.load(Ordering::Relaxed), 4);
+        assert_eq!(out.metrics.skipped.load(Ordering::Relaxed), 2);
+        assert_eq!(out.confirmed.last(), Some(&1));
     }
 }

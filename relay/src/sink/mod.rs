@@ -1,3 +1,92 @@
-//! Where events go: Kafka ([`kafka`]), partitioned like Java clients ([`partition`]).
+//! Where events go: the [`Sink`] seam, implemented by Kafka ([`kafka`]) and, for unit tests, in
+//! memory ([`memory`]). Records are partitioned like Java clients ([`partition`]); the restart dedup
+//! ([`dedup`]) reads back what a partition already holds of this source.
+//!
+//! A sink keeps the order of `send` calls per partition through retries (one idempotent producer),
+//! and reports each record's outcome exactly once through its [`Delivery`].
+
+pub mod dedup;
 pub mod kafka;
+#[cfg(any(test, feature = "testing"))]
+pub mod memory;
 pub mod partition;
+
+use crate::deadletter::DeadLetter;
+use crate::error::RelayError;
+use crate::event::Position;
+use dedup::Tail;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+/// Header names the relay writes into every record.
+pub const HEADER_ID: &str = "pg_outbox-id";
+pub const HEADER_POSITION: &str = "pg_outbox-position";
+pub const HEADER_SOURCE: &str = "pg_outbox-source";
+pub const HEADER_TRACE: &str = "traceparent";
+
+/// One record to send, borrowed from the decoded event.
+#[derive(Debug, Clone, Copy)]
+pub struct Record<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub key: Option<&'a [u8]>,
+    pub payload: &'a [u8],
+    /// Unix ms.
+    pub timestamp_ms: i64,
+    pub event_id: &'a str,
+    pub position: Position,
+    pub source_id: &'a str,
+    /// The user's headers, written after the relay's own.
+    pub headers: &'a [(&'a str, &'a [u8])],
+    pub trace: Option<&'a str>,
+}
+
+impl Record<'_> {
+    /// Bytes the record takes on the wire, roughly: key, value, headers and a fixed overhead.
+    pub fn size(&self) -> usize {
+        self.payload.len()
+            + self.key.map_or(0, <[u8]>::len)
+            + self
+                .headers
+                .iter()
+                .map(|(n, v)| n.len() + v.len())
+                .sum::<usize>()
+            + 128
+    }
+}
+
+/// How one record ended.
+#[derive(Debug)]
+pub enum Delivered {
+    /// In Kafka.
+    Acked,
+    /// The broker refuses this record for good (retrying cannot help): dead-letter it.
+    Rejected(Box<DeadLetter>),
+    /// Not delivered, for a reason that may pass: the session ends and the source replays.
+    Failed(RelayError),
+}
+
+/// Resolves once the record's outcome is known.
+pub type Delivery = Pin<Box<dyn Future<Output = Delivered> + Send>>;
+
+#[allow(async_fn_in_trait)]
+pub trait Sink {
+    /// Number of partitions of `topic` (an unknown topic is a transient error: the event stays in
+    /// the source and is retried).
+    async fn partition_count(&mut self, topic: &str) -> Result<i32, RelayError>;
+
+    /// What `topic`/`partition` already holds of the source `source_id` (see [`Tail`]).
+    async fn read_tail(
+        &self,
+        topic: &str,
+        partition: i32,
+        source_id: &str,
+    ) -> Result<Tail, RelayError>;
+
+    /// Hands a record over without blocking the runtime; waits while the sink's queue is full.
+    async fn send(&self, record: Record<'_>) -> Result<Delivery, RelayError>;
+
+    /// Waits until everything handed over has an outcome (or the timeout passes).
+    async fn flush(&self, timeout: Duration) -> Result<(), RelayError>;
+}

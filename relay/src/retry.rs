@@ -1,0 +1,54 @@
+//! Reconnecting after a transient error: exponential backoff from 200 ms up to a maximum, reset once
+//! a session has lasted 30 s. Permanent errors end the process; shutdown ends the wait.
+
+use crate::error::RelayError;
+use crate::telemetry::Metrics;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+const FIRST: Duration = Duration::from_millis(200);
+
+pub struct Retry {
+    backoff: Duration,
+    max: Duration,
+}
+
+impl Retry {
+    pub fn new(max: Duration) -> Retry {
+        Retry {
+            backoff: FIRST,
+            max,
+        }
+    }
+
+    /// Decides what follows a session that began at `started`: Ok(false) to stop (clean end or
+    /// shutdown), Ok(true) to start another after the backoff, Err for a permanent error.
+    pub async fn after(
+        &mut self,
+        result: Result<(), RelayError>,
+        started: Instant,
+        shutdown: &CancellationToken,
+        metrics: &Metrics,
+    ) -> Result<bool, RelayError> {
+        match result {
+            Ok(()) => return Ok(false),
+            Err(e) if e.is_permanent() => return Err(e),
+            Err(e) => {
+                metrics.restarts.fetch_add(1, Ordering::Relaxed);
+                metrics.healthy.store(false, Ordering::Relaxed);
+                warn!(error = %e, backoff_ms = self.backoff.as_millis() as u64, "session ended; reconnecting");
+            }
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            self.backoff = FIRST;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(false),
+            _ = tokio::time::sleep(self.backoff) => {}
+        }
+        self.backoff = (self.backoff * 2).min(self.max);
+        Ok(true)
+    }
+}

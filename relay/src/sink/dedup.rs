@@ -1,0 +1,260 @@
+//! The restart dedup: what a partition already holds of this source.
+//!
+//! Every record carries its source position and source id. Per partition, records are written in
+//! position order (one producer; idempotence keeps the order through retries). After any restart,
+//! before the first write to a partition, the partition's last records of this source are read back
+//! ([`read_back`]); an event at or before what was found is already in Kafka and is skipped. That
+//! makes the at-least-once replay from the source exactly-once in Kafka without broker
+//! transactions.
+
+use crate::error::RelayError;
+use crate::event::Position;
+use crate::sink::{Sink, HEADER_ID, HEADER_POSITION, HEADER_SOURCE};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+use tracing::info;
+
+/// What one partition holds of this source, as read back after a restart.
+///
+/// Records reach a partition in position order, except that a record can be missing in the middle
+/// (the broker refused it, and the records after it were acknowledged). So the read-back keeps the
+/// exact positions found in the last window rather than only the highest one: an event is known to
+/// be in Kafka if its position was seen, or lies below the window, or was sent by this session.
+#[derive(Debug, Clone, Default)]
+pub struct Tail {
+    /// The highest position of this source in the partition.
+    pub last: Option<Position>,
+    /// The lowest position seen in the window that was read; older ones are taken as present.
+    pub floor: Option<Position>,
+    pub seen: HashSet<Position>,
+    /// The first position this session sent; everything from it up to `last` is in Kafka.
+    first_sent: Option<Position>,
+}
+
+impl Tail {
+    /// Whether the record at `position` is already in the partition.
+    pub fn has(&self, position: Position) -> bool {
+        match self.last {
+            Some(last) if position <= last => {
+                self.seen.contains(&position)
+                    || self.floor.is_some_and(|floor| position < floor)
+                    || self.first_sent.is_some_and(|first| position >= first)
+            }
+            _ => false,
+        }
+    }
+
+    /// This session sent the record at `position` (positions are sent in increasing order).
+    pub fn sent(&mut self, position: Position) {
+        self.first_sent.get_or_insert(position);
+        self.last = Some(position);
+    }
+}
+
+/// Per topic, per partition: what is in Kafka of this source, as read back once per session and
+/// then extended by what this session sends.
+#[derive(Debug, Default)]
+pub struct Dedup {
+    tails: HashMap<String, Vec<Tail>>,
+}
+
+impl Dedup {
+    /// Whether the event at `position` is already in `topic`/`partition`; if not, it is taken as
+    /// sent from now on (the caller sends it or dead-letters it). A topic's partitions are read
+    /// back all at once on its first touch in the session.
+    pub async fn already_published<S: Sink>(
+        &mut self,
+        sink: &S,
+        source_id: &str,
+        topic: &str,
+        partitions: i32,
+        partition: i32,
+        position: Position,
+    ) -> Result<bool, RelayError> {
+        if !self.tails.contains_key(topic) {
+            let reads = (0..partitions).map(|p| sink.read_tail(topic, p, source_id));
+            let mut tails = Vec::with_capacity(partitions as usize);
+            for (p, tail) in futures_util::future::join_all(reads)
+                .await
+                .into_iter()
+                .enumerate()
+            {
+                let tail = tail?;
+                if let Some(last) = tail.last {
+                    info!(%topic, partition = p, last_position = %last, "resuming after the last record of this source");
+                }
+                tails.push(tail);
+            }
+            self.tails.insert(topic.to_string(), tails);
+        }
+        let tail = &mut self.tails.get_mut(topic).expect("read back above")[partition as usize];
+        if tail.has(position) {
+            return Ok(true);
+        }
+        // a position the source delivers again (a replay from the confirmed one) is skipped above
+        tail.sent(position);
+        Ok(false)
+    }
+}
+
+/// Records of one partition are read back in windows of this many when looking for our last one.
+const TAIL_WINDOW: i64 = 256;
+
+/// Reads back what `topic`/`partition` holds of `source` (blocking: run it off the runtime).
+pub fn read_back(
+    reader: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    source: &str,
+    timeout: Duration,
+) -> Result<Tail, RelayError> {
+    let (low, high) = reader.fetch_watermarks(topic, partition, timeout)?;
+    if high <= 0 {
+        // never written to (a broker reports at least 1 once it holds a batch)
+        return Ok(Tail::default());
+    }
+    // The reported high watermark is only a lower bound of the end: some brokers (Tansu 0.6)
+    // report the last batch's base offset + 1. So each window is read forward until the partition
+    // stays quiet, never just up to `high`. Nobody else writes this source's records meanwhile:
+    // the slot is held by this process.
+    let mut window_end = high;
+    let mut found_end: Option<i64> = None;
+    // windows double going back, so a partition full of other producers' records takes a few
+    // reads, not one per 256 records
+    let mut span = TAIL_WINDOW;
+    loop {
+        let start = (window_end - span).max(low);
+        span = span.saturating_mul(2);
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(start))?;
+        reader.assign(&tpl)?;
+        let mut tail = Tail::default();
+        let mut next = start;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut quiet_since = Instant::now();
+        loop {
+            if Instant::now() > deadline {
+                return Err(RelayError::transient(format!(
+                    "timed out reading {topic}[{partition}] from offset {start} for the restart dedup"
+                )));
+            }
+            // past the window (a later window was read already), or past the reported end with
+            // none of our records for a while (other producers may keep writing)
+            if found_end.is_some_and(|e| next >= e)
+                || (next >= window_end && quiet_since.elapsed() > TAIL_QUIET)
+            {
+                break;
+            }
+            let Some(msg) = reader.poll(Duration::from_millis(50)) else {
+                continue;
+            };
+            let msg = msg?;
+            next = msg.offset() + 1;
+            if let Some(p) = own_position(&msg, source) {
+                quiet_since = Instant::now();
+                tail.last = tail.last.max(Some(p));
+                tail.floor = Some(tail.floor.map_or(p, |f| f.min(p)));
+                tail.seen.insert(p);
+            }
+        }
+        if tail.last.is_some() || start <= low {
+            if start <= low {
+                // the whole partition was read: nothing older is present
+                tail.floor = None;
+            }
+            return Ok(tail);
+        }
+        found_end = Some(start);
+        window_end = start;
+    }
+}
+
+/// How long a partition must stay quiet before its end is taken as reached.
+const TAIL_QUIET: Duration = Duration::from_millis(300);
+
+/// The position of a record written by the relay for `source`, if it is one. The relay writes its
+/// own headers first, in a fixed order (id, position, source), so only those places are trusted:
+/// a header of the same name further on came from the event's writer and is ignored.
+fn own_position(msg: &rdkafka::message::BorrowedMessage<'_>, source: &str) -> Option<Position> {
+    let headers = msg.headers()?;
+    let at = |i| headers.try_get(i).map(|h| (h.key, h.value));
+    relay_position(&[at(0)?, at(1)?, at(2)?], source)
+}
+
+/// [`own_position`] on the first three headers of a record.
+fn relay_position(first: &[(&str, Option<&[u8]>); 3], source: &str) -> Option<Position> {
+    match first {
+        [(HEADER_ID, _), (HEADER_POSITION, Some(position)), (HEADER_SOURCE, Some(s))]
+            if *s == source.as_bytes() =>
+        {
+            std::str::from_utf8(position).ok().and_then(Position::parse)
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(major: u64, minor: u64) -> Position {
+        Position { major, minor }
+    }
+
+    #[test]
+    fn a_hole_in_the_window_is_not_taken_as_present() {
+        let tail = Tail {
+            last: Some(p(10, 3)),
+            floor: Some(p(10, 0)),
+            seen: [p(10, 0), p(10, 1), p(10, 3)].into_iter().collect(),
+            first_sent: None,
+        };
+        assert!(tail.has(p(9, 7)), "below the window");
+        assert!(tail.has(p(10, 1)));
+        assert!(!tail.has(p(10, 2)), "the hole is sent again");
+        assert!(!tail.has(p(10, 4)), "beyond the last");
+    }
+
+    #[test]
+    fn what_this_session_sent_is_present() {
+        let mut tail = Tail::default();
+        assert!(!tail.has(p(1, 0)));
+        tail.sent(p(5, 0));
+        tail.sent(p(6, 0));
+        assert!(tail.has(p(5, 0)) && tail.has(p(6, 0)));
+        assert!(!tail.has(p(7, 0)));
+    }
+
+    #[test]
+    fn a_fully_read_partition_has_only_what_was_seen() {
+        let tail = Tail {
+            last: Some(p(4, 0)),
+            floor: None,
+            seen: [p(2, 0), p(4, 0)].into_iter().collect(),
+            first_sent: None,
+        };
+        assert!(!tail.has(p(1, 0)) && tail.has(p(2, 0)) && !tail.has(p(3, 0)));
+    }
+
+    #[test]
+    fn only_the_relays_own_headers_give_a_position() {
+        let pos = Position::new(7, 1).encode();
+        let ours = [
+            (HEADER_ID, Some(b"id".as_slice())),
+            (HEADER_POSITION, Some(pos.as_slice())),
+            (HEADER_SOURCE, Some(b"s".as_slice())),
+        ];
+        assert_eq!(relay_position(&ours, "s"), Some(Position::new(7, 1)));
+        assert_eq!(relay_position(&ours, "other"), None, "another source");
+        // a writer's header of the same name, anywhere but the relay's places, is not trusted
+        let forged = [
+            ("x", Some(b"1".as_slice())),
+            (HEADER_POSITION, Some(pos.as_slice())),
+            (HEADER_SOURCE, Some(b"s".as_slice())),
+        ];
+        assert_eq!(relay_position(&forged, "s"), None);
+    }
+}

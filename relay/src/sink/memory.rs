@@ -1,0 +1,136 @@
+//! An in-memory sink for the pipeline's unit tests, with injected faults: each record's fate is
+//! chosen by a plan (acknowledge after a delay, fail, reject, never answer), so deliveries can
+//! complete out of order, fail in the middle of a batch, or still be in flight at shutdown.
+
+use crate::deadletter::DeadLetter;
+use crate::error::RelayError;
+use crate::event::Position;
+use crate::sink::dedup::Tail;
+use crate::sink::{Delivered, Delivery, Record, Sink};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// What happens to one record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    /// Stored and acknowledged after the delay.
+    Ack(Duration),
+    /// Not stored; the delivery fails (transiently) after the delay.
+    Fail(Duration),
+    /// Not stored; the broker refuses it for good after the delay.
+    Reject(Duration),
+    /// Stored, but the acknowledgement never arrives.
+    Hang,
+}
+
+/// Chooses the fate of the n-th record sent (0-based).
+pub type Plan = Box<dyn FnMut(usize, &Record<'_>) -> Fate + Send>;
+
+/// What the sink saw, shared with the test.
+#[derive(Debug, Default)]
+pub struct Log {
+    /// Positions stored in Kafka, in send order, with their (topic, partition).
+    pub stored: Vec<(String, i32, Position)>,
+    /// Positions acknowledged, in the order the acknowledgements completed.
+    pub acked: Vec<Position>,
+}
+
+pub struct MemorySink {
+    pub partitions: i32,
+    pub log: Arc<Mutex<Log>>,
+    /// Called with each position as its acknowledgement completes.
+    pub on_ack: Option<Arc<dyn Fn(Position) + Send + Sync>>,
+    plan: Mutex<Plan>,
+    sent: Mutex<usize>,
+}
+
+impl MemorySink {
+    pub fn new(partitions: i32, plan: Plan) -> MemorySink {
+        MemorySink {
+            partitions,
+            log: Arc::default(),
+            on_ack: None,
+            plan: Mutex::new(plan),
+            sent: Mutex::new(0),
+        }
+    }
+
+    /// Every record acknowledged at once.
+    pub fn acking() -> MemorySink {
+        MemorySink::new(1, Box::new(|_, _| Fate::Ack(Duration::ZERO)))
+    }
+}
+
+impl Sink for MemorySink {
+    async fn partition_count(&mut self, _topic: &str) -> Result<i32, RelayError> {
+        Ok(self.partitions)
+    }
+
+    async fn read_tail(
+        &self,
+        topic: &str,
+        partition: i32,
+        _source_id: &str,
+    ) -> Result<Tail, RelayError> {
+        let log = self.log.lock().unwrap();
+        let mut tail = Tail::default();
+        for (t, p, position) in &log.stored {
+            if t == topic && *p == partition {
+                tail.last = tail.last.max(Some(*position));
+                tail.seen.insert(*position);
+            }
+        }
+        Ok(tail)
+    }
+
+    async fn send(&self, record: Record<'_>) -> Result<Delivery, RelayError> {
+        let n = {
+            let mut sent = self.sent.lock().unwrap();
+            *sent += 1;
+            *sent - 1
+        };
+        let fate = (self.plan.lock().unwrap())(n, &record);
+        let position = record.position;
+        if matches!(fate, Fate::Ack(_) | Fate::Hang) {
+            self.log.lock().unwrap().stored.push((
+                record.topic.to_string(),
+                record.partition,
+                position,
+            ));
+        }
+        let log = self.log.clone();
+        let on_ack = self.on_ack.clone();
+        let topic = record.topic.to_string();
+        let payload = record.payload.to_vec();
+        Ok(Box::pin(async move {
+            match fate {
+                Fate::Ack(delay) => {
+                    tokio::time::sleep(delay).await;
+                    log.lock().unwrap().acked.push(position);
+                    if let Some(f) = on_ack {
+                        f(position);
+                    }
+                    Delivered::Acked
+                }
+                Fate::Fail(delay) => {
+                    tokio::time::sleep(delay).await;
+                    Delivered::Failed(RelayError::transient(format!(
+                        "injected delivery failure at {position}"
+                    )))
+                }
+                Fate::Reject(delay) => {
+                    tokio::time::sleep(delay).await;
+                    let mut letter = DeadLetter::raw(position, &payload, "injected rejection");
+                    letter.topic = Some(topic);
+                    Delivered::Rejected(Box::new(letter))
+                }
+                Fate::Hang => std::future::pending().await,
+            }
+        }))
+    }
+
+    async fn flush(&self, _timeout: Duration) -> Result<(), RelayError> {
+        // deliveries complete by themselves; the pipeline awaits them after a flush
+        Ok(())
+    }
+}

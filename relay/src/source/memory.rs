@@ -1,0 +1,69 @@
+//! An in-memory source for the pipeline's unit tests: hands over a script of steps, a batch at a
+//! time, and records what it is told to confirm.
+
+use crate::error::RelayError;
+use crate::source::{Source, Step};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+pub struct MemorySource {
+    script: VecDeque<Step<u64>>,
+    /// Confirmed tokens, in order.
+    pub confirmed: Arc<Mutex<Vec<u64>>>,
+    /// Called with each token as it is confirmed.
+    pub on_confirm: Option<Arc<dyn Fn(u64) + Send + Sync>>,
+    /// Set by a graceful close.
+    pub closed: Arc<AtomicBool>,
+}
+
+impl MemorySource {
+    pub fn new(script: impl IntoIterator<Item = Step<u64>>) -> MemorySource {
+        MemorySource {
+            script: script.into_iter().collect(),
+            confirmed: Arc::default(),
+            on_confirm: None,
+            closed: Arc::default(),
+        }
+    }
+}
+
+impl Source for MemorySource {
+    type Ack = u64;
+
+    async fn next(&mut self, room: usize, out: &mut Vec<Step<u64>>) -> Result<(), RelayError> {
+        if self.script.is_empty() {
+            // the script is done: wait like a quiet database
+            std::future::pending::<()>().await;
+        }
+        let mut events = 0;
+        while let Some(step) = self.script.front() {
+            if matches!(step, Step::Event(_)) {
+                if events == room {
+                    break;
+                }
+                events += 1;
+            }
+            out.push(self.script.pop_front().expect("front exists"));
+        }
+        Ok(())
+    }
+
+    async fn confirm(&mut self, ack: u64) -> Result<(), RelayError> {
+        if let Some(f) = &self.on_confirm {
+            f(ack);
+        }
+        let mut confirmed = self.confirmed.lock().unwrap();
+        assert!(
+            confirmed.last().is_none_or(|&last| last <= ack),
+            "confirmations go forward"
+        );
+        confirmed.push(ack);
+        Ok(())
+    }
+
+    async fn close(&mut self) -> Result<(), RelayError> {
+        self.closed.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+}
