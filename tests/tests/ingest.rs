@@ -2,8 +2,7 @@
 //! exactly once with its offset, whatever is killed when, and a worker's side effects happen once.
 
 use anyhow::Result;
-use pg_outbox_tests::kafka::{Broker, Relay};
-use pg_outbox_tests::{port, wait_for, TestDb};
+use pg_outbox_tests::{port, wait_for, Broker, Relay, TestDb};
 use rand::{Rng, SeedableRng};
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};

@@ -3,10 +3,10 @@
 
 use anyhow::{ensure, Result};
 use pg_outbox_relay::sink::partition::partition_for;
-use pg_outbox_tests::kafka::{
-    free_port, metric, read_all, scrape_metrics, signal, Broker, Record, Relay,
+use pg_outbox_tests::{
+    free_port, metric, port, read_all, scrape_metrics, signal, wait_for, Broker, Record, Relay,
+    TestDb,
 };
-use pg_outbox_tests::{port, wait_for, TestDb};
 use rand::{Rng, SeedableRng};
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -447,7 +447,7 @@ async fn poison_events_are_dead_lettered_and_the_stream_goes_on() -> Result<()> 
 #[tokio::test]
 async fn broker_unreachable_at_start_then_stopped_mid_stream() -> Result<()> {
     let db = TestDb::create("rl_broker", port()).await?;
-    let broker_port = pg_outbox_tests::kafka::free_port();
+    let broker_port = pg_outbox_tests::free_port();
     let brokers = format!("127.0.0.1:{broker_port}");
     // the relay starts while nothing listens on the broker port
     let _relay = Relay::start(db.port, &db.name, &brokers, &[])?;
@@ -514,7 +514,7 @@ async fn missing_publication_is_a_clear_permanent_error() -> Result<()> {
         "{log}"
     );
     // `check` says what to fix
-    let out = std::process::Command::new(pg_outbox_tests::kafka::relay_bin())
+    let out = std::process::Command::new(pg_outbox_tests::relay_bin())
         .args([
             "check",
             "--pg-port",

@@ -3,8 +3,7 @@
 //! processes (two WAL relays, two ingests) killed and restarted while it runs.
 
 use anyhow::{Context, Result};
-use pg_outbox_tests::kafka::{Broker, Relay};
-use pg_outbox_tests::{port, TestDb};
+use pg_outbox_tests::{port, Broker, Relay, TestDb};
 use rand::Rng;
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -18,7 +18,7 @@ fn main() -> Result<()> {
         })
         .collect::<Result<_>>()?;
     let refs: Vec<(&str, i32)> = topics.iter().map(|(t, n)| (t.as_str(), *n)).collect();
-    let records = pg_outbox_tests::kafka::read_all(brokers, &refs, count, Duration::from_secs(60))?;
+    let records = pg_outbox_tests::read_all(brokers, &refs, count, Duration::from_secs(60))?;
     println!("{} record(s) in Kafka:", records.len());
     for r in &records {
         println!(

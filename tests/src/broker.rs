@@ -1,0 +1,157 @@
+//! Kafka-side fixtures: a Tansu broker per test (memory storage, its own port) and a consumer that
+//! reads back everything the relay published.
+
+use crate::free_port;
+use anyhow::{bail, Context, Result};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A Tansu broker with in-memory storage on its own port; killed on drop.
+pub struct Broker {
+    pub port: u16,
+    child: Child,
+}
+
+impl Broker {
+    pub fn start() -> Result<Broker> {
+        Self::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> Result<Broker> {
+        let url = format!("tcp://127.0.0.1:{port}");
+        let log = std::fs::File::create(std::env::temp_dir().join(format!("tansu-{port}.log")))?;
+        let child = Command::new("tansu")
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting tansu (scripts/setup.sh installs it)")?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("tansu did not listen on {port}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Broker { port, child })
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub async fn create_topic(&self, name: &str, partitions: i32) -> Result<()> {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .create()?;
+        let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        let results = admin.create_topics([&topic], &AdminOptions::new()).await?;
+        for r in results {
+            r.map_err(|(t, e)| anyhow::anyhow!("creating topic {t}: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One record read back from Kafka.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: HashMap<String, Vec<u8>>,
+}
+
+impl Record {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(name)
+            .and_then(|v| std::str::from_utf8(v).ok())
+    }
+    pub fn id(&self) -> String {
+        self.header("pg_outbox-id").unwrap_or_default().to_string()
+    }
+}
+
+/// Reads every partition of `topics` from the beginning until `expected` records arrived or
+/// `timeout` passed; returns what it read, in (topic, partition, offset) order.
+pub fn read_all(
+    brokers: &str,
+    topics: &[(&str, i32)],
+    expected: usize,
+    timeout: Duration,
+) -> Result<Vec<Record>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "pg_outbox-tests")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for (topic, partitions) in topics {
+        for p in 0..*partitions {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+        }
+    }
+    consumer.assign(&tpl)?;
+    let mut out = Vec::new();
+    let deadline = Instant::now() + timeout;
+    while out.len() < expected && Instant::now() < deadline {
+        if let Some(msg) = consumer.poll(Duration::from_millis(100)) {
+            out.push(to_record(&msg?));
+        }
+    }
+    // linger a moment: anything beyond `expected` would be a duplicate
+    let settle = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < settle {
+        if let Some(msg) = consumer.poll(Duration::from_millis(100)) {
+            out.push(to_record(&msg?));
+        }
+    }
+    out.sort_by(|a, b| (&a.topic, a.partition, a.offset).cmp(&(&b.topic, b.partition, b.offset)));
+    Ok(out)
+}
+
+fn to_record(msg: &rdkafka::message::BorrowedMessage<'_>) -> Record {
+    Record {
+        topic: msg.topic().to_string(),
+        partition: msg.partition(),
+        offset: msg.offset(),
+        key: msg.key().map(<[u8]>::to_vec),
+        payload: msg.payload().unwrap_or_default().to_vec(),
+        headers: msg
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
+}
