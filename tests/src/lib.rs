@@ -10,7 +10,7 @@ pub mod relay;
 pub use broker::{read_all, Broker, Record};
 pub use postgres::{
     connect, connect_as, expect_error, peek_wal_events, pgoutput_message, port, replica_port,
-    setup, sqlstate, OwnedEvent, TestDb,
+    restart_cluster, setup, sqlstate, OwnedEvent, TestDb,
 };
 pub use relay::{metric, relay_bin, scrape_metrics, Relay};
 

@@ -1,11 +1,13 @@
 //! PostgreSQL fixtures: connections to the test clusters, a database per test, the extension's
 //! setup, and reading what a slot holds.
 //!
-//! The clusters are started by `make test` (scripts/pgcluster.sh): one with `wal_level=logical` on
-//! `PG_OUTBOX_TEST_PORT` (default 54329) and one with `wal_level=replica` on
-//! `PG_OUTBOX_TEST_REPLICA_PORT` (default 54330). Every test gets its own database, named after the
-//! test, with the extension created and `pg_outbox.slot_name` set to the database name, so tests can
-//! run in parallel without sharing a slot.
+//! The clusters are started by `make test` (scripts/test.sh, with scripts/pgcluster.sh): one with
+//! `wal_level=logical` on `PG_OUTBOX_TEST_PORT`, one with `wal_level=replica` on
+//! `PG_OUTBOX_TEST_REPLICA_PORT`, and a logical one that a test restarts under the relay on
+//! `PG_OUTBOX_TEST_RESTART_PORT` (its data directory in `PG_OUTBOX_TEST_RESTART_PGDATA`); the
+//! defaults are scripts/test.sh's. Every test gets its own database, named after the test, with the
+//! extension created and `pg_outbox.slot_name` set to the database name, so tests can run in
+//! parallel without sharing a slot.
 
 use crate::wait_for;
 use anyhow::{bail, Context, Result};
@@ -13,12 +15,27 @@ use pg_outbox_envelope::{Event, MESSAGE_PREFIX};
 use std::time::Duration;
 use tokio_postgres::{Client, NoTls};
 
+/// The clusters' ports when the environment names none: the same as scripts/test.sh's defaults.
+const DEFAULT_PORT: u16 = 55432;
+const DEFAULT_REPLICA_PORT: u16 = 55433;
+const DEFAULT_RESTART_PORT: u16 = 55434;
+
+/// The `wal_level=logical` cluster.
 pub fn port() -> u16 {
-    env_port("PG_OUTBOX_TEST_PORT", 54329)
+    env_port("PG_OUTBOX_TEST_PORT", DEFAULT_PORT)
 }
 
+/// The `wal_level=replica` cluster.
 pub fn replica_port() -> u16 {
-    env_port("PG_OUTBOX_TEST_REPLICA_PORT", 54330)
+    env_port("PG_OUTBOX_TEST_REPLICA_PORT", DEFAULT_REPLICA_PORT)
+}
+
+/// The cluster a test may restart under the relay: its port and data directory.
+pub fn restart_cluster() -> Result<(u16, String)> {
+    let port = env_port("PG_OUTBOX_TEST_RESTART_PORT", DEFAULT_RESTART_PORT);
+    let pgdata = std::env::var("PG_OUTBOX_TEST_RESTART_PGDATA")
+        .context("PG_OUTBOX_TEST_RESTART_PGDATA not set: run the tests with `make test`")?;
+    Ok((port, pgdata))
 }
 
 fn env_port(name: &str, default: u16) -> u16 {

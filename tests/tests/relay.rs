@@ -4,8 +4,8 @@
 use anyhow::{ensure, Result};
 use pg_outbox_relay::sink::partition::partition_for;
 use pg_outbox_tests::{
-    free_port, metric, port, read_all, scrape_metrics, signal, wait_for, Broker, Record, Relay,
-    TestDb,
+    free_port, metric, port, read_all, restart_cluster, scrape_metrics, signal, wait_for, Broker,
+    Record, Relay, TestDb,
 };
 use rand::{Rng, SeedableRng};
 use std::collections::{HashMap, HashSet};
@@ -536,16 +536,6 @@ async fn missing_publication_is_a_clear_permanent_error() -> Result<()> {
     Ok(())
 }
 
-/// A cluster of its own (PostgreSQL is restarted under the relay), started by `make test`.
-fn restart_cluster() -> Option<(u16, String)> {
-    let port = std::env::var("PG_OUTBOX_TEST_RESTART_PORT")
-        .ok()?
-        .parse()
-        .ok()?;
-    let pgdata = std::env::var("PG_OUTBOX_TEST_RESTART_PGDATA").ok()?;
-    Some((port, pgdata))
-}
-
 /// Writes events 1..=n for one key, one per transaction, riding out connection loss: a business
 /// row with the same number makes a retried transaction idempotent.
 async fn resilient_writer(port: u16, db: String, n: i64) -> Result<()> {
@@ -594,9 +584,8 @@ async fn resilient_writer(port: u16, db: String, n: i64) -> Result<()> {
 
 #[tokio::test]
 async fn postgres_restart_mid_stream_loses_and_duplicates_nothing() -> Result<()> {
-    let Some((pg_port, pgdata)) = restart_cluster() else {
-        anyhow::bail!("PG_OUTBOX_TEST_RESTART_PORT/PGDATA not set: run the tests with `make test`");
-    };
+    // a cluster of its own: PostgreSQL is restarted under the relay
+    let (pg_port, pgdata) = restart_cluster()?;
     let db = TestDb::create("rl_pgrestart", pg_port).await?;
     db.client
         .batch_execute("CREATE TABLE written (n bigint PRIMARY KEY)")
