@@ -9,7 +9,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -100,8 +100,15 @@ impl Record {
     }
 }
 
-/// Reads every partition of `topics` from the beginning until `expected` records arrived or
-/// `timeout` passed; returns what it read, in (topic, partition, offset) order.
+/// Reads every partition of `topics` from the beginning until at least `expected` records arrived
+/// and every partition is read to its end, or `timeout` passed; returns every record it read,
+/// duplicates included, in (topic, partition, offset) order. The caller asserts the exact count.
+///
+/// The end of a partition is its high watermark, but a broker may report less than the end (Tansu
+/// 0.6 reports the last batch's base offset + 1), so reaching the reported marks is not enough:
+/// the marks are fetched again after the consumer went idle, and reading stops only when two
+/// fetches in a row report the same marks and every record below them was read. A record written
+/// after the first of those fetches moves a mark and reading goes on.
 pub fn read_all(
     brokers: &str,
     topics: &[(&str, i32)],
@@ -114,25 +121,43 @@ pub fn read_all(
         .set("enable.auto.commit", "false")
         .create()?;
     let mut tpl = TopicPartitionList::new();
+    // per partition: the offset after the last record read
+    let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
     for (topic, partitions) in topics {
         for p in 0..*partitions {
             tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+            next.insert((topic.to_string(), p), 0);
         }
     }
     consumer.assign(&tpl)?;
     let mut out = Vec::new();
     let deadline = Instant::now() + timeout;
-    while out.len() < expected && Instant::now() < deadline {
-        if let Some(msg) = consumer.poll(Duration::from_millis(100)) {
-            out.push(to_record(&msg?));
+    let mut last_marks: Option<Vec<(i64, i64)>> = None;
+    while Instant::now() < deadline {
+        // everything that is ready, until the consumer is idle for one poll
+        while let Some(msg) = consumer.poll(Duration::from_millis(100)) {
+            let record = to_record(&msg?);
+            next.insert((record.topic.clone(), record.partition), record.offset + 1);
+            out.push(record);
+            if Instant::now() > deadline {
+                break;
+            }
         }
-    }
-    // linger a moment: anything beyond `expected` would be a duplicate
-    let settle = Instant::now() + Duration::from_millis(500);
-    while Instant::now() < settle {
-        if let Some(msg) = consumer.poll(Duration::from_millis(100)) {
-            out.push(to_record(&msg?));
+        if out.len() < expected {
+            continue;
         }
+        let mut marks = Vec::with_capacity(next.len());
+        let mut at_end = true;
+        for ((topic, partition), read_to) in &next {
+            let (low, high) =
+                consumer.fetch_watermarks(topic, *partition, Duration::from_secs(10))?;
+            at_end &= high <= low || *read_to >= high;
+            marks.push((low, high));
+        }
+        if at_end && last_marks.as_ref() == Some(&marks) {
+            break;
+        }
+        last_marks = at_end.then_some(marks);
     }
     out.sort_by(|a, b| (&a.topic, a.partition, a.offset).cmp(&(&b.topic, b.partition, b.offset)));
     Ok(out)
