@@ -133,10 +133,80 @@ impl TestDb {
         .await
     }
 
+    /// The end of the WAL written so far (`pg_current_wal_lsn()`, as text).
+    pub async fn current_wal_lsn(&self) -> Result<String> {
+        Ok(self
+            .client
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await?
+            .get(0))
+    }
+
+    /// Waits until the walsender of this test's slot has sent the WAL up to `lsn`: the relay holds
+    /// every event committed before it, whether or not it could publish them.
+    pub async fn wait_for_sent_lsn(&self, lsn: &str) -> Result<()> {
+        let c = &self.client;
+        let name = self.name.as_str();
+        wait_for(
+            &format!("the relay to receive the WAL up to {lsn}"),
+            Duration::from_secs(30),
+            || async move {
+                Ok(c.query_opt(
+                    "SELECT 1 FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid \
+                     WHERE s.slot_name = $1 AND r.sent_lsn >= $2::text::pg_lsn",
+                    &[&name, &lsn],
+                )
+                .await?
+                .is_some())
+            },
+        )
+        .await
+    }
+
+    /// The slot's confirmed position is at or past `lsn`.
+    pub async fn confirmed_at_least(&self, lsn: &str) -> Result<bool> {
+        Ok(self
+            .client
+            .query_one(
+                "SELECT coalesce(confirmed_flush_lsn >= $2::text::pg_lsn, false) \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.name, &lsn],
+            )
+            .await?
+            .get(0))
+    }
+
     /// Every pg_outbox event this test's slot would deliver, in commit order, without consuming them.
     pub async fn peek_wal_events(&self) -> Result<Vec<OwnedEvent>> {
         peek_wal_events(&self.client, &self.name).await
     }
+}
+
+/// The process id of a session's backend.
+pub async fn backend_pid(client: &Client) -> Result<i32> {
+    Ok(client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await?
+        .get(0))
+}
+
+/// Waits until backend `waiter` waits for a lock that backend `holder` holds, as PostgreSQL sees
+/// it (`pg_blocking_pids`), asking through `client`, a third session.
+pub async fn wait_for_lock_wait(client: &Client, waiter: i32, holder: i32) -> Result<()> {
+    wait_for(
+        &format!("backend {waiter} to wait for a lock of backend {holder}"),
+        Duration::from_secs(30),
+        || async move {
+            Ok(client
+                .query_one(
+                    "SELECT $2::int = ANY (pg_blocking_pids($1::int))",
+                    &[&waiter, &holder],
+                )
+                .await?
+                .get(0))
+        },
+    )
+    .await
 }
 
 /// `CALL outbox.setup()`, tried again when PostgreSQL 15 fails it with "snapshot reference ... is

@@ -101,6 +101,23 @@ impl Relay {
         Ok(self.child.try_wait()?)
     }
 
+    /// Waits until the relay exits by itself (a permanent error), or fails after `timeout`.
+    pub async fn wait_for_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "relay still running after {timeout:?}; log: {}",
+                    self.log.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits until `needle` appears `count` times in the log (relays of one database share it).
     pub async fn wait_for_log(&self, needle: &str, count: usize, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
@@ -142,4 +159,21 @@ pub fn scrape_metrics(addr: &str) -> Result<String> {
 pub fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Waits until the counter `name` at `addr` reaches `at_least`; a relay whose `/metrics` is not up
+/// yet counts as zero.
+pub async fn wait_for_metric(
+    addr: &str,
+    name: &str,
+    at_least: f64,
+    timeout: Duration,
+) -> Result<()> {
+    crate::wait_for(&format!("{name} >= {at_least}"), timeout, || async move {
+        Ok(scrape_metrics(addr)
+            .ok()
+            .and_then(|text| metric(&text, name))
+            .is_some_and(|v| v >= at_least))
+    })
+    .await
 }
