@@ -1,5 +1,6 @@
 //! `consume_events BROKERS COUNT TOPIC:PARTITIONS...`: reads topics from the beginning until COUNT
-//! records arrived (or 60 s passed) and prints them. Used by `make demo`.
+//! records arrived and every partition is read to its end (or 60 s passed) and prints them. Used by
+//! `make demo`.
 
 use anyhow::{Context, Result};
 use std::time::Duration;
