@@ -132,7 +132,7 @@ pub fn read_all(
     consumer.assign(&tpl)?;
     let mut out = Vec::new();
     let deadline = Instant::now() + timeout;
-    let mut last_marks: Option<Vec<(i64, i64)>> = None;
+    let mut last_marks: Option<Vec<i64>> = None;
     while Instant::now() < deadline {
         // everything that is ready, until the consumer is idle for one poll
         while let Some(msg) = consumer.poll(Duration::from_millis(100)) {
@@ -146,14 +146,11 @@ pub fn read_all(
         if out.len() < expected {
             continue;
         }
-        let mut marks = Vec::with_capacity(next.len());
-        let mut at_end = true;
-        for ((topic, partition), read_to) in &next {
-            let (low, high) =
-                consumer.fetch_watermarks(topic, *partition, Duration::from_secs(10))?;
-            at_end &= high <= low || *read_to >= high;
-            marks.push((low, high));
-        }
+        let marks = high_watermarks(&consumer, next.keys())?;
+        let at_end = next
+            .values()
+            .zip(&marks)
+            .all(|(read_to, high)| read_to >= high);
         if at_end && last_marks.as_ref() == Some(&marks) {
             break;
         }
@@ -161,6 +158,36 @@ pub fn read_all(
     }
     out.sort_by(|a, b| (&a.topic, a.partition, a.offset).cmp(&(&b.topic, b.partition, b.offset)));
     Ok(out)
+}
+
+/// The high watermarks of `partitions`, in their order, in one request (a ListOffsets for the
+/// latest offset of each, where `fetch_watermarks` would send two per partition).
+fn high_watermarks<'a>(
+    consumer: &BaseConsumer,
+    partitions: impl Iterator<Item = &'a (String, i32)>,
+) -> Result<Vec<i64>> {
+    let mut tpl = TopicPartitionList::new();
+    let mut order = Vec::new();
+    for (topic, partition) in partitions {
+        tpl.add_partition_offset(topic, *partition, Offset::End)?;
+        order.push((topic.as_str(), *partition));
+    }
+    let ends = consumer.offsets_for_times(tpl, Duration::from_secs(10))?;
+    order
+        .into_iter()
+        .map(|(topic, partition)| {
+            let e = ends
+                .find_partition(topic, partition)
+                .with_context(|| format!("no end offset for {topic}[{partition}]"))?;
+            e.error()?;
+            match e.offset() {
+                Offset::Offset(high) => Ok(high),
+                // nothing written yet
+                Offset::End | Offset::Beginning => Ok(0),
+                other => bail!("end of {topic}[{partition}]: {other:?}"),
+            }
+        })
+        .collect()
 }
 
 fn to_record(msg: &rdkafka::message::BorrowedMessage<'_>) -> Record {
