@@ -508,6 +508,7 @@ async fn broker_unreachable_at_start_then_stopped_mid_stream() -> Result<()> {
         &scrape_metrics(&metrics_addr)?,
         "pg_outbox_relay_events_published_total",
     );
+    println!("published before the broker thawed: {published:?} of 2000");
     assert!(
         published.is_some_and(|p| p < 2000.0),
         "the frozen broker acknowledged everything: {published:?}"
