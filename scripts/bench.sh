@@ -112,7 +112,7 @@ echo "$table"
 
 # --- relay drain ------------------------------------------------------------------------------------
 echo "bench: building the relay and the raw producer (release)"
-cargo build -q --release -p pg_outbox_relay -p pg_outbox_tests --bin pg-outbox-relay --bin raw_produce \
+cargo build -q --release -p pg_outbox_relay -p pg_outbox_bench --bin pg-outbox-relay --bin raw_produce \
     --bin raw_consume --bin latency
 stage_broker "$KAFKA_PORT" b0:3 b1:3 b2:3 b3:3 r0:3 r1:3 r2:3 r3:3 lat:3 i0:3
 BROKERS=127.0.0.1:$KAFKA_PORT

@@ -11,7 +11,7 @@ METRICS=127.0.0.1:${PG_OUTBOX_DEMO_METRICS_PORT:-19393}
 BROKERS=127.0.0.1:$KAFKA_PORT
 
 stage_begin
-cargo build -q -p pg_outbox_relay -p pg_outbox_tests --bins
+cargo build -q -p pg_outbox_relay -p pg_outbox_bench --bins
 RELAY=target/debug/pg-outbox-relay
 psql_() { psql -X -q -h 127.0.0.1 -p "$PORT" -U postgres -d postgres "$@"; }
 

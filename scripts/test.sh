@@ -22,6 +22,7 @@ cargo build -q -p pg_outbox_relay -p saga_example
 export PG_OUTBOX_RELAY_BIN=$PWD/target/debug/pg-outbox-relay
 export PG_OUTBOX_SAGA_BIN=$PWD/target/debug/saga-order-service
 
+# the same defaults as the fixtures' (tests/src/postgres.rs)
 export PG_OUTBOX_TEST_PORT=${PG_OUTBOX_TEST_PORT:-55432}
 export PG_OUTBOX_TEST_REPLICA_PORT=${PG_OUTBOX_TEST_REPLICA_PORT:-55433}
 export PG_OUTBOX_TEST_RESTART_PORT=${PG_OUTBOX_TEST_RESTART_PORT:-55434}

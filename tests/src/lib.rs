@@ -1,233 +1,22 @@
-//! Fixtures shared by the integration tests.
-//!
-//! The clusters are started by `make test` (scripts/pgcluster.sh): one with `wal_level=logical` on
-//! `PG_OUTBOX_TEST_PORT` (default 54329) and one with `wal_level=replica` on
-//! `PG_OUTBOX_TEST_REPLICA_PORT` (default 54330). Every test gets its own database, named after the
-//! test, with the extension created and `pg_outbox.slot_name` set to the database name, so tests can
-//! run in parallel without sharing a slot.
+//! Fixtures shared by the integration tests, one module per thing they start:
+//! - [`postgres`]: connections to the test clusters and a database of its own per test;
+//! - [`broker`]: a Tansu broker per test, and reading back what reached Kafka;
+//! - [`relay`]: the relay as a child process, and its `/metrics`.
 
-pub mod kafka;
+pub mod broker;
+pub mod postgres;
+pub mod relay;
 
-use anyhow::{bail, Context, Result};
-use pg_outbox_envelope::{Event, MESSAGE_PREFIX};
-use tokio_postgres::{Client, NoTls};
+pub use broker::{read_all, Broker, Record};
+pub use postgres::{
+    backend_pid, connect, connect_as, expect_error, peek_wal_events, pgoutput_message, port,
+    replica_port, restart_cluster, setup, sqlstate, wait_for_lock_wait, OwnedEvent, TestDb,
+};
+pub use relay::{metric, relay_bin, scrape_metrics, wait_for_metric, Relay};
 
-pub fn port() -> u16 {
-    env_port("PG_OUTBOX_TEST_PORT", 54329)
-}
-
-pub fn replica_port() -> u16 {
-    env_port("PG_OUTBOX_TEST_REPLICA_PORT", 54330)
-}
-
-fn env_port(name: &str, default: u16) -> u16 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// Connects as `user` to `db` on the local test cluster at `port`.
-pub async fn connect_as(port: u16, db: &str, user: &str) -> Result<Client> {
-    let conninfo = format!("host=127.0.0.1 port={port} user={user} dbname={db}");
-    let (client, connection) = tokio_postgres::connect(&conninfo, NoTls)
-        .await
-        .with_context(|| {
-            format!("cannot connect to {conninfo}; run the tests with `make test`, which starts the clusters")
-        })?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
-}
-
-pub async fn connect(port: u16, db: &str) -> Result<Client> {
-    connect_as(port, db, "postgres").await
-}
-
-/// A database of its own for one test.
-pub struct TestDb {
-    pub name: String,
-    pub port: u16,
-    pub client: Client,
-}
-
-impl TestDb {
-    /// Drops what a previous run left (slot, database), then creates the database and the extension.
-    pub async fn create(name: &str, port: u16) -> Result<TestDb> {
-        let admin = connect(port, "postgres").await?;
-        admin
-            .execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
-                &[&name],
-            )
-            .await?;
-        // one statement per call: DROP/CREATE DATABASE refuse to run in an implicit transaction
-        for sql in [
-            format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
-            format!("CREATE DATABASE {name}"),
-            format!("ALTER DATABASE {name} SET pg_outbox.slot_name = '{name}'"),
-        ] {
-            admin.batch_execute(&sql).await?;
-        }
-        let client = connect(port, name).await?;
-        client.batch_execute("CREATE EXTENSION pg_outbox").await?;
-        // relay logs of this test start empty (kafka::Relay appends across restarts)
-        let _ = std::fs::remove_file(std::env::temp_dir().join(format!("relay-{name}.log")));
-        Ok(TestDb {
-            name: name.to_string(),
-            port,
-            client,
-        })
-    }
-
-    /// A second session on the same database.
-    pub async fn session(&self) -> Result<Client> {
-        connect(self.port, &self.name).await
-    }
-
-    pub async fn session_as(&self, user: &str) -> Result<Client> {
-        connect_as(self.port, &self.name, user).await
-    }
-
-    /// Creates the publication and the slot through the extension's own setup procedure.
-    pub async fn create_slot(&self) -> Result<()> {
-        setup(&self.client).await
-    }
-
-    /// Every pg_outbox event this test's slot would deliver, in commit order, without consuming them.
-    pub async fn peek_wal_events(&self) -> Result<Vec<OwnedEvent>> {
-        peek_wal_events(&self.client, &self.name).await
-    }
-}
-
-/// `CALL outbox.setup()`, tried again when PostgreSQL 15 fails it with "snapshot reference ... is
-/// not owned by resource owner TopTransaction" (XX000). That internal error comes now and then from
-/// `pg_create_logical_replication_slot` called from PL/pgSQL while other sessions' transactions
-/// are running, as they are when tests run in parallel; the slot is not created, and a second try
-/// succeeds. The relay retries its setup the same way.
-pub async fn setup(client: &Client) -> Result<()> {
-    for attempt in 1.. {
-        match client.batch_execute("CALL outbox.setup()").await {
-            Ok(()) => return Ok(()),
-            Err(e)
-                if attempt < 5
-                    && e.as_db_error().is_some_and(|d| {
-                        d.code().code() == "XX000" && d.message().contains("snapshot reference")
-                    }) =>
-            {
-                eprintln!("outbox.setup hit PostgreSQL's snapshot-reference error; trying again");
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    unreachable!()
-}
-
-/// Every pg_outbox event `slot` would deliver (pgoutput, publication of the same name), in commit
-/// order, without consuming them.
-pub async fn peek_wal_events(client: &Client, slot: &str) -> Result<Vec<OwnedEvent>> {
-    let rows = client
-        .query(
-            "SELECT data FROM pg_logical_slot_peek_binary_changes($1::text::name, NULL, NULL, \
-             'proto_version', '1', 'publication_names', $1::text, 'messages', 'true')",
-            &[&slot],
-        )
-        .await?;
-    let mut events = Vec::new();
-    for row in rows {
-        let data: Vec<u8> = row.get(0);
-        if let Some(content) = pgoutput_message(&data, MESSAGE_PREFIX)? {
-            let event = Event::decode(content).context("decoding envelope")?;
-            events.push(OwnedEvent::from(&event));
-        }
-    }
-    Ok(events)
-}
-
-/// The content of a pgoutput logical message ('M') with `prefix`, or None for any other message.
-///
-/// Layout: 'M', flags (u8, 1 = transactional), LSN (u64), prefix (NUL-terminated), length (u32), bytes.
-pub fn pgoutput_message<'a>(data: &'a [u8], prefix: &str) -> Result<Option<&'a [u8]>> {
-    if data.first() != Some(&b'M') {
-        return Ok(None);
-    }
-    if data.len() < 10 {
-        bail!("short pgoutput message");
-    }
-    if data[1] != 1 {
-        bail!("pg_outbox message is not transactional (flags {})", data[1]);
-    }
-    let rest = &data[10..];
-    let nul = rest
-        .iter()
-        .position(|&b| b == 0)
-        .context("prefix without NUL")?;
-    if &rest[..nul] != prefix.as_bytes() {
-        return Ok(None);
-    }
-    let rest = &rest[nul + 1..];
-    let len = u32::from_be_bytes(rest[..4].try_into()?) as usize;
-    let content = &rest[4..];
-    if content.len() != len {
-        bail!("message length {len} but {} bytes", content.len());
-    }
-    Ok(Some(content))
-}
-
-/// An event decoded from WAL, owning its data.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OwnedEvent {
-    pub id: uuid::Uuid,
-    pub topic: String,
-    pub key: Option<String>,
-    pub headers: Vec<(String, Vec<u8>)>,
-    pub trace_context: Option<String>,
-    pub payload_is_json: bool,
-    pub payload: Vec<u8>,
-}
-
-impl From<&Event<'_>> for OwnedEvent {
-    fn from(e: &Event<'_>) -> Self {
-        OwnedEvent {
-            id: uuid::Uuid::from_bytes(e.id),
-            topic: e.topic.to_string(),
-            key: e.key.map(str::to_string),
-            headers: e
-                .headers
-                .iter()
-                .map(|(n, v)| (n.to_string(), v.to_vec()))
-                .collect(),
-            trace_context: e.trace_context.map(str::to_string),
-            payload_is_json: e.payload_is_json,
-            payload: e.payload.to_vec(),
-        }
-    }
-}
-
-/// The SQLSTATE of a database error, or a description of why there is none.
-pub fn sqlstate(err: &tokio_postgres::Error) -> String {
-    err.code()
-        .map(|c| c.code().to_string())
-        .unwrap_or_else(|| format!("no SQLSTATE: {err}"))
-}
-
-/// Runs `sql` expecting an error; returns its SQLSTATE, message and hint.
-pub async fn expect_error(client: &Client, sql: &str) -> Result<(String, String, Option<String>)> {
-    match client.batch_execute(sql).await {
-        Ok(()) => bail!("expected an error from: {sql}"),
-        Err(e) => {
-            let db = e
-                .as_db_error()
-                .with_context(|| format!("not a database error: {e}"))?;
-            Ok((
-                db.code().code().to_string(),
-                db.message().to_string(),
-                db.hint().map(str::to_string),
-            ))
-        }
-    }
-}
+use anyhow::{bail, Result};
+use std::net::TcpListener;
+use std::process::Command;
 
 /// Waits until `check` returns true, polling every 100 ms, or fails after `timeout`.
 pub async fn wait_for<F, Fut>(what: &str, timeout: std::time::Duration, mut check: F) -> Result<()>
@@ -247,24 +36,22 @@ where
     }
 }
 
-impl TestDb {
-    /// Waits until the relay streams from this test's slot (a walsender holds it; merely "active"
-    /// is also true while the slot is still being created, when enqueue rightly refuses).
-    pub async fn wait_for_active_slot(&self) -> Result<()> {
-        let c = &self.client;
-        let name = self.name.clone();
-        wait_for("the relay to hold the slot", std::time::Duration::from_secs(30), || {
-            let name = name.clone();
-            async move {
-                Ok(c.query_opt(
-                    "SELECT 1 FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid \
-                     WHERE s.slot_name = $1",
-                    &[&name],
-                )
-                .await?
-                .is_some())
-            }
-        })
-        .await
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Sends a signal to a process (kill -9, SIGSTOP, SIGCONT, SIGTERM).
+pub fn signal(pid: u32, sig: &str) -> Result<()> {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()?;
+    if !status.success() {
+        bail!("kill -{sig} {pid} failed");
     }
+    Ok(())
 }

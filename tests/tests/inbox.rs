@@ -3,7 +3,8 @@
 //! purge keeps every dedup record that may still be needed.
 
 use anyhow::Result;
-use pg_outbox_tests::{expect_error, port, TestDb};
+use pg_outbox_tests::{backend_pid, expect_error, port, wait_for, wait_for_lock_wait, TestDb};
+use std::time::Duration;
 use tokio_postgres::Client;
 
 async fn try_receive_in_tx(
@@ -60,6 +61,7 @@ async fn try_receive_of_a_rolled_back_transaction_does_not_count() -> Result<()>
     let db = TestDb::create("ib_rollback", port()).await?;
     let a = db.session().await?;
     let b = db.session().await?;
+    let (a_pid, b_pid) = (backend_pid(&a).await?, backend_pid(&b).await?);
     // a holds the id in an open transaction; b waits for it; a rolls back; b gets it
     a.batch_execute("BEGIN").await?;
     let first: bool = a
@@ -74,7 +76,7 @@ async fn try_receive_of_a_rolled_back_transaction_does_not_count() -> Result<()>
             .get(0);
         anyhow::Ok(got)
     });
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    wait_for_lock_wait(&db.client, b_pid, a_pid).await?;
     assert!(!waiting.is_finished(), "b must wait for a's transaction");
     a.batch_execute("ROLLBACK").await?;
     assert!(waiting.await??, "a rolled back, so b receives the message");
@@ -173,6 +175,7 @@ async fn concurrent_first_stores_do_not_lose_the_check() -> Result<()> {
     let db = TestDb::create("ib_offsets_race", port()).await?;
     let a = db.session().await?;
     let b = db.session().await?;
+    let (a_pid, b_pid) = (backend_pid(&a).await?, backend_pid(&b).await?);
     // both start from "no row"; the second to commit must still refuse to go backwards
     a.batch_execute("BEGIN; SELECT inbox.store_offset('billing', 'orders', 0, 100)")
         .await?;
@@ -180,7 +183,9 @@ async fn concurrent_first_stores_do_not_lose_the_check() -> Result<()> {
         b.batch_execute("SELECT inbox.store_offset('billing', 'orders', 0, 50)")
             .await
     });
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // the race is real only if b is inside its store, blocked by a's uncommitted first row
+    wait_for_lock_wait(&db.client, b_pid, a_pid).await?;
+    assert!(!waiting.is_finished(), "b must wait for a's transaction");
     a.batch_execute("COMMIT").await?;
     let err = waiting.await?.expect_err("going from 100 to 50 must fail");
     assert_eq!(pg_outbox_tests::sqlstate(&err), "22023");
@@ -301,7 +306,17 @@ async fn claim_hands_each_message_to_one_worker_and_dead_letters_after_the_limit
             &[],
         )
         .await?);
-    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    assert_eq!(first.len(), 1, "a1 is claimed");
+    // the lease runs out by the database's clock, the one claim compares with
+    wait_for("a1's lease to run out", Duration::from_secs(10), || async {
+        Ok(c.query_one(
+            "SELECT visible_at <= now() FROM inbox.messages WHERE consumer = 'audit' AND message_id = 'a1'",
+            &[],
+        )
+        .await?
+        .get::<_, bool>(0))
+    })
+    .await?;
     let again = ids(c
         .query("SELECT * FROM inbox.claim('audit', 1)", &[])
         .await?);

@@ -2,8 +2,7 @@
 //! exactly once with its offset, whatever is killed when, and a worker's side effects happen once.
 
 use anyhow::Result;
-use pg_outbox_tests::kafka::{Broker, Relay};
-use pg_outbox_tests::{port, wait_for, TestDb};
+use pg_outbox_tests::{port, wait_for, Broker, Relay, TestDb};
 use rand::{Rng, SeedableRng};
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -100,6 +99,7 @@ async fn ingest_killed_at_random_moments_records_every_message_once() -> Result<
                     let e = ends.entry(part).or_insert(0);
                     *e = (*e).max(off + 1);
                 }
+                // pacing: the stream arrives in bursts while the ingest is killed and restarted
                 tokio::time::sleep(Duration::from_millis(rng.random_range(0..100))).await;
             }
         }
@@ -113,6 +113,7 @@ async fn ingest_killed_at_random_moments_records_every_message_once() -> Result<
 
     let mut kills = 0;
     while !producing.is_finished() || kills < 10 {
+        // the random moment of the kill is the point of the test, not a wait for anything
         tokio::time::sleep(Duration::from_millis(rand::rng().random_range(150..700))).await;
         ingest.kill9()?;
         kills += 1;
@@ -257,8 +258,12 @@ async fn a_worker_killed_mid_transaction_changes_nothing_and_its_messages_are_pr
             .await?;
     }
     let pid: i32 = a.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
-    c.query_one("SELECT pg_terminate_backend($1)", &[&pid])
-        .await?;
+    // wait (up to 10 s) until A is gone and its transaction rolled back
+    let gone: bool = c
+        .query_one("SELECT pg_terminate_backend($1, 10000)", &[&pid])
+        .await?
+        .get(0);
+    assert!(gone, "worker A terminated");
     // worker B (and a committed-claim worker C whose lease runs out) finish the job
     let c2 = db.session().await?;
     c2.batch_execute(
@@ -267,15 +272,19 @@ async fn a_worker_killed_mid_transaction_changes_nothing_and_its_messages_are_pr
     .await?;
     drop(c2);
     let b = db.session().await?;
-    let mut done = 0;
-    for _ in 0..100 {
-        done += work_once(&b, "30 seconds").await?;
-        if done == 50 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(done, 50);
+    // B works until every message is done; C's three come back when their lease runs out
+    let done = std::cell::Cell::new(0);
+    let (b, done_ref) = (&b, &done);
+    wait_for(
+        "worker B to process 50 messages",
+        Duration::from_secs(30),
+        || async move {
+            done_ref.set(done_ref.get() + work_once(b, "30 seconds").await?);
+            Ok(done_ref.get() >= 50)
+        },
+    )
+    .await?;
+    assert_eq!(done.get(), 50);
     let (rows, distinct): (i64, i64) = {
         let r = c
             .query_one(

@@ -3,10 +3,10 @@
 
 use anyhow::{ensure, Result};
 use pg_outbox_relay::sink::partition::partition_for;
-use pg_outbox_tests::kafka::{
-    free_port, metric, read_all, scrape_metrics, signal, Broker, Record, Relay,
+use pg_outbox_tests::{
+    free_port, metric, port, read_all, relay_bin, restart_cluster, scrape_metrics, signal,
+    wait_for, wait_for_metric, Broker, Record, Relay, TestDb,
 };
-use pg_outbox_tests::{port, wait_for, TestDb};
 use rand::{Rng, SeedableRng};
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -313,6 +313,7 @@ async fn crash_run(
                     &[&keys, &payloads],
                 )
                 .await?;
+            // pacing: transactions keep coming while the relay is killed and restarted
             tokio::time::sleep(Duration::from_millis(rng.random_range(0..80))).await;
         }
         anyhow::Ok(())
@@ -328,6 +329,7 @@ async fn crash_run(
         relay
             .wait_for_log(streaming, kills + 1, Duration::from_secs(60))
             .await?;
+        // the random moment of the kill is the point of the test, not a wait for anything
         let wait = rand::rng().random_range(200..1500);
         tokio::time::sleep(Duration::from_millis(wait)).await;
         relay.kill9()?;
@@ -447,16 +449,31 @@ async fn poison_events_are_dead_lettered_and_the_stream_goes_on() -> Result<()> 
 #[tokio::test]
 async fn broker_unreachable_at_start_then_stopped_mid_stream() -> Result<()> {
     let db = TestDb::create("rl_broker", port()).await?;
-    let broker_port = pg_outbox_tests::kafka::free_port();
+    let broker_port = free_port();
     let brokers = format!("127.0.0.1:{broker_port}");
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
     // the relay starts while nothing listens on the broker port
-    let _relay = Relay::start(db.port, &db.name, &brokers, &[])?;
+    let _relay = Relay::start(
+        db.port,
+        &db.name,
+        &brokers,
+        &["--metrics-addr", &metrics_addr],
+    )?;
     db.wait_for_active_slot().await?;
     let c = &db.client;
+    let mut after_first = String::new();
     for n in 1..=100 {
         enqueue(c, "orders", "k", &format!(r#"{{"n": {n}}}"#)).await?;
+        if n == 1 {
+            after_first = db.current_wal_lsn().await?;
+        }
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // the relay holds all 100 events and has no broker to give them to: it confirms none
+    db.wait_for_sent_lsn(&db.current_wal_lsn().await?).await?;
+    assert!(
+        !db.confirmed_at_least(&after_first).await?,
+        "the slot confirmed an event no broker acknowledged"
+    );
     let broker = Broker::start_on(broker_port)?;
     broker.create_topic("orders", 2).await?;
     let records = read_all(&brokers, &[("orders", 2)], 100, READ_TIMEOUT)?;
@@ -475,11 +492,28 @@ async fn broker_unreachable_at_start_then_stopped_mid_stream() -> Result<()> {
         }
         anyhow::Ok(())
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // mid-stream: the relay is publishing the new events
+    wait_for_metric(
+        &metrics_addr,
+        "pg_outbox_relay_events_published_total",
+        101.0,
+        Duration::from_secs(60),
+    )
+    .await?;
     signal(broker.pid(), "STOP")?;
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    signal(broker.pid(), "CONT")?;
+    // while the broker is frozen, the rest of the stream is committed and reaches the relay
     writing.await??;
+    db.wait_for_sent_lsn(&db.current_wal_lsn().await?).await?;
+    let published = metric(
+        &scrape_metrics(&metrics_addr)?,
+        "pg_outbox_relay_events_published_total",
+    );
+    println!("published before the broker thawed: {published:?} of 2000");
+    assert!(
+        published.is_some_and(|p| p < 2000.0),
+        "the frozen broker acknowledged everything: {published:?}"
+    );
+    signal(broker.pid(), "CONT")?;
     let records = read_all(&brokers, &[("orders", 2)], 2000, READ_TIMEOUT)?;
     assert_exactly_once_in_order(&records, 2000)
 }
@@ -497,15 +531,8 @@ async fn missing_publication_is_a_clear_permanent_error() -> Result<()> {
         &broker.bootstrap(),
         &["--create-slot", "false"],
     )?;
-    let mut status = None;
-    for _ in 0..100 {
-        status = relay.try_wait()?;
-        if status.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let status = status.expect("the relay must stop on a permanent error");
+    // the relay must stop on a permanent error
+    let status = relay.wait_for_exit(Duration::from_secs(30)).await?;
     assert!(!status.success());
     let log = relay.log_text();
     assert!(
@@ -514,7 +541,7 @@ async fn missing_publication_is_a_clear_permanent_error() -> Result<()> {
         "{log}"
     );
     // `check` says what to fix
-    let out = std::process::Command::new(pg_outbox_tests::kafka::relay_bin())
+    let out = std::process::Command::new(relay_bin())
         .args([
             "check",
             "--pg-port",
@@ -536,16 +563,6 @@ async fn missing_publication_is_a_clear_permanent_error() -> Result<()> {
     Ok(())
 }
 
-/// A cluster of its own (PostgreSQL is restarted under the relay), started by `make test`.
-fn restart_cluster() -> Option<(u16, String)> {
-    let port = std::env::var("PG_OUTBOX_TEST_RESTART_PORT")
-        .ok()?
-        .parse()
-        .ok()?;
-    let pgdata = std::env::var("PG_OUTBOX_TEST_RESTART_PGDATA").ok()?;
-    Some((port, pgdata))
-}
-
 /// Writes events 1..=n for one key, one per transaction, riding out connection loss: a business
 /// row with the same number makes a retried transaction idempotent.
 async fn resilient_writer(port: u16, db: String, n: i64) -> Result<()> {
@@ -557,6 +574,7 @@ async fn resilient_writer(port: u16, db: String, n: i64) -> Result<()> {
             _ => {
                 match pg_outbox_tests::connect(port, &db).await {
                     Ok(c) => client = Some(c),
+                    // backoff while PostgreSQL restarts
                     Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 }
                 continue;
@@ -585,6 +603,7 @@ async fn resilient_writer(port: u16, db: String, n: i64) -> Result<()> {
             Ok(()) => i += 1,
             Err(_) => {
                 client = None;
+                // backoff while PostgreSQL restarts
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
@@ -594,9 +613,8 @@ async fn resilient_writer(port: u16, db: String, n: i64) -> Result<()> {
 
 #[tokio::test]
 async fn postgres_restart_mid_stream_loses_and_duplicates_nothing() -> Result<()> {
-    let Some((pg_port, pgdata)) = restart_cluster() else {
-        anyhow::bail!("PG_OUTBOX_TEST_RESTART_PORT/PGDATA not set: run the tests with `make test`");
-    };
+    // a cluster of its own: PostgreSQL is restarted under the relay
+    let (pg_port, pgdata) = restart_cluster()?;
     let db = TestDb::create("rl_pgrestart", pg_port).await?;
     db.client
         .batch_execute("CREATE TABLE written (n bigint PRIMARY KEY)")
@@ -690,7 +708,14 @@ async fn table_mode_publishes_exactly_the_committed_rows_and_removes_them() -> R
     open.batch_execute("BEGIN").await?;
     let late = enqueue(&open, "orders", "carol", r#"{"n": 1}"#).await?;
     c.batch_execute("COMMIT").await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // the relay polls past the open transaction: it publishes and removes every committed row
+    // (the open one's row is invisible here) while that transaction is still in flight
+    wait_for(
+        "the committed rows to be published and removed",
+        Duration::from_secs(30),
+        || async { Ok(outbox_rows(c).await? == 0) },
+    )
+    .await?;
     open.batch_execute("COMMIT").await?;
     expected.push(late);
 

@@ -3,8 +3,7 @@
 //! processes (two WAL relays, two ingests) killed and restarted while it runs.
 
 use anyhow::{Context, Result};
-use pg_outbox_tests::kafka::{Broker, Relay};
-use pg_outbox_tests::{port, TestDb};
+use pg_outbox_tests::{port, Broker, Relay, TestDb};
 use rand::Rng;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -97,6 +96,7 @@ async fn saga_under_load_with_relays_killed_decides_every_order_exactly_once() -
     // kill -9 a random relay process now and then, and restart it, until every order is decided
     let mut kills = 0;
     let outcome = loop {
+        // a random interval between kills is the point; the loop ends on the order service's exit
         tokio::time::sleep(Duration::from_millis(rand::rng().random_range(300..900))).await;
         if let Some(status) = process.0.try_wait()? {
             break status;

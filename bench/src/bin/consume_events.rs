@@ -1,5 +1,6 @@
 //! `consume_events BROKERS COUNT TOPIC:PARTITIONS...`: reads topics from the beginning until COUNT
-//! records arrived (or 60 s passed) and prints them. Used by `make demo`.
+//! records arrived and every partition is read to its end (or 60 s passed) and prints them. Used by
+//! `make demo`.
 
 use anyhow::{Context, Result};
 use std::time::Duration;
@@ -18,7 +19,7 @@ fn main() -> Result<()> {
         })
         .collect::<Result<_>>()?;
     let refs: Vec<(&str, i32)> = topics.iter().map(|(t, n)| (t.as_str(), *n)).collect();
-    let records = pg_outbox_tests::kafka::read_all(brokers, &refs, count, Duration::from_secs(60))?;
+    let records = pg_outbox_tests::read_all(brokers, &refs, count, Duration::from_secs(60))?;
     println!("{} record(s) in Kafka:", records.len());
     for r in &records {
         println!(

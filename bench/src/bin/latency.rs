@@ -20,7 +20,7 @@
 //! in Kafka with the same event id).
 
 use anyhow::{bail, Context, Result};
-use pg_outbox_tests::kafka::scrape_metrics;
+use pg_outbox_tests::scrape_metrics;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};

@@ -1,0 +1,209 @@
+//! Kafka-side fixtures: a Tansu broker per test (memory storage, its own port) and a consumer that
+//! reads back everything the relay published.
+
+use crate::free_port;
+use anyhow::{bail, Context, Result};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::{BTreeMap, HashMap};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A Tansu broker with in-memory storage on its own port; killed on drop.
+pub struct Broker {
+    pub port: u16,
+    child: Child,
+}
+
+impl Broker {
+    pub fn start() -> Result<Broker> {
+        Self::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> Result<Broker> {
+        let url = format!("tcp://127.0.0.1:{port}");
+        let log = std::fs::File::create(std::env::temp_dir().join(format!("tansu-{port}.log")))?;
+        let child = Command::new("tansu")
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting tansu (scripts/setup.sh installs it)")?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("tansu did not listen on {port}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Broker { port, child })
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub async fn create_topic(&self, name: &str, partitions: i32) -> Result<()> {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .create()?;
+        let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        let results = admin.create_topics([&topic], &AdminOptions::new()).await?;
+        for r in results {
+            r.map_err(|(t, e)| anyhow::anyhow!("creating topic {t}: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One record read back from Kafka.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: HashMap<String, Vec<u8>>,
+}
+
+impl Record {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(name)
+            .and_then(|v| std::str::from_utf8(v).ok())
+    }
+    pub fn id(&self) -> String {
+        self.header("pg_outbox-id").unwrap_or_default().to_string()
+    }
+}
+
+/// Reads every partition of `topics` from the beginning until at least `expected` records arrived
+/// and every partition is read to its end, or `timeout` passed; returns every record it read,
+/// duplicates included, in (topic, partition, offset) order. The caller asserts the exact count.
+///
+/// The end of a partition is its high watermark, but a broker may report less than the end (Tansu
+/// 0.6 reports the last batch's base offset + 1), so reaching the reported marks is not enough:
+/// the marks are fetched again after the consumer went idle, and reading stops only when two
+/// fetches in a row report the same marks and every record below them was read. A record written
+/// after the first of those fetches moves a mark and reading goes on.
+pub fn read_all(
+    brokers: &str,
+    topics: &[(&str, i32)],
+    expected: usize,
+    timeout: Duration,
+) -> Result<Vec<Record>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "pg_outbox-tests")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    // per partition: the offset after the last record read
+    let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    for (topic, partitions) in topics {
+        for p in 0..*partitions {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+            next.insert((topic.to_string(), p), 0);
+        }
+    }
+    consumer.assign(&tpl)?;
+    let mut out = Vec::new();
+    let deadline = Instant::now() + timeout;
+    let mut last_marks: Option<Vec<i64>> = None;
+    while Instant::now() < deadline {
+        // everything that is ready, until the consumer is idle for one poll
+        while let Some(msg) = consumer.poll(Duration::from_millis(100)) {
+            let record = to_record(&msg?);
+            next.insert((record.topic.clone(), record.partition), record.offset + 1);
+            out.push(record);
+            if Instant::now() > deadline {
+                break;
+            }
+        }
+        if out.len() < expected {
+            continue;
+        }
+        let marks = high_watermarks(&consumer, next.keys())?;
+        let at_end = next
+            .values()
+            .zip(&marks)
+            .all(|(read_to, high)| read_to >= high);
+        if at_end && last_marks.as_ref() == Some(&marks) {
+            break;
+        }
+        last_marks = at_end.then_some(marks);
+    }
+    out.sort_by(|a, b| (&a.topic, a.partition, a.offset).cmp(&(&b.topic, b.partition, b.offset)));
+    Ok(out)
+}
+
+/// The high watermarks of `partitions`, in their order, in one request (a ListOffsets for the
+/// latest offset of each, where `fetch_watermarks` would send two per partition).
+fn high_watermarks<'a>(
+    consumer: &BaseConsumer,
+    partitions: impl Iterator<Item = &'a (String, i32)>,
+) -> Result<Vec<i64>> {
+    let mut tpl = TopicPartitionList::new();
+    let mut order = Vec::new();
+    for (topic, partition) in partitions {
+        tpl.add_partition_offset(topic, *partition, Offset::End)?;
+        order.push((topic.as_str(), *partition));
+    }
+    let ends = consumer.offsets_for_times(tpl, Duration::from_secs(10))?;
+    order
+        .into_iter()
+        .map(|(topic, partition)| {
+            let e = ends
+                .find_partition(topic, partition)
+                .with_context(|| format!("no end offset for {topic}[{partition}]"))?;
+            e.error()?;
+            match e.offset() {
+                Offset::Offset(high) => Ok(high),
+                // nothing written yet
+                Offset::End | Offset::Beginning => Ok(0),
+                other => bail!("end of {topic}[{partition}]: {other:?}"),
+            }
+        })
+        .collect()
+}
+
+fn to_record(msg: &rdkafka::message::BorrowedMessage<'_>) -> Record {
+    Record {
+        topic: msg.topic().to_string(),
+        partition: msg.partition(),
+        offset: msg.offset(),
+        key: msg.key().map(<[u8]>::to_vec),
+        payload: msg.payload().unwrap_or_default().to_vec(),
+        headers: msg
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
+}

@@ -1,0 +1,338 @@
+//! PostgreSQL fixtures: connections to the test clusters, a database per test, the extension's
+//! setup, and reading what a slot holds.
+//!
+//! The clusters are started by `make test` (scripts/test.sh, with scripts/pgcluster.sh): one with
+//! `wal_level=logical` on `PG_OUTBOX_TEST_PORT`, one with `wal_level=replica` on
+//! `PG_OUTBOX_TEST_REPLICA_PORT`, and a logical one that a test restarts under the relay on
+//! `PG_OUTBOX_TEST_RESTART_PORT` (its data directory in `PG_OUTBOX_TEST_RESTART_PGDATA`); the
+//! defaults are scripts/test.sh's. Every test gets its own database, named after the test, with the
+//! extension created and `pg_outbox.slot_name` set to the database name, so tests can run in
+//! parallel without sharing a slot.
+
+use crate::wait_for;
+use anyhow::{bail, Context, Result};
+use pg_outbox_envelope::{Event, MESSAGE_PREFIX};
+use std::time::Duration;
+use tokio_postgres::{Client, NoTls};
+
+/// The clusters' ports when the environment names none: the same as scripts/test.sh's defaults.
+const DEFAULT_PORT: u16 = 55432;
+const DEFAULT_REPLICA_PORT: u16 = 55433;
+const DEFAULT_RESTART_PORT: u16 = 55434;
+
+/// The `wal_level=logical` cluster.
+pub fn port() -> u16 {
+    env_port("PG_OUTBOX_TEST_PORT", DEFAULT_PORT)
+}
+
+/// The `wal_level=replica` cluster.
+pub fn replica_port() -> u16 {
+    env_port("PG_OUTBOX_TEST_REPLICA_PORT", DEFAULT_REPLICA_PORT)
+}
+
+/// The cluster a test may restart under the relay: its port and data directory.
+pub fn restart_cluster() -> Result<(u16, String)> {
+    let port = env_port("PG_OUTBOX_TEST_RESTART_PORT", DEFAULT_RESTART_PORT);
+    let pgdata = std::env::var("PG_OUTBOX_TEST_RESTART_PGDATA")
+        .context("PG_OUTBOX_TEST_RESTART_PGDATA not set: run the tests with `make test`")?;
+    Ok((port, pgdata))
+}
+
+fn env_port(name: &str, default: u16) -> u16 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Connects as `user` to `db` on the local test cluster at `port`.
+pub async fn connect_as(port: u16, db: &str, user: &str) -> Result<Client> {
+    let conninfo = format!("host=127.0.0.1 port={port} user={user} dbname={db}");
+    let (client, connection) = tokio_postgres::connect(&conninfo, NoTls)
+        .await
+        .with_context(|| {
+            format!("cannot connect to {conninfo}; run the tests with `make test`, which starts the clusters")
+        })?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+pub async fn connect(port: u16, db: &str) -> Result<Client> {
+    connect_as(port, db, "postgres").await
+}
+
+/// A database of its own for one test.
+pub struct TestDb {
+    pub name: String,
+    pub port: u16,
+    pub client: Client,
+}
+
+impl TestDb {
+    /// Drops what a previous run left (slot, database), then creates the database and the extension.
+    pub async fn create(name: &str, port: u16) -> Result<TestDb> {
+        let admin = connect(port, "postgres").await?;
+        admin
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&name],
+            )
+            .await?;
+        // one statement per call: DROP/CREATE DATABASE refuse to run in an implicit transaction
+        for sql in [
+            format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+            format!("CREATE DATABASE {name}"),
+            format!("ALTER DATABASE {name} SET pg_outbox.slot_name = '{name}'"),
+        ] {
+            admin.batch_execute(&sql).await?;
+        }
+        let client = connect(port, name).await?;
+        client.batch_execute("CREATE EXTENSION pg_outbox").await?;
+        // relay logs of this test start empty (Relay appends across restarts)
+        let _ = std::fs::remove_file(std::env::temp_dir().join(format!("relay-{name}.log")));
+        Ok(TestDb {
+            name: name.to_string(),
+            port,
+            client,
+        })
+    }
+
+    /// A second session on the same database.
+    pub async fn session(&self) -> Result<Client> {
+        connect(self.port, &self.name).await
+    }
+
+    pub async fn session_as(&self, user: &str) -> Result<Client> {
+        connect_as(self.port, &self.name, user).await
+    }
+
+    /// Creates the publication and the slot through the extension's own setup procedure.
+    pub async fn create_slot(&self) -> Result<()> {
+        setup(&self.client).await
+    }
+
+    /// Waits until the relay streams from this test's slot (a walsender holds it; merely "active"
+    /// is also true while the slot is still being created, when enqueue rightly refuses).
+    pub async fn wait_for_active_slot(&self) -> Result<()> {
+        let c = &self.client;
+        let name = self.name.clone();
+        wait_for("the relay to hold the slot", Duration::from_secs(30), || {
+            let name = name.clone();
+            async move {
+                Ok(c.query_opt(
+                    "SELECT 1 FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid \
+                     WHERE s.slot_name = $1",
+                    &[&name],
+                )
+                .await?
+                .is_some())
+            }
+        })
+        .await
+    }
+
+    /// The end of the WAL written so far (`pg_current_wal_lsn()`, as text).
+    pub async fn current_wal_lsn(&self) -> Result<String> {
+        Ok(self
+            .client
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await?
+            .get(0))
+    }
+
+    /// Waits until the walsender of this test's slot has sent the WAL up to `lsn`: the relay holds
+    /// every event committed before it, whether or not it could publish them.
+    pub async fn wait_for_sent_lsn(&self, lsn: &str) -> Result<()> {
+        let c = &self.client;
+        let name = self.name.as_str();
+        wait_for(
+            &format!("the relay to receive the WAL up to {lsn}"),
+            Duration::from_secs(30),
+            || async move {
+                Ok(c.query_opt(
+                    "SELECT 1 FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid \
+                     WHERE s.slot_name = $1 AND r.sent_lsn >= $2::text::pg_lsn",
+                    &[&name, &lsn],
+                )
+                .await?
+                .is_some())
+            },
+        )
+        .await
+    }
+
+    /// The slot's confirmed position is at or past `lsn`.
+    pub async fn confirmed_at_least(&self, lsn: &str) -> Result<bool> {
+        Ok(self
+            .client
+            .query_one(
+                "SELECT coalesce(confirmed_flush_lsn >= $2::text::pg_lsn, false) \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.name, &lsn],
+            )
+            .await?
+            .get(0))
+    }
+
+    /// Every pg_outbox event this test's slot would deliver, in commit order, without consuming them.
+    pub async fn peek_wal_events(&self) -> Result<Vec<OwnedEvent>> {
+        peek_wal_events(&self.client, &self.name).await
+    }
+}
+
+/// The process id of a session's backend.
+pub async fn backend_pid(client: &Client) -> Result<i32> {
+    Ok(client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await?
+        .get(0))
+}
+
+/// Waits until backend `waiter` waits for a lock that backend `holder` holds, as PostgreSQL sees
+/// it (`pg_blocking_pids`), asking through `client`, a third session.
+pub async fn wait_for_lock_wait(client: &Client, waiter: i32, holder: i32) -> Result<()> {
+    wait_for(
+        &format!("backend {waiter} to wait for a lock of backend {holder}"),
+        Duration::from_secs(30),
+        || async move {
+            Ok(client
+                .query_one(
+                    "SELECT $2::int = ANY (pg_blocking_pids($1::int))",
+                    &[&waiter, &holder],
+                )
+                .await?
+                .get(0))
+        },
+    )
+    .await
+}
+
+/// `CALL outbox.setup()`, tried again when PostgreSQL 15 fails it with "snapshot reference ... is
+/// not owned by resource owner TopTransaction" (XX000). That internal error comes now and then from
+/// `pg_create_logical_replication_slot` called from PL/pgSQL while other sessions' transactions
+/// are running, as they are when tests run in parallel; the slot is not created, and a second try
+/// succeeds. The relay retries its setup the same way.
+pub async fn setup(client: &Client) -> Result<()> {
+    for attempt in 1.. {
+        match client.batch_execute("CALL outbox.setup()").await {
+            Ok(()) => return Ok(()),
+            Err(e)
+                if attempt < 5
+                    && e.as_db_error().is_some_and(|d| {
+                        d.code().code() == "XX000" && d.message().contains("snapshot reference")
+                    }) =>
+            {
+                eprintln!("outbox.setup hit PostgreSQL's snapshot-reference error; trying again");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    unreachable!()
+}
+
+/// Every pg_outbox event `slot` would deliver (pgoutput, publication of the same name), in commit
+/// order, without consuming them.
+pub async fn peek_wal_events(client: &Client, slot: &str) -> Result<Vec<OwnedEvent>> {
+    let rows = client
+        .query(
+            "SELECT data FROM pg_logical_slot_peek_binary_changes($1::text::name, NULL, NULL, \
+             'proto_version', '1', 'publication_names', $1::text, 'messages', 'true')",
+            &[&slot],
+        )
+        .await?;
+    let mut events = Vec::new();
+    for row in rows {
+        let data: Vec<u8> = row.get(0);
+        if let Some(content) = pgoutput_message(&data, MESSAGE_PREFIX)? {
+            let event = Event::decode(content).context("decoding envelope")?;
+            events.push(OwnedEvent::from(&event));
+        }
+    }
+    Ok(events)
+}
+
+/// The content of a pgoutput logical message ('M') with `prefix`, or None for any other message.
+///
+/// Layout: 'M', flags (u8, 1 = transactional), LSN (u64), prefix (NUL-terminated), length (u32), bytes.
+pub fn pgoutput_message<'a>(data: &'a [u8], prefix: &str) -> Result<Option<&'a [u8]>> {
+    if data.first() != Some(&b'M') {
+        return Ok(None);
+    }
+    if data.len() < 10 {
+        bail!("short pgoutput message");
+    }
+    if data[1] != 1 {
+        bail!("pg_outbox message is not transactional (flags {})", data[1]);
+    }
+    let rest = &data[10..];
+    let nul = rest
+        .iter()
+        .position(|&b| b == 0)
+        .context("prefix without NUL")?;
+    if &rest[..nul] != prefix.as_bytes() {
+        return Ok(None);
+    }
+    let rest = &rest[nul + 1..];
+    let len = u32::from_be_bytes(rest[..4].try_into()?) as usize;
+    let content = &rest[4..];
+    if content.len() != len {
+        bail!("message length {len} but {} bytes", content.len());
+    }
+    Ok(Some(content))
+}
+
+/// An event decoded from WAL, owning its data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedEvent {
+    pub id: uuid::Uuid,
+    pub topic: String,
+    pub key: Option<String>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub trace_context: Option<String>,
+    pub payload_is_json: bool,
+    pub payload: Vec<u8>,
+}
+
+impl From<&Event<'_>> for OwnedEvent {
+    fn from(e: &Event<'_>) -> Self {
+        OwnedEvent {
+            id: uuid::Uuid::from_bytes(e.id),
+            topic: e.topic.to_string(),
+            key: e.key.map(str::to_string),
+            headers: e
+                .headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_vec()))
+                .collect(),
+            trace_context: e.trace_context.map(str::to_string),
+            payload_is_json: e.payload_is_json,
+            payload: e.payload.to_vec(),
+        }
+    }
+}
+
+/// The SQLSTATE of a database error, or a description of why there is none.
+pub fn sqlstate(err: &tokio_postgres::Error) -> String {
+    err.code()
+        .map(|c| c.code().to_string())
+        .unwrap_or_else(|| format!("no SQLSTATE: {err}"))
+}
+
+/// Runs `sql` expecting an error; returns its SQLSTATE, message and hint.
+pub async fn expect_error(client: &Client, sql: &str) -> Result<(String, String, Option<String>)> {
+    match client.batch_execute(sql).await {
+        Ok(()) => bail!("expected an error from: {sql}"),
+        Err(e) => {
+            let db = e
+                .as_db_error()
+                .with_context(|| format!("not a database error: {e}"))?;
+            Ok((
+                db.code().code().to_string(),
+                db.message().to_string(),
+                db.hint().map(str::to_string),
+            ))
+        }
+    }
+}

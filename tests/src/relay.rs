@@ -1,0 +1,179 @@
+//! The relay as a child process of a test (`run` or `ingest`, its log in the temp folder) and its
+//! Prometheus `/metrics`.
+
+use crate::signal;
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The relay binary built by `make test` (PG_OUTBOX_RELAY_BIN, else target/debug).
+pub fn relay_bin() -> PathBuf {
+    std::env::var_os("PG_OUTBOX_RELAY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/pg-outbox-relay")
+        })
+}
+
+/// A relay child process; killed on drop.
+pub struct Relay {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Relay {
+    /// Starts `pg-outbox-relay run` with `args` appended to the connection settings.
+    pub fn start(pg_port: u16, db: &str, brokers: &str, args: &[&str]) -> Result<Relay> {
+        let mut all = vec!["--slot", db];
+        all.extend_from_slice(args);
+        Self::command("run", pg_port, db, brokers, &all)
+    }
+
+    /// Starts `pg-outbox-relay ingest --consumer CONSUMER --topics TOPICS` plus `args`.
+    pub fn ingest(
+        pg_port: u16,
+        db: &str,
+        brokers: &str,
+        consumer: &str,
+        topics: &str,
+        args: &[&str],
+    ) -> Result<Relay> {
+        let mut all = vec!["--consumer", consumer, "--topics", topics];
+        all.extend_from_slice(args);
+        Self::command("ingest", pg_port, db, brokers, &all)
+    }
+
+    fn command(
+        command: &str,
+        pg_port: u16,
+        db: &str,
+        brokers: &str,
+        args: &[&str],
+    ) -> Result<Relay> {
+        let log = std::env::temp_dir().join(format!("relay-{db}.log"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let child = Command::new(relay_bin())
+            .arg(command)
+            .args(["--pg-port", &pg_port.to_string(), "--pg-database", db])
+            .args(["--brokers", brokers])
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RELAY_LOG").unwrap_or("info,rdkafka=error".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("starting {}", relay_bin().display()))?;
+        Ok(Relay { child, log })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn kill9(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        signal(self.child.id(), "TERM")?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("relay did not exit within {timeout:?} after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn try_wait(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        Ok(self.child.try_wait()?)
+    }
+
+    /// Waits until the relay exits by itself (a permanent error), or fails after `timeout`.
+    pub async fn wait_for_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "relay still running after {timeout:?}; log: {}",
+                    self.log.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until `needle` appears `count` times in the log (relays of one database share it).
+    pub async fn wait_for_log(&self, needle: &str, count: usize, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while self.log_text().matches(needle).count() < count {
+            if Instant::now() > deadline {
+                bail!(
+                    "timed out waiting for {needle:?} x{count} in {}",
+                    self.log.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The text of the relay's `/metrics` at `addr` (host:port).
+pub fn scrape_metrics(addr: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// One value from a Prometheus text exposition (the line `name value`).
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Waits until the counter `name` at `addr` reaches `at_least`; a relay whose `/metrics` is not up
+/// yet counts as zero.
+pub async fn wait_for_metric(
+    addr: &str,
+    name: &str,
+    at_least: f64,
+    timeout: Duration,
+) -> Result<()> {
+    crate::wait_for(&format!("{name} >= {at_least}"), timeout, || async move {
+        Ok(scrape_metrics(addr)
+            .ok()
+            .and_then(|text| metric(&text, name))
+            .is_some_and(|v| v >= at_least))
+    })
+    .await
+}
