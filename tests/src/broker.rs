@@ -9,7 +9,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -86,14 +86,17 @@ pub struct Record {
     pub offset: i64,
     pub key: Option<Vec<u8>>,
     pub payload: Vec<u8>,
-    pub headers: HashMap<String, Vec<u8>>,
+    /// In the record's order (the relay writes its own first).
+    pub headers: Vec<(String, Vec<u8>)>,
 }
 
 impl Record {
+    /// The first header named `name`.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
-            .get(name)
-            .and_then(|v| std::str::from_utf8(v).ok())
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
     }
     pub fn id(&self) -> String {
         self.header("pg_outbox-id").unwrap_or_default().to_string()
