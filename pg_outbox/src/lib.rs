@@ -2,7 +2,7 @@
 //!
 //! - `outbox.enqueue*` (outbox.rs) writes an event inside the caller's transaction, as a
 //!   transactional logical decoding message (`wal` mode) or an `outbox.events` row (`table` mode).
-//! - The inbox (sql/finalize.sql) records received message ids and consumer offsets in the
+//! - The inbox (inbox.rs, sql/finalize.sql) records received message ids and consumer offsets in the
 //!   consumer's own transaction, and queues ingested messages for workers.
 //! - Tables, roles and grants are plain SQL (sql/bootstrap.sql, sql/finalize.sql).
 
@@ -10,6 +10,8 @@ use pgrx::prelude::*;
 
 mod error;
 mod gucs;
+mod inbox;
+mod jsonb_text;
 mod outbox;
 
 ::pgrx::pg_module_magic!(name, version);
