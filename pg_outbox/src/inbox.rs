@@ -1,7 +1,7 @@
 //! The inbox (schema `inbox`): deduplicated receipt, consumer offsets and the queue of ingested
 //! messages, for consumers in any language.
 //!
-//! The rules live in SQL (sql/finalize.sql), where every caller, the relay's ingest included, goes
+//! The rules live in SQL (sql/inbox.sql), where every caller, the relay's ingest included, goes
 //! through the same functions; this module only hands the settings they need to SQL.
 //!
 //! Invariants (kept by that SQL):
