@@ -26,6 +26,10 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON inbox.received, inbox.messages TO inbox_
 GRANT SELECT, INSERT, UPDATE ON inbox.offsets TO inbox_consumer;
 GRANT EXECUTE ON FUNCTION inbox._check_consumer(text),
                           inbox.deliver(text, text, text, integer, bigint, text, bytea, jsonb, text),
+                          inbox.deliver_batch(text, text[], text[], integer[], bigint[], text[], jsonb[],
+                                              bytea[], text[]),
+                          inbox._queue_messages(text, text[], text[], integer[], bigint[], text[], jsonb[],
+                                                bytea[], text[]),
                           inbox.store_offset(text, text, integer, bigint, boolean),
                           inbox.get_offset(text, text, integer),
                           inbox.get_offsets(text, text)

@@ -126,34 +126,112 @@ AS $$
      ORDER BY o.partition
 $$;
 
+-- The one rule for putting Kafka messages into a consumer's queue, behind inbox.deliver (one message)
+-- and inbox.deliver_batch (many). The arrays are matched by position; keys, headers, payloads and
+-- dead_reasons may be NULL, meaning NULL for every message. A message whose (consumer, message id) is
+-- already queued, also earlier in the same arrays, is skipped; one with a dead reason goes straight
+-- into the dead-letter state with that reason as last_error. Returns how many messages were new.
+CREATE FUNCTION inbox._queue_messages(consumer text, message_ids text[], topics text[],
+                                      partitions integer[], offsets bigint[], keys text[],
+                                      headers jsonb[], payloads bytea[], dead_reasons text[])
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    n integer := cardinality(message_ids);
+    queued bigint;
+BEGIN
+    PERFORM inbox._check_consumer(consumer);
+    IF message_ids IS NULL OR topics IS NULL THEN
+        RAISE EXCEPTION 'pg_outbox: message_ids and topics must not be NULL'
+            USING ERRCODE = 'null_value_not_allowed',
+                  HINT = 'Pass one message id and one topic per message.';
+    END IF;
+    IF cardinality(topics) <> n
+       OR cardinality(partitions) <> n OR cardinality(offsets) <> n OR cardinality(keys) <> n
+       OR cardinality(headers) <> n OR cardinality(payloads) <> n OR cardinality(dead_reasons) <> n THEN
+        RAISE EXCEPTION 'pg_outbox: the arrays differ in length (message_ids %, topics %, partitions %, offsets %, keys %, headers %, payloads %, dead_reasons %)',
+                        n, cardinality(topics), cardinality(partitions), cardinality(offsets),
+                        cardinality(keys), cardinality(headers), cardinality(payloads),
+                        cardinality(dead_reasons)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'The arrays are matched by position: pass one element per message in each (a NULL element where a message has no key, payload or dead reason).';
+    END IF;
+    IF EXISTS (SELECT FROM unnest(message_ids, topics) AS m(id, topic)
+                WHERE m.id IS NULL OR m.id = '' OR m.topic IS NULL) THEN
+        RAISE EXCEPTION 'pg_outbox: message_id and topic must be given'
+            USING ERRCODE = 'null_value_not_allowed', HINT = 'Use topic/partition/offset as the id when the message has none.';
+    END IF;
+    INSERT INTO inbox.messages (consumer, message_id, topic, partition, "offset", key, headers, payload,
+                                status, last_error)
+    SELECT _queue_messages.consumer, m.id, m.topic, m.partition, m.off, m.key,
+           coalesce(m.headers, '{}'), m.payload,
+           CASE WHEN m.reason IS NULL THEN 'pending' ELSE 'dead' END, m.reason
+      FROM unnest(_queue_messages.message_ids, _queue_messages.topics, _queue_messages.partitions,
+                  _queue_messages.offsets, _queue_messages.keys, _queue_messages.headers,
+                  _queue_messages.payloads, _queue_messages.dead_reasons)
+           AS m(id, topic, partition, off, key, headers, payload, reason)
+    ON CONFLICT (consumer, message_id) DO NOTHING;
+    GET DIAGNOSTICS queued = ROW_COUNT;
+    RETURN queued;
+END
+$$;
+
 -- Puts one Kafka message into the consumer's queue; false if that message id was already there.
 -- With dead_reason, the message is recorded straight in the dead-letter state (poison input).
 CREATE FUNCTION inbox.deliver(consumer text, message_id text, topic text, partition integer,
                               "offset" bigint, key text, payload bytea, headers jsonb DEFAULT '{}',
                               dead_reason text DEFAULT NULL)
 RETURNS boolean
+LANGUAGE sql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT inbox._queue_messages(deliver.consumer, ARRAY[deliver.message_id], ARRAY[deliver.topic],
+                                 ARRAY[deliver.partition], ARRAY[deliver."offset"], ARRAY[deliver.key],
+                                 ARRAY[deliver.headers], ARRAY[deliver.payload],
+                                 ARRAY[deliver.dead_reason]) = 1
+$$;
+
+-- The ingest's write, one call per batch: queues the messages like inbox.deliver and stores each
+-- topic/partition's next offset (its highest offset + 1) with inbox.store_offset, so an offset never
+-- goes backwards; both in the caller's transaction, so they commit together. The arrays are matched
+-- by position; keys, headers, payloads and dead_reasons may be NULL (NULL for every message).
+-- Returns how many messages were new (duplicates are not counted).
+CREATE FUNCTION inbox.deliver_batch(consumer text, message_ids text[], topics text[],
+                                    partitions integer[], offsets bigint[], keys text[],
+                                    headers jsonb[], payloads bytea[], dead_reasons text[])
+RETURNS bigint
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
-    inserted boolean;
+    queued bigint;
+    p record;
 BEGIN
-    PERFORM inbox._check_consumer(consumer);
-    IF message_id IS NULL OR message_id = '' OR topic IS NULL THEN
-        RAISE EXCEPTION 'pg_outbox: message_id and topic must be given'
-            USING ERRCODE = 'null_value_not_allowed', HINT = 'Use topic/partition/offset as the id when the message has none.';
+    IF partitions IS NULL OR offsets IS NULL
+       OR array_position(partitions, NULL) IS NOT NULL OR array_position(offsets, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION 'pg_outbox: partitions and offsets must not be or contain NULL'
+            USING ERRCODE = 'null_value_not_allowed',
+                  HINT = 'deliver_batch stores each partition''s next offset: pass the Kafka partition and offset of every message (inbox.deliver queues a message without them).';
     END IF;
-    INSERT INTO inbox.messages (consumer, message_id, topic, partition, "offset", key, headers, payload,
-                                status, last_error)
-    VALUES (deliver.consumer, deliver.message_id, deliver.topic, deliver.partition, deliver."offset",
-            deliver.key, coalesce(deliver.headers, '{}'), deliver.payload,
-            CASE WHEN dead_reason IS NULL THEN 'pending' ELSE 'dead' END, dead_reason)
-    ON CONFLICT (consumer, message_id) DO NOTHING
-    RETURNING true INTO inserted;
-    RETURN coalesce(inserted, false);
+    queued := inbox._queue_messages(consumer, message_ids, topics, partitions, offsets, keys, headers,
+                                    payloads, dead_reasons);
+    -- in a fixed order, so that two writers of one consumer lock the offset rows alike
+    FOR p IN SELECT m.topic, m.partition, max(m.off) + 1 AS next_offset
+               FROM unnest(deliver_batch.topics, deliver_batch.partitions, deliver_batch.offsets)
+                    AS m(topic, partition, off)
+              GROUP BY m.topic, m.partition
+              ORDER BY m.topic COLLATE "C", m.partition LOOP
+        PERFORM inbox.store_offset(consumer, p.topic, p.partition, p.next_offset);
+    END LOOP;
+    RETURN queued;
 END
 $$;
+COMMENT ON FUNCTION inbox.deliver_batch(text, text[], text[], integer[], bigint[], text[], jsonb[], bytea[], text[]) IS
+    'Queue a batch of Kafka messages for a consumer and store each partition''s next offset, in the caller''s transaction; returns how many messages were new';
 
 -- Hands up to n visible messages to the caller and hides them for the lease. A message whose lease
 -- expired (its worker died) becomes visible again; one that used up its attempts is dead-lettered.

@@ -8,6 +8,10 @@
 //! - `inbox.try_receive` is true exactly once per (consumer, message id) among committed
 //!   transactions; `inbox.messages` holds a (consumer, message id) at most once, so a redelivered
 //!   message is recorded once.
+//! - A message becomes a row of `inbox.messages` by one rule (`inbox._queue_messages`): `pending`,
+//!   or `dead` with its reason; `inbox.deliver` (one message) and `inbox.deliver_batch` (the
+//!   relay's ingest) both go through it. `deliver_batch` stores each partition's next offset in the
+//!   same statement, so a batch's messages and offsets commit together or not at all.
 //! - A consumer's stored next offset per topic/partition only moves forward (unless forced), in the
 //!   caller's transaction, so it commits together with the messages it covers.
 //! - `inbox.purge` never removes a record dedup may still need: nothing younger than
