@@ -2,20 +2,43 @@
 //!
 //! - `outbox.enqueue*` (outbox.rs) writes an event inside the caller's transaction, as a
 //!   transactional logical decoding message (`wal` mode) or an `outbox.events` row (`table` mode).
-//! - The inbox (sql/finalize.sql) records received message ids and consumer offsets in the
+//! - The inbox (inbox.rs, sql/inbox.sql) records received message ids and consumer offsets in the
 //!   consumer's own transaction, and queues ingested messages for workers.
-//! - Tables, roles and grants are plain SQL (sql/bootstrap.sql, sql/finalize.sql).
+//! - Tables and roles (sql/bootstrap.sql), the SQL functions of each schema (sql/outbox.sql,
+//!   sql/inbox.sql) and the grants (sql/grants.sql) are plain SQL.
+//!
+//! Order of the generated extension script: bootstrap.sql first, then the Rust functions, each SQL
+//! file after what it `requires`, and grants.sql last, when every function it grants exists.
 
 use pgrx::prelude::*;
 
 mod error;
 mod gucs;
+mod inbox;
+mod jsonb_text;
 mod outbox;
 
 ::pgrx::pg_module_magic!(name, version);
 
 extension_sql_file!("../sql/bootstrap.sql", bootstrap);
-extension_sql_file!("../sql/finalize.sql", finalize);
+extension_sql_file!(
+    "../sql/outbox.sql",
+    requires = [
+        outbox::enqueue,
+        outbox::enqueue_without_headers,
+        outbox::_enqueue_batch_json,
+        outbox::_slot_name
+    ]
+);
+extension_sql_file!(
+    "../sql/inbox.sql",
+    requires = ["outbox", inbox::_dedup_window_seconds, inbox::_max_attempts]
+);
+extension_sql_file!(
+    "../sql/grants.sql",
+    requires = ["outbox", "inbox"],
+    finalize
+);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {

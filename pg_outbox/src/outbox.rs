@@ -11,6 +11,7 @@
 
 use crate::error::{OrRaise, Refusal};
 use crate::gucs::{self, Mode};
+use crate::jsonb_text::JsonbText;
 use pg_outbox_envelope::{Event, MESSAGE_PREFIX};
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
@@ -45,50 +46,6 @@ unsafe extern "C-unwind" {
 
 const PREFIX: &std::ffi::CStr = c"pg_outbox";
 const _: () = assert!(PREFIX.to_bytes().len() == MESSAGE_PREFIX.len());
-
-/// A `jsonb` argument as its canonical text, straight from `jsonb_out`. (pgrx's `JsonB` would
-/// parse that text into a serde value, which also loses numeric precision, and print it again.)
-pub struct JsonbText(pub Vec<u8>);
-
-impl FromDatum for JsonbText {
-    unsafe fn from_polymorphic_datum(
-        datum: pg_sys::Datum,
-        is_null: bool,
-        _: pg_sys::Oid,
-    ) -> Option<JsonbText> {
-        if is_null {
-            return None;
-        }
-        // SAFETY: the datum is a jsonb (the SQL signature says so); jsonb_out detoasts it and
-        // returns a palloc'd C string, which is copied and freed here.
-        unsafe {
-            let text =
-                pgrx::direct_function_call::<&std::ffi::CStr>(pg_sys::jsonb_out, &[Some(datum)])?;
-            let bytes = text.to_bytes().to_vec();
-            pg_sys::pfree(text.as_ptr().cast_mut().cast());
-            Some(JsonbText(bytes))
-        }
-    }
-}
-
-impl_sql_translatable!(JsonbText, arg_only = "jsonb");
-
-// SAFETY: unboxed through FromDatum above, like pgrx's own JsonB.
-unsafe impl<'fcx> pgrx::callconv::ArgAbi<'fcx> for JsonbText {
-    unsafe fn unbox_arg_unchecked(arg: pgrx::callconv::Arg<'_, 'fcx>) -> Self {
-        let index = arg.index();
-        // SAFETY: the caller guarantees a non-null jsonb argument.
-        unsafe { arg.unbox_arg_using_from_datum() }
-            .unwrap_or_else(|| panic!("argument {index} must not be null"))
-    }
-
-    unsafe fn unbox_nullable_arg(
-        arg: pgrx::callconv::Arg<'_, 'fcx>,
-    ) -> pgrx::nullable::Nullable<Self> {
-        // SAFETY: as above; a null argument gives None.
-        unsafe { arg.unbox_arg_using_from_datum() }.into()
-    }
-}
 
 /// One event as the caller gave it.
 pub struct NewEvent<'a> {
@@ -534,23 +491,4 @@ fn null_payload() -> ! {
         "Pass an empty object '{}' (or '' for bytes) for an event without data.",
     )
     .raise()
-}
-
-#[pg_schema]
-mod inbox {
-    use pgrx::prelude::*;
-
-    /// `inbox._dedup_window_seconds()`: the current `pg_outbox.inbox_dedup_window`.
-    #[pg_extern(stable, parallel_safe)]
-    #[search_path(pg_catalog, pg_temp)]
-    fn _dedup_window_seconds() -> i32 {
-        crate::gucs::INBOX_DEDUP_WINDOW.get()
-    }
-
-    /// `inbox._max_attempts()`: the current `pg_outbox.inbox_max_attempts`.
-    #[pg_extern(stable, parallel_safe)]
-    #[search_path(pg_catalog, pg_temp)]
-    fn _max_attempts() -> i32 {
-        crate::gucs::INBOX_MAX_ATTEMPTS.get()
-    }
 }

@@ -20,7 +20,7 @@ use crate::telemetry::Metrics;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -349,7 +349,6 @@ impl Cursor {
 
 /// Messages and the partitions' next offsets, in one transaction.
 async fn write_batch(pg: &mut Client, consumer: &str, batch: &[Row]) -> Result<(), RelayError> {
-    let tx = pg.transaction().await?;
     let ids: Vec<&str> = batch.iter().map(|r| r.message_id.as_str()).collect();
     let topics: Vec<&str> = batch.iter().map(|r| r.topic.as_str()).collect();
     let partitions: Vec<i32> = batch.iter().map(|r| r.partition).collect();
@@ -358,31 +357,24 @@ async fn write_batch(pg: &mut Client, consumer: &str, batch: &[Row]) -> Result<(
     let headers: Vec<&serde_json::Value> = batch.iter().map(|r| &r.headers).collect();
     let payloads: Vec<Option<&[u8]>> = batch.iter().map(|r| r.payload.as_deref()).collect();
     let reasons: Vec<Option<&str>> = batch.iter().map(|r| r.dead_reason.as_deref()).collect();
-    tx.execute(
-        "INSERT INTO inbox.messages (consumer, message_id, topic, partition, \"offset\", key, headers, \
-                                     payload, status, last_error) \
-         SELECT $1, m.id, m.topic, m.partition, m.off, m.key, m.headers, m.payload, \
-                CASE WHEN m.reason IS NULL THEN 'pending' ELSE 'dead' END, m.reason \
-           FROM unnest($2::text[], $3::text[], $4::int[], $5::bigint[], $6::text[], $7::jsonb[], \
-                       $8::bytea[], $9::text[]) \
-                AS m(id, topic, partition, off, key, headers, payload, reason) \
-         ON CONFLICT (consumer, message_id) DO NOTHING",
-        &[&consumer, &ids, &topics, &partitions, &offsets, &keys, &headers, &payloads, &reasons],
+    // one statement, so one transaction: the extension queues the messages and stores each
+    // partition's next offset (highest offset + 1, never backwards) by the inbox's own rules
+    pg.execute(
+        "SELECT inbox.deliver_batch($1, $2::text[], $3::text[], $4::int[], $5::bigint[], \
+                                    $6::text[], $7::jsonb[], $8::bytea[], $9::text[])",
+        &[
+            &consumer,
+            &ids,
+            &topics,
+            &partitions,
+            &offsets,
+            &keys,
+            &headers,
+            &payloads,
+            &reasons,
+        ],
     )
     .await?;
-    let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
-    for r in batch {
-        let e = next.entry((r.topic.as_str(), r.partition)).or_insert(0);
-        *e = (*e).max(r.offset + 1);
-    }
-    for ((topic, partition), offset) in next {
-        tx.execute(
-            "SELECT inbox.store_offset($1, $2, $3, $4)",
-            &[&consumer, &topic, &partition, &offset],
-        )
-        .await?;
-    }
-    tx.commit().await?;
     Ok(())
 }
 

@@ -437,3 +437,395 @@ async fn per_key_claims_hand_a_key_to_one_worker_at_a_time_in_order() -> Result<
     assert_eq!(rest, vec!["a3"]);
     Ok(())
 }
+
+/// One message for `inbox.deliver_batch`: id, topic, partition, offset, dead reason.
+type Msg<'a> = (&'a str, &'a str, i32, i64, Option<&'a str>);
+
+/// Calls `inbox.deliver_batch` the way the relay's ingest does: key `k-<id>`, the id as header,
+/// payload `p-<id>` (none for a dead message). Returns how many messages were new.
+async fn deliver_batch(c: &Client, consumer: &str, msgs: &[Msg<'_>]) -> Result<i64> {
+    let ids: Vec<&str> = msgs.iter().map(|m| m.0).collect();
+    let topics: Vec<&str> = msgs.iter().map(|m| m.1).collect();
+    let partitions: Vec<i32> = msgs.iter().map(|m| m.2).collect();
+    let offsets: Vec<i64> = msgs.iter().map(|m| m.3).collect();
+    let keys: Vec<Option<String>> = msgs.iter().map(|m| Some(format!("k-{}", m.0))).collect();
+    let headers: Vec<serde_json::Value> = msgs
+        .iter()
+        .map(|m| serde_json::json!({ "pg_outbox-id": m.0 }))
+        .collect();
+    let payloads: Vec<Option<Vec<u8>>> = msgs
+        .iter()
+        .map(|m| m.4.is_none().then(|| format!("p-{}", m.0).into_bytes()))
+        .collect();
+    let reasons: Vec<Option<&str>> = msgs.iter().map(|m| m.4).collect();
+    Ok(c.query_one(
+        "SELECT inbox.deliver_batch($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        &[
+            &consumer,
+            &ids,
+            &topics,
+            &partitions,
+            &offsets,
+            &keys,
+            &headers,
+            &payloads,
+            &reasons,
+        ],
+    )
+    .await?
+    .get(0))
+}
+
+/// (message_id, topic, partition, offset, status, last_error) of a consumer's messages, in queue order.
+type Queued = (String, String, i32, i64, String, Option<String>);
+
+async fn queued(c: &Client, consumer: &str) -> Result<Vec<Queued>> {
+    Ok(c.query(
+        "SELECT message_id, topic, partition, \"offset\", status, last_error \
+           FROM inbox.messages WHERE consumer = $1 ORDER BY id",
+        &[&consumer],
+    )
+    .await?
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+    .collect())
+}
+
+fn q(id: &str, topic: &str, partition: i32, offset: i64, dead: Option<&str>) -> Queued {
+    (
+        id.into(),
+        topic.into(),
+        partition,
+        offset,
+        if dead.is_some() { "dead" } else { "pending" }.into(),
+        dead.map(str::to_string),
+    )
+}
+
+/// (topic, partition, next_offset) stored for a consumer.
+async fn stored(c: &Client, consumer: &str) -> Result<Vec<(String, i32, i64)>> {
+    Ok(c.query(
+        "SELECT topic, partition, next_offset FROM inbox.offsets WHERE consumer = $1 \
+          ORDER BY topic, partition",
+        &[&consumer],
+    )
+    .await?
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2)))
+    .collect())
+}
+
+fn o(topic: &str, partition: i32, next: i64) -> (String, i32, i64) {
+    (topic.into(), partition, next)
+}
+
+#[tokio::test]
+async fn deliver_batch_writes_messages_and_offsets_together() -> Result<()> {
+    let db = TestDb::create("ib_batch", port()).await?;
+    let c = &db.client;
+    let batch: [Msg; 5] = [
+        ("m0", "orders", 0, 0, None),
+        ("m2", "orders", 0, 2, None), // offsets need not be contiguous nor sorted
+        ("m1", "orders", 0, 1, None),
+        ("m5", "orders", 1, 5, None),
+        ("a7", "audit", 0, 7, None),
+    ];
+    assert_eq!(deliver_batch(c, "billing", &batch).await?, 5);
+    assert_eq!(
+        queued(c, "billing").await?,
+        vec![
+            q("m0", "orders", 0, 0, None),
+            q("m2", "orders", 0, 2, None),
+            q("m1", "orders", 0, 1, None),
+            q("m5", "orders", 1, 5, None),
+            q("a7", "audit", 0, 7, None),
+        ]
+    );
+    // the next offset of each partition is its highest offset + 1
+    assert_eq!(
+        stored(c, "billing").await?,
+        vec![o("audit", 0, 8), o("orders", 0, 3), o("orders", 1, 6)]
+    );
+    // key, headers and payload as given, like inbox.deliver stores them
+    let r = c
+        .query_one(
+            "SELECT key, headers::text, convert_from(payload, 'UTF8'), attempts \
+               FROM inbox.messages WHERE message_id = 'm5'",
+            &[],
+        )
+        .await?;
+    let row: (String, String, String, i32) = (r.get(0), r.get(1), r.get(2), r.get(3));
+    assert_eq!(
+        row,
+        (
+            "k-m5".into(),
+            r#"{"pg_outbox-id": "m5"}"#.into(),
+            "p-m5".into(),
+            0
+        )
+    );
+    // another consumer's messages and offsets are its own
+    assert_eq!(
+        deliver_batch(c, "audit", &[("m0", "orders", 0, 0, None)]).await?,
+        1
+    );
+    assert_eq!(stored(c, "audit").await?, vec![o("orders", 0, 1)]);
+
+    // rolled back: neither the messages nor the offsets
+    c.batch_execute("BEGIN").await?;
+    assert_eq!(
+        deliver_batch(c, "billing", &[("m3", "orders", 0, 3, None)]).await?,
+        1
+    );
+    c.batch_execute("ROLLBACK").await?;
+    assert_eq!(queued(c, "billing").await?.len(), 5);
+    assert_eq!(stored(c, "billing").await?[1], o("orders", 0, 3));
+
+    // an empty batch changes nothing
+    assert_eq!(deliver_batch(c, "billing", &[]).await?, 0);
+    assert_eq!(queued(c, "billing").await?.len(), 5);
+    assert_eq!(stored(c, "billing").await?.len(), 3);
+    Ok(())
+}
+
+#[tokio::test]
+async fn deliver_batch_records_a_duplicate_id_once() -> Result<()> {
+    let db = TestDb::create("ib_batch_dup", port()).await?;
+    let c = &db.client;
+    assert_eq!(
+        deliver_batch(
+            c,
+            "billing",
+            &[("e1", "orders", 0, 0, None), ("e2", "orders", 0, 1, None)]
+        )
+        .await?,
+        2
+    );
+    // a redelivery of e1 (the producer retried: same id, new offset), e3 twice in one batch
+    let n = deliver_batch(
+        c,
+        "billing",
+        &[
+            ("e1", "orders", 0, 2, None),
+            ("e3", "orders", 0, 3, None),
+            ("e3", "orders", 0, 4, None),
+        ],
+    )
+    .await?;
+    assert_eq!(n, 1, "only e3 is new, and only once");
+    assert_eq!(
+        queued(c, "billing").await?,
+        vec![
+            q("e1", "orders", 0, 0, None),
+            q("e2", "orders", 0, 1, None),
+            q("e3", "orders", 0, 3, None),
+        ],
+        "the first delivery of an id is the one kept"
+    );
+    // the offsets of the duplicates still count: nothing before offset 5 is read again
+    assert_eq!(stored(c, "billing").await?, vec![o("orders", 0, 5)]);
+    // inbox.deliver shares the rule: the id is already there
+    let again: bool = c
+        .query_one(
+            "SELECT inbox.deliver('billing', 'e2', 'orders', 0, 9, NULL, NULL)",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert!(!again);
+    assert_eq!(queued(c, "billing").await?.len(), 3);
+    Ok(())
+}
+
+#[tokio::test]
+async fn deliver_batch_records_poison_as_dead_with_its_reason() -> Result<()> {
+    let db = TestDb::create("ib_batch_dead", port()).await?;
+    let c = &db.client;
+    let n = deliver_batch(
+        c,
+        "billing",
+        &[
+            ("ok1", "orders", 0, 0, None),
+            ("bad", "orders", 0, 1, Some("key is not valid UTF-8")),
+            ("ok2", "orders", 0, 2, None),
+        ],
+    )
+    .await?;
+    assert_eq!(n, 3);
+    assert_eq!(
+        queued(c, "billing").await?,
+        vec![
+            q("ok1", "orders", 0, 0, None),
+            q("bad", "orders", 0, 1, Some("key is not valid UTF-8")),
+            q("ok2", "orders", 0, 2, None),
+        ]
+    );
+    // the dead message's offset is stored like any other, and workers never get it
+    assert_eq!(stored(c, "billing").await?, vec![o("orders", 0, 3)]);
+    let claimed: Vec<String> = c
+        .query("SELECT message_id FROM inbox.claim('billing', 10)", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(claimed, vec!["ok1", "ok2"]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn deliver_batch_never_moves_an_offset_backwards() -> Result<()> {
+    let db = TestDb::create("ib_batch_back", port()).await?;
+    let c = &db.client;
+    c.batch_execute("SELECT inbox.store_offset('billing', 'orders', 0, 10)")
+        .await?;
+    // partition 1 would move forward, partition 0 backwards: the whole batch is refused
+    let sql =
+        "SELECT inbox.deliver_batch('billing', ARRAY['x1', 'x2'], ARRAY['orders', 'orders'], \
+               ARRAY[1, 0], ARRAY[20, 4]::bigint[], NULL, NULL, NULL, NULL)";
+    let (code, message, hint) = expect_error(c, sql).await?;
+    assert_eq!(code, "22023", "{message}");
+    assert!(message.starts_with("pg_outbox:"), "{message}");
+    assert!(hint.unwrap_or_default().contains("force"));
+    assert!(
+        queued(c, "billing").await?.is_empty(),
+        "no message of a refused batch is kept"
+    );
+    assert_eq!(stored(c, "billing").await?, vec![o("orders", 0, 10)]);
+    // the stored offset itself (a redelivered tail) is accepted and stays where it is
+    assert_eq!(
+        deliver_batch(
+            c,
+            "billing",
+            &[("y9", "orders", 0, 9, None), ("z1", "orders", 1, 0, None)]
+        )
+        .await?,
+        2
+    );
+    assert_eq!(
+        stored(c, "billing").await?,
+        vec![o("orders", 0, 10), o("orders", 1, 1)]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn deliver_batch_refuses_bad_input_with_its_sqlstate() -> Result<()> {
+    let db = TestDb::create("ib_batch_bad", port()).await?;
+    let c = &db.client;
+    let call = |args: &str| format!("SELECT inbox.deliver_batch({args})");
+    for (args, code) in [
+        // arrays of different lengths
+        (
+            "'billing', ARRAY['a', 'b'], ARRAY['orders'], ARRAY[0, 0], ARRAY[0, 1]::bigint[], NULL, NULL, NULL, NULL",
+            "22023",
+        ),
+        (
+            "'billing', ARRAY['a', 'b'], ARRAY['orders', 'orders'], ARRAY[0], ARRAY[0, 1]::bigint[], NULL, NULL, NULL, NULL",
+            "22023",
+        ),
+        (
+            "'billing', ARRAY['a'], ARRAY['orders'], ARRAY[0], ARRAY[0]::bigint[], ARRAY['k', 'l'], NULL, NULL, NULL",
+            "22023",
+        ),
+        (
+            "'billing', ARRAY['a'], ARRAY['orders'], ARRAY[0], ARRAY[0]::bigint[], NULL, ARRAY[]::jsonb[], NULL, NULL",
+            "22023",
+        ),
+        (
+            "'billing', ARRAY['a'], ARRAY['orders'], ARRAY[0], ARRAY[0]::bigint[], NULL, NULL, NULL, ARRAY['x', 'y']",
+            "22023",
+        ),
+        // consumer
+        (
+            "NULL, ARRAY['a'], ARRAY['orders'], ARRAY[0], ARRAY[0]::bigint[], NULL, NULL, NULL, NULL",
+            "22004",
+        ),
+        (
+            "'', ARRAY['a'], ARRAY['orders'], ARRAY[0], ARRAY[0]::bigint[], NULL, NULL, NULL, NULL",
+            "22023",
+        ),
+        // ids, topics and Kafka coordinates
+        (
+            "'billing', NULL, ARRAY['orders'], ARRAY[0], ARRAY[0]::bigint[], NULL, NULL, NULL, NULL",
+            "22004",
+        ),
+        (
+            "'billing', ARRAY[NULL]::text[], ARRAY['orders'], ARRAY[0], ARRAY[0]::bigint[], NULL, NULL, NULL, NULL",
+            "22004",
+        ),
+        (
+            "'billing', ARRAY['a'], ARRAY[NULL]::text[], ARRAY[0], ARRAY[0]::bigint[], NULL, NULL, NULL, NULL",
+            "22004",
+        ),
+        (
+            "'billing', ARRAY['a'], ARRAY['orders'], NULL, ARRAY[0]::bigint[], NULL, NULL, NULL, NULL",
+            "22004",
+        ),
+        (
+            "'billing', ARRAY['a'], ARRAY['orders'], ARRAY[0], ARRAY[NULL]::bigint[], NULL, NULL, NULL, NULL",
+            "22004",
+        ),
+        (
+            "'billing', ARRAY['a'], ARRAY['orders'], ARRAY[-1], ARRAY[0]::bigint[], NULL, NULL, NULL, NULL",
+            "22023",
+        ),
+    ] {
+        let sql = call(args);
+        let (got, message, hint) = expect_error(c, &sql).await?;
+        assert_eq!(got, code, "{sql}: {message}");
+        assert!(message.starts_with("pg_outbox:"), "{sql}: {message}");
+        assert!(hint.is_some_and(|h| !h.is_empty()), "{sql}: no hint");
+    }
+    let (_, message, hint) = expect_error(
+        c,
+        &call("'billing', ARRAY['a', 'b'], ARRAY['orders'], ARRAY[0, 0], ARRAY[0, 1]::bigint[], NULL, NULL, NULL, NULL"),
+    )
+    .await?;
+    assert!(message.contains("message_ids 2, topics 1"), "{message}");
+    assert!(hint.unwrap().contains("matched by position"));
+    let rows: i64 = c
+        .query_one(
+            "SELECT (SELECT count(*) FROM inbox.messages) + (SELECT count(*) FROM inbox.offsets)",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(rows, 0, "refused batches leave nothing behind");
+    Ok(())
+}
+
+#[tokio::test]
+async fn deliver_batch_is_granted_to_the_relay_and_consumers_only() -> Result<()> {
+    let db = TestDb::create("ib_batch_roles", port()).await?;
+    db.client
+        .batch_execute(
+            "DROP ROLE IF EXISTS ib_relay; DROP ROLE IF EXISTS ib_worker; DROP ROLE IF EXISTS ib_writer; \
+             CREATE ROLE ib_relay LOGIN IN ROLE outbox_relay; \
+             CREATE ROLE ib_worker LOGIN IN ROLE inbox_consumer; \
+             CREATE ROLE ib_writer LOGIN IN ROLE outbox_writer",
+        )
+        .await?;
+    let relay = db.session_as("ib_relay").await?;
+    assert_eq!(
+        deliver_batch(&relay, "billing", &[("r1", "orders", 0, 0, None)]).await?,
+        1
+    );
+    let worker = db.session_as("ib_worker").await?;
+    assert_eq!(
+        deliver_batch(&worker, "billing", &[("w1", "orders", 0, 1, None)]).await?,
+        1
+    );
+    let writer = db.session_as("ib_writer").await?;
+    let err = deliver_batch(&writer, "billing", &[("x1", "orders", 0, 2, None)])
+        .await
+        .expect_err("a writer may not deliver into the inbox");
+    let code = err
+        .downcast_ref::<tokio_postgres::Error>()
+        .map(pg_outbox_tests::sqlstate);
+    assert_eq!(code.as_deref(), Some("42501"), "{err}");
+    assert_eq!(
+        stored(&db.client, "billing").await?,
+        vec![o("orders", 0, 2)]
+    );
+    Ok(())
+}

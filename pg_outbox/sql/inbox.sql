@@ -1,139 +1,10 @@
--- pg_outbox finalize: SQL functions and grants. Runs after the Rust functions exist.
--- Every function pins search_path and names every object with its schema; user input never reaches
--- dynamic SQL except slot/publication names, which are validated and quoted with %I.
+-- pg_outbox inbox: SQL functions of schema inbox (dedup, offsets, the ingest queue and its workers).
+-- Runs after outbox.sql (its NOTIFY trigger function) and the Rust settings functions it calls.
+-- Every function pins search_path and names every object with its schema; nothing here builds
+-- dynamic SQL.
 
-COMMENT ON FUNCTION outbox.enqueue(text, text, jsonb, jsonb) IS
-    'Enqueue a JSON event in the current transaction; returns its UUIDv7 event id';
-COMMENT ON FUNCTION outbox.enqueue(text, text, jsonb) IS
-    'Enqueue a JSON event without headers in the current transaction; returns its UUIDv7 event id';
-
-CREATE FUNCTION outbox.enqueue_batch(topic text, keys text[], payloads jsonb[], headers jsonb DEFAULT '{}')
-RETURNS SETOF uuid
-LANGUAGE sql VOLATILE PARALLEL UNSAFE
-SET search_path = pg_catalog, pg_temp
-AS $$ SELECT unnest(outbox._enqueue_batch_json(topic, keys, payloads::text[], headers)) $$;
-COMMENT ON FUNCTION outbox.enqueue_batch(text, text[], jsonb[], jsonb) IS
-    'Enqueue many JSON events to one topic (keys[i] goes with payloads[i]); returns their ids in order';
-
--- Wakes whoever LISTENs on the channel named by the trigger's argument when a transaction that
--- inserted rows commits (notifications are delivered at commit, one per transaction is enough):
--- pg_outbox_events for the relay's poll source, pg_outbox_inbox for inbox workers.
-CREATE FUNCTION outbox._notify() RETURNS trigger
-LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    PERFORM pg_notify(TG_ARGV[0], '');
-    RETURN NULL;
-END
-$$;
-CREATE TRIGGER events_notify AFTER INSERT ON outbox.events
-    FOR EACH STATEMENT EXECUTE FUNCTION outbox._notify('pg_outbox_events');
 CREATE TRIGGER messages_notify AFTER INSERT ON inbox.messages
     FOR EACH STATEMENT EXECUTE FUNCTION outbox._notify('pg_outbox_inbox');
-
--- Setup for wal mode, in two steps that must commit separately and in this order: the publication
--- first, then the slot. pgoutput looks the publication up as of each decoded transaction, so a slot
--- that is older than its publication fails on every transaction committed in between.
--- CALL outbox.setup() does both; the functions below are its steps, each idempotent, each saying
--- what it did.
-CREATE FUNCTION outbox._check_slot_name(sn text) RETURNS void
-LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    IF sn IS NULL OR sn !~ '^[a-z0-9_]{1,63}$' THEN
-        RAISE EXCEPTION 'pg_outbox: invalid slot name "%"', sn
-            USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'Slot names are 1 to 63 characters of lower-case letters, digits and underscores.';
-    END IF;
-END
-$$;
-
-CREATE FUNCTION outbox.create_publication(publication_name text DEFAULT NULL)
-RETURNS TABLE (object text, name text, action text)
-LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
-SET search_path = pg_catalog, pg_temp
-AS $$
-#variable_conflict use_variable
-DECLARE
-    pn text := coalesce(publication_name, outbox._slot_name());
-BEGIN
-    PERFORM outbox._check_slot_name(pn);
-    IF EXISTS (SELECT FROM pg_catalog.pg_publication p WHERE p.pubname = pn) THEN
-        RETURN QUERY SELECT 'publication', pn, 'exists';
-    ELSE
-        -- an empty publication: pgoutput sends pg_outbox messages whatever tables it lists
-        EXECUTE format('CREATE PUBLICATION %I', pn);
-        RETURN QUERY SELECT 'publication', pn, 'created';
-    END IF;
-END
-$$;
-COMMENT ON FUNCTION outbox.create_publication(text) IS
-    'Create the pg_outbox publication if missing (step 1 of outbox.setup; commit before creating the slot)';
-
-CREATE FUNCTION outbox.create_slot(slot_name text DEFAULT NULL)
-RETURNS TABLE (object text, name text, action text)
-LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
-SET search_path = pg_catalog, pg_temp
-AS $$
-#variable_conflict use_column
-DECLARE
-    sn text := coalesce(slot_name, outbox._slot_name());
-    existing record;
-BEGIN
-    PERFORM outbox._check_slot_name(sn);
-    IF current_setting('wal_level') <> 'logical' THEN
-        RAISE EXCEPTION 'pg_outbox: wal mode needs wal_level = logical (it is %)', current_setting('wal_level')
-            USING ERRCODE = 'object_not_in_prerequisite_state',
-                  HINT = 'Set wal_level = logical in postgresql.conf and restart PostgreSQL, or use table mode.';
-    END IF;
-    SELECT s.database, s.plugin, s.slot_type INTO existing
-      FROM pg_catalog.pg_replication_slots s WHERE s.slot_name = sn;
-    IF NOT FOUND THEN
-        IF NOT EXISTS (SELECT FROM pg_catalog.pg_publication p WHERE p.pubname = sn) THEN
-            RAISE EXCEPTION 'pg_outbox: publication "%" must exist before the slot is created', sn
-                USING ERRCODE = 'object_not_in_prerequisite_state',
-                      HINT = 'CALL outbox.setup(); or SELECT * FROM outbox.create_publication(); then create the slot in a new transaction.';
-        END IF;
-        PERFORM pg_catalog.pg_create_logical_replication_slot(sn, 'pgoutput');
-        RETURN QUERY SELECT 'slot', sn, 'created';
-    ELSIF existing.slot_type <> 'logical' OR existing.plugin <> 'pgoutput'
-          OR existing.database <> current_database() THEN
-        RAISE EXCEPTION 'pg_outbox: slot "%" exists but is not a pgoutput logical slot of database "%"',
-                        sn, current_database()
-            USING ERRCODE = 'duplicate_object',
-                  HINT = 'Pick another name with pg_outbox.slot_name, or drop the other slot.';
-    ELSE
-        RETURN QUERY SELECT 'slot', sn, 'exists';
-    END IF;
-END
-$$;
-COMMENT ON FUNCTION outbox.create_slot(text) IS
-    'Create the pg_outbox logical replication slot if missing (step 2 of outbox.setup; needs the publication)';
-
--- (no SET clause: PostgreSQL forbids COMMIT in a procedure that has one; every name is qualified)
-CREATE PROCEDURE outbox.setup(slot_name text DEFAULT NULL)
-LANGUAGE plpgsql
-AS $$
-DECLARE
-    r record;
-BEGIN
-    FOR r IN SELECT * FROM outbox.create_publication(slot_name) LOOP
-        RAISE NOTICE 'pg_outbox: % % %', r.object, r.name, r.action;
-    END LOOP;
-    COMMIT;
-    FOR r IN SELECT * FROM outbox.create_slot(slot_name) LOOP
-        RAISE NOTICE 'pg_outbox: % % %', r.object, r.name, r.action;
-    END LOOP;
-END
-$$;
-COMMENT ON PROCEDURE outbox.setup(text) IS
-    'Set up wal mode: the publication, committed, then the slot; idempotent (CALL it outside a transaction block)';
-
--- ---------------------------------------------------------------------------------------------
--- inbox
--- ---------------------------------------------------------------------------------------------
 
 CREATE FUNCTION inbox._check_consumer(consumer text) RETURNS void
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
@@ -255,34 +126,112 @@ AS $$
      ORDER BY o.partition
 $$;
 
+-- The one rule for putting Kafka messages into a consumer's queue, behind inbox.deliver (one message)
+-- and inbox.deliver_batch (many). The arrays are matched by position; keys, headers, payloads and
+-- dead_reasons may be NULL, meaning NULL for every message. A message whose (consumer, message id) is
+-- already queued, also earlier in the same arrays, is skipped; one with a dead reason goes straight
+-- into the dead-letter state with that reason as last_error. Returns how many messages were new.
+CREATE FUNCTION inbox._queue_messages(consumer text, message_ids text[], topics text[],
+                                      partitions integer[], offsets bigint[], keys text[],
+                                      headers jsonb[], payloads bytea[], dead_reasons text[])
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    n integer := cardinality(message_ids);
+    queued bigint;
+BEGIN
+    PERFORM inbox._check_consumer(consumer);
+    IF message_ids IS NULL OR topics IS NULL THEN
+        RAISE EXCEPTION 'pg_outbox: message_ids and topics must not be NULL'
+            USING ERRCODE = 'null_value_not_allowed',
+                  HINT = 'Pass one message id and one topic per message.';
+    END IF;
+    IF cardinality(topics) <> n
+       OR cardinality(partitions) <> n OR cardinality(offsets) <> n OR cardinality(keys) <> n
+       OR cardinality(headers) <> n OR cardinality(payloads) <> n OR cardinality(dead_reasons) <> n THEN
+        RAISE EXCEPTION 'pg_outbox: the arrays differ in length (message_ids %, topics %, partitions %, offsets %, keys %, headers %, payloads %, dead_reasons %)',
+                        n, cardinality(topics), cardinality(partitions), cardinality(offsets),
+                        cardinality(keys), cardinality(headers), cardinality(payloads),
+                        cardinality(dead_reasons)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'The arrays are matched by position: pass one element per message in each (a NULL element where a message has no key, payload or dead reason).';
+    END IF;
+    IF EXISTS (SELECT FROM unnest(message_ids, topics) AS m(id, topic)
+                WHERE m.id IS NULL OR m.id = '' OR m.topic IS NULL) THEN
+        RAISE EXCEPTION 'pg_outbox: message_id and topic must be given'
+            USING ERRCODE = 'null_value_not_allowed', HINT = 'Use topic/partition/offset as the id when the message has none.';
+    END IF;
+    INSERT INTO inbox.messages (consumer, message_id, topic, partition, "offset", key, headers, payload,
+                                status, last_error)
+    SELECT _queue_messages.consumer, m.id, m.topic, m.partition, m.off, m.key,
+           coalesce(m.headers, '{}'), m.payload,
+           CASE WHEN m.reason IS NULL THEN 'pending' ELSE 'dead' END, m.reason
+      FROM unnest(_queue_messages.message_ids, _queue_messages.topics, _queue_messages.partitions,
+                  _queue_messages.offsets, _queue_messages.keys, _queue_messages.headers,
+                  _queue_messages.payloads, _queue_messages.dead_reasons)
+           AS m(id, topic, partition, off, key, headers, payload, reason)
+    ON CONFLICT (consumer, message_id) DO NOTHING;
+    GET DIAGNOSTICS queued = ROW_COUNT;
+    RETURN queued;
+END
+$$;
+
 -- Puts one Kafka message into the consumer's queue; false if that message id was already there.
 -- With dead_reason, the message is recorded straight in the dead-letter state (poison input).
 CREATE FUNCTION inbox.deliver(consumer text, message_id text, topic text, partition integer,
                               "offset" bigint, key text, payload bytea, headers jsonb DEFAULT '{}',
                               dead_reason text DEFAULT NULL)
 RETURNS boolean
+LANGUAGE sql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT inbox._queue_messages(deliver.consumer, ARRAY[deliver.message_id], ARRAY[deliver.topic],
+                                 ARRAY[deliver.partition], ARRAY[deliver."offset"], ARRAY[deliver.key],
+                                 ARRAY[deliver.headers], ARRAY[deliver.payload],
+                                 ARRAY[deliver.dead_reason]) = 1
+$$;
+
+-- The ingest's write, one call per batch: queues the messages like inbox.deliver and stores each
+-- topic/partition's next offset (its highest offset + 1) with inbox.store_offset, so an offset never
+-- goes backwards; both in the caller's transaction, so they commit together. The arrays are matched
+-- by position; keys, headers, payloads and dead_reasons may be NULL (NULL for every message).
+-- Returns how many messages were new (duplicates are not counted).
+CREATE FUNCTION inbox.deliver_batch(consumer text, message_ids text[], topics text[],
+                                    partitions integer[], offsets bigint[], keys text[],
+                                    headers jsonb[], payloads bytea[], dead_reasons text[])
+RETURNS bigint
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
-    inserted boolean;
+    queued bigint;
+    p record;
 BEGIN
-    PERFORM inbox._check_consumer(consumer);
-    IF message_id IS NULL OR message_id = '' OR topic IS NULL THEN
-        RAISE EXCEPTION 'pg_outbox: message_id and topic must be given'
-            USING ERRCODE = 'null_value_not_allowed', HINT = 'Use topic/partition/offset as the id when the message has none.';
+    IF partitions IS NULL OR offsets IS NULL
+       OR array_position(partitions, NULL) IS NOT NULL OR array_position(offsets, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION 'pg_outbox: partitions and offsets must not be or contain NULL'
+            USING ERRCODE = 'null_value_not_allowed',
+                  HINT = 'deliver_batch stores each partition''s next offset: pass the Kafka partition and offset of every message (inbox.deliver queues a message without them).';
     END IF;
-    INSERT INTO inbox.messages (consumer, message_id, topic, partition, "offset", key, headers, payload,
-                                status, last_error)
-    VALUES (deliver.consumer, deliver.message_id, deliver.topic, deliver.partition, deliver."offset",
-            deliver.key, coalesce(deliver.headers, '{}'), deliver.payload,
-            CASE WHEN dead_reason IS NULL THEN 'pending' ELSE 'dead' END, dead_reason)
-    ON CONFLICT (consumer, message_id) DO NOTHING
-    RETURNING true INTO inserted;
-    RETURN coalesce(inserted, false);
+    queued := inbox._queue_messages(consumer, message_ids, topics, partitions, offsets, keys, headers,
+                                    payloads, dead_reasons);
+    -- in a fixed order, so that two writers of one consumer lock the offset rows alike
+    FOR p IN SELECT m.topic, m.partition, max(m.off) + 1 AS next_offset
+               FROM unnest(deliver_batch.topics, deliver_batch.partitions, deliver_batch.offsets)
+                    AS m(topic, partition, off)
+              GROUP BY m.topic, m.partition
+              ORDER BY m.topic COLLATE "C", m.partition LOOP
+        PERFORM inbox.store_offset(consumer, p.topic, p.partition, p.next_offset);
+    END LOOP;
+    RETURN queued;
 END
 $$;
+COMMENT ON FUNCTION inbox.deliver_batch(text, text[], text[], integer[], bigint[], text[], jsonb[], bytea[], text[]) IS
+    'Queue a batch of Kafka messages for a consumer and store each partition''s next offset, in the caller''s transaction; returns how many messages were new';
 
 -- Hands up to n visible messages to the caller and hides them for the lease. A message whose lease
 -- expired (its worker died) becomes visible again; one that used up its attempts is dead-lettered.
@@ -395,38 +344,3 @@ BEGIN
     RETURN removed + more;
 END
 $$;
-
--- ---------------------------------------------------------------------------------------------
--- privileges: nothing for PUBLIC; each role gets exactly what its job needs
--- ---------------------------------------------------------------------------------------------
-
-REVOKE ALL ON ALL FUNCTIONS IN SCHEMA outbox FROM PUBLIC;
-REVOKE ALL ON ALL FUNCTIONS IN SCHEMA inbox FROM PUBLIC;
-
-GRANT USAGE ON SCHEMA outbox TO outbox_writer, outbox_relay;
-GRANT EXECUTE ON FUNCTION outbox.enqueue(text, text, jsonb, jsonb),
-                          outbox.enqueue(text, text, jsonb),
-                          outbox.enqueue_bytes(text, text, bytea, jsonb),
-                          outbox.enqueue_batch(text, text[], jsonb[], jsonb),
-                          outbox._enqueue_batch_json(text, text[], text[], jsonb)
-      TO outbox_writer;
-GRANT INSERT ON outbox.events TO outbox_writer;
-
-GRANT SELECT, DELETE ON outbox.events TO outbox_relay;
-GRANT SELECT, INSERT ON outbox.dead_letters TO outbox_relay;
-GRANT EXECUTE ON FUNCTION outbox.create_slot(text), outbox.create_publication(text), outbox._slot_name(),
-                          outbox._check_slot_name(text) TO outbox_relay;
-GRANT EXECUTE ON PROCEDURE outbox.setup(text) TO outbox_relay;
-
-GRANT USAGE ON SCHEMA inbox TO outbox_relay, inbox_consumer;
-GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA inbox TO inbox_consumer;
-GRANT SELECT, INSERT, UPDATE, DELETE ON inbox.received, inbox.messages TO inbox_consumer;
-GRANT SELECT, INSERT, UPDATE ON inbox.offsets TO inbox_consumer;
-GRANT EXECUTE ON FUNCTION inbox._check_consumer(text),
-                          inbox.deliver(text, text, text, integer, bigint, text, bytea, jsonb, text),
-                          inbox.store_offset(text, text, integer, bigint, boolean),
-                          inbox.get_offset(text, text, integer),
-                          inbox.get_offsets(text, text)
-      TO outbox_relay;
-GRANT SELECT, INSERT ON inbox.messages TO outbox_relay;
-GRANT SELECT, INSERT, UPDATE ON inbox.offsets TO outbox_relay;

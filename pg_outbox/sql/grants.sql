@@ -1,0 +1,38 @@
+-- pg_outbox grants: nothing for PUBLIC; each role gets exactly what its job needs.
+-- Runs last (finalize), after every function of both schemas exists: the ALL FUNCTIONS IN SCHEMA
+-- statements below cover exactly the functions created before them.
+
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA outbox FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA inbox FROM PUBLIC;
+
+GRANT USAGE ON SCHEMA outbox TO outbox_writer, outbox_relay;
+GRANT EXECUTE ON FUNCTION outbox.enqueue(text, text, jsonb, jsonb),
+                          outbox.enqueue(text, text, jsonb),
+                          outbox.enqueue_bytes(text, text, bytea, jsonb),
+                          outbox.enqueue_batch(text, text[], jsonb[], jsonb),
+                          outbox._enqueue_batch_json(text, text[], text[], jsonb)
+      TO outbox_writer;
+GRANT INSERT ON outbox.events TO outbox_writer;
+
+GRANT SELECT, DELETE ON outbox.events TO outbox_relay;
+GRANT SELECT, INSERT ON outbox.dead_letters TO outbox_relay;
+GRANT EXECUTE ON FUNCTION outbox.create_slot(text), outbox.create_publication(text), outbox._slot_name(),
+                          outbox._check_slot_name(text) TO outbox_relay;
+GRANT EXECUTE ON PROCEDURE outbox.setup(text) TO outbox_relay;
+
+GRANT USAGE ON SCHEMA inbox TO outbox_relay, inbox_consumer;
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA inbox TO inbox_consumer;
+GRANT SELECT, INSERT, UPDATE, DELETE ON inbox.received, inbox.messages TO inbox_consumer;
+GRANT SELECT, INSERT, UPDATE ON inbox.offsets TO inbox_consumer;
+GRANT EXECUTE ON FUNCTION inbox._check_consumer(text),
+                          inbox.deliver(text, text, text, integer, bigint, text, bytea, jsonb, text),
+                          inbox.deliver_batch(text, text[], text[], integer[], bigint[], text[], jsonb[],
+                                              bytea[], text[]),
+                          inbox._queue_messages(text, text[], text[], integer[], bigint[], text[], jsonb[],
+                                                bytea[], text[]),
+                          inbox.store_offset(text, text, integer, bigint, boolean),
+                          inbox.get_offset(text, text, integer),
+                          inbox.get_offsets(text, text)
+      TO outbox_relay;
+GRANT SELECT, INSERT ON inbox.messages TO outbox_relay;
+GRANT SELECT, INSERT, UPDATE ON inbox.offsets TO outbox_relay;
