@@ -143,6 +143,15 @@ settings_group! {
         /// 1000): lets the broker append what a killed predecessor had already sent.
         #[arg(long, env = "PG_OUTBOX_RESTART_GRACE_MS")]
         pub restart_grace_ms: Option<u64>,
+        /// An event that can never be published (missing or forbidden topic, a record the broker
+        /// refuses, an undecodable envelope): `dead-letter` it into outbox.dead_letters and go on
+        /// (default), or `stop` the relay.
+        #[arg(long, env = "PG_OUTBOX_ON_POISON")]
+        pub on_poison: Option<String>,
+        /// How long an event to a topic that does not exist (or may not be written) is retried
+        /// before it counts as poison, in milliseconds (default 30000).
+        #[arg(long, env = "PG_OUTBOX_POISON_RETRY_MS")]
+        pub poison_retry_ms: Option<u64>,
     }
 }
 
@@ -227,6 +236,13 @@ pub enum SourceKind {
     Poll,
 }
 
+/// What happens to an event that can never be published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnPoison {
+    DeadLetter,
+    Stop,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -267,6 +283,8 @@ pub struct SourceConfig {
     pub max_in_flight: usize,
     pub restart_grace: Duration,
     pub backoff_max: Duration,
+    pub on_poison: OnPoison,
+    pub poison_retry: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -431,8 +449,19 @@ fn resolve_source(
             "poll_batch {poll_batch} is out of range (1 to 100000)"
         )));
     }
+    let on_poison = match s.on_poison.as_deref() {
+        None | Some("dead-letter") => OnPoison::DeadLetter,
+        Some("stop") => OnPoison::Stop,
+        Some(other) => {
+            return Err(RelayError::config(format!(
+                "on_poison {other:?} is unknown: use \"dead-letter\" or \"stop\""
+            )))
+        }
+    };
     Ok(SourceConfig {
         kind,
+        on_poison,
+        poison_retry: Duration::from_millis(s.poison_retry_ms.unwrap_or(30_000)),
         // the restart dedup compares positions of one source only: a WAL source and a poll
         // source must never share an id, so their defaults differ
         source_id: s.source_id.unwrap_or_else(|| match kind {
@@ -577,6 +606,10 @@ mod tests {
         s.source.source = Some("table".into());
         let err = run_error(s);
         assert!(err.contains("source") && err.contains("poll"), "{err}");
+        let mut s = settings();
+        s.source.on_poison = Some("ignore".into());
+        let err = run_error(s);
+        assert!(err.contains("on_poison"), "{err}");
         for (key, value) in [
             ("enable.idempotence", "false"),
             ("acks", "1"),

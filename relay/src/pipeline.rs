@@ -12,9 +12,9 @@
 //! - Shutdown: stop reading, flush, wait for what is in flight (bounded), confirm, close.
 
 use crate::checkpoint::{Checkpoint, UnitId};
-use crate::config::{Config, KafkaConfig, SourceConfig, SourceKind};
+use crate::config::{Config, KafkaConfig, OnPoison, SourceConfig, SourceKind};
 use crate::deadletter::{DeadLetter, DeadLetters, PgDeadLetters};
-use crate::error::RelayError;
+use crate::error::{Kind, RelayError};
 use crate::event::{Body, Position, SourceEvent};
 use crate::postgres;
 use crate::retry::Retry;
@@ -29,6 +29,7 @@ use crate::telemetry::{micros_since, Metrics};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
 use pg_outbox_envelope::Event;
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,6 +52,11 @@ pub async fn run(
     let mut sink = KafkaSink::new(&config.kafka, &config.source.source_id)?;
     let mut first = true;
     loop {
+        if let Some(fatal) = sink.fatal_error() {
+            // an idempotent producer that hit a fatal error can send nothing more
+            warn!(error = %fatal, "kafka producer failed fatally; building a new one");
+            sink = KafkaSink::new(&config.kafka, &config.source.source_id)?;
+        }
         let started = Instant::now();
         let result = session(config, &shutdown, &metrics, &mut sink, &mut first).await;
         if !retry.after(result, started, &shutdown, &metrics).await? {
@@ -92,6 +98,9 @@ pub struct Pipeline<'a, K: Sink, D: DeadLetters> {
     sink: &'a mut K,
     dead: D,
     dedup: Dedup,
+    shutdown: CancellationToken,
+    /// Topics that could not be written to, since when (this session).
+    unwritable: HashMap<String, tokio::time::Instant>,
 }
 
 /// A record in flight: its checkpoint unit, its start time (Unix µs), and its outcome.
@@ -114,6 +123,8 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
             sink,
             dead,
             dedup: Dedup::default(),
+            shutdown: CancellationToken::new(),
+            unwritable: HashMap::new(),
         }
     }
 
@@ -124,6 +135,7 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
         mut source: S,
         shutdown: &CancellationToken,
     ) -> Result<(), RelayError> {
+        self.shutdown = shutdown.clone();
         // Whatever an earlier session of this process sent is settled first, so the dedup sees it
         // in Kafka. Holding the source (slot, lock) fences out any other relay from now on, but a
         // relay that was just killed may have left produce requests in its socket that the broker
@@ -211,7 +223,15 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
         Ok(())
     }
 
+    /// Records an event that can never be published, or stops the relay if the operator chose so.
     async fn dead_letter(&mut self, letter: DeadLetter) -> Result<(), RelayError> {
+        if self.source.on_poison == OnPoison::Stop {
+            return Err(RelayError::permanent(format!(
+                "the event at position {} cannot be published ({}) and on_poison = stop: fix the cause, \
+                 or set on_poison = dead-letter to record it in outbox.dead_letters and go on",
+                letter.position, letter.reason
+            )));
+        }
         self.dead.record(letter).await?;
         self.metrics.dead_lettered.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -257,7 +277,9 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
                 .await?;
             return Ok(None);
         }
-        let partitions = self.sink.partition_count(&topic).await?;
+        let Some(partitions) = self.partition_count(&topic, position, event).await? else {
+            return Ok(None);
+        };
         let key = event.key.map(str::as_bytes);
         let partition = partition_for(key, &event.id, partitions);
         let source_id = self.source.source_id.as_str();
@@ -301,6 +323,55 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
         }
         Ok(Some(self.sink.send(record).await?))
     }
+
+    /// The topic's partition count. A topic that does not exist or may not be written holds the
+    /// stream for at most `poison_retry` (per topic and session, `/healthz` says degraded
+    /// meanwhile); then its events are dead-lettered (None) and the stream goes on.
+    async fn partition_count(
+        &mut self,
+        topic: &str,
+        position: Position,
+        event: &Event<'_>,
+    ) -> Result<Option<i32>, RelayError> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let error = match self.sink.partition_count(topic).await {
+                Ok(n) => {
+                    self.unwritable.remove(topic);
+                    self.metrics.degraded.store(false, Ordering::Relaxed);
+                    return Ok(Some(n));
+                }
+                Err(e) if e.kind() == Kind::Event => e,
+                Err(e) => return Err(e),
+            };
+            let since = *self
+                .unwritable
+                .entry(topic.to_string())
+                .or_insert_with(tokio::time::Instant::now);
+            if since.elapsed() >= self.source.poison_retry {
+                self.metrics.degraded.store(false, Ordering::Relaxed);
+                let reason = format!(
+                    "{error} (retried for {} ms)",
+                    self.source.poison_retry.as_millis()
+                );
+                self.dead_letter(DeadLetter::of_event(position, event, reason))
+                    .await?;
+                return Ok(None);
+            }
+            if !self.metrics.degraded.swap(true, Ordering::Relaxed) {
+                warn!(%topic, %position, error = %error, "an event cannot be published yet; retrying");
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => {
+                    return Err(RelayError::transient(
+                        "shut down while retrying an event that cannot be published yet",
+                    ))
+                }
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
 }
 
 /// The loop against an in-memory source, sink and dead letters, with injected faults. Every test
@@ -325,6 +396,10 @@ mod tests {
     type Log = Arc<Mutex<Vec<Entry>>>;
 
     fn envelope(position: Position) -> Bytes {
+        envelope_to(position, "t")
+    }
+
+    fn envelope_to(position: Position, topic: &str) -> Bytes {
         let mut id = [0u8; 16];
         id[..8].copy_from_slice(&position.major.to_be_bytes());
         id[8..].copy_from_slice(&position.minor.to_be_bytes());
@@ -332,7 +407,7 @@ mod tests {
         let event = Event {
             id,
             created_at_micros: 1,
-            topic: "t",
+            topic,
             key: Some(&key),
             headers: vec![("h", b"v".as_slice())],
             trace_context: None,
@@ -380,6 +455,25 @@ mod tests {
         last: Option<u64>,
         shutdown_after: Option<Duration>,
     ) -> Outcome {
+        run_with(
+            steps,
+            plan,
+            max_in_flight,
+            last,
+            shutdown_after,
+            OnPoison::DeadLetter,
+        )
+        .await
+    }
+
+    async fn run_with(
+        steps: Vec<Step<u64>>,
+        plan: Plan,
+        max_in_flight: usize,
+        last: Option<u64>,
+        shutdown_after: Option<Duration>,
+        on_poison: OnPoison,
+    ) -> Outcome {
         let log: Log = Arc::default();
         let positions: Vec<Position> = steps
             .iter()
@@ -408,6 +502,7 @@ mod tests {
         }));
         let (confirmed, closed) = (source.confirmed.clone(), source.closed.clone());
         let mut sink = MemorySink::new(1, plan);
+        sink.missing_topics = vec!["gone".into()];
         let l = log.clone();
         sink.on_ack = Some(Arc::new(move |p| l.lock().unwrap().push(Entry::Acked(p))));
         let mut dead = MemoryDeadLetters::default();
@@ -429,6 +524,8 @@ mod tests {
             max_in_flight,
             restart_grace: Duration::ZERO,
             backoff_max: Duration::from_secs(1),
+            on_poison,
+            poison_retry: Duration::from_secs(5),
         };
         if let Some(after) = shutdown_after {
             let token = shutdown.clone();
@@ -595,5 +692,56 @@ mod tests {
         assert_eq!(out.metrics.published.load(Ordering::Relaxed), 4);
         assert_eq!(out.metrics.skipped.load(Ordering::Relaxed), 2);
         assert_eq!(out.confirmed.last(), Some(&1));
+    }
+
+    /// Unit 2's event goes to a topic that does not exist; units 0, 1, 3, 4 to one that does.
+    fn script_with_missing_topic() -> Vec<Step<u64>> {
+        let mut steps = Vec::new();
+        for u in 0..5 {
+            let p = Position::new(u, 0);
+            let body = (u == 2).then(|| Body::Envelope(envelope_to(p, "gone")));
+            steps.extend([event(p, body), Step::Close(u)]);
+        }
+        steps
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_event_to_a_missing_topic_is_retried_then_dead_lettered_and_the_stream_goes_on() {
+        let plan: Plan = Box::new(|_, _| Fate::Ack(ms(1)));
+        let out = run(script_with_missing_topic(), plan, 100, Some(4), None).await;
+        out.result.expect("graceful");
+        assert_eq!(out.confirmed.last(), Some(&4), "the stream went past it");
+        assert_eq!(out.dead.len(), 1);
+        assert_eq!(out.dead[0].position, Position::new(2, 0));
+        assert_eq!(out.dead[0].topic.as_deref(), Some("gone"));
+        assert!(
+            out.dead[0].reason.contains("Unknown topic"),
+            "{:?}",
+            out.dead[0]
+        );
+        assert_eq!(out.metrics.published.load(Ordering::Relaxed), 4);
+        assert!(
+            !out.metrics.degraded.load(Ordering::Relaxed),
+            "healthy again"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn on_poison_stop_stops_before_the_event_and_records_nothing() {
+        let plan: Plan = Box::new(|_, _| Fate::Ack(ms(1)));
+        let out = run_with(
+            script_with_missing_topic(),
+            plan,
+            100,
+            None,
+            None,
+            OnPoison::Stop,
+        )
+        .await;
+        let err = out.result.expect_err("stops");
+        assert!(err.is_permanent(), "{err}");
+        assert!(err.to_string().contains("on_poison"), "{err}");
+        assert!(out.dead.is_empty());
+        assert!(out.confirmed.last() <= Some(&1), "never past the event");
     }
 }

@@ -16,6 +16,8 @@ pub struct Metrics {
     pub ingested: AtomicU64,
     pub confirmed_lsn: AtomicU64,
     pub healthy: AtomicBool,
+    /// Streaming, but held by an event that cannot be published yet (retried, then dead-lettered).
+    pub degraded: AtomicBool,
     /// From an event's commit (wal) or its transaction's start (poll) to Kafka's acknowledgement.
     pub latency: Histogram,
 }
@@ -115,6 +117,10 @@ impl Metrics {
             &mut out,
         );
         out.push_str(&format!(
+            "# HELP pg_outbox_relay_degraded 1 while an event that cannot be published yet is retried.\n# TYPE pg_outbox_relay_degraded gauge\npg_outbox_relay_degraded {}\n",
+            u8::from(self.degraded.load(Ordering::Relaxed))
+        ));
+        out.push_str(&format!(
             "# HELP pg_outbox_relay_up 1 while streaming.\n# TYPE pg_outbox_relay_up gauge\npg_outbox_relay_up {}\n",
             u8::from(self.healthy.load(Ordering::Relaxed))
         ));
@@ -156,6 +162,10 @@ pub async fn serve(
             let path = request.split_whitespace().nth(1).unwrap_or("/");
             let (status, body) = match path {
                 "/metrics" => ("200 OK", metrics.render()),
+                "/healthz" if metrics.degraded.load(Ordering::Relaxed) => (
+                    "503 Service Unavailable",
+                    "degraded: retrying an event that cannot be published yet\n".to_string(),
+                ),
                 "/healthz" if metrics.healthy.load(Ordering::Relaxed) => {
                     ("200 OK", "ok\n".to_string())
                 }

@@ -7,7 +7,7 @@
 
 use crate::config::KafkaConfig;
 use crate::deadletter::DeadLetter;
-use crate::error::RelayError;
+use crate::error::{Kind, RelayError};
 use crate::event::Position;
 use crate::sink::dedup::{self, Tail};
 use crate::sink::{Delivered, Delivery, Record, Sink};
@@ -52,9 +52,20 @@ pub fn fetch_partition_count<C: ClientContext>(
         .find(|t| t.name() == topic)
         .ok_or_else(|| RelayError::transient(format!("topic {topic} not in metadata")))?;
     if let Some(err) = t.error() {
-        return Err(RelayError::transient(format!(
-            "topic {topic}: {err:?}; create the topic or enable auto-creation"
-        )));
+        // the topic does not exist, or may not be written: retrying helps only if someone acts
+        let kind = match RDKafkaErrorCode::from(err) {
+            RDKafkaErrorCode::UnknownTopicOrPartition
+            | RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::InvalidTopic => Kind::Event,
+            _ => Kind::Transient,
+        };
+        return Err(RelayError::new(
+            kind,
+            format!(
+                "topic {topic}: {}; create the topic (or enable auto-creation) or grant the relay access",
+                RDKafkaErrorCode::from(err)
+            ),
+        ));
     }
     if t.partitions().is_empty() {
         return Err(RelayError::transient(format!(
@@ -105,6 +116,17 @@ impl KafkaSink {
             partitions: HashMap::new(),
             timeout: Duration::from_secs(10),
         })
+    }
+}
+
+impl KafkaSink {
+    /// librdkafka's fatal error, if the producer has one: it can send nothing more and must be
+    /// replaced.
+    pub fn fatal_error(&self) -> Option<String> {
+        self.producer
+            .client()
+            .fatal_error()
+            .map(|(code, reason)| format!("{code}: {reason}"))
     }
 }
 
@@ -182,15 +204,21 @@ impl Sink for KafkaSink {
     }
 }
 
-/// A record the broker refuses as too large can never be delivered: it is dead-lettered; any other
-/// failure ends the session (the source replays, the dedup skips what arrived).
+/// A record the broker refuses for good (too large, invalid, a timestamp out of range, a null key on
+/// a compacted topic, a topic the relay may not write) can never be delivered: it is dead-lettered.
+/// Any other failure ends the session (the source replays, the dedup skips what arrived).
 fn judge_failure(e: KafkaError, msg: &OwnedMessage) -> Delivered {
     match e {
-        KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge) => {
-            match dead_letter_of(
-                msg,
-                "broker refused the record as too large (MSG_SIZE_TOO_LARGE)",
-            ) {
+        KafkaError::MessageProduction(
+            code @ (RDKafkaErrorCode::MessageSizeTooLarge
+            | RDKafkaErrorCode::InvalidMessage
+            | RDKafkaErrorCode::InvalidRecord
+            | RDKafkaErrorCode::InvalidTimestamp
+            | RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::PolicyViolation),
+        ) => {
+            let reason = format!("broker refused the record: {code} ({code:?})");
+            match dead_letter_of(msg, &reason) {
                 Some(letter) => Delivered::Rejected(Box::new(letter)),
                 None => Delivered::Failed(RelayError::transient("failed record without position")),
             }

@@ -3,7 +3,7 @@
 //! complete out of order, fail in the middle of a batch, or still be in flight at shutdown.
 
 use crate::deadletter::DeadLetter;
-use crate::error::RelayError;
+use crate::error::{Kind, RelayError};
 use crate::event::Position;
 use crate::sink::dedup::Tail;
 use crate::sink::{Delivered, Delivery, Record, Sink};
@@ -37,6 +37,8 @@ pub struct Log {
 
 pub struct MemorySink {
     pub partitions: i32,
+    /// Topics that do not exist: asking for their partitions fails for this event.
+    pub missing_topics: Vec<String>,
     pub log: Arc<Mutex<Log>>,
     /// Called with each position as its acknowledgement completes.
     pub on_ack: Option<Arc<dyn Fn(Position) + Send + Sync>>,
@@ -48,6 +50,7 @@ impl MemorySink {
     pub fn new(partitions: i32, plan: Plan) -> MemorySink {
         MemorySink {
             partitions,
+            missing_topics: Vec::new(),
             log: Arc::default(),
             on_ack: None,
             plan: Mutex::new(plan),
@@ -62,7 +65,13 @@ impl MemorySink {
 }
 
 impl Sink for MemorySink {
-    async fn partition_count(&mut self, _topic: &str) -> Result<i32, RelayError> {
+    async fn partition_count(&mut self, topic: &str) -> Result<i32, RelayError> {
+        if self.missing_topics.iter().any(|t| t == topic) {
+            return Err(RelayError::new(
+                Kind::Event,
+                format!("topic {topic}: Broker: Unknown topic or partition"),
+            ));
+        }
         Ok(self.partitions)
     }
 

@@ -1,0 +1,102 @@
+//! One event that can never be published does not stop the stream: it is retried for a bounded
+//! time (the relay says it is degraded meanwhile), then dead-lettered with its reason, and every
+//! other event flows, in order, while the slot advances. Real PostgreSQL, real broker.
+
+use anyhow::Result;
+use pg_outbox_tests::{free_port, port, read_all, wait_for, Broker, Relay, TestDb};
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::time::Duration;
+
+/// The body of `GET /healthz` and whether it said 200.
+fn healthz(addr: &str) -> Result<(bool, String)> {
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.write_all(b"GET /healthz HTTP/1.0\r\n\r\n")?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    Ok((text.starts_with("HTTP/1.0 200"), text))
+}
+
+#[tokio::test]
+async fn one_event_to_a_missing_topic_among_1000_is_dead_lettered_and_the_rest_flows() -> Result<()>
+{
+    let db = TestDb::create("po_missing_topic", port()).await?;
+    let broker = Broker::start()?;
+    broker.create_topic("orders", 2).await?;
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let _relay = Relay::start(
+        db.port,
+        &db.name,
+        &broker.bootstrap(),
+        &["--poison-retry-ms", "4000", "--metrics-addr", &metrics],
+    )?;
+    db.wait_for_active_slot().await?;
+    let c = &db.client;
+    let mut sent: HashMap<String, i64> = HashMap::new();
+    for i in 0..1000 {
+        if i == 500 {
+            c.execute(
+                "SELECT outbox.enqueue('no_such_topic', 'lost', '{\"n\": 1}')",
+                &[],
+            )
+            .await?;
+            continue;
+        }
+        let key = format!("k{}", i % 10);
+        let n = sent.entry(key.clone()).or_insert(0);
+        *n += 1;
+        let payload = format!(r#"{{"n": {n}}}"#);
+        c.execute(
+            "SELECT outbox.enqueue('orders', $1, $2::text::jsonb)",
+            &[&key, &payload],
+        )
+        .await?;
+    }
+    let end = db.current_wal_lsn().await?;
+    // while the event is retried the relay says so
+    wait_for(
+        "/healthz to say degraded",
+        Duration::from_secs(30),
+        || async {
+            let (ok, text) = healthz(&metrics)?;
+            Ok(!ok && text.contains("degraded"))
+        },
+    )
+    .await?;
+    let records = read_all(
+        &broker.bootstrap(),
+        &[("orders", 2)],
+        999,
+        Duration::from_secs(120),
+    )?;
+    assert_eq!(records.len(), 999, "every other event, once");
+    // per key, in commit order
+    let mut next: HashMap<Vec<u8>, i64> = HashMap::new();
+    for r in &records {
+        let n = serde_json::from_slice::<serde_json::Value>(&r.payload)?["n"]
+            .as_i64()
+            .unwrap_or(-1);
+        let want = next.entry(r.key.clone().unwrap_or_default()).or_insert(1);
+        assert_eq!(n, *want, "key {:?}", r.key);
+        *want += 1;
+    }
+    let rows = c
+        .query("SELECT topic, key, reason FROM outbox.dead_letters", &[])
+        .await?;
+    assert_eq!(rows.len(), 1, "one dead letter");
+    let (topic, key, reason): (String, String, String) =
+        (rows[0].get(0), rows[0].get(1), rows[0].get(2));
+    assert_eq!((topic.as_str(), key.as_str()), ("no_such_topic", "lost"));
+    assert!(
+        reason.contains("no_such_topic") && reason.contains("retried"),
+        "{reason}"
+    );
+    // the slot moves past everything, the dead letter included
+    wait_for("the slot to advance", Duration::from_secs(30), || async {
+        db.confirmed_at_least(&end).await
+    })
+    .await?;
+    let (ok, text) = healthz(&metrics)?;
+    assert!(ok, "healthy again: {text}");
+    Ok(())
+}
