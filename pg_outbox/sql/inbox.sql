@@ -166,13 +166,21 @@ BEGIN
     END IF;
     INSERT INTO inbox.messages (consumer, message_id, topic, partition, "offset", key, headers, payload,
                                 status, last_error)
-    SELECT _queue_messages.consumer, m.id, m.topic, m.partition, m.off, m.key,
+    -- a key longer than the key index can hold (see inbox.messages' messages_key_idx) would fail
+    -- the whole batch, again and again: such a message is kept in the dead state without its key
+    SELECT _queue_messages.consumer, m.id, m.topic, m.partition, m.off,
+           CASE WHEN m.key_too_long THEN NULL ELSE m.key END,
            coalesce(m.headers, '{}'), m.payload,
-           CASE WHEN m.reason IS NULL THEN 'pending' ELSE 'dead' END, m.reason
-      FROM unnest(_queue_messages.message_ids, _queue_messages.topics, _queue_messages.partitions,
-                  _queue_messages.offsets, _queue_messages.keys, _queue_messages.headers,
-                  _queue_messages.payloads, _queue_messages.dead_reasons)
-           AS m(id, topic, partition, off, key, headers, payload, reason)
+           CASE WHEN m.reason IS NULL AND NOT m.key_too_long THEN 'pending' ELSE 'dead' END,
+           coalesce(m.reason,
+                    CASE WHEN m.key_too_long
+                         THEN format('key of %s bytes exceeds the inbox''s limit of 2048 bytes', octet_length(m.key))
+                    END)
+      FROM (SELECT u.*, coalesce(octet_length(u.key) > 2048, false) AS key_too_long
+              FROM unnest(_queue_messages.message_ids, _queue_messages.topics, _queue_messages.partitions,
+                          _queue_messages.offsets, _queue_messages.keys, _queue_messages.headers,
+                          _queue_messages.payloads, _queue_messages.dead_reasons)
+                   AS u(id, topic, partition, off, key, headers, payload, reason)) AS m
     ON CONFLICT (consumer, message_id) DO NOTHING;
     GET DIAGNOSTICS queued = ROW_COUNT;
     RETURN queued;

@@ -28,11 +28,18 @@ pub struct RelayError {
     source: Option<Cause>,
 }
 
+/// The context, then every cause in the chain (a client library's error often says only "db
+/// error" and keeps the server's message in its own source).
 impl fmt::Display for RelayError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.context)?;
-        if let Some(cause) = &self.source {
-            write!(f, ": {cause}")?;
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = self
+            .source
+            .as_deref()
+            .map(|c| c as &(dyn std::error::Error + 'static));
+        while let Some(c) = cause {
+            write!(f, ": {c}")?;
+            cause = c.source();
         }
         Ok(())
     }

@@ -14,11 +14,11 @@ use crate::config::{Config, IngestConfig};
 use crate::error::RelayError;
 use crate::postgres;
 use crate::retry::Retry;
-use crate::sink::kafka::{fetch_partition_count, off_runtime};
+use crate::sink::kafka::{fetch_partition_count, off_runtime, raw_headers};
 use crate::sink::HEADER_ID;
 use crate::telemetry::Metrics;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -61,19 +61,24 @@ fn to_row(msg: &BorrowedMessage<'_>, max_bytes: usize) -> Row {
     let mut dead_reason = None;
     let mut message_id = None;
     let mut headers = serde_json::Map::new();
-    if let Some(hs) = msg.headers() {
-        for (i, h) in hs.iter().enumerate() {
-            match std::str::from_utf8(h.value.unwrap_or_default()) {
-                Ok(v) => {
-                    // the relay writes the id as the first header; one further on is the writer's
-                    if i == 0 && h.key == HEADER_ID && !v.is_empty() && v.len() <= 200 {
-                        message_id = Some(v.to_string());
-                    }
-                    headers.insert(h.key.to_string(), v.into());
+    for (i, (name, value)) in raw_headers(msg).into_iter().enumerate() {
+        let Ok(name) = std::str::from_utf8(name) else {
+            dead_reason = Some(format!(
+                "header name {:?} is not valid UTF-8",
+                String::from_utf8_lossy(name)
+            ));
+            continue;
+        };
+        match std::str::from_utf8(value.unwrap_or_default()) {
+            Ok(v) => {
+                // the relay writes the id as the first header; one further on is the writer's
+                if i == 0 && name == HEADER_ID && !v.is_empty() && v.len() <= 200 {
+                    message_id = Some(v.to_string());
                 }
-                Err(_) => {
-                    dead_reason = Some(format!("header {:?} is not valid UTF-8", h.key));
-                }
+                headers.insert(name.to_string(), v.into());
+            }
+            Err(_) => {
+                dead_reason = Some(format!("header {name:?} is not valid UTF-8"));
             }
         }
     }
@@ -128,38 +133,21 @@ async fn session(
         Arc::new(cc.create().map_err(|e| {
             RelayError::config("kafka settings rejected by librdkafka").caused_by(e)
         })?);
-    // the stored offsets are the truth; the broker's committed offsets are never used
-    let stored: HashMap<(String, i32), i64> = pg
-        .query(
-            "SELECT topic, partition, next_offset FROM inbox.offsets WHERE consumer = $1",
-            &[&consumer],
-        )
-        .await?
-        .iter()
-        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
-        .collect();
-    let mut tpl = TopicPartitionList::new();
     let mut cursors: HashMap<(String, i32), Cursor> = HashMap::new();
-    for topic in &ingest.topics {
-        let (k, t) = (kafka.clone(), topic.clone());
-        let n = off_runtime("metadata task", move || {
-            fetch_partition_count(k.client(), &t, Duration::from_secs(10))
-        })
-        .await?;
-        for p in 0..n {
-            let next = stored.get(&(topic.clone(), p)).copied();
-            tpl.add_partition_offset(topic, p, next.map_or(Offset::Beginning, Offset::Offset))?;
-            cursors.insert((topic.clone(), p), Cursor::new(next));
-        }
-    }
-    kafka.assign(&tpl)?;
+    assign_new_partitions(&pg, &kafka, ingest, &mut cursors).await?;
     metrics.healthy.store(true, Ordering::Relaxed);
     info!(consumer, topics = ?ingest.topics, "ingesting");
     let mut batch = Vec::with_capacity(ingest.batch);
     let mut idle_check = tokio::time::interval(IDLE / 4);
+    let mut partition_check = tokio::time::interval(PARTITION_CHECK);
+    partition_check.reset();
     loop {
         let first = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
+            _ = partition_check.tick() => {
+                assign_new_partitions(&pg, &kafka, ingest, &mut cursors).await?;
+                continue;
+            }
             _ = idle_check.tick() => {
                 for ((topic, partition), cursor) in &mut cursors {
                     if let Some(offset) = cursor.idle(Instant::now()) {
@@ -195,6 +183,63 @@ async fn session(
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
         batch.clear();
     }
+}
+
+/// How often the topics' partition counts are looked at again, so that partitions added to a topic
+/// are read without a restart.
+const PARTITION_CHECK: Duration = Duration::from_secs(10);
+
+/// Assigns every partition of the ingested topics that is not assigned yet, each at the offset
+/// the database stored for it (or its beginning): the stored offsets are the truth, the broker's
+/// committed offsets are never used.
+async fn assign_new_partitions(
+    pg: &Client,
+    kafka: &Arc<StreamConsumer>,
+    ingest: &IngestConfig,
+    cursors: &mut HashMap<(String, i32), Cursor>,
+) -> Result<(), RelayError> {
+    let mut counts = Vec::with_capacity(ingest.topics.len());
+    for topic in &ingest.topics {
+        let (k, t) = (kafka.clone(), topic.clone());
+        let n = off_runtime("metadata task", move || {
+            fetch_partition_count(k.client(), &t, Duration::from_secs(10))
+        })
+        .await?;
+        counts.push((topic, n));
+    }
+    if counts
+        .iter()
+        .all(|(topic, n)| (0..*n).all(|p| cursors.contains_key(&(topic.to_string(), p))))
+    {
+        return Ok(());
+    }
+    let stored: HashMap<(String, i32), i64> = pg
+        .query(
+            "SELECT topic, partition, next_offset FROM inbox.offsets WHERE consumer = $1",
+            &[&ingest.consumer],
+        )
+        .await?
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect();
+    let initial = cursors.is_empty();
+    let mut tpl = TopicPartitionList::new();
+    for (topic, n) in counts {
+        for p in 0..n {
+            let place = (topic.to_string(), p);
+            if cursors.contains_key(&place) {
+                continue;
+            }
+            let next = stored.get(&place).copied();
+            tpl.add_partition_offset(topic, p, next.map_or(Offset::Beginning, Offset::Offset))?;
+            if !initial {
+                info!(%topic, partition = p, "a partition was added to the topic; reading it");
+            }
+            cursors.insert(place, Cursor::new(next));
+        }
+    }
+    kafka.incremental_assign(&tpl)?;
+    Ok(())
 }
 
 /// A partition to seek back: (topic, partition, offset).

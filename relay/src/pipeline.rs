@@ -136,6 +136,7 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
         shutdown: &CancellationToken,
     ) -> Result<(), RelayError> {
         self.shutdown = shutdown.clone();
+        self.metrics.degraded.store(false, Ordering::Relaxed);
         // Whatever an earlier session of this process sent is settled first, so the dedup sees it
         // in Kafka. Holding the source (slot, lock) fences out any other relay from now on, but a
         // relay that was just killed may have left produce requests in its socket that the broker
@@ -183,9 +184,12 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
             }
         }
         info!(in_flight = inflight.len(), "shutting down: flushing");
-        self.sink.flush(DRAIN_TIMEOUT).await?;
         let deadline = tokio::time::sleep(DRAIN_TIMEOUT);
         tokio::pin!(deadline);
+        if let Err(e) = self.sink.flush(DRAIN_TIMEOUT).await {
+            // what was acknowledged is still confirmed below
+            warn!(error = %e, "flush at shutdown did not complete");
+        }
         while !inflight.is_empty() {
             tokio::select! {
                 Some((unit, since, outcome)) = inflight.next() => {

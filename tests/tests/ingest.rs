@@ -360,3 +360,99 @@ async fn an_offset_stored_inside_the_last_batch_is_resumed_from_exactly_there() 
     assert_eq!(offsets, (50..100).collect::<Vec<i64>>(), "exactly 50..99");
     Ok(())
 }
+
+/// Headers with a name that is not UTF-8 (rdkafka's safe API cannot write one, so through
+/// librdkafka directly) and an id.
+fn headers_with_raw_name(name: &[u8], id: &str) -> OwnedHeaders {
+    use rdkafka::bindings as rd;
+    use rdkafka::message::BorrowedHeaders;
+    let headers = OwnedHeaders::new().insert(Header {
+        key: "pg_outbox-id",
+        value: Some(id),
+    });
+    let native = headers.as_borrowed() as *const BorrowedHeaders as *mut rd::rd_kafka_headers_t;
+    let value = b"v";
+    // SAFETY: `native` is the header list `headers` owns (BorrowedHeaders is that list); librdkafka
+    // copies name and value.
+    let err = unsafe {
+        rd::rd_kafka_header_add(
+            native,
+            name.as_ptr().cast(),
+            name.len() as isize,
+            value.as_ptr().cast(),
+            value.len() as isize,
+        )
+    };
+    assert_eq!(err, rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR);
+    headers
+}
+
+#[tokio::test]
+async fn a_header_name_that_is_not_utf8_or_a_huge_key_is_dead_lettered_not_a_crash() -> Result<()> {
+    let db = TestDb::create("in_poison_names", port()).await?;
+    let broker = Broker::start()?;
+    broker.create_topic("events", 1).await?;
+    let brokers = broker.bootstrap();
+    let mut ingest = Relay::ingest(db.port, &db.name, &brokers, "billing", "events", &[])?;
+    let p = producer(&brokers)?;
+    produce(&p, "events", 0, b"k", Some("good-1"), b"{}").await?;
+    let record = FutureRecord::<[u8], [u8]>::to("events")
+        .partition(0)
+        .key(b"k")
+        .payload(b"{}")
+        .headers(headers_with_raw_name(&[0xff, 0xfe, b'x'], "bad-name"));
+    p.send(record, Duration::from_secs(30))
+        .await
+        .map_err(|(e, _)| e)?;
+    // longer than the inbox's key index can hold, and incompressible: before, the batch failed
+    // over and over
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let huge_key: Vec<u8> = (0..4000)
+        .map(|_| {
+            b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+                [rng.random_range(0..62)]
+        })
+        .collect();
+    produce(&p, "events", 0, &huge_key, Some("huge-key"), b"{}").await?;
+    produce(&p, "events", 0, b"k", Some("good-2"), b"{}").await?;
+    let c = &db.client;
+    wait_for("four messages", Duration::from_secs(60), || async {
+        Ok(stored_offsets(c, "billing").await?.get(&0) == Some(&4))
+    })
+    .await?;
+    assert!(
+        ingest.try_wait()?.is_none(),
+        "ingest still running (no panic)"
+    );
+    let rows: Vec<(String, String, Option<String>, Option<String>)> = c
+        .query(
+            "SELECT message_id, status, last_error, key FROM inbox.messages ORDER BY \"offset\"",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    let summary: Vec<(&str, &str)> = rows.iter().map(|r| (r.0.as_str(), r.1.as_str())).collect();
+    assert_eq!(
+        summary,
+        [
+            ("good-1", "pending"),
+            ("bad-name", "dead"),
+            ("huge-key", "dead"),
+            ("good-2", "pending")
+        ]
+    );
+    assert!(
+        rows[1].2.as_deref().unwrap().contains("not valid UTF-8"),
+        "{:?}",
+        rows[1]
+    );
+    assert!(
+        rows[2].2.as_deref().unwrap().contains("4000 bytes"),
+        "{:?}",
+        rows[2]
+    );
+    assert_eq!(rows[2].3, None, "the key is not kept");
+    Ok(())
+}
