@@ -9,7 +9,7 @@
 //! | size      | field                                                                   |
 //! |-----------|-------------------------------------------------------------------------|
 //! | 1         | format version, currently `1`                                            |
-//! | 1         | flags: bit 0 key present, bit 1 payload is JSON, bit 2 trace context present; other bits must be zero |
+//! | 1         | flags: bit 0 key present, bit 1 payload is JSON, bit 2 trace context present, bit 3 sealed (a tag follows the envelope); other bits must be zero |
 //! | 16        | event id (UUID bytes, a UUIDv7 when written by the extension)            |
 //! | 8         | `created_at`, signed microseconds since 1970-01-01 00:00:00 UTC         |
 //! | 1 + T     | topic: length `T` (1..=249) then `T` bytes of `[a-zA-Z0-9._-]`            |
@@ -19,7 +19,14 @@
 //! | 2 + C     | trace context (only if flag bit 2): length `C` then UTF-8 bytes (a W3C `traceparent`) |
 //! | 4 + P     | payload: length `P` then `P` bytes                                        |
 //!
-//! The envelope ends exactly after the payload; trailing bytes are an error. A decoder that sees an
+//! The envelope ends exactly after the payload; trailing bytes are an error.
+//!
+//! A *sealed* message (flag bit 3, what `outbox.enqueue` writes) is an envelope followed by a
+//! [`TAG_LEN`]-byte tag: HMAC-SHA256 under the database's secret key (`outbox.auth_key`) of the
+//! top-level transaction id (4 bytes, big-endian) followed by the envelope. Only code that can read
+//! the key can write a message the relay accepts, and a sealed message copied into another
+//! transaction (or database) does not verify there. [`seal`] appends the tag; [`open`] checks it and
+//! returns the envelope that [`Event::decode`] reads. A decoder that sees an
 //! unknown version or an unknown flag bit reports it (it never guesses), so a relay older than the
 //! extension stops or dead-letters instead of publishing garbage.
 
@@ -45,7 +52,13 @@ pub const MAX_PAYLOAD_LEN: usize = (1 << 30) - 1;
 const FLAG_KEY: u8 = 1;
 const FLAG_JSON: u8 = 1 << 1;
 const FLAG_TRACE: u8 = 1 << 2;
-const KNOWN_FLAGS: u8 = FLAG_KEY | FLAG_JSON | FLAG_TRACE;
+const FLAG_SEALED: u8 = 1 << 3;
+const KNOWN_FLAGS: u8 = FLAG_KEY | FLAG_JSON | FLAG_TRACE | FLAG_SEALED;
+
+/// Length of the tag after a sealed envelope.
+pub const TAG_LEN: usize = 32;
+/// Length of the key that seals messages.
+pub const AUTH_KEY_LEN: usize = 32;
 
 /// One event, borrowed from the caller (encode) or from the envelope bytes (decode).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -268,7 +281,7 @@ impl<'a> Event<'a> {
         Ok(buf)
     }
 
-    /// Decodes an envelope, borrowing strings and bytes from `bytes`.
+    /// Decodes an envelope (for a sealed message: what [`open`] returned), borrowing strings and bytes from `bytes`.
     pub fn decode(bytes: &'a [u8]) -> Result<Event<'a>, DecodeError> {
         let mut r = Reader { bytes, pos: 0 };
         let version = *bytes.first().ok_or(DecodeError::Empty)?;
@@ -333,6 +346,49 @@ impl<'a> Event<'a> {
     pub fn id_string(&self) -> String {
         format_uuid(&self.id)
     }
+}
+
+/// Why a message is not a sealed envelope written with the expected key in the expected transaction.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpenError {
+    #[error("message is not sealed (written with pg_logical_emit_message, not outbox.enqueue)")]
+    NotSealed,
+    #[error(
+        "message tag does not verify (forged, or copied from another transaction or database)"
+    )]
+    BadTag,
+}
+
+fn mac(key: &[u8], xid: u32, envelope: &[u8]) -> hmac::Hmac<sha2::Sha256> {
+    use hmac::Mac;
+    let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key)
+        .expect("HMAC takes a key of any length");
+    mac.update(&xid.to_be_bytes());
+    mac.update(envelope);
+    mac
+}
+
+/// Seals the envelope that starts at `buf[start]` (it must be the last thing in `buf`): sets flag
+/// bit 3 and appends the tag binding it to `key` and to transaction `xid`.
+pub fn seal(buf: &mut Vec<u8>, start: usize, key: &[u8], xid: u32) {
+    use hmac::Mac;
+    buf[start + 1] |= FLAG_SEALED;
+    let tag = mac(key, xid, &buf[start..]).finalize().into_bytes();
+    buf.extend_from_slice(&tag);
+}
+
+/// Checks a sealed message's tag for `key` and transaction `xid` (in constant time) and returns
+/// the envelope without the tag.
+pub fn open<'m>(message: &'m [u8], key: &[u8], xid: u32) -> Result<&'m [u8], OpenError> {
+    use hmac::Mac;
+    if message.len() < 2 + TAG_LEN || message[1] & FLAG_SEALED == 0 {
+        return Err(OpenError::NotSealed);
+    }
+    let (envelope, tag) = message.split_at(message.len() - TAG_LEN);
+    mac(key, xid, envelope)
+        .verify_slice(tag)
+        .map_err(|_| OpenError::BadTag)?;
+    Ok(envelope)
 }
 
 /// Formats 16 UUID bytes as `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`.
@@ -406,6 +462,35 @@ mod tests {
             payload_is_json: true,
             payload: br#"{"order_id":1,"total":"9.99"}"#,
         }
+    }
+
+    #[test]
+    fn a_sealed_message_opens_only_with_its_key_and_transaction() {
+        let key = [9u8; AUTH_KEY_LEN];
+        let mut buf = b"prefix".to_vec();
+        sample().encode_into(&mut buf).unwrap();
+        seal(&mut buf, 6, &key, 4711);
+        let message = &buf[6..];
+        let envelope = open(message, &key, 4711).unwrap();
+        assert_eq!(envelope.len(), message.len() - TAG_LEN);
+        let event = Event::decode(envelope).unwrap();
+        assert_eq!(event, sample());
+
+        assert_eq!(open(message, &key, 4712), Err(OpenError::BadTag));
+        assert_eq!(
+            open(message, &[8u8; AUTH_KEY_LEN], 4711),
+            Err(OpenError::BadTag)
+        );
+        let unsealed = sample().encode().unwrap();
+        assert_eq!(open(&unsealed, &key, 4711), Err(OpenError::NotSealed));
+        let mut flipped = message.to_vec();
+        flipped[30] ^= 1;
+        assert_eq!(open(&flipped, &key, 4711), Err(OpenError::BadTag));
+        // a sealed message read without opening it is refused, not published with the tag
+        assert_eq!(
+            Event::decode(message),
+            Err(DecodeError::TrailingBytes(TAG_LEN))
+        );
     }
 
     #[test]

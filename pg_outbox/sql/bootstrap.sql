@@ -47,6 +47,20 @@ COMMENT ON TABLE outbox.events IS 'pg_outbox table mode: events not yet publishe
 -- the poll source reads below the snapshot horizon in (xid, seq) order
 CREATE INDEX events_xid_seq_idx ON outbox.events (xid, seq);
 
+-- wal mode: the secret that seals every message outbox.enqueue writes (HMAC-SHA256 over the
+-- transaction id and the envelope, see the envelope crate), so that the relay publishes no message
+-- that another role wrote with pg_logical_emit_message. One key per database, made at CREATE
+-- EXTENSION from PostgreSQL's strong random source (gen_random_uuid: 2 x 122 random bits). No role
+-- but the owner may read it: enqueue reads it as the owner, the relay through outbox.relay_auth_key().
+CREATE TABLE outbox.auth_key (
+    only_row boolean PRIMARY KEY DEFAULT true CONSTRAINT auth_key_one_row CHECK (only_row),
+    key      bytea   NOT NULL CONSTRAINT auth_key_length CHECK (pg_catalog.length(key) = 32)
+);
+INSERT INTO outbox.auth_key (key)
+SELECT pg_catalog.decode(pg_catalog.substr(pg_catalog.replace(
+           pg_catalog.gen_random_uuid()::text || pg_catalog.gen_random_uuid()::text, '-', ''), 1, 64), 'hex');
+REVOKE ALL ON outbox.auth_key FROM PUBLIC;
+
 -- inbox.try_receive: one row per (consumer, message id) ever received, kept for the dedup window.
 CREATE TABLE inbox.received (
     consumer    text        NOT NULL,

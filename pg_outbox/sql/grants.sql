@@ -12,12 +12,12 @@ GRANT EXECUTE ON FUNCTION outbox.enqueue(text, text, jsonb, jsonb),
                           outbox.enqueue_batch(text, text[], jsonb[], jsonb),
                           outbox._enqueue_batch_json(text, text[], text[], jsonb)
       TO outbox_writer;
-GRANT INSERT ON outbox.events TO outbox_writer;
+-- no privilege on outbox.events: enqueue inserts as the table's owner, after validating (owner.rs)
 
 GRANT SELECT, DELETE ON outbox.events TO outbox_relay;
 GRANT SELECT, INSERT ON outbox.dead_letters TO outbox_relay;
 GRANT EXECUTE ON FUNCTION outbox.create_slot(text), outbox.create_publication(text), outbox._slot_name(),
-                          outbox._check_slot_name(text) TO outbox_relay;
+                          outbox._check_slot_name(text), outbox.relay_auth_key() TO outbox_relay;
 GRANT EXECUTE ON PROCEDURE outbox.setup(text) TO outbox_relay;
 
 GRANT USAGE ON SCHEMA inbox TO outbox_relay, inbox_consumer;

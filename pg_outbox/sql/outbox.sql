@@ -16,6 +16,15 @@ AS $$ SELECT unnest(outbox._enqueue_batch_json(topic, keys, payloads::text[], he
 COMMENT ON FUNCTION outbox.enqueue_batch(text, text[], jsonb[], jsonb) IS
     'Enqueue many JSON events to one topic (keys[i] goes with payloads[i]); returns their ids in order';
 
+-- The relay's copy of the sealing key (outbox.auth_key), for outbox_relay only: SECURITY DEFINER so
+-- that the key table itself needs no grant.
+CREATE FUNCTION outbox.relay_auth_key() RETURNS bytea
+LANGUAGE sql STABLE PARALLEL SAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT key FROM outbox.auth_key $$;
+COMMENT ON FUNCTION outbox.relay_auth_key() IS
+    'The key that seals wal-mode messages, for the relay (granted to outbox_relay only)';
+
 -- Wakes whoever LISTENs on the channel named by the trigger's argument when a transaction that
 -- inserted rows commits (notifications are delivered at commit, one per transaction is enough):
 -- pg_outbox_events for the relay's poll source, pg_outbox_inbox for inbox workers (trigger in inbox.sql).

@@ -17,6 +17,7 @@ mod gucs;
 mod inbox;
 mod jsonb_text;
 mod outbox;
+mod owner;
 
 ::pgrx::pg_module_magic!(name, version);
 

@@ -7,18 +7,23 @@
 //! - In `wal` mode nothing is written unless `wal_level = logical` and the pg_outbox slot exists in
 //!   this database and is consistent: a slot that is created only afterwards would not retain the
 //!   event, which would be lost silently. Both conditions are checked before every write.
-//! - Validation happens before any write, so a refused event leaves no trace.
+//! - Validation happens before any write, so a refused event leaves no trace, and it is the same in
+//!   both modes (the envelope's limits, reserved header names).
+//! - Only these functions can produce an event the relay publishes: a wal-mode message is sealed
+//!   with the database's secret key and bound to its transaction (see the envelope crate), and a
+//!   table-mode row is inserted as the table's owner (owner.rs); callers hold neither privilege.
 
 use crate::error::{OrRaise, Refusal};
 use crate::gucs::{self, Mode};
 use crate::jsonb_text::JsonbText;
-use pg_outbox_envelope::{Event, MESSAGE_PREFIX};
+use crate::owner::as_owner;
+use pg_outbox_envelope::{Event, AUTH_KEY_LEN, MESSAGE_PREFIX};
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
 use pgrx::{JsonB, PgOid};
 use serde_json::Value;
-use std::cell::OnceCell;
+use std::cell::{Cell, OnceCell};
 use std::ffi::CString;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -93,44 +98,80 @@ fn check_payload_size(len: usize) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// Header values in the envelope are bytes: strings as their UTF-8, numbers and booleans as JSON text.
-fn header_pairs(headers: &Option<JsonB>) -> Result<Vec<(&str, Vec<u8>)>, Refusal> {
-    let Some(JsonB(value)) = headers else {
-        return Ok(Vec::new());
-    };
-    let object = match value {
-        Value::Object(map) => map,
-        Value::Null => return Ok(Vec::new()),
-        other => {
-            return Err(invalid(
-                format!(
-                    "pg_outbox: headers must be a JSON object, got {}",
-                    json_kind(other)
-                ),
-                "Pass headers as '{\"name\": \"value\"}'::jsonb.",
-            ))
+/// Header names the relay writes itself; no event may carry them (the relay and the ingest trust
+/// only their own, and a copy would be mistaken for one).
+pub const RESERVED_HEADER_PREFIX: &str = "pg_outbox-";
+
+/// The headers argument, parsed once: the JSON object (for table mode's row) and its pairs.
+pub struct Headers {
+    pub object: serde_json::Map<String, Value>,
+}
+
+impl Headers {
+    /// Parses `headers` (SQL NULL and JSON null are no headers). Nesting deeper than serde_json
+    /// reads (128 levels) is refused like any other structured value.
+    pub fn parse(headers: Option<&JsonbText>) -> Result<Headers, Refusal> {
+        let value = match headers {
+            None => Value::Null,
+            Some(text) => serde_json::from_slice(&text.0).map_err(|e| {
+                invalid(
+                    format!("pg_outbox: headers cannot be read: {e}"),
+                    "Pass headers as a flat object, '{\"name\": \"value\"}'::jsonb; \
+                     header values must be strings, numbers or booleans.",
+                )
+            })?,
+        };
+        let object = match value {
+            Value::Object(map) => map,
+            Value::Null => Default::default(),
+            other => {
+                return Err(invalid(
+                    format!(
+                        "pg_outbox: headers must be a JSON object, got {}",
+                        json_kind(&other)
+                    ),
+                    "Pass headers as '{\"name\": \"value\"}'::jsonb.",
+                ))
+            }
+        };
+        for name in object.keys() {
+            if name
+                .get(..RESERVED_HEADER_PREFIX.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(RESERVED_HEADER_PREFIX))
+            {
+                return Err(invalid(
+                    format!("pg_outbox: header \"{name}\" is reserved for the relay"),
+                    "Header names beginning with pg_outbox- are written by the relay only; \
+                     rename the header (for example x-original-id when forwarding one).",
+                ));
+            }
         }
-    };
-    object
-        .iter()
-        .map(|(name, value)| {
-            let bytes = match value {
-                Value::String(s) => s.as_bytes().to_vec(),
-                Value::Number(n) => n.to_string().into_bytes(),
-                Value::Bool(b) => b.to_string().into_bytes(),
-                other => {
-                    return Err(invalid(
-                        format!(
-                            "pg_outbox: header \"{name}\" is {}; header values must be strings, numbers or booleans",
-                            json_kind(other)
-                        ),
-                        "Encode structured values as a JSON string.",
-                    ))
-                }
-            };
-            Ok((name.as_str(), bytes))
-        })
-        .collect()
+        Ok(Headers { object })
+    }
+
+    /// Header values in the envelope are bytes: strings as their UTF-8, numbers and booleans as JSON text.
+    pub fn pairs(&self) -> Result<Vec<(&str, Vec<u8>)>, Refusal> {
+        self.object
+            .iter()
+            .map(|(name, value)| {
+                let bytes = match value {
+                    Value::String(s) => s.as_bytes().to_vec(),
+                    Value::Number(n) => n.to_string().into_bytes(),
+                    Value::Bool(b) => b.to_string().into_bytes(),
+                    other => {
+                        return Err(invalid(
+                            format!(
+                                "pg_outbox: header \"{name}\" is {}; header values must be strings, numbers or booleans",
+                                json_kind(other)
+                            ),
+                            "Encode structured values as a JSON string.",
+                        ))
+                    }
+                };
+                Ok((name.as_str(), bytes))
+            })
+            .collect()
+    }
 }
 
 fn json_kind(value: &Value) -> &'static str {
@@ -240,49 +281,67 @@ fn insert_row(
     id: pgrx::Uuid,
     topic: &str,
     event: &NewEvent,
-    headers: &Option<JsonB>,
+    headers: &Headers,
     trace: Option<&str>,
 ) {
-    let headers = match headers {
-        Some(JsonB(Value::Null)) | None => JsonB(Value::Object(Default::default())),
-        Some(JsonB(v)) => JsonB(v.clone()),
-    };
-    Spi::connect_mut(|client| {
-        INSERT_EVENT.with(|cell| {
-            let plan = match cell.get() {
-                Some(plan) => plan,
-                None => {
-                    let types = [
-                        PgOid::from(pg_sys::UUIDOID),
-                        PgOid::from(pg_sys::TEXTOID),
-                        PgOid::from(pg_sys::TEXTOID),
-                        PgOid::from(pg_sys::JSONBOID),
-                        PgOid::from(pg_sys::BYTEAOID),
-                        PgOid::from(pg_sys::BOOLOID),
-                        PgOid::from(pg_sys::TEXTOID),
-                    ];
-                    let plan = client
-                        .prepare_mut(INSERT_SQL, &types)
-                        .unwrap_or_else(|e| error!("pg_outbox: cannot prepare insert: {e}"))
-                        .keep();
-                    let _ = cell.set(plan);
-                    cell.get().expect("just set")
-                }
-            };
-            let args: [DatumWithOid; 7] = [
-                id.into(),
-                topic.into(),
-                event.key.into(),
-                headers.into(),
-                event.payload.into(),
-                event.payload_is_json.into(),
-                trace.into(),
-            ];
-            client
-                .update(plan, None, &args)
-                .unwrap_or_else(|e| error!("pg_outbox: cannot insert into outbox.events: {e}"));
+    let headers = JsonB(Value::Object(headers.object.clone()));
+    as_owner(|| {
+        Spi::connect_mut(|client| {
+            INSERT_EVENT.with(|cell| {
+                let plan = match cell.get() {
+                    Some(plan) => plan,
+                    None => {
+                        let types = [
+                            PgOid::from(pg_sys::UUIDOID),
+                            PgOid::from(pg_sys::TEXTOID),
+                            PgOid::from(pg_sys::TEXTOID),
+                            PgOid::from(pg_sys::JSONBOID),
+                            PgOid::from(pg_sys::BYTEAOID),
+                            PgOid::from(pg_sys::BOOLOID),
+                            PgOid::from(pg_sys::TEXTOID),
+                        ];
+                        let plan = client
+                            .prepare_mut(INSERT_SQL, &types)
+                            .unwrap_or_else(|e| error!("pg_outbox: cannot prepare insert: {e}"))
+                            .keep();
+                        let _ = cell.set(plan);
+                        cell.get().expect("just set")
+                    }
+                };
+                let args: [DatumWithOid; 7] = [
+                    id.into(),
+                    topic.into(),
+                    event.key.into(),
+                    headers.into(),
+                    event.payload.into(),
+                    event.payload_is_json.into(),
+                    trace.into(),
+                ];
+                client
+                    .update(plan, None, &args)
+                    .unwrap_or_else(|e| error!("pg_outbox: cannot insert into outbox.events: {e}"));
+            })
         })
     });
+}
+
+thread_local! {
+    /// This database's sealing key, read once per backend (as the owner: writers cannot read it).
+    static AUTH_KEY: Cell<Option<[u8; AUTH_KEY_LEN]>> = const { Cell::new(None) };
+}
+
+fn auth_key() -> [u8; AUTH_KEY_LEN] {
+    if let Some(key) = AUTH_KEY.get() {
+        return key;
+    }
+    let key = as_owner(|| {
+        Spi::get_one::<Vec<u8>>("SELECT key FROM outbox.auth_key")
+            .unwrap_or_else(|e| error!("pg_outbox: cannot read outbox.auth_key: {e}"))
+    })
+    .and_then(|k| <[u8; AUTH_KEY_LEN]>::try_from(k).ok())
+    .unwrap_or_else(|| error!("pg_outbox: outbox.auth_key holds no key of {AUTH_KEY_LEN} bytes"));
+    AUTH_KEY.set(Some(key));
+    key
 }
 
 fn now_micros() -> i64 {
@@ -323,49 +382,87 @@ fn new_event_id(now_micros: i64) -> uuid::Uuid {
     uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid()
 }
 
-/// Validates every event, then writes them all. Returns the new event ids in input order.
-pub fn enqueue_events(events: &[NewEvent], headers: &Option<JsonB>) -> Vec<pgrx::Uuid> {
-    let pairs = header_pairs(headers).or_raise();
+/// The envelope of one event (borrowing everything; encoding validates it again).
+fn as_envelope<'e>(
+    id: &uuid::Uuid,
+    created_at_micros: i64,
+    topic: &'e str,
+    event: &NewEvent<'e>,
+    headers: &[(&'e str, &'e [u8])],
+    trace: Option<&'e str>,
+) -> Event<'e> {
+    Event {
+        id: *id.as_bytes(),
+        created_at_micros,
+        topic,
+        key: event.key,
+        headers: headers.to_vec(),
+        trace_context: trace,
+        payload_is_json: event.payload_is_json,
+        payload: event.payload,
+    }
+}
+
+fn unencodable(e: pg_outbox_envelope::EncodeError) -> Refusal {
+    invalid(
+        format!("pg_outbox: event cannot be encoded: {e}"),
+        "See README.md, \"Envelope format\", for the limits.",
+    )
+}
+
+/// Validates every event (the same rules in both modes), then writes them all. Returns the new
+/// event ids in input order.
+pub fn enqueue_events(events: &[NewEvent], headers: Option<&JsonbText>) -> Vec<pgrx::Uuid> {
+    let headers = Headers::parse(headers).or_raise();
+    let pairs = headers.pairs().or_raise();
+    let pairs: Vec<(&str, &[u8])> = pairs.iter().map(|(n, v)| (*n, v.as_slice())).collect();
     let trace = trace_context();
+    let envelope = |id: &uuid::Uuid, created_at_micros, topic, event| {
+        as_envelope(
+            id,
+            created_at_micros,
+            topic,
+            event,
+            &pairs,
+            trace.as_deref(),
+        )
+    };
     let mut topics = Vec::with_capacity(events.len());
     for event in events {
-        topics.push(check_topic(event.topic).or_raise());
+        let topic = check_topic(event.topic).or_raise();
         check_payload_size(event.payload.len()).or_raise();
+        envelope(&uuid::Uuid::nil(), 0, topic, event)
+            .validate()
+            .map_err(unencodable)
+            .or_raise();
+        topics.push(topic);
     }
     let mode = gucs::MODE.get();
-    if mode == Mode::Wal {
+    // wal mode: the key and the transaction every message is sealed with
+    let seal = (mode == Mode::Wal).then(|| {
         check_wal_ready().or_raise();
-    }
+        // SAFETY: assigns the top-level transaction id if there is none yet, as the transactional
+        // logical message written below would.
+        let xid = unsafe { pg_sys::GetTopTransactionId() }.into_inner();
+        (auth_key(), xid)
+    });
     let mut ids = Vec::with_capacity(events.len());
     let mut buf = Vec::new();
     for (event, topic) in events.iter().zip(topics) {
         let created_at_micros = now_micros();
         let id = new_event_id(created_at_micros);
         let pg_id = pgrx::Uuid::from_bytes(*id.as_bytes());
-        match mode {
-            Mode::Wal => {
+        match &seal {
+            Some((key, xid)) => {
                 buf.clear();
-                Event {
-                    id: *id.as_bytes(),
-                    created_at_micros,
-                    topic,
-                    key: event.key,
-                    headers: pairs.iter().map(|(n, v)| (*n, v.as_slice())).collect(),
-                    trace_context: trace.as_deref(),
-                    payload_is_json: event.payload_is_json,
-                    payload: event.payload,
-                }
-                .encode_into(&mut buf)
-                .map_err(|e| {
-                    invalid(
-                        format!("pg_outbox: event cannot be encoded: {e}"),
-                        "See README.md, \"Envelope format\", for the limits.",
-                    )
-                })
-                .or_raise();
+                envelope(&id, created_at_micros, topic, event)
+                    .encode_into(&mut buf)
+                    .map_err(unencodable)
+                    .or_raise();
+                pg_outbox_envelope::seal(&mut buf, 0, key, *xid);
                 write_wal_message(&buf);
             }
-            Mode::Table => insert_row(pg_id, topic, event, headers, trace.as_deref()),
+            None => insert_row(pg_id, topic, event, &headers, trace.as_deref()),
         }
         ids.push(pg_id);
     }
@@ -376,7 +473,6 @@ pub fn enqueue_events(events: &[NewEvent], headers: &Option<JsonB>) -> Vec<pgrx:
 mod outbox {
     use super::{enqueue_events, NewEvent};
     use pgrx::prelude::*;
-    use pgrx::JsonB;
 
     // The enqueue functions are the hot path and, unlike every other function of the extension,
     // do not pin search_path: they resolve no names (table mode's INSERT is schema-qualified,
@@ -390,7 +486,7 @@ mod outbox {
         topic: Option<&str>,
         key: Option<&str>,
         payload: Option<&[u8]>,
-        headers: default!(Option<JsonB>, "'{}'"),
+        headers: default!(Option<super::JsonbText>, "'{}'"),
     ) -> pgrx::Uuid {
         let event = NewEvent {
             topic,
@@ -398,7 +494,7 @@ mod outbox {
             payload: payload.unwrap_or_else(|| super::null_payload()),
             payload_is_json: false,
         };
-        enqueue_events(&[event], &headers)[0]
+        enqueue_events(&[event], headers.as_ref())[0]
     }
 
     /// `outbox._slot_name()`: the current `pg_outbox.slot_name`. SQL functions read settings through
@@ -419,7 +515,7 @@ mod outbox {
         topic: Option<&str>,
         key: Option<&str>,
         payload: Option<super::JsonbText>,
-        headers: Option<JsonB>,
+        headers: Option<super::JsonbText>,
     ) -> pgrx::Uuid {
         let payload = payload.unwrap_or_else(|| super::null_payload());
         let event = NewEvent {
@@ -428,7 +524,7 @@ mod outbox {
             payload: &payload.0,
             payload_is_json: true,
         };
-        enqueue_events(&[event], &headers)[0]
+        enqueue_events(&[event], headers.as_ref())[0]
     }
 
     /// `outbox.enqueue(topic, key, payload jsonb)`: the same without headers.
@@ -447,7 +543,7 @@ mod outbox {
         topic: Option<&str>,
         keys: Option<Array<&str>>,
         payloads: Option<Array<&str>>,
-        headers: Option<JsonB>,
+        headers: Option<super::JsonbText>,
     ) -> Vec<pgrx::Uuid> {
         let Some(payloads) = payloads else {
             super::null_payload();
@@ -480,7 +576,7 @@ mod outbox {
                 payload_is_json: true,
             })
             .collect();
-        enqueue_events(&events, &headers)
+        enqueue_events(&events, headers.as_ref())
     }
 }
 

@@ -108,6 +108,43 @@ impl TestDb {
         connect_as(self.port, &self.name, user).await
     }
 
+    /// Writes `events` in one transaction as sealed wal-mode messages, bypassing `outbox.enqueue`'s
+    /// validation: what an older extension, or anyone holding the key, could write. A superuser
+    /// reads the key; the relay must still trust only the headers it writes itself.
+    pub async fn emit_sealed(&self, events: &[Event<'_>]) -> Result<()> {
+        let messages = events
+            .iter()
+            .map(Event::encode)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.emit_sealed_raw(&messages).await
+    }
+
+    /// Writes each of `messages` (whatever bytes, e.g. an envelope of a future version) sealed for
+    /// one transaction, as `emit_sealed` does.
+    pub async fn emit_sealed_raw(&self, messages: &[Vec<u8>]) -> Result<()> {
+        let c = &self.client;
+        c.batch_execute("BEGIN").await?;
+        let key: Vec<u8> = c
+            .query_one("SELECT key FROM outbox.auth_key", &[])
+            .await?
+            .get(0);
+        let xid: i64 = c
+            .query_one("SELECT pg_current_xact_id()::text::bigint", &[])
+            .await?
+            .get(0);
+        for message in messages {
+            let mut message = message.clone();
+            pg_outbox_envelope::seal(&mut message, 0, &key, xid as u32);
+            c.execute(
+                "SELECT pg_logical_emit_message(true, 'pg_outbox', $1::bytea)",
+                &[&message],
+            )
+            .await?;
+        }
+        c.batch_execute("COMMIT").await?;
+        Ok(())
+    }
+
     /// Creates the publication and the slot through the extension's own setup procedure.
     pub async fn create_slot(&self) -> Result<()> {
         setup(&self.client).await
@@ -233,8 +270,13 @@ pub async fn setup(client: &Client) -> Result<()> {
 }
 
 /// Every pg_outbox event `slot` would deliver (pgoutput, publication of the same name), in commit
-/// order, without consuming them.
+/// order, without consuming them. Each message must be sealed with the database's key for the
+/// transaction that carries it (read as a superuser), as the relay requires.
 pub async fn peek_wal_events(client: &Client, slot: &str) -> Result<Vec<OwnedEvent>> {
+    let key: Vec<u8> = client
+        .query_one("SELECT key FROM outbox.auth_key", &[])
+        .await?
+        .get(0);
     let rows = client
         .query(
             "SELECT data FROM pg_logical_slot_peek_binary_changes($1::text::name, NULL, NULL, \
@@ -243,14 +285,26 @@ pub async fn peek_wal_events(client: &Client, slot: &str) -> Result<Vec<OwnedEve
         )
         .await?;
     let mut events = Vec::new();
+    let mut xid = None;
     for row in rows {
         let data: Vec<u8> = row.get(0);
-        if let Some(content) = pgoutput_message(&data, MESSAGE_PREFIX)? {
-            let event = Event::decode(content).context("decoding envelope")?;
+        if let Some(begin) = pgoutput_begin_xid(&data) {
+            xid = Some(begin);
+        } else if let Some(content) = pgoutput_message(&data, MESSAGE_PREFIX)? {
+            let xid = xid.context("pg_outbox message outside a transaction")?;
+            let envelope = pg_outbox_envelope::open(content, &key, xid)
+                .with_context(|| format!("opening the message of transaction {xid}"))?;
+            let event = Event::decode(envelope).context("decoding envelope")?;
             events.push(OwnedEvent::from(&event));
         }
     }
     Ok(events)
+}
+
+/// The transaction id of a pgoutput Begin message ('B', final LSN u64, commit time i64, xid u32).
+pub fn pgoutput_begin_xid(data: &[u8]) -> Option<u32> {
+    (data.first() == Some(&b'B') && data.len() >= 21)
+        .then(|| u32::from_be_bytes(data[17..21].try_into().expect("4 bytes")))
 }
 
 /// The content of a pgoutput logical message ('M') with `prefix`, or None for any other message.

@@ -344,8 +344,23 @@ async fn only_writers_may_enqueue() -> Result<()> {
     enqueue(&app, "orders", "k", r#"{"by": "app"}"#).await?;
     app.batch_execute("SET pg_outbox.mode = 'table'").await?;
     enqueue(&app, "orders", "k", r#"{"by": "app"}"#).await?;
-    // a writer cannot read or delete the outbox, nor touch the inbox
+    // a writer cannot read, write or delete the outbox directly, nor read the sealing key, nor
+    // touch the inbox
     let (code, _, _) = expect_error(&app, "SELECT * FROM outbox.events").await?;
+    assert_eq!(code, "42501");
+    let (code, _, _) = expect_error(
+        &app,
+        "INSERT INTO outbox.events (id, topic, payload, xid) \
+         VALUES (gen_random_uuid(), 'orders', '', '1'::xid8)",
+    )
+    .await?;
+    assert_eq!(
+        code, "42501",
+        "a writer's own row could skip validation and order"
+    );
+    let (code, _, _) = expect_error(&app, "SELECT key FROM outbox.auth_key").await?;
+    assert_eq!(code, "42501");
+    let (code, _, _) = expect_error(&app, "SELECT outbox.relay_auth_key()").await?;
     assert_eq!(code, "42501");
     let (code, _, _) = expect_error(&app, "SELECT inbox.try_receive('c', 'm')").await?;
     assert_eq!(code, "42501");
@@ -361,6 +376,78 @@ async fn only_writers_may_enqueue() -> Result<()> {
     .await?;
     assert_eq!(code, "42501");
     assert_eq!(db.peek_wal_events().await?.len(), 1);
+    let rows: i64 = db
+        .client
+        .query_one("SELECT count(*) FROM outbox.events", &[])
+        .await?
+        .get(0);
+    assert_eq!(
+        rows, 1,
+        "the table-mode event, inserted by enqueue as the table's owner"
+    );
+    Ok(())
+}
+
+/// Both modes refuse the same headers and trace contexts with 22023 and write nothing: the relay's
+/// own header names (in any case, through every enqueue function), empty and overlong names,
+/// overlong trace contexts, and headers nested deeper than anyone needs.
+#[tokio::test]
+async fn both_modes_validate_headers_alike_and_reserve_the_relays_names() -> Result<()> {
+    let db = TestDb::create("ob_header_rules", port()).await?;
+    db.create_slot().await?;
+    let c = &db.client;
+    let long_name = "n".repeat(2000);
+    let long_trace = "t".repeat(2000);
+    let deep_object = format!("{}1{}", r#"{"h": "#.repeat(200), "}".repeat(200));
+    let deep_array = format!(r#"{{"h": {}1{}}}"#, "[".repeat(10_000), "]".repeat(10_000));
+    let cases: Vec<String> = vec![
+        r#"SELECT outbox.enqueue('orders', 'k', '{}', '{"pg_outbox-id": "same"}')"#.into(),
+        r#"SELECT outbox.enqueue('orders', 'k', '{}', '{"ok": 1, "PG_OUTBOX-Position": "F:F"}')"#.into(),
+        r#"SELECT outbox.enqueue_bytes('orders', 'k', '\x00', '{"pg_outbox-source": "x"}')"#.into(),
+        r#"SELECT outbox.enqueue_batch('orders', ARRAY['a'], ARRAY['{}']::jsonb[], '{"pg_outbox-id": "x"}')"#.into(),
+        r#"SELECT outbox.enqueue('orders', 'k', '{}', '{"": "v"}')"#.into(),
+        format!(r#"SELECT outbox.enqueue('orders', 'k', '{{}}', '{{"{long_name}": "v"}}')"#),
+        format!("SET LOCAL pg_outbox.trace_context = '{long_trace}'; SELECT outbox.enqueue('orders', 'k', '{{}}')"),
+        format!("SELECT outbox.enqueue('orders', 'k', '{{}}', '{deep_object}')"),
+        format!("SELECT outbox.enqueue('orders', 'k', '{{}}', '{deep_array}')"),
+    ];
+    for mode in ["wal", "table"] {
+        for sql in &cases {
+            c.batch_execute(&format!("BEGIN; SET LOCAL pg_outbox.mode = '{mode}'"))
+                .await?;
+            let (code, message, hint) = expect_error(c, sql).await?;
+            let shown = &sql[..sql.len().min(120)];
+            assert_eq!(code, "22023", "{mode}: {shown}: {message}");
+            assert!(
+                message.starts_with("pg_outbox:"),
+                "{mode}: {shown}: {message}"
+            );
+            assert!(
+                hint.is_some_and(|h| !h.is_empty()),
+                "{mode}: {shown}: no hint"
+            );
+            c.batch_execute("ROLLBACK").await?;
+        }
+    }
+    let (_, message, _) = expect_error(c, &cases[1]).await?;
+    assert!(
+        message.contains("PG_OUTBOX-Position"),
+        "names the header: {message}"
+    );
+    assert!(db.peek_wal_events().await?.is_empty());
+    let rows: i64 = c
+        .query_one("SELECT count(*) FROM outbox.events", &[])
+        .await?
+        .get(0);
+    assert_eq!(rows, 0);
+    // a header that merely mentions the prefix elsewhere is fine
+    enqueue(c, "orders", "k", "{}").await?;
+    c.execute(
+        r#"SELECT outbox.enqueue('orders', 'k', '{}', '{"x-pg_outbox-id": "fine"}')"#,
+        &[],
+    )
+    .await?;
+    assert_eq!(db.peek_wal_events().await?.len(), 2);
     Ok(())
 }
 

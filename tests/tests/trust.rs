@@ -2,7 +2,8 @@
 //! work. Real PostgreSQL and the real broker; each test fails on the code before its fix.
 
 use anyhow::Result;
-use pg_outbox_tests::{port, read_all, Broker, Relay, TestDb};
+use pg_outbox_envelope::Event;
+use pg_outbox_tests::{expect_error, port, read_all, Broker, Relay, TestDb};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::collections::HashSet;
@@ -12,11 +13,41 @@ use tokio_postgres::Client;
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
 const FORGED: i64 = 50;
 
-/// Headers a writer sets to look like the relay's own, with the largest possible position.
-fn forged_headers(source: &str) -> String {
-    format!(
-        r#"{{"pg_outbox-id": "same", "pg_outbox-position": "FFFFFFFFFFFFFFFF:FFFFFFFFFFFFFFFF", "pg_outbox-source": "{source}"}}"#
-    )
+/// Headers that look like the relay's own, with the largest possible position.
+fn forged_headers(source: &str) -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("pg_outbox-id", b"same".to_vec()),
+        (
+            "pg_outbox-position",
+            b"FFFFFFFFFFFFFFFF:FFFFFFFFFFFFFFFF".to_vec(),
+        ),
+        ("pg_outbox-source", source.as_bytes().to_vec()),
+    ]
+}
+
+/// Events that carry `headers`, written past enqueue's validation (which refuses these names) as
+/// sealed messages in one transaction: what an older extension or a key holder could write.
+async fn emit_forged(
+    db: &TestDb,
+    key: &str,
+    count: i64,
+    headers: &[(&'static str, Vec<u8>)],
+) -> Result<()> {
+    let payloads: Vec<String> = (1..=count).map(|n| format!(r#"{{"n": {n}}}"#)).collect();
+    let events: Vec<Event> = payloads
+        .iter()
+        .map(|payload| Event {
+            id: *uuid::Uuid::now_v7().as_bytes(),
+            created_at_micros: 0,
+            topic: "orders",
+            key: Some(key),
+            headers: headers.iter().map(|(n, v)| (*n, v.as_slice())).collect(),
+            trace_context: None,
+            payload_is_json: true,
+            payload: payload.as_bytes(),
+        })
+        .collect();
+    db.emit_sealed(&events).await
 }
 
 async fn enqueue(c: &Client, key: &str, n: i64, headers: &str) -> Result<()> {
@@ -60,12 +91,7 @@ async fn a_forged_position_header_never_makes_a_restart_skip_events() -> Result<
     db.wait_for_active_slot().await?;
     // events whose writer set the relay's header names, with this relay's source id: more than the
     // read-back's first window (256), so that a partial read would take the forged one as its floor
-    let forged = forged_headers(&db.name);
-    db.client.batch_execute("BEGIN").await?;
-    for n in 1..=FORGED {
-        enqueue(&db.client, "forger", n, &forged).await?;
-    }
-    db.client.batch_execute("COMMIT").await?;
+    emit_forged(&db, "forger", FORGED, &forged_headers(&db.name)).await?;
     let first = read_all(
         &broker.bootstrap(),
         &[("orders", 1)],
@@ -110,10 +136,10 @@ async fn ingest_trusts_only_the_id_the_relay_wrote() -> Result<()> {
     broker.create_topic("orders", 1).await?;
     let _relay = Relay::start(db.port, &db.name, &broker.bootstrap(), &[])?;
     db.wait_for_active_slot().await?;
-    // two distinct events whose writers copied the same pg_outbox-id header
+    // two distinct events that carry the same copied pg_outbox-id header
     let forged = forged_headers("elsewhere");
-    enqueue(&db.client, "a", 1, &forged).await?;
-    enqueue(&db.client, "b", 1, &forged).await?;
+    emit_forged(&db, "a", 1, &forged).await?;
+    emit_forged(&db, "b", 1, &forged).await?;
     let records = read_all(&broker.bootstrap(), &[("orders", 1)], 2, READ_TIMEOUT)?;
     let ids: HashSet<String> = records.iter().map(|r| r.id()).collect();
     assert_eq!(ids.len(), 2, "two events, two relay ids");
@@ -189,5 +215,114 @@ async fn a_missing_database_or_refused_login_stops_at_start_with_one_clear_line(
             );
         }
     }
+    Ok(())
+}
+
+/// A role with no grant at all can call `pg_logical_emit_message` with the relay's prefix. Neither
+/// the bytes of a real event replayed in its own transaction, nor a well-formed envelope it made
+/// itself, nor a non-transactional copy reaches Kafka: each is dead-lettered with its reason, and
+/// the real events around them arrive once each.
+#[tokio::test]
+async fn messages_not_written_by_enqueue_are_never_published() -> Result<()> {
+    let db = TestDb::create("tr_inject", port()).await?;
+    db.client
+        .batch_execute("DROP ROLE IF EXISTS tr_nobody; CREATE ROLE tr_nobody LOGIN")
+        .await?;
+    db.create_slot().await?;
+    let broker = Broker::start()?;
+    broker.create_topic("orders", 1).await?;
+    let genuine: uuid::Uuid = db
+        .client
+        .query_one(
+            "SELECT outbox.enqueue('orders', 'genuine', '{\"n\": 1}')",
+            &[],
+        )
+        .await?
+        .get(0);
+    // the real message's bytes, as anyone who can read WAL (or a backup) could copy them
+    let raw: Vec<u8> = db
+        .client
+        .query(
+            "SELECT data FROM pg_logical_slot_peek_binary_changes($1::text::name, NULL, NULL, \
+             'proto_version', '1', 'publication_names', $1::text, 'messages', 'true')",
+            &[&db.name],
+        )
+        .await?
+        .iter()
+        .find_map(|r| {
+            let data: Vec<u8> = r.get(0);
+            pg_outbox_tests::pgoutput_message(&data, "pg_outbox")
+                .ok()
+                .flatten()
+                .map(<[u8]>::to_vec)
+        })
+        .expect("the genuine message");
+    let made_up = Event {
+        id: *uuid::Uuid::now_v7().as_bytes(),
+        created_at_micros: 0,
+        topic: "orders",
+        key: Some("made-up"),
+        headers: vec![],
+        trace_context: None,
+        payload_is_json: true,
+        payload: b"{}",
+    }
+    .encode()?;
+    let nobody = db.session_as("tr_nobody").await?;
+    for (transactional, bytes) in [(true, &raw), (true, &made_up), (false, &raw)] {
+        nobody
+            .execute(
+                "SELECT pg_logical_emit_message($1, 'pg_outbox', $2::bytea)",
+                &[&transactional, bytes],
+            )
+            .await?;
+    }
+    // nor may it enqueue, or read the key
+    let (code, _, _) = expect_error(&nobody, "SELECT outbox.enqueue('orders', 'k', '{}')").await?;
+    assert_eq!(code, "42501");
+    let (code, _, _) = expect_error(&nobody, "SELECT outbox.relay_auth_key()").await?;
+    assert_eq!(code, "42501");
+    let last: uuid::Uuid = db
+        .client
+        .query_one("SELECT outbox.enqueue('orders', 'last', '{\"n\": 2}')", &[])
+        .await?
+        .get(0);
+
+    let _relay = Relay::start(db.port, &db.name, &broker.bootstrap(), &[])?;
+    pg_outbox_tests::wait_for("three dead letters", READ_TIMEOUT, || async {
+        let n: i64 = db
+            .client
+            .query_one("SELECT count(*) FROM outbox.dead_letters", &[])
+            .await?
+            .get(0);
+        Ok(n == 3)
+    })
+    .await?;
+    let records = read_all(&broker.bootstrap(), &[("orders", 1)], 2, READ_TIMEOUT)?;
+    let ids: Vec<String> = records.iter().map(|r| r.id()).collect();
+    assert_eq!(ids, vec![genuine.to_string(), last.to_string()]);
+    let reasons: Vec<String> = db
+        .client
+        .query(
+            "SELECT reason FROM outbox.dead_letters ORDER BY position",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(reasons.len(), 3);
+    assert!(
+        reasons.iter().any(|r| r.contains("does not verify")),
+        "the replayed copy: {reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("not sealed")),
+        "the made-up envelope: {reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("non-transactional")),
+        "the non-transactional copy: {reasons:?}"
+    );
     Ok(())
 }

@@ -5,6 +5,11 @@
 //! [`WalSource::confirm`] once the transaction and every earlier one are fully acknowledged. With
 //! no transaction open, a keepalive's position is handed over as [`Step::Idle`], so activity
 //! elsewhere in the database never makes the slot retain WAL without bound.
+//!
+//! Only messages sealed by `outbox.enqueue` in the transaction that carries them are events: the
+//! key is read once per session (`outbox.relay_auth_key()`), and a message that does not verify
+//! (written with `pg_logical_emit_message` by any role, or copied from another transaction) is
+//! handed over as [`Body::Invalid`] and dead-lettered with the reason, never published.
 
 use crate::config::Config;
 use crate::error::RelayError;
@@ -13,7 +18,7 @@ use crate::postgres;
 use crate::source::{Source, Step};
 use crate::telemetry::Metrics;
 use futures_util::FutureExt;
-use pg_outbox_envelope::MESSAGE_PREFIX;
+use pg_outbox_envelope::{AUTH_KEY_LEN, MESSAGE_PREFIX};
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -30,12 +35,15 @@ const MAX_BATCH: usize = 1024;
 pub struct WalSource {
     repl: ReplicationClient,
     metrics: Arc<Metrics>,
+    /// The key every message must be sealed with.
+    key: [u8; AUTH_KEY_LEN],
     /// The transaction being received.
     current: Option<Txn>,
 }
 
-/// The transaction being received: its commit LSN and time, next event index.
+/// The transaction being received: its id, commit LSN and time, next event index.
 struct Txn {
+    xid: u32,
     commit_lsn: u64,
     /// Unix µs.
     commit_time: i64,
@@ -52,6 +60,7 @@ impl WalSource {
     ) -> Result<WalSource, RelayError> {
         let pg = postgres::connect(&config.postgres).await?;
         prepare_slot(&pg, config, *first).await?;
+        let key = auth_key(&pg).await?;
         // from now on a missing slot means it disappeared, never that it is still to be created
         *first = false;
         let (p, slot) = (&config.postgres, &config.source.slot);
@@ -73,6 +82,7 @@ impl WalSource {
         Ok(WalSource {
             repl,
             metrics,
+            key,
             current: None,
         })
     }
@@ -86,10 +96,11 @@ impl WalSource {
         match event {
             ReplicationEvent::Begin {
                 final_lsn,
+                xid,
                 commit_time_micros,
-                ..
             } => {
                 self.current = Some(Txn {
+                    xid,
                     commit_lsn: final_lsn.as_u64(),
                     commit_time: commit_time_micros + PG_EPOCH_UNIX_MICROS,
                     index: 0,
@@ -101,14 +112,23 @@ impl WalSource {
                 content,
                 lsn,
             } if prefix == MESSAGE_PREFIX => {
-                let event = match self.current.as_mut() {
+                // outbox.enqueue writes transactional messages only, decoded inside their
+                // transaction; pgoutput sends a non-transactional one on its own
+                let event = match self.current.as_mut().filter(|_| transactional) {
                     Some(txn) => {
                         let position = Position::new(txn.commit_lsn, txn.index);
                         txn.index += 1;
+                        let body = match pg_outbox_envelope::open(&content, &self.key, txn.xid) {
+                            Ok(envelope) => Body::Envelope(content.slice(..envelope.len())),
+                            Err(e) => Body::Invalid {
+                                reason: e.to_string(),
+                                content,
+                            },
+                        };
                         SourceEvent {
                             position,
                             since_micros: txn.commit_time,
-                            body: Body::Envelope(content),
+                            body,
                         }
                     }
                     // not written by outbox.enqueue (which is always transactional): nothing
@@ -145,6 +165,26 @@ impl WalSource {
         }
         Ok(false)
     }
+}
+
+/// The key `outbox.enqueue` seals messages with (the relay's role needs EXECUTE on
+/// `outbox.relay_auth_key()`, which `outbox_relay` has).
+async fn auth_key(pg: &Client) -> Result<[u8; AUTH_KEY_LEN], RelayError> {
+    let key: Vec<u8> = pg
+        .query_one("SELECT outbox.relay_auth_key()", &[])
+        .await
+        .map_err(|e| match e.code().map(|c| c.code()) {
+            // permission denied, no such function: retrying cannot help
+            Some("42501") | Some("42883") => RelayError::permanent(
+                "cannot read the sealing key with outbox.relay_auth_key(): grant outbox_relay to \
+                 the relay's role (pg_user), or update the pg_outbox extension",
+            )
+            .caused_by(e),
+            _ => RelayError::from(e),
+        })?
+        .get(0);
+    key.try_into()
+        .map_err(|_| RelayError::permanent("outbox.relay_auth_key() did not return 32 bytes"))
 }
 
 /// Makes sure the publication and the slot exist, creating them (publication first, committed, then
