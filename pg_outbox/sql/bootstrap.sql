@@ -118,3 +118,36 @@ CREATE INDEX messages_claim_idx ON inbox.messages (consumer, visible_at, id)
     WHERE status IN ('pending', 'processing');
 CREATE INDEX messages_key_idx ON inbox.messages (consumer, key, id)
     WHERE status IN ('pending', 'processing');
+
+-- Who the relay publishes for. The restart dedup matches records in Kafka by source identity:
+-- <source_id>/<system identifier>.<database oid>.<incarnation>. The incarnation is made here, once
+-- per slot ('slot:<name>') or poll source ('poll:<source_id>'), and changes only by an explicit
+-- operator action (outbox.recreate_slot, outbox.new_poll_incarnation): records of another cluster,
+-- another database or an earlier incarnation never make the relay skip an event.
+-- A row also remembers that a slot existed: a slot that is gone is never created again silently.
+CREATE TABLE outbox.sources (
+    source      text        PRIMARY KEY,
+    incarnation uuid        NOT NULL DEFAULT pg_catalog.gen_random_uuid(),
+    created_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    -- the slot's first position, and the last position the relay confirmed that we know of
+    created_lsn pg_lsn,
+    seen_lsn    pg_lsn,
+    seen_at     timestamptz
+);
+COMMENT ON TABLE outbox.sources IS
+    'pg_outbox: slots and poll sources the relay publishes for, with their incarnation';
+
+-- What an operator accepted as possibly lost (a slot re-created after it was dropped or
+-- invalidated) or re-based (a new incarnation), and why. Kept for the record; never read by the relay.
+CREATE TABLE outbox.gaps (
+    source          text        NOT NULL,
+    old_incarnation uuid,
+    new_incarnation uuid        NOT NULL,
+    from_lsn        pg_lsn,
+    to_lsn          pg_lsn,
+    reason          text        NOT NULL,
+    recorded_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    recorded_by     text        NOT NULL DEFAULT CURRENT_USER
+);
+COMMENT ON TABLE outbox.gaps IS
+    'pg_outbox: slots re-created and incarnations changed by an operator, with the WAL range that may be lost';

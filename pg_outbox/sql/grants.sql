@@ -19,6 +19,13 @@ GRANT SELECT, INSERT ON outbox.dead_letters TO outbox_relay;
 GRANT EXECUTE ON FUNCTION outbox.create_slot(text), outbox.create_publication(text), outbox._slot_name(),
                           outbox._check_slot_name(text), outbox.relay_auth_key() TO outbox_relay;
 GRANT EXECUTE ON PROCEDURE outbox.setup(text) TO outbox_relay;
+-- the relay records its sources and what it confirmed; the operator actions below need REPLICATION
+-- (or superuser) as well, to drop and create the slot
+GRANT SELECT, INSERT, UPDATE ON outbox.sources TO outbox_relay;
+GRANT SELECT, INSERT ON outbox.gaps TO outbox_relay;
+GRANT EXECUTE ON FUNCTION outbox._slot_lost(text, text), outbox._check_reason(text),
+                          outbox.recreate_slot(text, text), outbox.new_poll_incarnation(text, text)
+      TO outbox_relay;
 
 GRANT USAGE ON SCHEMA inbox TO outbox_relay, inbox_consumer;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA inbox TO inbox_consumer;

@@ -80,6 +80,27 @@ $$;
 COMMENT ON FUNCTION outbox.create_publication(text) IS
     'Create the pg_outbox publication if missing (step 1 of outbox.setup; commit before creating the slot)';
 
+-- A slot that is gone or invalidated: what may be lost, and the way out. Raised by create_slot (so
+-- by setup) and called by the relay, `check` and `status`, so that all say the same.
+CREATE FUNCTION outbox._slot_lost(sn text, what text) RETURNS void
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    known outbox.sources;
+BEGIN
+    SELECT * INTO known FROM outbox.sources s WHERE s.source = 'slot:' || sn;
+    RAISE EXCEPTION 'pg_outbox: replication slot "%" %: events committed from % up to % may never have been published',
+                    sn, what, coalesce(known.seen_lsn, known.created_lsn, '0/0'::pg_lsn),
+                    pg_catalog.pg_current_wal_lsn()
+        USING ERRCODE = 'object_not_in_prerequisite_state',
+              HINT = pg_catalog.format(
+                  'pg_outbox never re-creates a slot silently. Reconcile what Kafka lacks from that range, '
+                  'then SELECT * FROM outbox.recreate_slot(''<why>''%s); the gap is kept in outbox.gaps.',
+                  CASE WHEN sn = outbox._slot_name() THEN '' ELSE pg_catalog.format(', %L', sn) END);
+END
+$$;
+
 CREATE FUNCTION outbox.create_slot(slot_name text DEFAULT NULL)
 RETURNS TABLE (object text, name text, action text)
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
@@ -89,6 +110,9 @@ AS $$
 DECLARE
     sn text := coalesce(slot_name, outbox._slot_name());
     existing record;
+    has_slot boolean;
+    known boolean;
+    lsn pg_lsn;
 BEGIN
     PERFORM outbox._check_slot_name(sn);
     IF current_setting('wal_level') <> 'logical' THEN
@@ -96,15 +120,23 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   HINT = 'Set wal_level = logical in postgresql.conf and restart PostgreSQL, or use table mode.';
     END IF;
-    SELECT s.database, s.plugin, s.slot_type INTO existing
+    SELECT s.database, s.plugin, s.slot_type, s.wal_status, s.confirmed_flush_lsn INTO existing
       FROM pg_catalog.pg_replication_slots s WHERE s.slot_name = sn;
-    IF NOT FOUND THEN
+    has_slot := FOUND;
+    known := EXISTS (SELECT FROM outbox.sources o WHERE o.source = 'slot:' || sn);
+    IF NOT has_slot THEN
+        IF known THEN
+            PERFORM outbox._slot_lost(sn, 'was dropped');
+        END IF;
         IF NOT EXISTS (SELECT FROM pg_catalog.pg_publication p WHERE p.pubname = sn) THEN
             RAISE EXCEPTION 'pg_outbox: publication "%" must exist before the slot is created', sn
                 USING ERRCODE = 'object_not_in_prerequisite_state',
                       HINT = 'CALL outbox.setup(); or SELECT * FROM outbox.create_publication(); then create the slot in a new transaction.';
         END IF;
-        PERFORM pg_catalog.pg_create_logical_replication_slot(sn, 'pgoutput');
+        -- the slot first: PostgreSQL creates no logical slot in a transaction that has written
+        SELECT c.lsn INTO lsn FROM pg_catalog.pg_create_logical_replication_slot(sn, 'pgoutput') c;
+        INSERT INTO outbox.sources (source, created_lsn, seen_lsn, seen_at)
+        VALUES ('slot:' || sn, lsn, lsn, pg_catalog.now());
         RETURN QUERY SELECT 'slot', sn, 'created';
     ELSIF existing.slot_type <> 'logical' OR existing.plugin <> 'pgoutput'
           OR existing.database <> current_database() THEN
@@ -112,13 +144,134 @@ BEGIN
                         sn, current_database()
             USING ERRCODE = 'duplicate_object',
                   HINT = 'Pick another name with pg_outbox.slot_name, or drop the other slot.';
+    ELSIF existing.wal_status = 'lost' THEN
+        PERFORM outbox._slot_lost(sn, 'was invalidated (wal_status = lost)');
+    ELSIF NOT known THEN
+        -- made by hand or by an earlier version: from now on it is remembered
+        INSERT INTO outbox.sources (source, created_lsn, seen_lsn, seen_at)
+        VALUES ('slot:' || sn, existing.confirmed_flush_lsn, existing.confirmed_flush_lsn, pg_catalog.now());
+        RETURN QUERY SELECT 'slot', sn, 'adopted';
     ELSE
         RETURN QUERY SELECT 'slot', sn, 'exists';
     END IF;
 END
 $$;
 COMMENT ON FUNCTION outbox.create_slot(text) IS
-    'Create the pg_outbox logical replication slot if missing (step 2 of outbox.setup; needs the publication)';
+    'Create the pg_outbox logical replication slot if it never existed (step 2 of outbox.setup; needs the publication)';
+
+CREATE FUNCTION outbox._check_reason(reason text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF reason IS NULL OR pg_catalog.btrim(reason) = '' THEN
+        RAISE EXCEPTION 'pg_outbox: a reason is required'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Say why (for example the incident or ticket): it is kept in outbox.gaps.';
+    END IF;
+END
+$$;
+
+-- The operator's way out of a lost slot, or of a slot whose records Kafka holds beyond anything
+-- the database committed (a point-in-time recovery): a slot that is gone or invalidated is created
+-- again ('recreated'), one that works is kept ('kept'); either way the source gets a new
+-- incarnation, so that no record in Kafka makes the relay skip a new event, and the WAL range that
+-- may be lost is recorded in outbox.gaps with the reason.
+CREATE FUNCTION outbox.recreate_slot(reason text, slot_name text DEFAULT NULL)
+RETURNS TABLE (slot text, action text, incarnation uuid, lost_from pg_lsn, lost_to pg_lsn)
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_variable
+DECLARE
+    sn text := coalesce(slot_name, outbox._slot_name());
+    existing record;
+    has_slot boolean;
+    known outbox.sources;
+    fresh uuid := pg_catalog.gen_random_uuid();
+    from_lsn pg_lsn;
+    to_lsn pg_lsn;
+    act text;
+BEGIN
+    PERFORM outbox._check_slot_name(sn);
+    PERFORM outbox._check_reason(reason);
+    SELECT s.database, s.plugin, s.slot_type, s.wal_status, s.confirmed_flush_lsn, s.active, s.active_pid
+      INTO existing
+      FROM pg_catalog.pg_replication_slots s WHERE s.slot_name = sn;
+    has_slot := FOUND;
+    IF has_slot AND existing.active THEN
+        -- a relay streaming meanwhile would go on writing under the old incarnation
+        RAISE EXCEPTION 'pg_outbox: slot "%" is in use (pid %)', sn, existing.active_pid
+            USING ERRCODE = 'object_in_use',
+                  HINT = 'Stop the relay first, then call outbox.recreate_slot again.';
+    END IF;
+    SELECT * INTO known FROM outbox.sources o WHERE o.source = 'slot:' || sn;
+    IF has_slot AND (existing.slot_type <> 'logical' OR existing.plugin <> 'pgoutput'
+                     OR existing.database <> current_database()) THEN
+        RAISE EXCEPTION 'pg_outbox: slot "%" exists but is not a pgoutput logical slot of database "%"',
+                        sn, current_database()
+            USING ERRCODE = 'duplicate_object',
+                  HINT = 'Pick another name with pg_outbox.slot_name, or drop the other slot.';
+    END IF;
+    IF has_slot AND existing.wal_status IS DISTINCT FROM 'lost' THEN
+        act := 'kept';
+        to_lsn := existing.confirmed_flush_lsn;
+    ELSE
+        IF NOT EXISTS (SELECT FROM pg_catalog.pg_publication p WHERE p.pubname = sn) THEN
+            RAISE EXCEPTION 'pg_outbox: publication "%" must exist before the slot is created', sn
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      HINT = 'SELECT * FROM outbox.create_publication(); then call outbox.recreate_slot again.';
+        END IF;
+        IF has_slot THEN
+            PERFORM pg_catalog.pg_drop_replication_slot(sn);
+        END IF;
+        SELECT c.lsn INTO to_lsn FROM pg_catalog.pg_create_logical_replication_slot(sn, 'pgoutput') c;
+        from_lsn := coalesce(known.seen_lsn, known.created_lsn, '0/0'::pg_lsn);
+        act := 'recreated';
+    END IF;
+    INSERT INTO outbox.sources AS o (source, incarnation, created_lsn, seen_lsn, seen_at)
+    VALUES ('slot:' || sn, fresh, to_lsn, to_lsn, pg_catalog.now())
+    ON CONFLICT (source) DO UPDATE
+        SET incarnation = excluded.incarnation, created_at = pg_catalog.now(),
+            created_lsn = excluded.created_lsn, seen_lsn = excluded.seen_lsn, seen_at = excluded.seen_at;
+    INSERT INTO outbox.gaps (source, old_incarnation, new_incarnation, from_lsn, to_lsn, reason)
+    VALUES ('slot:' || sn, known.incarnation, fresh, from_lsn, CASE WHEN act = 'recreated' THEN to_lsn END, reason);
+    RETURN QUERY SELECT sn, act, fresh, from_lsn, CASE WHEN act = 'recreated' THEN to_lsn END;
+END
+$$;
+COMMENT ON FUNCTION outbox.recreate_slot(text, text) IS
+    'Operator action: re-create a lost pg_outbox slot (or keep a working one) under a new incarnation; records the gap in outbox.gaps';
+
+-- The same way out for the poll source (table mode), whose incarnation the relay makes on its first
+-- poll: after a restore, Kafka may hold records of this source beyond the database's transactions.
+CREATE FUNCTION outbox.new_poll_incarnation(reason text, source_id text DEFAULT NULL)
+RETURNS uuid
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_variable
+DECLARE
+    src text := 'poll:' || coalesce(source_id, 'poll.' || current_database());
+    old uuid;
+    fresh uuid := pg_catalog.gen_random_uuid();
+BEGIN
+    PERFORM outbox._check_reason(reason);
+    -- the lock a polling relay holds (relay/src/source/poll.rs)
+    IF NOT pg_catalog.pg_try_advisory_xact_lock(
+               pg_catalog.hashtextextended('pg_outbox.poll:' || pg_catalog.substr(src, 6), 0)) THEN
+        RAISE EXCEPTION 'pg_outbox: a relay polls as "%"', pg_catalog.substr(src, 6)
+            USING ERRCODE = 'object_in_use',
+                  HINT = 'Stop the relay first, then call outbox.new_poll_incarnation again.';
+    END IF;
+    SELECT o.incarnation INTO old FROM outbox.sources o WHERE o.source = src;
+    INSERT INTO outbox.sources AS o (source, incarnation) VALUES (src, fresh)
+    ON CONFLICT (source) DO UPDATE SET incarnation = excluded.incarnation, created_at = pg_catalog.now();
+    INSERT INTO outbox.gaps (source, old_incarnation, new_incarnation, reason) VALUES (src, old, fresh, reason);
+    RETURN fresh;
+END
+$$;
+COMMENT ON FUNCTION outbox.new_poll_incarnation(text, text) IS
+    'Operator action: give a poll source (table mode) a new incarnation; records it in outbox.gaps';
 
 -- (no SET clause: PostgreSQL forbids COMMIT in a procedure that has one; every name is qualified)
 CREATE PROCEDURE outbox.setup(slot_name text DEFAULT NULL)

@@ -214,7 +214,8 @@ fn check_wal_ready() -> Result<(), Refusal> {
                 name.to_string_lossy()
             ),
             "Run CALL outbox.setup(); (or start the relay, which sets it up), \
-             or use SET pg_outbox.mode = 'table'.",
+             or use SET pg_outbox.mode = 'table'. A slot that existed before and was dropped is \
+             re-created only by SELECT * FROM outbox.recreate_slot('<why>').",
         )
     };
     // SAFETY: SearchNamedReplicationSlot takes ReplicationSlotControlLock itself (need_lock) and
@@ -237,8 +238,8 @@ fn check_wal_ready() -> Result<(), Refusal> {
                     "pg_outbox: replication slot \"{}\" is not usable (being created or invalidated)",
                     name.to_string_lossy()
                 ),
-                "Wait for slot creation to finish; an invalidated slot must be dropped and recreated \
-                 after checking which events were not yet published.",
+                "Wait for slot creation to finish. An invalidated slot: check which events were not \
+                 yet published, then SELECT * FROM outbox.recreate_slot('<why>').",
             ));
         }
     }

@@ -151,7 +151,7 @@ impl From<pgwire_replication::PgWireError> for RelayError {
             .caused_by(e),
             Some("42704") | Some("55000") => RelayError::permanent(
                 "replication slot is missing or invalidated; events it retained may be lost: \
-                 compare the outbox with Kafka, then recreate it with CALL outbox.setup()",
+                 the relay stops, and says on its next start which WAL range and what to do",
             )
             .caused_by(e),
             _ => RelayError::transient("replication stream").caused_by(e),

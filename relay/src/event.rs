@@ -12,7 +12,7 @@ use bytes::Bytes;
 use std::fmt;
 
 /// Where an event sits in its source, totally ordered in the source's publishing order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Position {
     pub major: u64,
     pub minor: u64,

@@ -4,6 +4,7 @@ use crate::config::Config;
 use crate::error::RelayError;
 use crate::postgres::connect;
 use crate::sink::kafka::off_runtime;
+use crate::source::slot::SlotState;
 use rdkafka::producer::{BaseProducer, Producer};
 use std::time::Duration;
 
@@ -69,19 +70,43 @@ pub async fn check(config: &Config) -> Vec<Finding> {
                 ),
                 "CREATE EXTENSION pg_outbox in this database",
             ));
-            let slot = q("SELECT coalesce((SELECT plugin || '/' || database || '/' || coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = $1), '')").await;
-            let slot_ok = slot.starts_with("pgoutput/") && !slot.ends_with("/lost");
-            out.push(finding(
-                slot_ok || (slot.is_empty() && config.source.create_slot),
-                format!("slot {}: {}", config.source.slot, if slot.is_empty() { "missing" } else { &slot }),
-                "CALL outbox.setup() (run creates it when create_slot = true); a lost slot must be recreated",
-            ));
+            let slot = match SlotState::read(&pg, &config.source.slot).await {
+                Ok(state) => {
+                    let problem = state
+                        .problem(&pg, &config.postgres.database, config.source.create_slot)
+                        .await
+                        .unwrap_or_else(|e| Some(e.to_string()));
+                    let what = match &state.slot {
+                        None => "missing".to_string(),
+                        Some((db, plugin, status)) => format!(
+                            "{}/{}/{}",
+                            plugin.as_deref().unwrap_or_default(),
+                            db.as_deref().unwrap_or_default(),
+                            status.as_deref().unwrap_or_default()
+                        ),
+                    };
+                    out.push(finding(
+                        problem.is_none(),
+                        format!("slot {}: {what}", config.source.slot),
+                        problem.unwrap_or_default(),
+                    ));
+                    state.slot.is_some()
+                }
+                Err(e) => {
+                    out.push(finding(
+                        false,
+                        format!("slot {}: {e}", config.source.slot),
+                        "check that the role may read pg_replication_slots",
+                    ));
+                    true
+                }
+            };
             let publication = q(
                 "SELECT coalesce((SELECT 'present' FROM pg_publication WHERE pubname = $1), '')",
             )
             .await;
             out.push(finding(
-                !publication.is_empty() || (config.source.create_slot && slot.is_empty()),
+                !publication.is_empty() || (config.source.create_slot && !slot),
                 format!(
                     "publication {}: {}",
                     config.source.slot,
@@ -131,6 +156,13 @@ pub async fn check(config: &Config) -> Vec<Finding> {
 /// `status`: slot lag and retention, as `name: value` lines.
 pub async fn status(config: &Config) -> Result<Vec<(String, String)>, RelayError> {
     let pg = connect(&config.postgres).await?;
+    let state = SlotState::read(&pg, &config.source.slot).await?;
+    let problem = state.problem(&pg, &config.postgres.database, false).await?;
+    if state.slot.is_none() {
+        return Err(RelayError::permanent(problem.unwrap_or_else(|| {
+            format!("slot \"{}\" does not exist", config.source.slot)
+        })));
+    }
     let row = pg
         .query_opt(
             "SELECT s.active, coalesce(s.active_pid::text, '-'), coalesce(s.confirmed_flush_lsn::text, '-'), \
@@ -143,7 +175,7 @@ pub async fn status(config: &Config) -> Result<Vec<(String, String)>, RelayError
         )
         .await?
         .ok_or_else(|| {
-            RelayError::permanent(format!("slot \"{}\" does not exist", config.source.slot))
+            RelayError::transient(format!("slot \"{}\" disappeared", config.source.slot))
         })?;
     let mut out = vec![
         ("slot".to_string(), config.source.slot.clone()),
@@ -164,6 +196,20 @@ pub async fn status(config: &Config) -> Result<Vec<(String, String)>, RelayError
         ),
         ("wal_status".into(), row.get(5)),
     ];
+    if let Some(problem) = problem {
+        out.push(("problem".into(), problem));
+    }
+    if state.tracked {
+        let source = pg
+            .query_one(
+                "SELECT coalesce((SELECT incarnation::text FROM outbox.sources WHERE source = 'slot:' || $1), '-'), \
+                        (SELECT count(*) FROM outbox.gaps WHERE source = 'slot:' || $1)",
+                &[&config.source.slot],
+            )
+            .await?;
+        out.push(("incarnation".into(), source.get(0)));
+        out.push(("recorded_gaps".into(), source.get::<_, i64>(1).to_string()));
+    }
     let oldest = pg
         .query_one(
             "SELECT coalesce((SELECT min(created_at)::text FROM outbox.events), 'none'), \

@@ -24,7 +24,7 @@ use crate::sink::partition::partition_for;
 use crate::sink::{Delivered, Delivery, Record, Sink};
 use crate::source::poll::PollSource;
 use crate::source::wal::WalSource;
-use crate::source::{Source, Step};
+use crate::source::{Identity, Source, Step};
 use crate::telemetry::{micros_since, Metrics};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
@@ -98,6 +98,8 @@ pub struct Pipeline<'a, K: Sink, D: DeadLetters> {
     sink: &'a mut K,
     dead: D,
     dedup: Dedup,
+    /// The source's, taken when the loop starts.
+    identity: Identity,
     shutdown: CancellationToken,
     /// Topics that could not be written to, since when (this session).
     unwritable: HashMap<String, tokio::time::Instant>,
@@ -123,6 +125,7 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
             sink,
             dead,
             dedup: Dedup::default(),
+            identity: Identity::default(),
             shutdown: CancellationToken::new(),
             unwritable: HashMap::new(),
         }
@@ -136,6 +139,7 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
         shutdown: &CancellationToken,
     ) -> Result<(), RelayError> {
         self.shutdown = shutdown.clone();
+        self.identity = source.identity().clone();
         self.metrics.degraded.store(false, Ordering::Relaxed);
         // Whatever an earlier session of this process sent is settled first, so the dedup sees it
         // in Kafka. Holding the source (slot, lock) fences out any other relay from now on, but a
@@ -286,12 +290,12 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
         };
         let key = event.key.map(str::as_bytes);
         let partition = partition_for(key, &event.id, partitions);
-        let source_id = self.source.source_id.as_str();
+        let source_id = self.identity.name.as_str();
         if self
             .dedup
             .already_published(
                 &*self.sink,
-                source_id,
+                &self.identity,
                 &topic,
                 partitions,
                 partition,

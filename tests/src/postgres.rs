@@ -213,6 +213,29 @@ impl TestDb {
             .get(0))
     }
 
+    /// What the relay writes as `pg_outbox-source` for this test's slot (the default `source_id` is
+    /// the slot name): `<source_id>/<system identifier>.<database oid>.<incarnation>`.
+    pub async fn source_identity(&self) -> Result<String> {
+        self.identity(&self.name, &format!("slot:{}", self.name))
+            .await
+    }
+
+    /// The same for a row of `outbox.sources` (`slot:<name>` or `poll:<source_id>`).
+    pub async fn identity(&self, source_id: &str, source: &str) -> Result<String> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT (SELECT system_identifier FROM pg_control_system())::text || '.' || \
+                        (SELECT oid FROM pg_database WHERE datname = current_database())::text || '.' || \
+                        replace(incarnation::text, '-', '') \
+                   FROM outbox.sources WHERE source = $1",
+                &[&source],
+            )
+            .await
+            .with_context(|| format!("no row {source:?} in outbox.sources"))?;
+        Ok(format!("{source_id}/{}", row.get::<_, String>(0)))
+    }
+
     /// Every pg_outbox event this test's slot would deliver, in commit order, without consuming them.
     pub async fn peek_wal_events(&self) -> Result<Vec<OwnedEvent>> {
         peek_wal_events(&self.client, &self.name).await

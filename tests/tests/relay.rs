@@ -159,7 +159,9 @@ async fn committed_events_arrive_with_topic_key_headers_and_payload() -> Result<
         r.header("traceparent"),
         Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
     );
-    assert_eq!(r.header("pg_outbox-source"), Some("rl_commit"));
+    let source = db.source_identity().await?;
+    assert_eq!(r.header("pg_outbox-source"), Some(source.as_str()));
+    assert!(source.starts_with("rl_commit/"), "{source}");
     assert!(r.header("pg_outbox-position").is_some());
     // Java-compatible partitioning by key
     assert_eq!(

@@ -91,7 +91,8 @@ async fn a_forged_position_header_never_makes_a_restart_skip_events() -> Result<
     db.wait_for_active_slot().await?;
     // events whose writer set the relay's header names, with this relay's source id: more than the
     // read-back's first window (256), so that a partial read would take the forged one as its floor
-    emit_forged(&db, "forger", FORGED, &forged_headers(&db.name)).await?;
+    let source = db.source_identity().await?;
+    emit_forged(&db, "forger", FORGED, &forged_headers(&source)).await?;
     let first = read_all(
         &broker.bootstrap(),
         &[("orders", 1)],
@@ -123,7 +124,7 @@ async fn a_forged_position_header_never_makes_a_restart_skip_events() -> Result<
         assert_ne!(r.headers[0].1, b"same");
         assert_eq!(
             r.headers[2],
-            ("pg_outbox-source".into(), db.name.as_bytes().to_vec())
+            ("pg_outbox-source".into(), source.as_bytes().to_vec())
         );
     }
     Ok(())

@@ -10,6 +10,7 @@
 use crate::error::RelayError;
 use crate::event::Position;
 use crate::sink::{Sink, HEADER_ID, HEADER_POSITION, HEADER_SOURCE};
+use crate::source::Identity;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
@@ -65,17 +66,20 @@ impl Dedup {
     /// Whether the event at `position` is already in `topic`/`partition`; if not, it is taken as
     /// sent from now on (the caller sends it or dead-letters it). A topic's partitions are read
     /// back all at once on its first touch in the session.
+    ///
+    /// A partition that holds records of this identity at or beyond its ceiling (positions the
+    /// database has not reached) stops the relay: skipping by them would lose every new event.
     pub async fn already_published<S: Sink>(
         &mut self,
         sink: &S,
-        source_id: &str,
+        identity: &Identity,
         topic: &str,
         partitions: i32,
         partition: i32,
         position: Position,
     ) -> Result<bool, RelayError> {
         if !self.tails.contains_key(topic) {
-            let reads = (0..partitions).map(|p| sink.read_tail(topic, p, source_id));
+            let reads = (0..partitions).map(|p| sink.read_tail(topic, p, &identity.name));
             let mut tails = Vec::with_capacity(partitions as usize);
             for (p, tail) in futures_util::future::join_all(reads)
                 .await
@@ -83,6 +87,15 @@ impl Dedup {
                 .enumerate()
             {
                 let tail = tail?;
+                if let Some(last) = tail.last.filter(|last| *last >= identity.ceiling) {
+                    return Err(RelayError::permanent(format!(
+                        "{topic}[{p}] holds records of source {} up to position {last}, beyond \
+                         anything this database has committed ({}): the database was restored to an \
+                         earlier point, or Kafka holds another database's records under this \
+                         identity. Publishing would skip new events. Check what Kafka holds, then {}",
+                        identity.name, identity.ceiling, identity.recover
+                    )));
+                }
                 if let Some(last) = tail.last {
                     info!(%topic, partition = p, last_position = %last, "resuming after the last record of this source");
                 }
@@ -237,6 +250,41 @@ mod tests {
             first_sent: None,
         };
         assert!(!tail.has(p(1, 0)) && tail.has(p(2, 0)) && !tail.has(p(3, 0)));
+    }
+
+    #[tokio::test]
+    async fn records_beyond_the_ceiling_stop_the_relay_instead_of_skipping() {
+        let sink = crate::sink::memory::MemorySink::acking();
+        sink.log
+            .lock()
+            .unwrap()
+            .stored
+            .push(("t".into(), 0, p(9, 0)));
+        let identity = Identity {
+            name: "s".into(),
+            ceiling: p(5, 0),
+            recover: "do this".into(),
+        };
+        let err = Dedup::default()
+            .already_published(&sink, &identity, "t", 1, 0, p(3, 0))
+            .await
+            .unwrap_err();
+        assert!(err.is_permanent(), "{err}");
+        assert!(err.to_string().contains("do this"), "{err}");
+        // below the ceiling the same record is a floor, as always
+        let identity = Identity {
+            ceiling: p(10, 0),
+            ..identity
+        };
+        let mut dedup = Dedup::default();
+        assert!(dedup
+            .already_published(&sink, &identity, "t", 1, 0, p(9, 0))
+            .await
+            .unwrap());
+        assert!(!dedup
+            .already_published(&sink, &identity, "t", 1, 0, p(9, 1))
+            .await
+            .unwrap());
     }
 
     #[test]

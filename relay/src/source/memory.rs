@@ -2,7 +2,8 @@
 //! time, and records what it is told to confirm.
 
 use crate::error::RelayError;
-use crate::source::{Source, Step};
+use crate::event::Position;
+use crate::source::{Identity, Source, Step};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,6 +16,7 @@ pub struct MemorySource {
     pub on_confirm: Option<Arc<dyn Fn(u64) + Send + Sync>>,
     /// Set by a graceful close.
     pub closed: Arc<AtomicBool>,
+    pub identity: Identity,
 }
 
 impl MemorySource {
@@ -24,6 +26,11 @@ impl MemorySource {
             confirmed: Arc::default(),
             on_confirm: None,
             closed: Arc::default(),
+            identity: Identity {
+                name: "test".into(),
+                ceiling: Position::new(u64::MAX, 0),
+                recover: "start over".into(),
+            },
         }
     }
 }
@@ -60,6 +67,10 @@ impl Source for MemorySource {
         );
         confirmed.push(ack);
         Ok(())
+    }
+
+    fn identity(&self) -> &Identity {
+        &self.identity
     }
 
     async fn close(&mut self) -> Result<(), RelayError> {

@@ -9,10 +9,74 @@
 #[cfg(any(test, feature = "testing"))]
 pub mod memory;
 pub mod poll;
+pub mod slot;
 pub mod wal;
 
 use crate::error::RelayError;
-use crate::event::SourceEvent;
+use crate::event::{Position, SourceEvent};
+use tokio_postgres::Client;
+
+/// Who the events of a source belong to, as written into every record (`pg_outbox-source`) and
+/// compared by the restart dedup: `<source_id>/<system identifier>.<database oid>.<incarnation>`.
+/// Records of another cluster, another database or an earlier incarnation of the slot (or poll
+/// source) never match, so they never make the relay skip an event.
+#[derive(Debug, Clone, Default)]
+pub struct Identity {
+    pub name: String,
+    /// Above every position the database has committed when the session opened: a record of this
+    /// identity at or beyond it means the database went back in time (a point-in-time recovery),
+    /// and skipping by it would lose events.
+    pub ceiling: Position,
+    /// What the operator does then.
+    pub recover: String,
+}
+
+impl Identity {
+    /// Reads the identity of `source` (a row of `outbox.sources`: `slot:<name>` or
+    /// `poll:<source_id>`), with `ceiling_sql` giving the ceiling's major part.
+    pub async fn read(
+        pg: &Client,
+        source_id: &str,
+        source: &str,
+        ceiling_sql: &str,
+        recover: String,
+    ) -> Result<Identity, RelayError> {
+        let sql = format!(
+            "SELECT (SELECT system_identifier FROM pg_catalog.pg_control_system())::text, \
+                    (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())::text, \
+                    o.incarnation::text, ({ceiling_sql})::text \
+               FROM outbox.sources o WHERE o.source = $1"
+        );
+        let row = pg.query_opt(&sql, &[&source]).await?.ok_or_else(|| {
+            RelayError::permanent(format!(
+                "outbox.sources has no row for {source:?}: update the pg_outbox extension"
+            ))
+        })?;
+        let (system, database, incarnation, ceiling): (String, String, String, String) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        let ceiling = parse_major(&ceiling).ok_or_else(|| {
+            RelayError::permanent(format!("unexpected ceiling {ceiling:?} for {source:?}"))
+        })?;
+        Ok(Identity {
+            name: format!(
+                "{source_id}/{system}.{database}.{}",
+                incarnation.replace('-', "")
+            ),
+            ceiling: Position::new(ceiling, 0),
+            recover,
+        })
+    }
+}
+
+/// An LSN (`16/B374D848`) or a transaction id (decimal) as a number.
+fn parse_major(text: &str) -> Option<u64> {
+    match text.split_once('/') {
+        Some((hi, lo)) => {
+            Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+        }
+        None => text.parse().ok(),
+    }
+}
 
 /// What a source hands over, in order.
 #[derive(Debug, Clone)]
@@ -38,6 +102,20 @@ pub trait Source {
     /// Everything up to `ack` is in Kafka (or dead-lettered): make it durable.
     async fn confirm(&mut self, ack: Self::Ack) -> Result<(), RelayError>;
 
+    /// Whose events these are: what the dedup matches in Kafka.
+    fn identity(&self) -> &Identity;
+
     /// Graceful end of the session, after the last confirmation.
     async fn close(&mut self) -> Result<(), RelayError>;
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn lsns_and_xids_parse_as_majors() {
+        assert_eq!(super::parse_major("16/B374D848"), Some(0x16_B374_D848));
+        assert_eq!(super::parse_major("0/0"), Some(0));
+        assert_eq!(super::parse_major("745"), Some(745));
+        assert_eq!(super::parse_major("x/1"), None);
+    }
 }

@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::error::RelayError;
 use crate::event::{Body, OwnedEvent, Position, SourceEvent};
 use crate::postgres;
-use crate::source::{Source, Step};
+use crate::source::{Identity, Source, Step};
 use futures_util::StreamExt;
 use std::time::Duration;
 use tokio_postgres::{AsyncMessage, Client};
@@ -49,6 +49,7 @@ pub struct PollSource {
     more: bool,
     batch: i64,
     interval: Duration,
+    identity: Identity,
 }
 
 /// Wake-ups from NOTIFY on a connection of their own; `rx` closes when that connection is lost.
@@ -87,13 +88,22 @@ impl PollSource {
     pub async fn open(config: &Config) -> Result<PollSource, RelayError> {
         let wake = listen(config).await?;
         let pg = postgres::connect(&config.postgres).await?;
-        let has_table = pg
-            .query_one("SELECT to_regclass('outbox.events') IS NOT NULL", &[])
-            .await?
-            .get::<_, bool>(0);
-        if !has_table {
+        let tables = pg
+            .query_one(
+                "SELECT to_regclass('outbox.events') IS NOT NULL, to_regclass('outbox.sources') IS NOT NULL",
+                &[],
+            )
+            .await?;
+        if !tables.get::<_, bool>(0) {
             return Err(RelayError::config(format!(
                 "outbox.events does not exist in database \"{}\": CREATE EXTENSION pg_outbox there",
+                config.postgres.database
+            )));
+        }
+        if !tables.get::<_, bool>(1) {
+            return Err(RelayError::permanent(format!(
+                "the pg_outbox extension in database \"{}\" predates this relay (no outbox.sources): \
+                 install the matching version",
                 config.postgres.database
             )));
         }
@@ -110,7 +120,25 @@ impl PollSource {
                 config.source.source_id
             )));
         }
-        info!("polling outbox.events");
+        // the source's incarnation, made on its first poll
+        let source = format!("poll:{}", config.source.source_id);
+        pg.execute(
+            "INSERT INTO outbox.sources (source) VALUES ($1) ON CONFLICT (source) DO NOTHING",
+            &[&source],
+        )
+        .await?;
+        let identity = Identity::read(
+            &pg,
+            &config.source.source_id,
+            &source,
+            "pg_snapshot_xmax(pg_current_snapshot())",
+            format!(
+                "SELECT outbox.new_poll_incarnation('<why>', '{}') to go on under a new incarnation",
+                config.source.source_id
+            ),
+        )
+        .await?;
+        info!(source = %identity.name, "polling outbox.events");
         Ok(PollSource {
             pg,
             wake,
@@ -118,6 +146,7 @@ impl PollSource {
             more: true,
             batch: config.source.poll_batch,
             interval: config.source.poll_interval,
+            identity,
         })
     }
 }
@@ -194,6 +223,10 @@ impl Source for PollSource {
             )
             .await?;
         Ok(())
+    }
+
+    fn identity(&self) -> &Identity {
+        &self.identity
     }
 
     async fn close(&mut self) -> Result<(), RelayError> {

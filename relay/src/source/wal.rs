@@ -15,25 +15,34 @@ use crate::config::Config;
 use crate::error::RelayError;
 use crate::event::{Body, Position, SourceEvent};
 use crate::postgres;
-use crate::source::{Source, Step};
+use crate::source::slot::SlotState;
+use crate::source::{Identity, Source, Step};
 use crate::telemetry::Metrics;
 use futures_util::FutureExt;
 use pg_outbox_envelope::{AUTH_KEY_LEN, MESSAGE_PREFIX};
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 use tracing::info;
 
 /// PostgreSQL timestamps count from 2000-01-01; Unix µs from 1970-01-01.
 const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
 
+/// How often the slot's confirmed position is recorded in `outbox.sources`.
+const REMEMBER_EVERY: Duration = Duration::from_secs(10);
+
 /// Events handed over per call at most, so that acknowledgements are taken in between.
 const MAX_BATCH: usize = 1024;
 
 pub struct WalSource {
     repl: ReplicationClient,
+    /// For recording the confirmed position now and then (see [`remember_confirmed`]).
+    pg: Client,
+    slot: String,
+    remembered: Instant,
+    identity: Identity,
     metrics: Arc<Metrics>,
     /// The key every message must be sealed with.
     key: [u8; AUTH_KEY_LEN],
@@ -61,9 +70,22 @@ impl WalSource {
         let pg = postgres::connect(&config.postgres).await?;
         prepare_slot(&pg, config, *first).await?;
         let key = auth_key(&pg).await?;
+        let slot = &config.source.slot;
+        let identity = Identity::read(
+            &pg,
+            &config.source.source_id,
+            &format!("slot:{slot}"),
+            "pg_current_wal_insert_lsn()",
+            format!(
+                "SELECT * FROM outbox.recreate_slot('<why>', '{slot}') to go on under a new \
+                 incarnation (the slot is kept)"
+            ),
+        )
+        .await?;
+        info!(source = %identity.name, "source identity");
         // from now on a missing slot means it disappeared, never that it is still to be created
         *first = false;
-        let (p, slot) = (&config.postgres, &config.source.slot);
+        let p = &config.postgres;
         let repl_config = ReplicationConfig::new(
             p.host.clone(),
             p.user.clone(),
@@ -81,6 +103,10 @@ impl WalSource {
         info!(slot = %slot, "streaming from slot");
         Ok(WalSource {
             repl,
+            pg,
+            slot: slot.clone(),
+            remembered: Instant::now(),
+            identity,
             metrics,
             key,
             current: None,
@@ -187,73 +213,54 @@ async fn auth_key(pg: &Client) -> Result<[u8; AUTH_KEY_LEN], RelayError> {
         .map_err(|_| RelayError::permanent("outbox.relay_auth_key() did not return 32 bytes"))
 }
 
-/// Makes sure the publication and the slot exist, creating them (publication first, committed, then
-/// the slot) only if allowed and this is the first session; refuses a slot that was invalidated, or
-/// one without its publication (pgoutput would fail on every transaction older than the publication).
+/// Makes sure the slot can stream, creating it (publication first, committed, then the slot) only
+/// if it never existed, creation is allowed, and this is the first session of the process. A slot
+/// that existed once and is gone or invalidated stops the relay (see [`super::slot`]); one made
+/// by hand is adopted. Records the slot's confirmed position as the last one known.
 async fn prepare_slot(pg: &Client, config: &Config, first: bool) -> Result<(), RelayError> {
-    let row = pg
-        .query_opt(
-            "SELECT database, plugin, coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = $1",
-            &[&config.source.slot],
-        )
-        .await?;
-    let publication = pg
-        .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
-            &[&config.source.slot],
-        )
-        .await?
-        .is_some();
-    match row {
-        None if config.source.create_slot && first => {
+    let slot = config.source.slot.as_str();
+    let state = SlotState::read(pg, slot).await?;
+    if !state.tracked {
+        return Err(RelayError::permanent(format!(
+            "the pg_outbox extension in database \"{}\" predates this relay (no outbox.sources): \
+             install the matching version",
+            config.postgres.database
+        )));
+    }
+    let create = config.source.create_slot && first;
+    if let Some(problem) = state.problem(pg, &config.postgres.database, create).await? {
+        return Err(RelayError::permanent(problem));
+    }
+    if state.slot.is_none() || !state.known {
+        // create (a slot that never existed) or adopt (one made by hand or an earlier version)
+        let steps: &[&str] = if state.slot.is_none() {
             // two statements, two transactions: the publication must commit before the slot exists
-            for step in ["outbox.create_publication", "outbox.create_slot"] {
-                let sql = format!("SELECT object, name, action FROM {step}($1)");
-                for r in pg.query(&sql, &[&config.source.slot]).await? {
-                    let (object, name, action): (String, String, String) =
-                        (r.get(0), r.get(1), r.get(2));
-                    info!(%object, %name, %action, "setup");
-                }
-            }
-            return Ok(());
-        }
-        None => {
-            return Err(RelayError::permanent(format!(
-                "replication slot \"{}\" does not exist{}. Events it retained may be lost: check, then \
-                 CALL outbox.setup('{}') and restart",
-                config.source.slot,
-                if first { " and create_slot is off" } else { "; it disappeared while the relay ran" },
-                config.source.slot
-            )))
-        }
-        Some(r) => {
-            let database: Option<String> = r.get(0);
-            let plugin: Option<String> = r.get(1);
-            let wal_status: String = r.get(2);
-            if database.as_deref() != Some(config.postgres.database.as_str())
-                || plugin.as_deref() != Some("pgoutput")
-            {
-                return Err(RelayError::permanent(format!(
-                    "slot \"{}\" is not a pgoutput slot of database \"{}\"; set slot (PG_OUTBOX_SLOT) to the pg_outbox slot",
-                    config.source.slot, config.postgres.database
-                )));
-            }
-            if wal_status == "lost" {
-                return Err(RelayError::permanent(format!(
-                    "slot \"{}\" was invalidated (wal_status = lost): WAL it needed is gone and events may be lost. \
-                     Reconcile, then drop and recreate it",
-                    config.source.slot
-                )));
-            }
-            if !publication {
-                return Err(RelayError::permanent(format!(
-                    "publication \"{}\" does not exist but slot \"{}\" does: pgoutput cannot decode \
-                     transactions older than the publication. Drop the slot, then CALL outbox.setup('{}')",
-                    config.source.slot, config.source.slot, config.source.slot
-                )));
+            &["outbox.create_publication", "outbox.create_slot"]
+        } else {
+            &["outbox.create_slot"]
+        };
+        for step in steps {
+            let sql = format!("SELECT object, name, action FROM {step}($1)");
+            for r in pg.query(&sql, &[&slot]).await? {
+                let (object, name, action): (String, String, String) =
+                    (r.get(0), r.get(1), r.get(2));
+                info!(%object, %name, %action, "setup");
             }
         }
     }
+    remember_confirmed(pg, slot).await
+}
+
+/// Records the slot's confirmed position in `outbox.sources`: should the slot be lost, what may be
+/// lost starts there.
+async fn remember_confirmed(pg: &Client, slot: &str) -> Result<(), RelayError> {
+    pg.execute(
+        "UPDATE outbox.sources o SET seen_lsn = s.confirmed_flush_lsn, seen_at = now() \
+           FROM pg_replication_slots s \
+          WHERE o.source = 'slot:' || $1 AND s.slot_name = $1 AND s.confirmed_flush_lsn IS NOT NULL",
+        &[&slot],
+    )
+    .await?;
     Ok(())
 }
 
@@ -282,7 +289,16 @@ impl Source for WalSource {
     async fn confirm(&mut self, lsn: u64) -> Result<(), RelayError> {
         self.repl.update_applied_lsn(Lsn(lsn));
         self.metrics.confirmed_lsn.store(lsn, Ordering::Relaxed);
+        if self.remembered.elapsed() >= REMEMBER_EVERY {
+            // what the server has confirmed (it lags the update above by a status interval)
+            self.remembered = Instant::now();
+            remember_confirmed(&self.pg, &self.slot).await?;
+        }
         Ok(())
+    }
+
+    fn identity(&self) -> &Identity {
+        &self.identity
     }
 
     async fn close(&mut self) -> Result<(), RelayError> {

@@ -1,0 +1,420 @@
+//! Source identity and slot safety: a lost slot is never re-created silently, and records of another
+//! cluster, another incarnation or a database that went back in time never make the relay skip an
+//! event. Real PostgreSQL clusters, real broker; each test fails on the code before the fix.
+
+use anyhow::{Context, Result};
+use pg_outbox_tests::{
+    expect_error, port, read_all, relay_bin, restart_cluster, wait_for, Broker, Relay, TestDb,
+};
+use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use std::time::Duration;
+use tokio::sync::Mutex;
+
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Tests of this file that change or depend on the restart cluster's settings run one at a time.
+static RESTART_CLUSTER: Mutex<()> = Mutex::const_new(());
+
+async fn enqueue(db: &TestDb, key: &str, from: i64, to: i64) -> Result<()> {
+    for n in from..=to {
+        let payload = format!(r#"{{"n": {n}}}"#);
+        db.client
+            .execute(
+                "SELECT outbox.enqueue('orders', $1, $2::text::jsonb)",
+                &[&key, &payload],
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// `pg-outbox-relay <command>` for `db`: exit success and stdout.
+fn relay_command(command: &str, db: &TestDb, brokers: &str) -> Result<(bool, String)> {
+    let out = std::process::Command::new(relay_bin())
+        .args([command, "--pg-port", &db.port.to_string()])
+        .args(["--pg-database", &db.name, "--slot", &db.name])
+        .args(["--brokers", brokers])
+        .output()?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    Ok((out.status.success(), text))
+}
+
+/// Starts a relay that must stop on its own with a permanent error; returns its log.
+async fn relay_refuses(db: &TestDb, brokers: &str) -> Result<String> {
+    let mut relay = Relay::start(db.port, &db.name, brokers, &[])?;
+    let status = relay
+        .wait_for_exit(Duration::from_secs(30))
+        .await
+        .context("the relay went on instead of stopping")?;
+    assert!(!status.success(), "exit status {status}");
+    Ok(relay.log_text())
+}
+
+#[tokio::test]
+async fn a_dropped_slot_is_never_recreated_silently() -> Result<()> {
+    let db = TestDb::create("sl_dropped", port()).await?;
+    let broker = Broker::start()?;
+    broker.create_topic("orders", 1).await?;
+    let mut relay = Relay::start(db.port, &db.name, &broker.bootstrap(), &[])?;
+    db.wait_for_active_slot().await?;
+    enqueue(&db, "a", 1, 10).await?;
+    read_all(&broker.bootstrap(), &[("orders", 1)], 10, READ_TIMEOUT)?;
+    assert!(relay.terminate(Duration::from_secs(30))?.success());
+    let old_source = db.source_identity().await?;
+
+    // committed while the relay is down, retained by the slot; then the slot is dropped
+    enqueue(&db, "a", 11, 110).await?;
+    db.client
+        .execute("SELECT pg_drop_replication_slot($1)", &[&db.name])
+        .await?;
+
+    // the relay stops and says which range may be lost and the way out; it creates nothing
+    let log = relay_refuses(&db, &broker.bootstrap()).await?;
+    assert!(log.contains("was dropped"), "{log}");
+    assert!(log.contains("may never have been published"), "{log}");
+    assert!(log.contains("outbox.recreate_slot"), "{log}");
+    let slots: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&db.name],
+        )
+        .await?
+        .get(0);
+    assert_eq!(slots, 0, "no slot was created");
+    // check, status and the setup procedure say the same
+    let (ok, text) = relay_command("check", &db, &broker.bootstrap())?;
+    assert!(
+        !ok && text.contains("FAIL  slot sl_dropped: missing"),
+        "{text}"
+    );
+    assert!(text.contains("outbox.recreate_slot"), "{text}");
+    let (ok, text) = relay_command("status", &db, &broker.bootstrap())?;
+    assert!(!ok && text.contains("was dropped"), "{text}");
+    let (state, message, hint) = expect_error(&db.client, "CALL outbox.setup()").await?;
+    assert_eq!(state, "55000", "{message}");
+    assert!(message.contains("was dropped"), "{message}");
+    assert!(hint.unwrap_or_default().contains("outbox.recreate_slot"));
+
+    // the operator's action needs a reason, then records the gap
+    let (state, _, _) = expect_error(&db.client, "SELECT * FROM outbox.recreate_slot(' ')").await?;
+    assert_eq!(state, "22023");
+    let row = db
+        .client
+        .query_one(
+            "SELECT action, lost_from IS NOT NULL AND lost_to > lost_from FROM outbox.recreate_slot('slot dropped in a test')",
+            &[],
+        )
+        .await?;
+    assert_eq!(row.get::<_, String>(0), "recreated");
+    assert!(row.get::<_, bool>(1), "the gap has a range");
+    let gaps: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FROM outbox.gaps WHERE source = 'slot:sl_dropped' AND reason = 'slot dropped in a test'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(gaps, 1);
+
+    // the relay goes on under a new incarnation
+    let _relay = Relay::start(db.port, &db.name, &broker.bootstrap(), &[])?;
+    db.wait_for_active_slot().await?;
+    enqueue(&db, "a", 111, 115).await?;
+    let records = read_all(&broker.bootstrap(), &[("orders", 1)], 15, READ_TIMEOUT)?;
+    assert_eq!(
+        records.len(),
+        15,
+        "the 100 retained by the dropped slot are gone, the new 5 arrive"
+    );
+    let new_source = db.source_identity().await?;
+    assert_ne!(new_source, old_source);
+    assert_eq!(
+        records[14].header("pg_outbox-source"),
+        Some(new_source.as_str())
+    );
+    // never under a running relay, which would go on writing under the old incarnation
+    let (state, _, _) = expect_error(
+        &db.client,
+        "SELECT * FROM outbox.recreate_slot('while the relay runs')",
+    )
+    .await?;
+    assert_eq!(state, "55006");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_invalidated_slot_stops_the_relay_with_the_range_and_the_way_out() -> Result<()> {
+    let _one = RESTART_CLUSTER.lock().await;
+    let (pg_port, _) = restart_cluster()?;
+    let db = TestDb::create("sl_invalidated", pg_port).await?;
+    let broker = Broker::start()?;
+    broker.create_topic("orders", 1).await?;
+    let mut relay = Relay::start(db.port, &db.name, &broker.bootstrap(), &[])?;
+    db.wait_for_active_slot().await?;
+    enqueue(&db, "a", 1, 5).await?;
+    read_all(&broker.bootstrap(), &[("orders", 1)], 5, READ_TIMEOUT)?;
+    assert!(relay.terminate(Duration::from_secs(30))?.success());
+
+    // the slot may keep no WAL at all: the next checkpoint after a segment switch invalidates it
+    let result = async {
+        // one statement per call: ALTER SYSTEM refuses an implicit transaction
+        db.client
+            .batch_execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+            .await?;
+        db.client.batch_execute("SELECT pg_reload_conf()").await?;
+        let (c, name) = (&db.client, db.name.as_str());
+        wait_for("the slot to be invalidated", Duration::from_secs(60), || async move {
+            c.batch_execute(
+                "SELECT pg_logical_emit_message(false, 'sl_test', 'x'); SELECT pg_switch_wal(); CHECKPOINT",
+            )
+            .await?;
+            let status: Option<String> = c
+                .query_one(
+                    "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&name],
+                )
+                .await?
+                .get(0);
+            Ok(status.as_deref() == Some("lost"))
+        })
+        .await?;
+        let log = relay_refuses(&db, &broker.bootstrap()).await?;
+        assert!(log.contains("was invalidated (wal_status = lost)"), "{log}");
+        assert!(log.contains("may never have been published"), "{log}");
+        assert!(log.contains("outbox.recreate_slot"), "{log}");
+        let (ok, text) = relay_command("check", &db, &broker.bootstrap())?;
+        assert!(!ok && text.contains("was invalidated"), "{text}");
+        let (ok, text) = relay_command("status", &db, &broker.bootstrap())?;
+        assert!(ok && text.contains("was invalidated"), "{text}");
+        anyhow::Ok(())
+    }
+    .await;
+    db.client
+        .batch_execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
+        .await?;
+    db.client.batch_execute("SELECT pg_reload_conf()").await?;
+    result?;
+
+    let action: String = db
+        .client
+        .query_one(
+            "SELECT action FROM outbox.recreate_slot('slot invalidated in a test')",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(action, "recreated");
+    let _relay = Relay::start(db.port, &db.name, &broker.bootstrap(), &[])?;
+    db.wait_for_active_slot().await?;
+    enqueue(&db, "a", 6, 8).await?;
+    let records = read_all(&broker.bootstrap(), &[("orders", 1)], 8, READ_TIMEOUT)?;
+    let last: Vec<&[u8]> = records
+        .iter()
+        .rev()
+        .take(3)
+        .map(|r| r.payload.as_slice())
+        .collect();
+    assert_eq!(
+        last,
+        [br#"{"n": 8}"#.as_slice(), br#"{"n": 7}"#, br#"{"n": 6}"#]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_second_cluster_with_the_same_settings_skips_nothing() -> Result<()> {
+    let _one = RESTART_CLUSTER.lock().await;
+    let (b_port, _) = restart_cluster()?;
+    // the same database and slot names on two clusters: the same default source_id
+    let a = TestDb::create("sl_twin", port()).await?;
+    let b = TestDb::create("sl_twin", b_port).await?;
+    let broker = Broker::start()?;
+    broker.create_topic("orders", 1).await?;
+    // A's positions lie above every position B will write
+    let b_end: String = b.current_wal_lsn().await?;
+    let (c, b_end) = (&a.client, b_end.as_str());
+    wait_for(
+        "A's WAL to pass B's",
+        Duration::from_secs(120),
+        || async move {
+            c.batch_execute("CREATE TABLE IF NOT EXISTS t (); SELECT pg_switch_wal()")
+                .await?;
+            Ok(c.query_one(
+                "SELECT pg_current_wal_lsn() > $1::text::pg_lsn + 256 * 1024 * 1024",
+                &[&b_end],
+            )
+            .await?
+            .get::<_, bool>(0))
+        },
+    )
+    .await?;
+
+    let mut relay_a = Relay::start(a.port, &a.name, &broker.bootstrap(), &[])?;
+    a.wait_for_active_slot().await?;
+    enqueue(&a, "from-a", 1, 30).await?;
+    read_all(&broker.bootstrap(), &[("orders", 1)], 30, READ_TIMEOUT)?;
+    assert!(relay_a.terminate(Duration::from_secs(30))?.success());
+
+    let _relay_b = Relay::start(b.port, &b.name, &broker.bootstrap(), &[])?;
+    b.wait_for_active_slot().await?;
+    enqueue(&b, "from-b", 1, 20).await?;
+    let records = read_all(&broker.bootstrap(), &[("orders", 1)], 50, READ_TIMEOUT)?;
+    let from_b = records
+        .iter()
+        .filter(|r| r.key.as_deref() == Some(b"from-b"))
+        .count();
+    assert_eq!(from_b, 20, "none of B's events is skipped");
+    assert_eq!(records.len(), 50);
+    let (source_a, source_b) = (a.source_identity().await?, b.source_identity().await?);
+    assert_ne!(source_a, source_b);
+    assert!(source_a.starts_with("sl_twin/") && source_b.starts_with("sl_twin/"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn records_beyond_what_the_database_committed_stop_the_relay() -> Result<()> {
+    let db = TestDb::create("sl_rewound", port()).await?;
+    let broker = Broker::start()?;
+    broker.create_topic("orders", 1).await?;
+    let mut relay = Relay::start(db.port, &db.name, &broker.bootstrap(), &[])?;
+    db.wait_for_active_slot().await?;
+    enqueue(&db, "a", 1, 5).await?;
+    read_all(&broker.bootstrap(), &[("orders", 1)], 5, READ_TIMEOUT)?;
+    assert!(relay.terminate(Duration::from_secs(30))?.success());
+
+    // what a relay of this very source wrote before the database was restored to an earlier point
+    // in time: a position the database has not reached
+    let source = db.source_identity().await?;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .create()?;
+    let headers = OwnedHeaders::new()
+        .insert(Header {
+            key: "pg_outbox-id",
+            value: Some("0193b2f0-0000-7000-8000-000000000000"),
+        })
+        .insert(Header {
+            key: "pg_outbox-position",
+            value: Some("00000FFFFFFFFFFF:0000000000000000"),
+        })
+        .insert(Header {
+            key: "pg_outbox-source",
+            value: Some(source.as_str()),
+        });
+    producer
+        .send(
+            FutureRecord::to("orders")
+                .partition(0)
+                .key("a")
+                .payload("{\"n\": 999}")
+                .headers(headers),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)?;
+    enqueue(&db, "a", 6, 10).await?;
+
+    let log = relay_refuses(&db, &broker.bootstrap()).await?;
+    assert!(
+        log.contains("beyond anything this database has committed"),
+        "{log}"
+    );
+    assert!(log.contains("outbox.recreate_slot"), "{log}");
+
+    let action: String = db
+        .client
+        .query_one(
+            "SELECT action FROM outbox.recreate_slot('restored from a backup')",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(
+        action, "kept",
+        "a working slot is kept, under a new incarnation"
+    );
+    let _relay = Relay::start(db.port, &db.name, &broker.bootstrap(), &[])?;
+    let records = read_all(&broker.bootstrap(), &[("orders", 1)], 11, READ_TIMEOUT)?;
+    assert_eq!(
+        records.len(),
+        11,
+        "the five events after the restore arrive once"
+    );
+    assert_eq!(records[10].payload, br#"{"n": 10}"#);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_second_cluster_with_the_same_settings_skips_nothing_in_table_mode() -> Result<()> {
+    let _one = RESTART_CLUSTER.lock().await;
+    let (b_port, _) = restart_cluster()?;
+    // the same database name on two clusters: the same default source_id (poll.<database>)
+    let name = "sl_twin_poll";
+    let a = TestDb::create(name, port()).await?;
+    let b = TestDb::create(name, b_port).await?;
+    for db in [&a, &b] {
+        db.client
+            .batch_execute(&format!(
+                "ALTER DATABASE {name} SET pg_outbox.mode = 'table'; SET pg_outbox.mode = 'table'"
+            ))
+            .await?;
+    }
+    let broker = Broker::start()?;
+    broker.create_topic("orders", 1).await?;
+    // A's transaction ids lie above every one B will use
+    let b_next: i64 = b
+        .client
+        .query_one(
+            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint",
+            &[],
+        )
+        .await?
+        .get(0);
+    let c = &a.client;
+    wait_for("A's transaction ids to pass B's", Duration::from_secs(120), || async move {
+        c.batch_execute(
+            "DO $$ BEGIN FOR i IN 1..1000 LOOP PERFORM pg_current_xact_id(); COMMIT; END LOOP; END $$",
+        )
+        .await?;
+        Ok(c.query_one(
+            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint > $1 + 1000",
+            &[&b_next],
+        )
+        .await?
+        .get::<_, bool>(0))
+    })
+    .await?;
+
+    let poll = ["--source", "poll"];
+    let mut relay_a = Relay::start(a.port, name, &broker.bootstrap(), &poll)?;
+    enqueue(&a, "from-a", 1, 30).await?;
+    read_all(&broker.bootstrap(), &[("orders", 1)], 30, READ_TIMEOUT)?;
+    assert!(relay_a.terminate(Duration::from_secs(30))?.success());
+
+    let _relay_b = Relay::start(b.port, name, &broker.bootstrap(), &poll)?;
+    enqueue(&b, "from-b", 1, 20).await?;
+    let records = read_all(&broker.bootstrap(), &[("orders", 1)], 50, READ_TIMEOUT)?;
+    let from_b = records
+        .iter()
+        .filter(|r| r.key.as_deref() == Some(b"from-b"))
+        .count();
+    assert_eq!(from_b, 20, "none of B's events is skipped");
+    assert_eq!(records.len(), 50);
+    let source = format!("poll:poll.{name}");
+    let id = format!("poll.{name}");
+    let (source_a, source_b) = (
+        a.identity(&id, &source).await?,
+        b.identity(&id, &source).await?,
+    );
+    assert_ne!(source_a, source_b);
+    assert_eq!(
+        records[49].header("pg_outbox-source"),
+        Some(source_b.as_str())
+    );
+    Ok(())
+}
