@@ -71,5 +71,5 @@ SELECT * FROM inbox.get_offsets('billing', 'orders');
 SELECT inbox.deliver('billing', 'evt-0002', 'orders', 0, 11, 'alice', convert_to('{"order_id": 1}', 'UTF8'));
 SELECT inbox.deliver('billing', 'evt-0002', 'orders', 0, 11, 'alice', convert_to('{"order_id": 1}', 'UTF8')) AS duplicate_delivered;
 SELECT id, message_id, status, attempts FROM inbox.claim('billing', 10, '30 seconds');
-SELECT inbox.complete(id) FROM inbox.messages WHERE message_id = 'evt-0002';
+SELECT inbox.complete(id, claim_token) FROM inbox.messages WHERE message_id = 'evt-0002';
 SELECT message_id, status, attempts FROM inbox.messages;

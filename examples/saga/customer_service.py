@@ -20,10 +20,11 @@ CONSUMER = "customer-service"
 def handle_batch(conn) -> int:
     with conn.transaction():
         rows = conn.execute(
-            "SELECT id, convert_from(payload, 'UTF8')::jsonb FROM inbox.claim(%s, 50, '30 seconds')",
+            "SELECT id, claim_token, convert_from(payload, 'UTF8')::jsonb "
+            "FROM inbox.claim(%s, 50, '30 seconds')",
             (CONSUMER,),
         ).fetchall()
-        for message_id, event in rows:
+        for message_id, token, event in rows:
             order_id, customer, amount = event["order_id"], event["customer"], event["amount"]
             reserved = conn.execute(
                 "UPDATE customers SET reserved = reserved + %s "
@@ -39,7 +40,7 @@ def handle_batch(conn) -> int:
                     json.dumps({"type": reply}),
                 ),
             )
-            conn.execute("SELECT inbox.complete(%s)", (message_id,))
+            conn.execute("SELECT inbox.complete(%s, %s)", (message_id, token))
     return len(rows)
 
 

@@ -93,6 +93,8 @@ CREATE TABLE inbox.messages (
     status       text        NOT NULL DEFAULT 'pending'
                  CHECK (status IN ('pending', 'processing', 'done', 'dead')),
     attempts     integer     NOT NULL DEFAULT 0,
+    -- made by each inbox.claim: only the current claim may complete or fail the message
+    claim_token  uuid,
     last_error   text,
     visible_at   timestamptz NOT NULL DEFAULT pg_catalog.now(),
     received_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),

@@ -268,7 +268,8 @@ BEGIN
                        FOR UPDATE SKIP LOCKED);
     RETURN QUERY
     UPDATE inbox.messages m
-       SET status = 'processing', attempts = m.attempts + 1, visible_at = now() + lease
+       SET status = 'processing', attempts = m.attempts + 1, visible_at = now() + lease,
+           claim_token = pg_catalog.gen_random_uuid()
      WHERE m.id IN (SELECT c.id FROM inbox.messages c
                      WHERE c.consumer = claim.consumer AND c.status IN ('pending', 'processing')
                        AND c.visible_at <= now()
@@ -283,18 +284,38 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION inbox.complete(id bigint)
-RETURNS boolean
-LANGUAGE sql VOLATILE PARALLEL UNSAFE
+-- Only the current claim may finish a message: a worker whose lease expired, and whose message another
+-- worker claimed since, gets an error, so that its transaction (business writes included) rolls back.
+CREATE FUNCTION inbox._not_claimed(id bigint) RETURNS void
+LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    UPDATE inbox.messages m SET status = 'done', completed_at = now(), last_error = NULL
-     WHERE m.id = complete.id AND m.status = 'processing'
-    RETURNING true
+BEGIN
+    RAISE EXCEPTION 'pg_outbox: inbox message % is not held by this claim', id
+        USING ERRCODE = 'object_not_in_prerequisite_state',
+              HINT = 'Its lease expired and another worker claimed it, or it was never claimed, or it is '
+                     'finished: roll back this transaction. Pass the claim_token that inbox.claim returned.';
+END
+$$;
+
+CREATE FUNCTION inbox.complete(id bigint, claim_token uuid)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    UPDATE inbox.messages m SET status = 'done', completed_at = now(), last_error = NULL, claim_token = NULL
+     WHERE m.id = complete.id AND m.status = 'processing' AND m.claim_token = complete.claim_token;
+    IF NOT FOUND THEN
+        PERFORM inbox._not_claimed(id);
+    END IF;
+    RETURN true;
+END
 $$;
 
 -- Records a failed attempt: back to pending after retry_in, or dead once attempts are used up.
-CREATE FUNCTION inbox.fail(id bigint, reason text, retry_in interval DEFAULT '10 seconds')
+CREATE FUNCTION inbox.fail(id bigint, claim_token uuid, reason text, retry_in interval DEFAULT '10 seconds')
 RETURNS text
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
@@ -305,14 +326,12 @@ DECLARE
 BEGIN
     UPDATE inbox.messages m
        SET status = CASE WHEN m.attempts >= inbox._max_attempts() THEN 'dead' ELSE 'pending' END,
-           last_error = coalesce(reason, 'failed'),
+           last_error = coalesce(reason, 'failed'), claim_token = NULL,
            visible_at = now() + greatest(coalesce(retry_in, interval '0'), interval '0')
-     WHERE m.id = fail.id AND m.status = 'processing'
+     WHERE m.id = fail.id AND m.status = 'processing' AND m.claim_token = fail.claim_token
     RETURNING m.status INTO new_status;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'pg_outbox: inbox message % is not being processed', id
-            USING ERRCODE = 'object_not_in_prerequisite_state',
-                  HINT = 'Only a claimed message can fail; claim it with inbox.claim first.';
+        PERFORM inbox._not_claimed(id);
     END IF;
     RETURN new_status;
 END

@@ -234,7 +234,10 @@ async fn claim_hands_each_message_to_one_worker_and_dead_letters_after_the_limit
     assert!(got1.iter().all(|id| !got2.contains(id)));
     for id in &got1 {
         let done: bool = w1
-            .query_one("SELECT inbox.complete($1)", &[id])
+            .query_one(
+                "SELECT inbox.complete(id, claim_token) FROM inbox.messages WHERE id = $1",
+                &[id],
+            )
             .await?
             .get(0);
         assert!(done);
@@ -260,7 +263,7 @@ async fn claim_hands_each_message_to_one_worker_and_dead_letters_after_the_limit
         .await?;
     let victim = left[0];
     let status: String = c
-        .query_one("SELECT inbox.fail($1, 'boom', '0 seconds')", &[&victim])
+        .query_one("SELECT inbox.fail(id, claim_token, 'boom', '0 seconds') FROM inbox.messages WHERE id = $1", &[&victim])
         .await?
         .get(0);
     assert_eq!(status, "pending");
@@ -275,7 +278,7 @@ async fn claim_hands_each_message_to_one_worker_and_dead_letters_after_the_limit
             "only the failed message is visible again"
         );
         last = c
-            .query_one("SELECT inbox.fail($1, 'boom', '0 seconds')", &[&victim])
+            .query_one("SELECT inbox.fail(id, claim_token, 'boom', '0 seconds') FROM inbox.messages WHERE id = $1", &[&victim])
             .await?
             .get(0);
     }
@@ -294,7 +297,11 @@ async fn claim_hands_each_message_to_one_worker_and_dead_letters_after_the_limit
         .query("SELECT * FROM inbox.claim('billing', 100)", &[])
         .await?
         .is_empty());
-    let (code, _, _) = expect_error(c, &format!("SELECT inbox.fail({victim}, 'x')")).await?;
+    let (code, _, _) = expect_error(
+        c,
+        &format!("SELECT inbox.fail({victim}, gen_random_uuid(), 'x')"),
+    )
+    .await?;
     assert_eq!(code, "55000");
 
     // a lease that expires makes the message visible again
@@ -321,6 +328,74 @@ async fn claim_hands_each_message_to_one_worker_and_dead_letters_after_the_limit
         .query("SELECT * FROM inbox.claim('audit', 1)", &[])
         .await?);
     assert_eq!(first, again);
+    Ok(())
+}
+
+#[tokio::test]
+async fn only_the_current_claim_may_complete_or_fail_a_message() -> Result<()> {
+    let db = TestDb::create("ib_claim_token", port()).await?;
+    let c = &db.client;
+    c.batch_execute("CREATE TABLE applied (message bigint)")
+        .await?;
+    c.batch_execute("SELECT inbox.deliver('audit', 'a1', 'orders', 0, 0, NULL, NULL)")
+        .await?;
+    let claim = |lease: &'static str| async move {
+        let r = c
+            .query_one(
+                &format!("SELECT id, claim_token FROM inbox.claim('audit', 1, '{lease}')"),
+                &[],
+            )
+            .await?;
+        anyhow::Ok((r.get::<_, i64>(0), r.get::<_, uuid::Uuid>(1)))
+    };
+    // worker A claims with a short lease and is slow; the lease runs out and B claims the message
+    let (id, token_a) = claim("1 millisecond").await?;
+    wait_for("a1's lease to run out", Duration::from_secs(10), || async {
+        Ok(c.query_one(
+            "SELECT visible_at <= now() FROM inbox.messages WHERE id = $1",
+            &[&id],
+        )
+        .await?
+        .get::<_, bool>(0))
+    })
+    .await?;
+    let (id_b, token_b) = claim("1 minute").await?;
+    assert_eq!(id_b, id);
+    assert_ne!(token_b, token_a);
+    // A's work and completion, in one transaction, are refused and roll back together
+    let a = db.session().await?;
+    a.batch_execute("BEGIN").await?;
+    a.execute("INSERT INTO applied VALUES ($1)", &[&id]).await?;
+    let err = a
+        .query_one("SELECT inbox.complete($1, $2)", &[&id, &token_a])
+        .await
+        .expect_err("a stale claim cannot complete");
+    assert_eq!(pg_outbox_tests::sqlstate(&err), "55000", "{err}");
+    a.batch_execute("ROLLBACK").await?;
+    let err = c
+        .query_one("SELECT inbox.fail($1, $2, 'late')", &[&id, &token_a])
+        .await
+        .expect_err("a stale claim cannot fail");
+    assert_eq!(pg_outbox_tests::sqlstate(&err), "55000", "{err}");
+    // B, the current claim, completes it; its token is then spent
+    let done: bool = c
+        .query_one("SELECT inbox.complete($1, $2)", &[&id, &token_b])
+        .await?
+        .get(0);
+    assert!(done);
+    let err = c
+        .query_one("SELECT inbox.complete($1, $2)", &[&id, &token_b])
+        .await
+        .expect_err("completing twice");
+    assert_eq!(pg_outbox_tests::sqlstate(&err), "55000", "{err}");
+    let applied: i64 = c
+        .query_one("SELECT count(*) FROM applied", &[])
+        .await?
+        .get(0);
+    assert_eq!(
+        applied, 0,
+        "A's work rolled back with its refused completion"
+    );
     Ok(())
 }
 
@@ -423,7 +498,7 @@ async fn per_key_claims_hand_a_key_to_one_worker_at_a_time_in_order() -> Result<
     assert!(claim(&w2).await?.is_empty(), "A and B are being processed");
     w2.batch_execute("ROLLBACK").await?;
     w1.batch_execute(
-        "SELECT inbox.complete(id) FROM inbox.messages WHERE message_id IN ('a1', 'b1'); COMMIT",
+        "SELECT inbox.complete(id, claim_token) FROM inbox.messages WHERE message_id IN ('a1', 'b1'); COMMIT",
     )
     .await?;
     assert_eq!(claim(&w2).await?, vec!["a2"]);

@@ -213,19 +213,20 @@ async fn poison_and_id_less_messages_keep_the_partition_flowing() -> Result<()> 
 /// One worker step in one transaction: claim, apply the side effect, complete.
 async fn work_once(c: &Client, lease: &str) -> Result<usize> {
     c.batch_execute("BEGIN").await?;
-    let ids: Vec<i64> = c
+    let ids: Vec<(i64, uuid::Uuid)> = c
         .query(
-            &format!("SELECT id FROM inbox.claim('billing', 5, '{lease}')"),
+            &format!("SELECT id, claim_token FROM inbox.claim('billing', 5, '{lease}')"),
             &[],
         )
         .await?
         .iter()
-        .map(|r| r.get(0))
+        .map(|r| (r.get(0), r.get(1)))
         .collect();
-    for id in &ids {
+    for (id, token) in &ids {
         c.execute("INSERT INTO credit_reserved (message) VALUES ($1)", &[id])
             .await?;
-        c.query_one("SELECT inbox.complete($1)", &[id]).await?;
+        c.query_one("SELECT inbox.complete($1, $2)", &[id, token])
+            .await?;
     }
     c.batch_execute("COMMIT").await?;
     Ok(ids.len())

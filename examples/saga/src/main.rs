@@ -48,14 +48,15 @@ async fn process(dsn: &str, timeout: Duration) -> Result<()> {
         let tx = client.transaction().await?;
         let rows = tx
             .query(
-                "SELECT id, headers->>'type', (convert_from(payload, 'UTF8')::jsonb->>'order_id')::bigint \
+                "SELECT id, headers->>'type', (convert_from(payload, 'UTF8')::jsonb->>'order_id')::bigint, \
+                        claim_token::text \
                  FROM inbox.claim($1, 100, '30 seconds')",
                 &[&CONSUMER],
             )
             .await?;
         for row in &rows {
-            let (message, kind, order): (i64, Option<String>, i64) =
-                (row.get(0), row.get(1), row.get(2));
+            let (message, kind, order, token): (i64, Option<String>, i64, String) =
+                (row.get(0), row.get(1), row.get(2), row.get(3));
             let status = match kind.as_deref() {
                 Some("CreditReserved") => "APPROVED",
                 Some("CreditLimitExceeded") => "CANCELLED",
@@ -70,8 +71,11 @@ async fn process(dsn: &str, timeout: Duration) -> Result<()> {
             if updated != 1 {
                 bail!("order {order} was not pending: a reply was applied twice");
             }
-            tx.query_one("SELECT inbox.complete($1)", &[&message])
-                .await?;
+            tx.query_one(
+                "SELECT inbox.complete($1, $2::text::uuid)",
+                &[&message, &token],
+            )
+            .await?;
         }
         tx.commit().await?;
         let pending: i64 = client
