@@ -1,12 +1,13 @@
 //! `check` and `status`: what an operator asks before and while the relay runs.
 
-use crate::config::Config;
+use crate::config::{Config, SourceKind};
 use crate::error::RelayError;
 use crate::postgres::connect;
 use crate::sink::kafka::off_runtime;
 use crate::source::slot::SlotState;
 use rdkafka::producer::{BaseProducer, Producer};
 use std::time::Duration;
+use tokio_postgres::Client;
 
 /// One line of `check` output.
 pub struct Finding {
@@ -118,6 +119,9 @@ pub async fn check(config: &Config) -> Vec<Finding> {
                 ),
                 "CALL outbox.setup() creates it (before the slot)",
             ));
+            if let Some(f) = unserved(&pg, config).await {
+                out.push(f);
+            }
             let grants = q("SELECT CASE WHEN rolsuper THEN 'superuser' WHEN rolreplication AND pg_has_role(current_user, 'outbox_relay', 'member') THEN 'replication + outbox_relay' ELSE 'missing' END FROM pg_roles WHERE rolname = current_user AND $1::text IS NOT NULL").await;
             out.push(finding(
                 grants != "missing" && !grants.starts_with("error"),
@@ -151,6 +155,37 @@ pub async fn check(config: &Config) -> Vec<Finding> {
         ),
     });
     out
+}
+
+/// Events waiting where this relay does not read: `pg_outbox.mode` is a per-session setting, so a
+/// writer in `table` mode while only a wal relay runs (or the reverse) is never published.
+async fn unserved(pg: &Client, config: &Config) -> Option<Finding> {
+    let (sql, what, fix) = match config.source.kind {
+        SourceKind::Wal => (
+            "SELECT count(*) FROM outbox.events",
+            "event(s) wait in outbox.events (table mode); this relay reads the slot (source = wal)",
+            "run a relay with source = poll for this database too, or enqueue in wal mode only \
+             (ALTER ROLE/DATABASE ... SET pg_outbox.mode = 'wal')",
+        ),
+        SourceKind::Poll => (
+            "SELECT count(*) FROM pg_replication_slots s JOIN outbox.sources o ON o.source = 'slot:' || s.slot_name \
+              WHERE s.database = current_database() AND NOT s.active",
+            "pg_outbox slot(s) of this database hold wal-mode events and nobody streams them; this relay \
+             reads outbox.events (source = poll)",
+            "run a relay with source = wal for this database too, or enqueue in table mode only \
+             (ALTER ROLE/DATABASE ... SET pg_outbox.mode = 'table')",
+        ),
+    };
+    let n: i64 = pg.query_one(sql, &[]).await.ok()?.get(0);
+    Some(finding(
+        n == 0,
+        if n == 0 {
+            "no events wait where this relay does not read".to_string()
+        } else {
+            format!("{n} {what}")
+        },
+        fix,
+    ))
 }
 
 /// `status`: slot lag and retention, as `name: value` lines.
@@ -218,6 +253,9 @@ pub async fn status(config: &Config) -> Result<Vec<(String, String)>, RelayError
         )
         .await?;
     out.push(("oldest_unpublished_table_event".into(), oldest.get(0)));
+    if let Some(f) = unserved(&pg, config).await {
+        out.push(("unserved".into(), f.what));
+    }
     out.push(("dead_letters".into(), oldest.get::<_, i64>(1).to_string()));
     Ok(out)
 }

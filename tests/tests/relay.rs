@@ -769,3 +769,47 @@ async fn table_mode_kill_9_loses_and_duplicates_nothing() -> Result<()> {
     )
     .await
 }
+
+#[tokio::test]
+async fn check_shows_events_waiting_in_a_mode_no_relay_serves() -> Result<()> {
+    let db = TestDb::create("rl_unserved", port()).await?;
+    let broker = Broker::start()?;
+    db.create_slot().await?;
+    let check = |args: &[&str]| -> Result<(bool, String)> {
+        let out = std::process::Command::new(relay_bin())
+            .args(["check", "--pg-port", &db.port.to_string()])
+            .args(["--pg-database", &db.name, "--slot", &db.name])
+            .args(["--brokers", &broker.bootstrap()])
+            .args(args)
+            .output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        ))
+    };
+    let (ok, text) = check(&[])?;
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("ok    no events wait where this relay does not read"),
+        "{text}"
+    );
+    // a writer switched to table mode while only a wal relay runs
+    db.client
+        .batch_execute("SET pg_outbox.mode = 'table'; SELECT outbox.enqueue('orders', 'k', '{}')")
+        .await?;
+    let (ok, text) = check(&[])?;
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("FAIL  1 event(s) wait in outbox.events (table mode)"),
+        "{text}"
+    );
+    assert!(text.contains("source = poll"), "{text}");
+    // the reverse: a poll relay, and a pg_outbox slot that nobody streams
+    let (ok, text) = check(&["--source", "poll"])?;
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("hold wal-mode events and nobody streams them"),
+        "{text}"
+    );
+    Ok(())
+}
