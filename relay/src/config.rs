@@ -179,6 +179,10 @@ settings_group! {
         /// Log as JSON lines.
         #[arg(long, env = "PG_OUTBOX_LOG_JSON")]
         pub log_json: Option<bool>,
+        /// /healthz answers 503 "stalled" when records are in flight and none was acknowledged
+        /// for this long, in milliseconds (default 60000).
+        #[arg(long, env = "PG_OUTBOX_STALL_TIMEOUT_MS")]
+        pub stall_timeout_ms: Option<u64>,
     }
 }
 
@@ -298,6 +302,7 @@ pub struct IngestConfig {
 pub struct TelemetryConfig {
     pub metrics_addr: Option<String>,
     pub log_json: bool,
+    pub stall_timeout: Duration,
 }
 
 impl Settings {
@@ -336,9 +341,16 @@ impl Settings {
             },
             telemetry: {
                 let t = self.telemetry.over(file.telemetry);
+                let stall = t.stall_timeout_ms.unwrap_or(60_000);
+                if stall == 0 {
+                    return Err(RelayError::config(
+                        "stall_timeout_ms must be at least 1 (PG_OUTBOX_STALL_TIMEOUT_MS)",
+                    ));
+                }
                 TelemetryConfig {
                     metrics_addr: t.metrics_addr,
                     log_json: t.log_json.unwrap_or(false),
+                    stall_timeout: Duration::from_millis(stall),
                 }
             },
             postgres,

@@ -96,8 +96,9 @@ async fn serve(config: &Config, mode: Mode) -> ExitCode {
     let metrics = Arc::new(telemetry::Metrics::default());
     if let Some(addr) = config.telemetry.metrics_addr.clone() {
         let (m, t) = (metrics.clone(), shutdown.clone());
+        let stall = config.telemetry.stall_timeout;
         tokio::spawn(async move {
-            if let Err(e) = telemetry::serve(addr, m, t).await {
+            if let Err(e) = telemetry::serve(addr, m, t, stall).await {
                 tracing::error!(error = %e, "metrics endpoint failed");
             }
         });

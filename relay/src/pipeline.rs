@@ -140,6 +140,7 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
     ) -> Result<(), RelayError> {
         self.shutdown = shutdown.clone();
         self.identity = source.identity().clone();
+        self.metrics.in_flight.store(0, Ordering::Relaxed);
         self.metrics.degraded.store(false, Ordering::Relaxed);
         // Whatever an earlier session of this process sent is settled first, so the dedup sees it
         // in Kafka. Holding the source (slot, lock) fences out any other relay from now on, but a
@@ -174,6 +175,10 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
                             Step::Event(event) => {
                                 let since = event.since_micros;
                                 if let Some(delivery) = self.publish(event).await? {
+                                    if inflight.is_empty() {
+                                        // a new flight: the stall clock starts now
+                                        self.metrics.progress();
+                                    }
                                     inflight.push(track(checkpoint.sent(), since, delivery));
                                 }
                             }
@@ -183,6 +188,9 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
                     }
                 }
             }
+            self.metrics
+                .in_flight
+                .store(inflight.len() as u64, Ordering::Relaxed);
             if let Some(ack) = checkpoint.take() {
                 source.confirm(ack).await?;
             }
@@ -227,6 +235,7 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
             Delivered::Rejected(letter) => self.dead_letter(*letter).await?,
             Delivered::Failed(e) => return Err(e),
         }
+        self.metrics.progress();
         checkpoint.acked(unit);
         Ok(())
     }

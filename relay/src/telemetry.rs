@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -18,6 +19,10 @@ pub struct Metrics {
     pub healthy: AtomicBool,
     /// Streaming, but held by an event that cannot be published yet (retried, then dead-lettered).
     pub degraded: AtomicBool,
+    /// Records sent and not yet acknowledged.
+    pub in_flight: AtomicU64,
+    /// When a record was last acknowledged (or the first of a new flight sent), Unix ms.
+    pub last_progress_ms: AtomicU64,
     /// From an event's commit (wal) or its transaction's start (poll) to Kafka's acknowledgement.
     pub latency: Histogram,
 }
@@ -121,12 +126,69 @@ impl Metrics {
             u8::from(self.degraded.load(Ordering::Relaxed))
         ));
         out.push_str(&format!(
+            "# HELP pg_outbox_relay_in_flight Records sent and not yet acknowledged.\n# TYPE pg_outbox_relay_in_flight gauge\npg_outbox_relay_in_flight {}\n",
+            self.in_flight.load(Ordering::Relaxed)
+        ));
+        out.push_str(&format!(
             "# HELP pg_outbox_relay_up 1 while streaming.\n# TYPE pg_outbox_relay_up gauge\npg_outbox_relay_up {}\n",
             u8::from(self.healthy.load(Ordering::Relaxed))
         ));
         out
     }
 }
+
+impl Metrics {
+    /// Records move: something was acknowledged, or a new flight starts.
+    pub fn progress(&self) {
+        self.last_progress_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Records are in flight and none was acknowledged for longer than `stall`: how long.
+    pub fn stalled(&self, stall: Duration) -> Option<Duration> {
+        if self.in_flight.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let since = Duration::from_millis(
+            now_ms().saturating_sub(self.last_progress_ms.load(Ordering::Relaxed)),
+        );
+        (since > stall).then_some(since)
+    }
+
+    /// `/healthz`: the status line and body.
+    fn health(&self, stall: Duration) -> (&'static str, String) {
+        const DOWN: &str = "503 Service Unavailable";
+        if self.degraded.load(Ordering::Relaxed) {
+            return (
+                DOWN,
+                "degraded: retrying an event that cannot be published yet\n".into(),
+            );
+        }
+        if let Some(since) = self.stalled(stall) {
+            return (
+                DOWN,
+                format!(
+                    "stalled: {} record(s) unacknowledged, none acknowledged for {} s\n",
+                    self.in_flight.load(Ordering::Relaxed),
+                    since.as_secs()
+                ),
+            );
+        }
+        if self.healthy.load(Ordering::Relaxed) {
+            ("200 OK", "ok\n".into())
+        } else {
+            (DOWN, "not streaming\n".into())
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A client gets this long to send its request and take the answer.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -146,6 +208,7 @@ pub async fn serve(
     addr: String,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
+    stall: Duration,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     info!(%addr, "serving /metrics and /healthz");
@@ -156,28 +219,28 @@ pub async fn serve(
         };
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let n = stream.read(&mut buf).await.unwrap_or(0);
-            let request = String::from_utf8_lossy(&buf[..n]);
-            let path = request.split_whitespace().nth(1).unwrap_or("/");
-            let (status, body) = match path {
-                "/metrics" => ("200 OK", metrics.render()),
-                "/healthz" if metrics.degraded.load(Ordering::Relaxed) => (
-                    "503 Service Unavailable",
-                    "degraded: retrying an event that cannot be published yet\n".to_string(),
-                ),
-                "/healthz" if metrics.healthy.load(Ordering::Relaxed) => {
-                    ("200 OK", "ok\n".to_string())
-                }
-                "/healthz" => ("503 Service Unavailable", "not streaming\n".to_string()),
-                _ => ("404 Not Found", "not found\n".to_string()),
-            };
-            let response = format!(
-                "HTTP/1.0 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            if let Err(e) = stream.write_all(response.as_bytes()).await {
-                warn!(error = %e, "metrics response failed");
+            // a client that sends nothing (or reads nothing) is dropped, never kept forever
+            let answered = tokio::time::timeout(REQUEST_TIMEOUT, async {
+                let mut buf = [0u8; 1024];
+                let n = stream.read(&mut buf).await.unwrap_or(0);
+                let request = String::from_utf8_lossy(&buf[..n]);
+                let path = request.split_whitespace().nth(1).unwrap_or("/");
+                let (status, body) = match path {
+                    "/metrics" => ("200 OK", metrics.render()),
+                    "/healthz" => metrics.health(stall),
+                    _ => ("404 Not Found", "not found\n".to_string()),
+                };
+                let response = format!(
+                    "HTTP/1.0 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                stream.write_all(response.as_bytes()).await
+            })
+            .await;
+            match answered {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(error = %e, "metrics response failed"),
+                Err(_) => warn!("metrics request timed out"),
             }
         });
     }
@@ -186,6 +249,28 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn records_in_flight_without_acknowledgement_are_a_stall() {
+        let m = Metrics::default();
+        m.healthy.store(true, Ordering::Relaxed);
+        assert_eq!(m.health(Duration::from_secs(60)).0, "200 OK");
+        m.in_flight.store(3, Ordering::Relaxed);
+        m.last_progress_ms
+            .store(now_ms() - 120_000, Ordering::Relaxed);
+        let (status, body) = m.health(Duration::from_secs(60));
+        assert_eq!(status, "503 Service Unavailable");
+        assert!(body.starts_with("stalled: 3 record(s)"), "{body}");
+        m.progress();
+        assert_eq!(m.health(Duration::from_secs(60)).0, "200 OK");
+        m.in_flight.store(0, Ordering::Relaxed);
+        m.last_progress_ms.store(0, Ordering::Relaxed);
+        assert_eq!(
+            m.health(Duration::from_secs(60)).0,
+            "200 OK",
+            "idle is not stalled"
+        );
+    }
 
     #[test]
     fn histogram_buckets_are_cumulative_and_bounds_inclusive() {

@@ -100,3 +100,68 @@ async fn one_event_to_a_missing_topic_among_1000_is_dead_lettered_and_the_rest_f
     assert!(ok, "healthy again: {text}");
     Ok(())
 }
+
+#[tokio::test]
+async fn healthz_says_stalled_while_the_broker_acknowledges_nothing() -> Result<()> {
+    let db = TestDb::create("po_stalled", port()).await?;
+    let broker = Broker::start()?;
+    broker.create_topic("orders", 1).await?;
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let _relay = Relay::start(
+        db.port,
+        &db.name,
+        &broker.bootstrap(),
+        &["--stall-timeout-ms", "2000", "--metrics-addr", &metrics],
+    )?;
+    db.wait_for_active_slot().await?;
+    let c = &db.client;
+    c.execute("SELECT outbox.enqueue('orders', 'k', '{\"n\": 1}')", &[])
+        .await?;
+    read_all(
+        &broker.bootstrap(),
+        &[("orders", 1)],
+        1,
+        Duration::from_secs(60),
+    )?;
+    let (ok, text) = healthz(&metrics)?;
+    assert!(ok, "{text}");
+    // the broker freezes with records in flight
+    pg_outbox_tests::signal(broker.pid(), "STOP")?;
+    let frozen = async {
+        c.execute("SELECT outbox.enqueue('orders', 'k', '{\"n\": 2}')", &[])
+            .await?;
+        wait_for(
+            "/healthz to say stalled",
+            Duration::from_secs(30),
+            || async {
+                let (ok, text) = healthz(&metrics)?;
+                Ok(!ok && text.contains("stalled: 1 record(s) unacknowledged"))
+            },
+        )
+        .await
+    }
+    .await;
+    pg_outbox_tests::signal(broker.pid(), "CONT")?;
+    frozen?;
+    wait_for(
+        "/healthz to say ok again",
+        Duration::from_secs(60),
+        || async { Ok(healthz(&metrics)?.0) },
+    )
+    .await?;
+    let records = read_all(
+        &broker.bootstrap(),
+        &[("orders", 1)],
+        2,
+        Duration::from_secs(60),
+    )?;
+    assert_eq!(records.len(), 2);
+    // a client that sends no request is let go, and others are served meanwhile
+    let mut idle = std::net::TcpStream::connect(&metrics)?;
+    idle.set_read_timeout(Some(Duration::from_secs(30)))?;
+    assert!(healthz(&metrics)?.0);
+    let mut rest = Vec::new();
+    let n = idle.read_to_end(&mut rest)?;
+    assert_eq!(n, 0, "closed without an answer");
+    Ok(())
+}
