@@ -111,6 +111,10 @@ settings_group! {
         /// Largest record (key + value + headers) sent to Kafka; larger events are dead-lettered.
         #[arg(long, env = "PG_OUTBOX_MAX_RECORD_BYTES")]
         pub max_record_bytes: Option<usize>,
+        /// The Kafka record timestamp: `enqueue` (the event's enqueue time, default) or `publish`
+        /// (when the relay sends it; retention then counts from publication).
+        #[arg(long, env = "PG_OUTBOX_RECORD_TIMESTAMP")]
+        pub record_timestamp: Option<String>,
     }
 }
 
@@ -267,11 +271,22 @@ pub struct PgConfig {
     pub database: String,
 }
 
+/// Which time a Kafka record carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordTimestamp {
+    /// When the event was enqueued: a backlog older than the topic's retention is deleted by the
+    /// broker soon after it is published.
+    Enqueue,
+    /// When the relay sends it.
+    Publish,
+}
+
 #[derive(Debug, Clone)]
 pub struct KafkaConfig {
     pub brokers: String,
     pub topic_template: String,
     pub max_record_bytes: usize,
+    pub record_timestamp: RecordTimestamp,
     /// librdkafka settings given by the operator, applied over ours.
     pub settings: BTreeMap<String, String>,
 }
@@ -427,10 +442,20 @@ fn resolve_kafka(
             )));
         }
     }
+    let record_timestamp = match s.record_timestamp.as_deref() {
+        None | Some("enqueue") => RecordTimestamp::Enqueue,
+        Some("publish") => RecordTimestamp::Publish,
+        Some(other) => {
+            return Err(RelayError::config(format!(
+                "record_timestamp {other:?} is unknown: use \"enqueue\" or \"publish\" (PG_OUTBOX_RECORD_TIMESTAMP)"
+            )))
+        }
+    };
     Ok(KafkaConfig {
         brokers,
         topic_template,
         max_record_bytes,
+        record_timestamp,
         settings,
     })
 }
@@ -614,6 +639,17 @@ mod tests {
         s.kafka.topic_template = Some("out box.{topic}".into());
         let err = run_error(s);
         assert!(err.contains("topic_template"), "{err}");
+        let mut s = settings();
+        s.kafka.record_timestamp = Some("commit".into());
+        let err = run_error(s);
+        assert!(
+            err.contains("record_timestamp") && err.contains("PG_OUTBOX_RECORD_TIMESTAMP"),
+            "{err}"
+        );
+        let mut s = settings();
+        s.telemetry.stall_timeout_ms = Some(0);
+        let err = run_error(s);
+        assert!(err.contains("stall_timeout_ms"), "{err}");
         let mut s = settings();
         s.source.source = Some("table".into());
         let err = run_error(s);

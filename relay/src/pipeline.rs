@@ -12,7 +12,7 @@
 //! - Shutdown: stop reading, flush, wait for what is in flight (bounded), confirm, close.
 
 use crate::checkpoint::{Checkpoint, UnitId};
-use crate::config::{Config, KafkaConfig, OnPoison, SourceConfig, SourceKind};
+use crate::config::{Config, KafkaConfig, OnPoison, RecordTimestamp, SourceConfig, SourceKind};
 use crate::deadletter::{DeadLetter, DeadLetters, PgDeadLetters};
 use crate::error::{Kind, RelayError};
 use crate::event::{Body, Position, SourceEvent};
@@ -39,6 +39,13 @@ use tracing::{info, warn};
 /// How long a graceful shutdown waits for records in flight; what is still unacknowledged then
 /// is not confirmed, and is replayed by the next session.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Now, Unix ms.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
 
 /// Runs sessions until shutdown or a permanent error, reconnecting with backoff in between.
 pub async fn run(
@@ -321,7 +328,10 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
             partition,
             key,
             payload: event.payload,
-            timestamp_ms: event.created_at_micros / 1000,
+            timestamp_ms: match self.kafka.record_timestamp {
+                RecordTimestamp::Enqueue => event.created_at_micros / 1000,
+                RecordTimestamp::Publish => now_ms(),
+            },
             event_id: &id,
             position,
             source_id,
@@ -529,6 +539,7 @@ mod tests {
             brokers: String::new(),
             topic_template: "{topic}".into(),
             max_record_bytes: 1_000_000,
+            record_timestamp: crate::config::RecordTimestamp::Enqueue,
             settings: Default::default(),
         };
         let source_config = SourceConfig {

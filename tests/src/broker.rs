@@ -88,6 +88,8 @@ pub struct Record {
     pub payload: Vec<u8>,
     /// In the record's order (the relay writes its own first).
     pub headers: Vec<(String, Vec<u8>)>,
+    /// The record's timestamp, Unix ms.
+    pub timestamp_ms: Option<i64>,
 }
 
 impl Record {
@@ -200,6 +202,7 @@ fn to_record(msg: &rdkafka::message::BorrowedMessage<'_>) -> Record {
         offset: msg.offset(),
         key: msg.key().map(<[u8]>::to_vec),
         payload: msg.payload().unwrap_or_default().to_vec(),
+        timestamp_ms: msg.timestamp().to_millis(),
         headers: msg
             .headers()
             .map(|h| {

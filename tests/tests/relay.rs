@@ -813,3 +813,58 @@ async fn check_shows_events_waiting_in_a_mode_no_relay_serves() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn the_record_timestamp_is_the_enqueue_time_or_if_asked_the_publish_time() -> Result<()> {
+    let db = TestDb::create("rl_timestamp", port()).await?;
+    let broker = Broker::start()?;
+    broker.create_topic("orders", 1).await?;
+    db.create_slot().await?;
+    let c = &db.client;
+    let now_ms = || async move {
+        anyhow::Ok(
+            c.query_one(
+                "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
+                &[],
+            )
+            .await?
+            .get::<_, i64>(0),
+        )
+    };
+    // enqueued while no relay runs; published at least 3 s later
+    let enqueue_late = |n: i64| async move {
+        c.execute(
+            "SELECT outbox.enqueue('orders', 'k', jsonb_build_object('n', $1::bigint))",
+            &[&n],
+        )
+        .await?;
+        let enqueued = now_ms().await?;
+        wait_for("3 s to pass", Duration::from_secs(10), || async {
+            Ok(now_ms().await? > enqueued + 3000)
+        })
+        .await?;
+        anyhow::Ok(enqueued)
+    };
+    let first = enqueue_late(1).await?;
+    let mut relay = Relay::start(db.port, &db.name, &broker.bootstrap(), &[])?;
+    let records = read_all(&broker.bootstrap(), &[("orders", 1)], 1, READ_TIMEOUT)?;
+    let ts = records[0].timestamp_ms.expect("a timestamp");
+    assert!(
+        ts <= first && ts > first - 3000,
+        "enqueue time: {ts} vs {first}"
+    );
+    assert!(relay.terminate(Duration::from_secs(30))?.success());
+
+    let second = enqueue_late(2).await?;
+    let _relay = Relay::start(
+        db.port,
+        &db.name,
+        &broker.bootstrap(),
+        &["--record-timestamp", "publish"],
+    )?;
+    let records = read_all(&broker.bootstrap(), &[("orders", 1)], 2, READ_TIMEOUT)?;
+    assert_eq!(records.len(), 2);
+    let ts = records[1].timestamp_ms.expect("a timestamp");
+    assert!(ts > second + 3000, "publish time: {ts} vs {second}");
+    Ok(())
+}
