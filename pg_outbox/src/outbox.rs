@@ -85,12 +85,18 @@ fn check_topic(topic: Option<&str>) -> Result<&str, Refusal> {
     Ok(topic)
 }
 
-fn check_payload_size(len: usize) -> Result<(), Refusal> {
+/// `pg_outbox.max_payload_bytes` bounds what becomes the Kafka record: payload, key, and the
+/// headers' names and values (with the trace context), as the broker counts them.
+fn check_record_size(payload: usize, key: usize, headers: usize) -> Result<(), Refusal> {
     let max = gucs::MAX_PAYLOAD_BYTES.get().max(0) as usize;
+    let len = payload + key + headers;
     if len > max {
         return Err(Refusal::new(
             PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
-            format!("pg_outbox: payload is {len} bytes, pg_outbox.max_payload_bytes allows {max}"),
+            format!(
+                "pg_outbox: event is {len} bytes (payload {payload}, key {key}, headers {headers}), \
+                 pg_outbox.max_payload_bytes allows {max}"
+            ),
             "Send a smaller payload (e.g. a reference to the data), or have a superuser raise \
              pg_outbox.max_payload_bytes together with the broker's message.max.bytes.",
         ));
@@ -101,6 +107,9 @@ fn check_payload_size(len: usize) -> Result<(), Refusal> {
 /// Header names the relay writes itself; no event may carry them (the relay and the ingest trust
 /// only their own, and a copy would be mistaken for one).
 pub const RESERVED_HEADER_PREFIX: &str = "pg_outbox-";
+
+/// The header a trace context travels in.
+const TRACE_HEADER: &str = "traceparent";
 
 /// The headers argument, parsed once: the JSON object (for table mode's row) and its pairs.
 pub struct Headers {
@@ -428,10 +437,17 @@ pub fn enqueue_events(events: &[NewEvent], headers: Option<&JsonbText>) -> Vec<p
             trace.as_deref(),
         )
     };
+    let header_bytes = pairs.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>()
+        + trace.as_deref().map_or(0, |t| TRACE_HEADER.len() + t.len());
     let mut topics = Vec::with_capacity(events.len());
     for event in events {
         let topic = check_topic(event.topic).or_raise();
-        check_payload_size(event.payload.len()).or_raise();
+        check_record_size(
+            event.payload.len(),
+            event.key.map_or(0, str::len),
+            header_bytes,
+        )
+        .or_raise();
         envelope(&uuid::Uuid::nil(), 0, topic, event)
             .validate()
             .map_err(unencodable)

@@ -209,6 +209,9 @@ async fn bad_input_is_refused_with_its_sqlstate_and_leaves_other_work_intact() -
         (r#"SELECT outbox.enqueue_batch('orders', ARRAY['a'], ARRAY['{}', '{}']::jsonb[])"#.into(), "22023"),
         (format!("SET pg_outbox.max_payload_bytes = 64; SELECT outbox.enqueue('orders', 'k', {big})"), "54000"),
         (format!("SET pg_outbox.max_payload_bytes = 64; SELECT outbox.enqueue_bytes('orders', 'k', convert_to({big}, 'UTF8'))"), "54000"),
+        // the limit bounds the whole record: a small payload with a large key or large headers
+        (format!("SET pg_outbox.max_payload_bytes = 64; SELECT outbox.enqueue('orders', '{}', '{{}}')", "k".repeat(63)), "54000"),
+        (format!(r#"SET pg_outbox.max_payload_bytes = 64; SELECT outbox.enqueue('orders', 'k', '{{}}', '{{"h": "{}"}}')"#, "v".repeat(60)), "54000"),
         ("SELECT outbox.create_slot('Bad-Name')".into(), "22023"),
     ];
     for (sql, code) in &cases {
@@ -238,8 +241,8 @@ async fn bad_input_is_refused_with_its_sqlstate_and_leaves_other_work_intact() -
     );
     assert!(events.iter().all(|e| e.key.as_deref() == Some("good")));
 
-    // a payload exactly at the limit is fine
-    c.batch_execute("SET pg_outbox.max_payload_bytes = 2")
+    // a record exactly at the limit is fine: payload (2) + key (4)
+    c.batch_execute("SET pg_outbox.max_payload_bytes = 6")
         .await?;
     enqueue(c, "orders", "edge", "{}").await?;
     c.batch_execute("RESET pg_outbox.max_payload_bytes").await?;
