@@ -101,8 +101,16 @@ fn to_row(msg: &BorrowedMessage<'_>, max_bytes: usize) -> Row {
         payload
     };
     Row {
-        message_id: message_id
-            .unwrap_or_else(|| format!("{}/{}/{}", msg.topic(), msg.partition(), msg.offset())),
+        // without an id of the relay's: the coordinates and the record's timestamp, so that a
+        // topic re-created (offsets from 0 again) does not collide with what was received before
+        message_id: message_id.unwrap_or_else(|| {
+            let at = msg
+                .timestamp()
+                .to_millis()
+                .map(|ms| format!("@{ms}"))
+                .unwrap_or_default();
+            format!("{}/{}/{}{at}", msg.topic(), msg.partition(), msg.offset())
+        }),
         topic: msg.topic().to_string(),
         partition: msg.partition(),
         offset: msg.offset(),
@@ -150,10 +158,27 @@ async fn session(
             }
             _ = idle_check.tick() => {
                 for ((topic, partition), cursor) in &mut cursors {
-                    if let Some(offset) = cursor.idle(Instant::now()) {
-                        debug!(topic, partition, expected = cursor.next, seek_to = ?offset,
-                               "nothing served at the stored offset; seeking back");
-                        seek(&kafka, topic, *partition, offset).await?;
+                    match cursor.idle(Instant::now()) {
+                        Idle::Wait => {}
+                        Idle::Seek(offset) => {
+                            debug!(topic, partition, expected = cursor.next, seek_to = ?offset,
+                                   "nothing served at the stored offset; seeking back");
+                            seek(&kafka, topic, *partition, offset).await?;
+                        }
+                        Idle::Suspect => {
+                            let next = cursor.next.unwrap_or_default();
+                            let end = high_watermark(&kafka, topic, *partition).await?;
+                            if end < next {
+                                return Err(RelayError::permanent(format!(
+                                    "{topic}[{partition}] ends at offset {end}, but consumer \"{consumer}\" \
+                                     stored {next} as its next offset: the topic was deleted and re-created, \
+                                     or the brokers are another cluster. Reading on would skip every message \
+                                     below {next}. Check, then rewind deliberately: SELECT \
+                                     inbox.store_offset('{consumer}', '{topic}', {partition}, 0, force => true)"
+                                )));
+                            }
+                            cursor.cleared();
+                        }
                     }
                 }
                 continue;
@@ -242,6 +267,21 @@ async fn assign_new_partitions(
     Ok(())
 }
 
+/// The partition's high watermark (a lower bound of its end on some brokers).
+async fn high_watermark(
+    kafka: &Arc<StreamConsumer>,
+    topic: &str,
+    partition: i32,
+) -> Result<i64, RelayError> {
+    let (kafka, t) = (kafka.clone(), topic.to_string());
+    off_runtime("watermark task", move || {
+        Ok(kafka
+            .fetch_watermarks(&t, partition, Duration::from_secs(10))?
+            .1)
+    })
+    .await
+}
+
 /// A partition to seek back: (topic, partition, offset).
 type Reseek = Option<(String, i32, Offset)>;
 
@@ -317,7 +357,21 @@ struct Cursor {
     lookback: i64,
     /// When the partition was assigned or last sought.
     since: Instant,
+    /// Skipping what is stored, not yet at the stored offset: when the last message came.
+    catching_up: Option<Instant>,
 }
+
+/// What an idle partition calls for.
+#[derive(Debug)]
+enum Idle {
+    Wait,
+    Seek(Offset),
+    /// The partition seems to end before the stored offset: compare with its end.
+    Suspect,
+}
+
+/// How long a partition may stop short of the stored offset before its end is checked.
+const SHORT: Duration = Duration::from_secs(5);
 
 enum Verdict {
     Take,
@@ -332,6 +386,16 @@ impl Cursor {
             verified: next.is_none_or(|n| n == 0),
             lookback: 256,
             since: Instant::now(),
+            catching_up: None,
+        }
+    }
+
+    /// The partition's end is at or beyond the stored offset after all: wait on.
+    fn cleared(&mut self) {
+        if self.catching_up.is_some() {
+            self.catching_up = Some(Instant::now());
+        } else {
+            self.verified = true;
         }
     }
 
@@ -343,8 +407,10 @@ impl Cursor {
         if offset < next {
             // served from before the expected offset: the fetch goes on from here in order
             self.verified = true;
+            self.catching_up = (offset + 1 < next).then(Instant::now);
             return Verdict::Skip;
         }
+        self.catching_up = None;
         if offset > next && !self.verified {
             // (librdkafka drops messages fetched before a seek, so this is the broker's answer)
             if let Some(to) = self.back(next) {
@@ -361,18 +427,28 @@ impl Cursor {
         Verdict::Take
     }
 
-    /// Where to seek when nothing has been served for `IDLE` before the partition was verified.
-    fn idle(&mut self, now: Instant) -> Option<Offset> {
+    /// Where to seek when nothing has been served for `IDLE` before the partition was verified;
+    /// or whether the partition seems to end before the stored offset (nothing at all from its
+    /// beginning, or nothing more for `SHORT` while still below the stored offset).
+    fn idle(&mut self, now: Instant) -> Idle {
+        if let Some(last) = self.catching_up {
+            return if now.duration_since(last) >= SHORT {
+                Idle::Suspect
+            } else {
+                Idle::Wait
+            };
+        }
         if self.verified || now.duration_since(self.since) < IDLE {
-            return None;
+            return Idle::Wait;
         }
-        let next = self.next?;
-        let to = self.back(next);
-        if to.is_none() {
-            // nothing at all from the beginning: an empty partition, take whatever comes
-            self.verified = true;
+        let Some(next) = self.next else {
+            return Idle::Wait;
+        };
+        match self.back(next) {
+            Some(to) => Idle::Seek(to),
+            // nothing at all from the beginning: emptied by retention, or re-created
+            None => Idle::Suspect,
         }
-        to
     }
 
     /// The next seek-back target, doubling the distance; None once the beginning was tried.
@@ -469,23 +545,49 @@ mod tests {
     fn a_partition_serving_nothing_at_the_stored_offset_is_sought_back() {
         let mut c = Cursor::new(Some(1000));
         let t0 = c.since;
-        assert!(c.idle(t0 + Duration::from_millis(500)).is_none());
-        assert!(matches!(c.idle(t0 + IDLE), Some(Offset::Offset(744))));
+        assert!(matches!(
+            c.idle(t0 + Duration::from_millis(500)),
+            Idle::Wait
+        ));
+        assert!(matches!(c.idle(t0 + IDLE), Idle::Seek(Offset::Offset(744))));
         // the timer restarts at each seek
-        assert!(c.idle(c.since + Duration::from_millis(10)).is_none());
+        assert!(matches!(
+            c.idle(c.since + Duration::from_millis(10)),
+            Idle::Wait
+        ));
         // served from before the expected offset: verified, no more idle seeks
         assert!(matches!(c.judge(800), Verdict::Skip));
-        assert!(c.idle(c.since + IDLE * 10).is_none());
+        assert!(matches!(c.judge(999), Verdict::Skip));
+        assert!(matches!(c.idle(c.since + IDLE * 10), Idle::Wait));
         assert!(matches!(c.judge(1000), Verdict::Take));
     }
 
     #[test]
-    fn an_empty_partition_stops_seeking_after_the_beginning() {
+    fn an_empty_partition_is_suspect_after_the_beginning_unless_its_end_clears_it() {
         let mut c = Cursor::new(Some(10));
-        assert!(matches!(c.idle(c.since + IDLE), Some(Offset::Beginning)));
-        assert!(c.idle(c.since + IDLE).is_none());
+        assert!(matches!(
+            c.idle(c.since + IDLE),
+            Idle::Seek(Offset::Beginning)
+        ));
+        assert!(matches!(c.idle(c.since + IDLE), Idle::Suspect));
+        // its end is at the stored offset (retention emptied it): take what comes
+        c.cleared();
         assert!(c.verified);
+        assert!(matches!(c.idle(c.since + IDLE * 10), Idle::Wait));
         assert!(matches!(c.judge(12), Verdict::Take));
+    }
+
+    #[test]
+    fn a_partition_that_stops_short_of_the_stored_offset_is_suspect() {
+        let mut c = Cursor::new(Some(500));
+        assert!(matches!(c.judge(0), Verdict::Skip));
+        assert!(matches!(c.judge(99), Verdict::Skip));
+        let last = c.catching_up.expect("catching up");
+        assert!(matches!(c.idle(last + Duration::from_secs(1)), Idle::Wait));
+        assert!(matches!(c.idle(last + SHORT), Idle::Suspect));
+        // reaching the stored offset ends the suspicion
+        assert!(matches!(c.judge(499), Verdict::Skip));
+        assert!(matches!(c.idle(last + SHORT * 10), Idle::Wait));
     }
 
     #[test]

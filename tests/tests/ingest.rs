@@ -198,10 +198,11 @@ async fn poison_and_id_less_messages_keep_the_partition_flowing() -> Result<()> 
         ("bad-key", "dead")
     );
     assert!(rows[2].2.as_deref().unwrap().contains("UTF-8"));
-    assert_eq!(
-        rows[3].0,
-        format!("events/0/{no_id_offset}"),
-        "deterministic id"
+    // coordinates and timestamp: deterministic, and new after a topic is re-created
+    assert!(
+        rows[3].0.starts_with(&format!("events/0/{no_id_offset}@")),
+        "{}",
+        rows[3].0
     );
     assert_eq!(
         (rows[4].0.as_str(), rows[4].1.as_str()),
@@ -455,5 +456,67 @@ async fn a_header_name_that_is_not_utf8_or_a_huge_key_is_dead_lettered_not_a_cra
         rows[2]
     );
     assert_eq!(rows[2].3, None, "the key is not kept");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_stored_offset_beyond_the_end_of_the_partition_stops_the_ingest() -> Result<()> {
+    let db = TestDb::create("in_reset", port()).await?;
+    let broker = Broker::start()?;
+    broker.create_topic("events", 1).await?;
+    let p = producer(&broker.bootstrap())?;
+    for n in 0..10 {
+        produce(&p, "events", 0, b"k", Some(&format!("e{n}")), b"{}").await?;
+    }
+    // what a topic deleted and re-created (or another cluster) looks like: the inbox stored an
+    // offset the partition never reached
+    let c = &db.client;
+    c.execute(
+        "SELECT inbox.store_offset('billing', 'events', 0, 1000)",
+        &[],
+    )
+    .await?;
+    let mut ingest = Relay::ingest(
+        db.port,
+        &db.name,
+        &broker.bootstrap(),
+        "billing",
+        "events",
+        &[],
+    )?;
+    let status = ingest.wait_for_exit(Duration::from_secs(60)).await?;
+    assert!(!status.success());
+    let log = ingest.log_text();
+    assert!(log.contains("ends at offset"), "{log}");
+    assert!(log.contains("stored 1000 as its next offset"), "{log}");
+    assert!(log.contains("force => true"), "{log}");
+    let received: i64 = c
+        .query_one("SELECT count(*) FROM inbox.messages", &[])
+        .await?
+        .get(0);
+    assert_eq!(received, 0, "nothing skipped, nothing taken");
+    // the operator rewinds on purpose; everything arrives
+    c.execute(
+        "SELECT inbox.store_offset('billing', 'events', 0, 0, force => true)",
+        &[],
+    )
+    .await?;
+    let _ingest = Relay::ingest(
+        db.port,
+        &db.name,
+        &broker.bootstrap(),
+        "billing",
+        "events",
+        &[],
+    )?;
+    wait_for("ten messages", Duration::from_secs(60), || async {
+        Ok(stored_offsets(c, "billing").await?.get(&0) == Some(&10))
+    })
+    .await?;
+    let received: i64 = c
+        .query_one("SELECT count(*) FROM inbox.messages", &[])
+        .await?
+        .get(0);
+    assert_eq!(received, 10);
     Ok(())
 }
