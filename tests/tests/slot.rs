@@ -53,16 +53,28 @@ async fn relay_refuses(db: &TestDb, brokers: &str) -> Result<String> {
     Ok(relay.log_text())
 }
 
-#[tokio::test]
-async fn a_dropped_slot_is_never_recreated_silently() -> Result<()> {
-    let db = TestDb::create("sl_dropped", port()).await?;
+/// A database and a broker with one-partition topic `orders`, through which a relay published
+/// events 1..=n and stopped cleanly.
+async fn published_then_stopped(name: &str, port: u16, n: i64) -> Result<(TestDb, Broker)> {
+    let db = TestDb::create(name, port).await?;
     let broker = Broker::start()?;
     broker.create_topic("orders", 1).await?;
     let mut relay = Relay::start(db.port, &db.name, &broker.bootstrap(), &[])?;
     db.wait_for_active_slot().await?;
-    enqueue(&db, "a", 1, 10).await?;
-    read_all(&broker.bootstrap(), &[("orders", 1)], 10, READ_TIMEOUT)?;
+    enqueue(&db, "a", 1, n).await?;
+    read_all(
+        &broker.bootstrap(),
+        &[("orders", 1)],
+        n as usize,
+        READ_TIMEOUT,
+    )?;
     assert!(relay.terminate(Duration::from_secs(30))?.success());
+    Ok((db, broker))
+}
+
+#[tokio::test]
+async fn a_dropped_slot_is_never_recreated_silently() -> Result<()> {
+    let (db, broker) = published_then_stopped("sl_dropped", port(), 10).await?;
     let old_source = db.source_identity().await?;
 
     // committed while the relay is down, retained by the slot; then the slot is dropped
@@ -151,14 +163,7 @@ async fn a_dropped_slot_is_never_recreated_silently() -> Result<()> {
 async fn an_invalidated_slot_stops_the_relay_with_the_range_and_the_way_out() -> Result<()> {
     let _one = RESTART_CLUSTER.lock().await;
     let (pg_port, _) = restart_cluster()?;
-    let db = TestDb::create("sl_invalidated", pg_port).await?;
-    let broker = Broker::start()?;
-    broker.create_topic("orders", 1).await?;
-    let mut relay = Relay::start(db.port, &db.name, &broker.bootstrap(), &[])?;
-    db.wait_for_active_slot().await?;
-    enqueue(&db, "a", 1, 5).await?;
-    read_all(&broker.bootstrap(), &[("orders", 1)], 5, READ_TIMEOUT)?;
-    assert!(relay.terminate(Duration::from_secs(30))?.success());
+    let (db, broker) = published_then_stopped("sl_invalidated", pg_port, 5).await?;
 
     // the slot may keep no WAL at all: the next checkpoint after a segment switch invalidates it
     let result = async {
@@ -226,6 +231,25 @@ async fn an_invalidated_slot_stops_the_relay_with_the_range_and_the_way_out() ->
     Ok(())
 }
 
+/// Runs `step` on `c` until `passed` (a boolean query of `than`) holds: pushes one cluster's
+/// positions (LSNs, transaction ids) above another's.
+async fn push_until(
+    c: &tokio_postgres::Client,
+    step: &str,
+    passed: &str,
+    than: &(dyn tokio_postgres::types::ToSql + Sync),
+) -> Result<()> {
+    wait_for(
+        "A's positions to pass B's",
+        Duration::from_secs(120),
+        || async move {
+            c.batch_execute(step).await?;
+            Ok(c.query_one(passed, &[than]).await?.get::<_, bool>(0))
+        },
+    )
+    .await
+}
+
 #[tokio::test]
 async fn a_second_cluster_with_the_same_settings_skips_nothing() -> Result<()> {
     let _one = RESTART_CLUSTER.lock().await;
@@ -237,20 +261,11 @@ async fn a_second_cluster_with_the_same_settings_skips_nothing() -> Result<()> {
     broker.create_topic("orders", 1).await?;
     // A's positions lie above every position B will write
     let b_end: String = b.current_wal_lsn().await?;
-    let (c, b_end) = (&a.client, b_end.as_str());
-    wait_for(
-        "A's WAL to pass B's",
-        Duration::from_secs(120),
-        || async move {
-            c.batch_execute("CREATE TABLE IF NOT EXISTS t (); SELECT pg_switch_wal()")
-                .await?;
-            Ok(c.query_one(
-                "SELECT pg_current_wal_lsn() > $1::text::pg_lsn + 256 * 1024 * 1024",
-                &[&b_end],
-            )
-            .await?
-            .get::<_, bool>(0))
-        },
+    push_until(
+        &a.client,
+        "SELECT pg_logical_emit_message(false, 'sl_test', 'x'); SELECT pg_switch_wal()",
+        "SELECT pg_current_wal_lsn() > $1::text::pg_lsn + 256 * 1024 * 1024",
+        &b_end,
     )
     .await?;
 
@@ -278,14 +293,7 @@ async fn a_second_cluster_with_the_same_settings_skips_nothing() -> Result<()> {
 
 #[tokio::test]
 async fn records_beyond_what_the_database_committed_stop_the_relay() -> Result<()> {
-    let db = TestDb::create("sl_rewound", port()).await?;
-    let broker = Broker::start()?;
-    broker.create_topic("orders", 1).await?;
-    let mut relay = Relay::start(db.port, &db.name, &broker.bootstrap(), &[])?;
-    db.wait_for_active_slot().await?;
-    enqueue(&db, "a", 1, 5).await?;
-    read_all(&broker.bootstrap(), &[("orders", 1)], 5, READ_TIMEOUT)?;
-    assert!(relay.terminate(Duration::from_secs(30))?.success());
+    let (db, broker) = published_then_stopped("sl_rewound", port(), 5).await?;
 
     // what a relay of this very source wrote before the database was restored to an earlier point
     // in time: a position the database has not reached
@@ -375,19 +383,12 @@ async fn a_second_cluster_with_the_same_settings_skips_nothing_in_table_mode() -
         )
         .await?
         .get(0);
-    let c = &a.client;
-    wait_for("A's transaction ids to pass B's", Duration::from_secs(120), || async move {
-        c.batch_execute(
-            "DO $$ BEGIN FOR i IN 1..1000 LOOP PERFORM pg_current_xact_id(); COMMIT; END LOOP; END $$",
-        )
-        .await?;
-        Ok(c.query_one(
-            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint > $1 + 1000",
-            &[&b_next],
-        )
-        .await?
-        .get::<_, bool>(0))
-    })
+    push_until(
+        &a.client,
+        "DO $$ BEGIN FOR i IN 1..1000 LOOP PERFORM pg_current_xact_id(); COMMIT; END LOOP; END $$",
+        "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint > $1 + 1000",
+        &b_next,
+    )
     .await?;
 
     let poll = ["--source", "poll"];
