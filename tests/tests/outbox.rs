@@ -211,7 +211,7 @@ async fn bad_input_is_refused_with_its_sqlstate_and_leaves_other_work_intact() -
         (format!("SET pg_outbox.max_payload_bytes = 64; SELECT outbox.enqueue_bytes('orders', 'k', convert_to({big}, 'UTF8'))"), "54000"),
         // the limit bounds the whole record: a small payload with a large key or large headers
         (format!("SET pg_outbox.max_payload_bytes = 64; SELECT outbox.enqueue('orders', '{}', '{{}}')", "k".repeat(63)), "54000"),
-        (format!(r#"SET pg_outbox.max_payload_bytes = 64; SELECT outbox.enqueue('orders', 'k', '{{}}', '{{"h": "{}"}}')"#, "v".repeat(60)), "54000"),
+        (format!(r#"SET pg_outbox.max_payload_bytes = 64; SELECT outbox.enqueue('orders', 'k', '{{}}', '{{"h": "{}"}}')"#, "v".repeat(62)), "54000"),
         ("SELECT outbox.create_slot('Bad-Name')".into(), "22023"),
     ];
     for (sql, code) in &cases {
