@@ -386,7 +386,7 @@ async fn a_second_cluster_with_the_same_settings_skips_nothing_in_table_mode() -
     push_until(
         &a.client,
         "DO $$ BEGIN FOR i IN 1..1000 LOOP PERFORM pg_current_xact_id(); COMMIT; END LOOP; END $$",
-        "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint > $1 + 1000",
+        "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint > $1::bigint + 1000",
         &b_next,
     )
     .await?;
