@@ -7,6 +7,8 @@
 #
 # PostgreSQL refuses to run as root, so when run as root the cluster belongs to the `postgres` OS user.
 # It listens on 127.0.0.1:PORT only, with trust authentication: it is for this machine's tests.
+# With PGCLUSTER_TLS_DIR (server.crt, server.key), a new cluster also accepts TLS, and the role
+# tls_only may log in over TLS only (hostssl), as on a server that requires it.
 set -euo pipefail
 
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
@@ -40,6 +42,17 @@ shared_buffers = 128MB
 max_connections = 100
 log_min_messages = warning
 CONF
+        if [ -n "${PGCLUSTER_TLS_DIR:-}" ]; then
+            cp "$PGCLUSTER_TLS_DIR/server.crt" "$PGCLUSTER_TLS_DIR/server.key" "$dir/"
+            [ "$(id -u)" = 0 ] && chown postgres:postgres "$dir/server.crt" "$dir/server.key"
+            chmod 600 "$dir/server.key"
+            printf "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n" >>"$dir/postgresql.conf"
+            # first match wins: these lines go before initdb's
+            { printf 'hostssl all tls_only 127.0.0.1/32 trust\nhostnossl all tls_only 127.0.0.1/32 reject\n'
+              cat "$dir/pg_hba.conf"; } >"$dir/pg_hba.conf.new"
+            mv "$dir/pg_hba.conf.new" "$dir/pg_hba.conf"
+            [ "$(id -u)" = 0 ] && chown postgres:postgres "$dir/pg_hba.conf"
+        fi
     fi
     if as_owner "$PGBIN/pg_ctl" -D "$dir" status >/dev/null 2>&1; then
         echo "pgcluster: $dir already running"

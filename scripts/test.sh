@@ -35,7 +35,19 @@ cleanup() {
     rm -rf "$root"
 }
 trap cleanup EXIT
-scripts/pgcluster.sh start "$root/logical" "$PG_OUTBOX_TEST_PORT" logical
+# a CA and a server certificate for localhost (not 127.0.0.1), for the TLS tests
+tls=$root/tls
+mkdir -p "$tls"
+openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=pg_outbox test CA" \
+    -keyout "$tls/ca.key" -out "$tls/ca.crt" 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+    -keyout "$tls/server.key" -out "$tls/server.csr" 2>/dev/null
+printf 'subjectAltName = DNS:localhost\n' >"$tls/san.ext"
+openssl x509 -req -in "$tls/server.csr" -CA "$tls/ca.crt" -CAkey "$tls/ca.key" -CAcreateserial \
+    -days 2 -extfile "$tls/san.ext" -out "$tls/server.crt" 2>/dev/null
+chmod 644 "$tls/ca.crt"
+export PG_OUTBOX_TEST_TLS_DIR=$tls
+PGCLUSTER_TLS_DIR=$tls scripts/pgcluster.sh start "$root/logical" "$PG_OUTBOX_TEST_PORT" logical
 scripts/pgcluster.sh start "$root/replica" "$PG_OUTBOX_TEST_REPLICA_PORT" replica
 scripts/pgcluster.sh start "$root/restart" "$PG_OUTBOX_TEST_RESTART_PORT" logical
 export PG_OUTBOX_TEST_RESTART_PGDATA=$root/restart

@@ -11,6 +11,7 @@
 //! librdkafka option stays usable.
 
 use crate::error::RelayError;
+use crate::tls::{PgTls, SslMode};
 use clap::{Args, Parser, Subcommand};
 use rdkafka::config::ClientConfig;
 use serde::Deserialize;
@@ -96,6 +97,19 @@ settings_group! {
         pub pg_password: Option<String>,
         #[arg(long, env = "PG_OUTBOX_PG_DATABASE")]
         pub pg_database: Option<String>,
+        /// TLS to PostgreSQL, as libpq's sslmode: disable, prefer (default), require, verify-ca,
+        /// verify-full.
+        #[arg(long, env = "PG_OUTBOX_PG_SSLMODE")]
+        pub pg_sslmode: Option<String>,
+        /// CA certificate(s) (PEM) that signed the server's; needed by verify-ca and verify-full.
+        #[arg(long, env = "PG_OUTBOX_PG_SSLROOTCERT")]
+        pub pg_sslrootcert: Option<std::path::PathBuf>,
+        /// Client certificate (PEM), with pg_sslkey, for servers that ask for one.
+        #[arg(long, env = "PG_OUTBOX_PG_SSLCERT")]
+        pub pg_sslcert: Option<std::path::PathBuf>,
+        /// The client certificate's private key (PEM).
+        #[arg(long, env = "PG_OUTBOX_PG_SSLKEY")]
+        pub pg_sslkey: Option<std::path::PathBuf>,
     }
 }
 
@@ -269,6 +283,7 @@ pub struct PgConfig {
     pub user: String,
     pub password: String,
     pub database: String,
+    pub tls: PgTls,
 }
 
 /// Which time a Kafka record carries.
@@ -327,7 +342,7 @@ impl Settings {
             Some(path) => read_file(path)?,
             None => FileSettings::default(),
         };
-        let postgres = resolve_pg(self.pg.over(file.pg));
+        let postgres = resolve_pg(self.pg.over(file.pg))?;
         let source = self.source.over(file.source);
         let kind = match source.source.as_deref() {
             None | Some("wal") => SourceKind::Wal,
@@ -388,14 +403,19 @@ fn read_file(path: &std::path::Path) -> Result<FileSettings, RelayError> {
     Ok(file)
 }
 
-fn resolve_pg(s: PgSettings) -> PgConfig {
-    PgConfig {
+fn resolve_pg(s: PgSettings) -> Result<PgConfig, RelayError> {
+    let mode = match s.pg_sslmode.as_deref() {
+        None => SslMode::Prefer,
+        Some(mode) => mode.parse()?,
+    };
+    Ok(PgConfig {
         host: s.pg_host.unwrap_or_else(|| "127.0.0.1".into()),
         port: s.pg_port.unwrap_or(5432),
         user: s.pg_user.unwrap_or_else(|| "postgres".into()),
         password: s.pg_password.unwrap_or_default(),
         database: s.pg_database.unwrap_or_else(|| "postgres".into()),
-    }
+        tls: PgTls::new(mode, s.pg_sslrootcert, s.pg_sslcert, s.pg_sslkey)?,
+    })
 }
 
 fn resolve_kafka(

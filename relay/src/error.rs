@@ -144,6 +144,13 @@ impl From<pgwire_replication::PgWireError> for RelayError {
             )
             .caused_by(e);
         }
+        if let pgwire_replication::PgWireError::Tls(_) = &e {
+            return RelayError::permanent(
+                "the replication connection's TLS failed: check pg_sslmode, pg_sslrootcert, \
+                 pg_sslcert, pg_sslkey and pg_host",
+            )
+            .caused_by(e);
+        }
         match wire_sqlstate(&e) {
             Some(code) if code.starts_with("28") || code == "3D000" => RelayError::permanent(
                 "the replication connection was refused: check pg_user, pg_password and pg_database",

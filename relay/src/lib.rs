@@ -28,6 +28,7 @@ pub mod shutdown;
 pub mod sink;
 pub mod source;
 pub mod telemetry;
+pub mod tls;
 
 use config::{Cli, Config, Mode};
 use std::process::ExitCode;

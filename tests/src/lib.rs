@@ -10,7 +10,8 @@ pub mod relay;
 pub use broker::{read_all, Broker, Record};
 pub use postgres::{
     backend_pid, connect, connect_as, expect_error, peek_wal_events, pgoutput_message, port,
-    replica_port, restart_cluster, setup, sqlstate, wait_for_lock_wait, OwnedEvent, TestDb,
+    replica_port, restart_cluster, setup, sqlstate, tls_dir, wait_for_lock_wait, OwnedEvent,
+    TestDb,
 };
 pub use relay::{metric, relay_bin, scrape_metrics, wait_for_metric, Relay};
 

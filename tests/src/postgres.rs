@@ -30,6 +30,14 @@ pub fn replica_port() -> u16 {
     env_port("PG_OUTBOX_TEST_REPLICA_PORT", DEFAULT_REPLICA_PORT)
 }
 
+/// The folder with `ca.crt`, the CA that signed the `wal_level=logical` cluster's certificate (issued
+/// for `localhost` only); the role `tls_only` may log in to that cluster over TLS only.
+pub fn tls_dir() -> Result<std::path::PathBuf> {
+    std::env::var_os("PG_OUTBOX_TEST_TLS_DIR")
+        .map(Into::into)
+        .context("PG_OUTBOX_TEST_TLS_DIR not set: run the tests with `make test`")
+}
+
 /// The cluster a test may restart under the relay: its port and data directory.
 pub fn restart_cluster() -> Result<(u16, String)> {
     let port = env_port("PG_OUTBOX_TEST_RESTART_PORT", DEFAULT_RESTART_PORT);

@@ -95,6 +95,7 @@ impl WalSource {
             slot.clone(),
         )
         .with_port(p.port)
+        .with_tls(p.tls.replication())
         .with_start_lsn(Lsn::ZERO)
         .with_status_interval(Duration::from_millis(500))
         .with_application_name("pg_outbox_relay");

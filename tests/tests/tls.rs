@@ -1,0 +1,114 @@
+//! TLS to PostgreSQL: the relay connects with libpq's sslmode settings to a cluster whose certificate
+//! a test CA signed for `localhost`, where the role `tls_only` may log in over TLS only. Real
+//! PostgreSQL, real broker.
+
+use anyhow::Result;
+use pg_outbox_tests::{port, read_all, tls_dir, Broker, Relay, TestDb};
+use std::time::Duration;
+
+/// The relay's login for these tests: TLS only (pg_hba), with what the relay needs.
+async fn tls_only_role(db: &TestDb) -> Result<()> {
+    db.client
+        .batch_execute(
+            "DO $$ BEGIN CREATE ROLE tls_only LOGIN SUPERUSER REPLICATION; \
+             EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+        )
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_relay_publishes_over_verified_tls_and_refuses_what_it_cannot_verify() -> Result<()> {
+    let db = TestDb::create("tl_verified", port()).await?;
+    tls_only_role(&db).await?;
+    let broker = Broker::start()?;
+    broker.create_topic("orders", 1).await?;
+    let ca = tls_dir()?.join("ca.crt");
+    let ca = ca.to_str().expect("a UTF-8 path");
+    let tls = |host: &'static str, mode: &'static str| {
+        vec![
+            "--pg-user",
+            "tls_only",
+            "--pg-host",
+            host,
+            "--pg-sslmode",
+            mode,
+            "--pg-sslrootcert",
+            ca,
+        ]
+    };
+
+    // without TLS the server refuses the role; the relay says what to check and stops
+    let mut relay = Relay::start(
+        db.port,
+        &db.name,
+        &broker.bootstrap(),
+        &tls("localhost", "disable"),
+    )?;
+    assert!(!relay
+        .wait_for_exit(Duration::from_secs(30))
+        .await?
+        .success());
+    let log = relay.log_text();
+    assert!(log.contains("pg_sslmode"), "{log}");
+    assert!(log.contains("no encryption"), "the server's reason: {log}");
+
+    // verify-full against a name the certificate was not issued for
+    let _ = std::fs::remove_file(&relay.log);
+    let mut relay = Relay::start(
+        db.port,
+        &db.name,
+        &broker.bootstrap(),
+        &tls("127.0.0.1", "verify-full"),
+    )?;
+    assert!(!relay
+        .wait_for_exit(Duration::from_secs(30))
+        .await?
+        .success());
+    let log = relay.log_text();
+    assert!(log.contains("TLS failed"), "{log}");
+    assert!(log.contains("pg_sslrootcert"), "{log}");
+
+    // verify-ca accepts the CA's certificate whatever the name; verify-full with the right name
+    for (n, (host, mode)) in [("127.0.0.1", "verify-ca"), ("localhost", "verify-full")]
+        .into_iter()
+        .enumerate()
+    {
+        let _ = std::fs::remove_file(&relay.log);
+        let mut relay = Relay::start(db.port, &db.name, &broker.bootstrap(), &tls(host, mode))?;
+        db.wait_for_active_slot().await?;
+        // every connection of the relay's role is encrypted: its sessions and the walsender
+        let (all, encrypted): (i64, i64) = {
+            let r = db
+                .client
+                .query_one(
+                    "SELECT count(*), count(*) FILTER (WHERE s.ssl) FROM pg_stat_activity a \
+                     JOIN pg_stat_ssl s USING (pid) WHERE a.usename = 'tls_only'",
+                    &[],
+                )
+                .await?;
+            (r.get(0), r.get(1))
+        };
+        assert!(all >= 2, "sessions and walsender: {all}");
+        assert_eq!(encrypted, all, "{mode}");
+        db.client
+            .execute("SELECT outbox.enqueue('orders', $1, '{}')", &[&mode])
+            .await?;
+        read_all(
+            &broker.bootstrap(),
+            &[("orders", 1)],
+            n + 1,
+            Duration::from_secs(60),
+        )?;
+        assert!(relay.terminate(Duration::from_secs(30))?.success());
+    }
+    let records = read_all(
+        &broker.bootstrap(),
+        &[("orders", 1)],
+        2,
+        Duration::from_secs(60),
+    )?;
+    let keys: Vec<&[u8]> = records.iter().filter_map(|r| r.key.as_deref()).collect();
+    assert_eq!(keys, [b"verify-ca".as_slice(), b"verify-full"]);
+    Ok(())
+}
