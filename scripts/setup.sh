@@ -16,7 +16,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 # --- Debian packages ------------------------------------------------------------------------------
 packages=(postgresql-15 postgresql-server-dev-15 postgresql-contrib libclang-dev clang sudo
-          build-essential pkg-config libssl-dev zlib1g-dev python3 openssl)
+          build-essential pkg-config libssl-dev zlib1g-dev python3 openssl stunnel4)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -13,10 +13,12 @@ use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A Tansu broker with in-memory storage on its own port; killed on drop.
+/// A Tansu broker with in-memory storage on its own port; killed on drop. A TLS broker is Tansu
+/// behind stunnel: clients reach it (and Tansu advertises it) as `localhost:port` over TLS only.
 pub struct Broker {
     pub port: u16,
     child: Child,
+    tls: Option<(Child, Vec<(String, String)>)>,
 }
 
 impl Broker {
@@ -26,6 +28,58 @@ impl Broker {
 
     pub fn start_on(port: u16) -> Result<Broker> {
         let url = format!("tcp://127.0.0.1:{port}");
+        let child = Self::tansu(port, &url)?;
+        Ok(Broker {
+            port,
+            child,
+            tls: None,
+        })
+    }
+
+    /// Tansu on a plain port of its own, reachable only through stunnel, which accepts TLS with
+    /// `dir`'s server.crt (issued for localhost by `dir`'s ca.crt).
+    pub fn start_tls(dir: &std::path::Path) -> Result<Broker> {
+        let (plain, port) = (free_port(), free_port());
+        let child = Self::tansu(plain, &format!("tcp://localhost:{port}"))?;
+        let conf = std::env::temp_dir().join(format!("stunnel-{port}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "foreground = yes\npid =\n[kafka]\naccept = 127.0.0.1:{port}\nconnect = 127.0.0.1:{plain}\n\
+                 cert = {}\nkey = {}\n",
+                dir.join("server.crt").display(),
+                dir.join("server.key").display()
+            ),
+        )?;
+        let log = std::fs::File::create(std::env::temp_dir().join(format!("stunnel-{port}.log")))?;
+        let stunnel = Command::new("stunnel4")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting stunnel4 (scripts/setup.sh installs it)")?;
+        wait_for_port(port)?;
+        let settings = vec![
+            ("security.protocol".to_string(), "ssl".to_string()),
+            (
+                "ssl.ca.location".to_string(),
+                dir.join("ca.crt").display().to_string(),
+            ),
+        ];
+        Ok(Broker {
+            port,
+            child,
+            tls: Some((stunnel, settings)),
+        })
+    }
+
+    /// librdkafka settings a client needs for this broker (TLS ones, or none).
+    pub fn client_settings(&self) -> &[(String, String)] {
+        self.tls.as_ref().map_or(&[], |(_, s)| s.as_slice())
+    }
+
+    fn tansu(port: u16, advertised: &str) -> Result<Child> {
+        let url = format!("tcp://127.0.0.1:{port}");
         let log = std::fs::File::create(std::env::temp_dir().join(format!("tansu-{port}.log")))?;
         let child = Command::new("tansu")
             .args([
@@ -33,25 +87,22 @@ impl Broker {
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                advertised,
             ])
             .args(["--storage-engine", "memory://tansu/"])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .context("starting tansu (scripts/setup.sh installs it)")?;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if Instant::now() > deadline {
-                bail!("tansu did not listen on {port}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(Broker { port, child })
+        wait_for_port(port)?;
+        Ok(child)
     }
 
     pub fn bootstrap(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        match self.tls {
+            None => format!("127.0.0.1:{}", self.port),
+            Some(_) => format!("localhost:{}", self.port),
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -59,9 +110,12 @@ impl Broker {
     }
 
     pub async fn create_topic(&self, name: &str, partitions: i32) -> Result<()> {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", self.bootstrap())
-            .create()?;
+        let mut cc = ClientConfig::new();
+        cc.set("bootstrap.servers", self.bootstrap());
+        for (k, v) in self.client_settings() {
+            cc.set(k, v);
+        }
+        let admin: AdminClient<DefaultClientContext> = cc.create()?;
         let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
         let results = admin.create_topics([&topic], &AdminOptions::new()).await?;
         for r in results {
@@ -75,7 +129,23 @@ impl Drop for Broker {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some((stunnel, _)) = &mut self.tls {
+            let _ = stunnel.kill();
+            let _ = stunnel.wait();
+        }
     }
+}
+
+/// Waits until something listens on 127.0.0.1:`port`.
+fn wait_for_port(port: u16) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("nothing listens on {port}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
 }
 
 /// One record read back from Kafka.
@@ -120,11 +190,25 @@ pub fn read_all(
     expected: usize,
     timeout: Duration,
 ) -> Result<Vec<Record>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    read_all_with(brokers, &[], topics, expected, timeout)
+}
+
+/// [`read_all`] with client settings (a TLS broker's [`Broker::client_settings`]).
+pub fn read_all_with(
+    brokers: &str,
+    settings: &[(String, String)],
+    topics: &[(&str, i32)],
+    expected: usize,
+    timeout: Duration,
+) -> Result<Vec<Record>> {
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", brokers)
         .set("group.id", "pg_outbox-tests")
-        .set("enable.auto.commit", "false")
-        .create()?;
+        .set("enable.auto.commit", "false");
+    for (k, v) in settings {
+        cc.set(k, v);
+    }
+    let consumer: BaseConsumer = cc.create()?;
     let mut tpl = TopicPartitionList::new();
     // per partition: the offset after the last record read
     let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();

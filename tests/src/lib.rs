@@ -7,7 +7,7 @@ pub mod broker;
 pub mod postgres;
 pub mod relay;
 
-pub use broker::{read_all, Broker, Record};
+pub use broker::{read_all, read_all_with, Broker, Record};
 pub use postgres::{
     backend_pid, connect, connect_as, expect_error, peek_wal_events, pgoutput_message, port,
     replica_port, restart_cluster, setup, sqlstate, tls_dir, wait_for_lock_wait, OwnedEvent,

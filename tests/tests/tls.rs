@@ -1,9 +1,9 @@
-//! TLS to PostgreSQL: the relay connects with libpq's sslmode settings to a cluster whose certificate
+//! TLS to PostgreSQL and to Kafka. PostgreSQL: the relay connects with libpq's sslmode settings to a cluster whose certificate
 //! a test CA signed for `localhost`, where the role `tls_only` may log in over TLS only. Real
-//! PostgreSQL, real broker.
+//! PostgreSQL, real broker. Kafka: Tansu behind stunnel, reachable over TLS only.
 
 use anyhow::Result;
-use pg_outbox_tests::{port, read_all, tls_dir, Broker, Relay, TestDb};
+use pg_outbox_tests::{port, read_all, read_all_with, relay_bin, tls_dir, Broker, Relay, TestDb};
 use std::time::Duration;
 
 /// The relay's login for these tests: TLS only (pg_hba), with what the relay needs.
@@ -110,5 +110,65 @@ async fn the_relay_publishes_over_verified_tls_and_refuses_what_it_cannot_verify
     )?;
     let keys: Vec<&[u8]> = records.iter().filter_map(|r| r.key.as_deref()).collect();
     assert_eq!(keys, [b"verify-ca".as_slice(), b"verify-full"]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_relay_publishes_to_a_broker_over_tls_and_check_says_when_it_cannot() -> Result<()> {
+    let db = TestDb::create("tl_kafka", port()).await?;
+    let dir = tls_dir()?;
+    let broker = Broker::start_tls(&dir)?;
+    broker.create_topic("orders", 1).await?;
+    let tls = |ca: &str| {
+        vec![
+            "--kafka".to_string(),
+            "security.protocol=ssl".to_string(),
+            "--kafka".to_string(),
+            format!("ssl.ca.location={}", dir.join(ca).display()),
+        ]
+    };
+    let good = tls("ca.crt");
+    let good: Vec<&str> = good.iter().map(String::as_str).collect();
+    let _relay = Relay::start(db.port, &db.name, &broker.bootstrap(), &good)?;
+    db.wait_for_active_slot().await?;
+    for n in 1..=3 {
+        db.client
+            .execute(
+                "SELECT outbox.enqueue('orders', 'k', jsonb_build_object('n', $1::int))",
+                &[&n],
+            )
+            .await?;
+    }
+    let records = read_all_with(
+        &broker.bootstrap(),
+        broker.client_settings(),
+        &[("orders", 1)],
+        3,
+        Duration::from_secs(60),
+    )?;
+    assert_eq!(records.len(), 3);
+    // `check` says in one line when the broker cannot be reached as configured
+    let check = |args: &[&str]| -> Result<String> {
+        let out = std::process::Command::new(relay_bin())
+            .args(["check", "--pg-port", &db.port.to_string()])
+            .args(["--pg-database", &db.name, "--slot", &db.name])
+            .args(["--brokers", &broker.bootstrap()])
+            .args(args)
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    };
+    let text = check(&good)?;
+    assert!(text.contains("ok    kafka"), "{text}");
+    // a certificate that is not a CA cannot vouch for the broker's; plain text gets no answer
+    let wrong = tls("server.crt");
+    let wrong: Vec<&str> = wrong.iter().map(String::as_str).collect();
+    for args in [wrong.as_slice(), &[]] {
+        let text = check(args)?;
+        let line = text
+            .lines()
+            .find(|l| l.contains("kafka"))
+            .unwrap_or_default();
+        assert!(line.starts_with("FAIL  kafka"), "{text}");
+    }
     Ok(())
 }
