@@ -145,6 +145,25 @@ impl Drop for Relay {
     }
 }
 
+/// Runs `pg-outbox-relay <command>` (`check`, `status`) for database `db` (and its slot, named like
+/// it) with `args` appended; returns whether it succeeded, and its stdout then stderr.
+pub fn relay_command(
+    command: &str,
+    pg_port: u16,
+    db: &str,
+    brokers: &str,
+    args: &[&str],
+) -> Result<(bool, String)> {
+    let out = Command::new(relay_bin())
+        .args([command, "--pg-port", &pg_port.to_string()])
+        .args(["--pg-database", db, "--slot", db, "--brokers", brokers])
+        .args(args)
+        .output()?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    Ok((out.status.success(), text))
+}
+
 /// The text of the relay's `/metrics` at `addr` (host:port).
 pub fn scrape_metrics(addr: &str) -> Result<String> {
     use std::io::{Read, Write};

@@ -4,7 +4,7 @@
 use anyhow::{ensure, Result};
 use pg_outbox_relay::sink::partition::partition_for;
 use pg_outbox_tests::{
-    free_port, metric, port, read_all, relay_bin, restart_cluster, scrape_metrics, signal,
+    free_port, metric, port, read_all, relay_command, restart_cluster, scrape_metrics, signal,
     wait_for, wait_for_metric, Broker, Record, Relay, TestDb,
 };
 use rand::{Rng, SeedableRng};
@@ -542,20 +542,14 @@ async fn missing_publication_is_a_clear_permanent_error() -> Result<()> {
         "{log}"
     );
     // `check` says what to fix
-    let out = std::process::Command::new(relay_bin())
-        .args([
-            "check",
-            "--pg-port",
-            &db.port.to_string(),
-            "--pg-database",
-            &db.name,
-            "--slot",
-            &db.name,
-        ])
-        .args(["--brokers", &broker.bootstrap(), "--create-slot", "false"])
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success(), "{text}");
+    let (ok, text) = relay_command(
+        "check",
+        db.port,
+        &db.name,
+        &broker.bootstrap(),
+        &["--create-slot", "false"],
+    )?;
+    assert!(!ok, "{text}");
     assert!(
         text.contains("FAIL  publication rl_nopub: missing"),
         "{text}"
@@ -775,18 +769,8 @@ async fn check_shows_events_waiting_in_a_mode_no_relay_serves() -> Result<()> {
     let db = TestDb::create("rl_unserved", port()).await?;
     let broker = Broker::start()?;
     db.create_slot().await?;
-    let check = |args: &[&str]| -> Result<(bool, String)> {
-        let out = std::process::Command::new(relay_bin())
-            .args(["check", "--pg-port", &db.port.to_string()])
-            .args(["--pg-database", &db.name, "--slot", &db.name])
-            .args(["--brokers", &broker.bootstrap()])
-            .args(args)
-            .output()?;
-        Ok((
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-        ))
-    };
+    let check =
+        |args: &[&str]| relay_command("check", db.port, &db.name, &broker.bootstrap(), args);
     let (ok, text) = check(&[])?;
     assert!(ok, "{text}");
     assert!(

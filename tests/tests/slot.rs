@@ -4,7 +4,7 @@
 
 use anyhow::{Context, Result};
 use pg_outbox_tests::{
-    expect_error, port, read_all, relay_bin, restart_cluster, wait_for, Broker, Relay, TestDb,
+    expect_error, port, read_all, restart_cluster, wait_for, Broker, Relay, TestDb,
 };
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -30,16 +30,9 @@ async fn enqueue(db: &TestDb, key: &str, from: i64, to: i64) -> Result<()> {
     Ok(())
 }
 
-/// `pg-outbox-relay <command>` for `db`: exit success and stdout.
+/// `pg-outbox-relay <command>` for `db`: exit success, stdout and stderr.
 fn relay_command(command: &str, db: &TestDb, brokers: &str) -> Result<(bool, String)> {
-    let out = std::process::Command::new(relay_bin())
-        .args([command, "--pg-port", &db.port.to_string()])
-        .args(["--pg-database", &db.name, "--slot", &db.name])
-        .args(["--brokers", brokers])
-        .output()?;
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    Ok((out.status.success(), text))
+    pg_outbox_tests::relay_command(command, db.port, &db.name, brokers, &[])
 }
 
 /// Starts a relay that must stop on its own with a permanent error; returns its log.

@@ -3,7 +3,9 @@
 //! PostgreSQL, real broker. Kafka: Tansu behind stunnel, reachable over TLS only.
 
 use anyhow::Result;
-use pg_outbox_tests::{port, read_all, read_all_with, relay_bin, tls_dir, Broker, Relay, TestDb};
+use pg_outbox_tests::{
+    port, read_all, read_all_with, relay_command, tls_dir, Broker, Relay, TestDb,
+};
 use std::time::Duration;
 
 /// The relay's login for these tests: TLS only (pg_hba), with what the relay needs.
@@ -15,6 +17,17 @@ async fn tls_only_role(db: &TestDb) -> Result<()> {
         )
         .await?;
     Ok(())
+}
+
+/// Starts a relay that must stop on its own; returns its log (of this run only).
+async fn refused(db: &TestDb, broker: &Broker, args: &[&str]) -> Result<String> {
+    let _ = std::fs::remove_file(std::env::temp_dir().join(format!("relay-{}.log", db.name)));
+    let mut relay = Relay::start(db.port, &db.name, &broker.bootstrap(), args)?;
+    assert!(!relay
+        .wait_for_exit(Duration::from_secs(30))
+        .await?
+        .success());
+    Ok(relay.log_text())
 }
 
 #[tokio::test]
@@ -39,33 +52,12 @@ async fn the_relay_publishes_over_verified_tls_and_refuses_what_it_cannot_verify
     };
 
     // without TLS the server refuses the role; the relay says what to check and stops
-    let mut relay = Relay::start(
-        db.port,
-        &db.name,
-        &broker.bootstrap(),
-        &tls("localhost", "disable"),
-    )?;
-    assert!(!relay
-        .wait_for_exit(Duration::from_secs(30))
-        .await?
-        .success());
-    let log = relay.log_text();
+    let log = refused(&db, &broker, &tls("localhost", "disable")).await?;
     assert!(log.contains("pg_sslmode"), "{log}");
     assert!(log.contains("no encryption"), "the server's reason: {log}");
 
     // verify-full against a name the certificate was not issued for
-    let _ = std::fs::remove_file(&relay.log);
-    let mut relay = Relay::start(
-        db.port,
-        &db.name,
-        &broker.bootstrap(),
-        &tls("127.0.0.1", "verify-full"),
-    )?;
-    assert!(!relay
-        .wait_for_exit(Duration::from_secs(30))
-        .await?
-        .success());
-    let log = relay.log_text();
+    let log = refused(&db, &broker, &tls("127.0.0.1", "verify-full")).await?;
     assert!(log.contains("TLS failed"), "{log}");
     assert!(log.contains("pg_sslrootcert"), "{log}");
 
@@ -75,7 +67,6 @@ async fn the_relay_publishes_over_verified_tls_and_refuses_what_it_cannot_verify
         .into_iter()
         .enumerate()
     {
-        let _ = std::fs::remove_file(&relay.log);
         let mut relay = Relay::start(db.port, &db.name, &broker.bootstrap(), &tls(host, mode))?;
         db.wait_for_active_slot().await?;
         // every connection of the relay's role is encrypted: its sessions and the walsender
@@ -150,13 +141,7 @@ async fn the_relay_publishes_to_a_broker_over_tls_and_check_says_when_it_cannot(
     assert_eq!(records.len(), 3);
     // `check` says in one line when the broker cannot be reached as configured
     let check = |args: &[&str]| -> Result<String> {
-        let out = std::process::Command::new(relay_bin())
-            .args(["check", "--pg-port", &db.port.to_string()])
-            .args(["--pg-database", &db.name, "--slot", &db.name])
-            .args(["--brokers", &broker.bootstrap()])
-            .args(args)
-            .output()?;
-        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+        Ok(relay_command("check", db.port, &db.name, &broker.bootstrap(), args)?.1)
     };
     let text = check(&good)?;
     assert!(text.contains("ok    kafka"), "{text}");
