@@ -8,7 +8,8 @@
 # PostgreSQL refuses to run as root, so when run as root the cluster belongs to the `postgres` OS user.
 # It listens on 127.0.0.1:PORT only, with trust authentication: it is for this machine's tests.
 # With PGCLUSTER_TLS_DIR (server.crt, server.key), a new cluster also accepts TLS, and the role
-# tls_only may log in over TLS only (hostssl), as on a server that requires it.
+# tls_only may log in over TLS only (hostssl), as on a server that requires it, and pw_only with a
+# password only (scram-sha-256).
 set -euo pipefail
 
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
@@ -49,6 +50,7 @@ CONF
             printf "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n" >>"$dir/postgresql.conf"
             # first match wins: these lines go before initdb's
             { printf 'hostssl all tls_only 127.0.0.1/32 trust\nhostnossl all tls_only 127.0.0.1/32 reject\n'
+              printf 'host all pw_only 127.0.0.1/32 scram-sha-256\n'
               cat "$dir/pg_hba.conf"; } >"$dir/pg_hba.conf.new"
             mv "$dir/pg_hba.conf.new" "$dir/pg_hba.conf"
             [ "$(id -u)" = 0 ] && chown postgres:postgres "$dir/pg_hba.conf"

@@ -404,17 +404,63 @@ fn read_file(path: &std::path::Path) -> Result<FileSettings, RelayError> {
 }
 
 fn resolve_pg(s: PgSettings) -> Result<PgConfig, RelayError> {
-    let mode = match s.pg_sslmode.as_deref() {
+    resolve_pg_with(s, &|name| {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    })
+}
+
+/// The relay's own settings first, then what libpq would use (`PG*` variables, the password
+/// file), then the defaults.
+fn resolve_pg_with(
+    s: PgSettings,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<PgConfig, RelayError> {
+    let mode = match s.pg_sslmode.or_else(|| env("PGSSLMODE")) {
         None => SslMode::Prefer,
         Some(mode) => mode.parse()?,
     };
+    let port = match s.pg_port {
+        Some(port) => port,
+        None => match env("PGPORT") {
+            Some(p) => p
+                .parse()
+                .map_err(|_| RelayError::config(format!("PGPORT {p:?} is not a port number")))?,
+            None => 5432,
+        },
+    };
+    let host = s
+        .pg_host
+        .or_else(|| env("PGHOST"))
+        .unwrap_or_else(|| "127.0.0.1".into());
+    let user = s
+        .pg_user
+        .or_else(|| env("PGUSER"))
+        .unwrap_or_else(|| "postgres".into());
+    let database = s
+        .pg_database
+        .or_else(|| env("PGDATABASE"))
+        .unwrap_or_else(|| "postgres".into());
+    let password = s
+        .pg_password
+        .or_else(|| env("PGPASSWORD"))
+        .or_else(|| {
+            crate::pgpass::path(env)
+                .and_then(|file| crate::pgpass::password(&file, &host, port, &database, &user))
+        })
+        .unwrap_or_default();
+    let path = |own: Option<PathBuf>, var: &str| own.or_else(|| env(var).map(PathBuf::from));
     Ok(PgConfig {
-        host: s.pg_host.unwrap_or_else(|| "127.0.0.1".into()),
-        port: s.pg_port.unwrap_or(5432),
-        user: s.pg_user.unwrap_or_else(|| "postgres".into()),
-        password: s.pg_password.unwrap_or_default(),
-        database: s.pg_database.unwrap_or_else(|| "postgres".into()),
-        tls: PgTls::new(mode, s.pg_sslrootcert, s.pg_sslcert, s.pg_sslkey)?,
+        tls: PgTls::new(
+            mode,
+            path(s.pg_sslrootcert, "PGSSLROOTCERT"),
+            path(s.pg_sslcert, "PGSSLCERT"),
+            path(s.pg_sslkey, "PGSSLKEY"),
+        )?,
+        host,
+        port,
+        user,
+        password,
+        database,
     })
 }
 
@@ -710,6 +756,47 @@ mod tests {
         let c = s.resolve(Mode::Ingest).unwrap();
         let ingest = c.ingest.unwrap();
         assert_eq!((ingest.consumer.as_str(), ingest.batch), ("billing", 500));
+    }
+
+    #[test]
+    fn libpq_variables_fill_what_the_relay_settings_leave_unset() {
+        let env = |k: &str| {
+            match k {
+                "PGHOST" => Some("db.internal"),
+                "PGPORT" => Some("6543"),
+                "PGUSER" => Some("relay"),
+                "PGDATABASE" => Some("shop"),
+                "PGPASSWORD" => Some("from-env"),
+                "PGSSLMODE" => Some("require"),
+                _ => None,
+            }
+            .map(str::to_string)
+        };
+        let pg = resolve_pg_with(PgSettings::default(), &env).unwrap();
+        assert_eq!(
+            (
+                pg.host.as_str(),
+                pg.port,
+                pg.user.as_str(),
+                pg.database.as_str()
+            ),
+            ("db.internal", 6543, "relay", "shop")
+        );
+        assert_eq!(pg.password, "from-env");
+        assert_eq!(pg.tls.mode, SslMode::Require);
+        let own = PgSettings {
+            pg_host: Some("flag".into()),
+            pg_password: Some("flag-secret".into()),
+            ..Default::default()
+        };
+        let pg = resolve_pg_with(own, &env).unwrap();
+        assert_eq!(
+            (pg.host.as_str(), pg.password.as_str()),
+            ("flag", "flag-secret")
+        );
+        let bad = |k: &str| (k == "PGPORT").then(|| "x".to_string());
+        let err = resolve_pg_with(PgSettings::default(), &bad).unwrap_err();
+        assert!(err.to_string().contains("PGPORT"), "{err}");
     }
 
     #[test]

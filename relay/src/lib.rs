@@ -21,6 +21,7 @@ pub mod error;
 pub mod event;
 pub mod ingest;
 pub mod ops;
+pub mod pgpass;
 pub mod pipeline;
 pub mod postgres;
 pub mod retry;

@@ -1,10 +1,11 @@
-//! TLS to PostgreSQL and to Kafka. PostgreSQL: the relay connects with libpq's sslmode settings to a cluster whose certificate
-//! a test CA signed for `localhost`, where the role `tls_only` may log in over TLS only. Real
-//! PostgreSQL, real broker. Kafka: Tansu behind stunnel, reachable over TLS only.
+//! Production connections. PostgreSQL: the relay connects with libpq's sslmode settings to a cluster
+//! whose certificate a test CA signed for `localhost`, where the role `tls_only` may log in over TLS
+//! only, and reads passwords from libpq's password file. Kafka: Tansu behind stunnel, reachable over
+//! TLS only. Real PostgreSQL, real broker.
 
 use anyhow::Result;
 use pg_outbox_tests::{
-    port, read_all, read_all_with, relay_command, tls_dir, Broker, Relay, TestDb,
+    port, read_all, read_all_with, relay_bin, relay_command, tls_dir, Broker, Relay, TestDb,
 };
 use std::time::Duration;
 
@@ -156,5 +157,55 @@ async fn the_relay_publishes_to_a_broker_over_tls_and_check_says_when_it_cannot(
             .unwrap_or_default();
         assert!(line.starts_with("FAIL  kafka"), "{text}");
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_password_file_is_read_as_libpq_reads_it() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let db = TestDb::create("tl_pgpass", port()).await?;
+    db.client
+        .batch_execute(
+            "DO $$ BEGIN CREATE ROLE pw_only LOGIN SUPERUSER REPLICATION PASSWORD 'secret-pw'; \
+             EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+        )
+        .await?;
+    let broker = Broker::start()?;
+    let file = std::env::temp_dir().join(format!("pgpass-{}", db.name));
+    // `check` as pw_only, the password only in the file PGPASSFILE names
+    let check = |password: &str| -> Result<String> {
+        std::fs::write(
+            &file,
+            format!(
+                "# the relay\n127.0.0.1:{}:{}:pw_only:{password}\n",
+                db.port, db.name
+            ),
+        )?;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))?;
+        let out = std::process::Command::new(relay_bin())
+            .args([
+                "check",
+                "--pg-port",
+                &db.port.to_string(),
+                "--pg-user",
+                "pw_only",
+            ])
+            .args(["--pg-database", &db.name, "--slot", &db.name])
+            .args(["--brokers", &broker.bootstrap()])
+            .env("PGPASSFILE", &file)
+            .env_remove("PG_OUTBOX_PG_PASSWORD")
+            .env_remove("PGPASSWORD")
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    };
+    let text = check("secret-pw")?;
+    assert!(text.contains("ok    postgres"), "{text}");
+    let text = check("wrong")?;
+    assert!(text.contains("FAIL  postgres"), "{text}");
+    assert!(
+        text.contains("refused the login of role \"pw_only\""),
+        "{text}"
+    );
+    let _ = std::fs::remove_file(&file);
     Ok(())
 }
