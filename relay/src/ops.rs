@@ -55,13 +55,17 @@ pub async fn check(config: &Config) -> Vec<Finding> {
                         .unwrap_or_else(|e| format!("error: {e}"))
                 }
             };
-            let wal_level =
-                q("SELECT current_setting('wal_level') WHERE $1::text IS NOT NULL").await;
-            out.push(finding(
-                wal_level == "logical",
-                format!("wal_level = {wal_level}"),
-                "set wal_level = logical in postgresql.conf and restart PostgreSQL",
-            ));
+            // the slot's prerequisites matter to a wal relay only
+            let wal = config.source.kind == SourceKind::Wal;
+            if wal {
+                let wal_level =
+                    q("SELECT current_setting('wal_level') WHERE $1::text IS NOT NULL").await;
+                out.push(finding(
+                    wal_level == "logical",
+                    format!("wal_level = {wal_level}"),
+                    "set wal_level = logical in postgresql.conf and restart PostgreSQL",
+                ));
+            }
             let ext = q("SELECT extversion FROM pg_extension WHERE extname = 'pg_outbox' AND $1::text IS NOT NULL UNION ALL SELECT NULL LIMIT 1").await;
             out.push(finding(
                 !ext.is_empty(),
@@ -71,65 +75,78 @@ pub async fn check(config: &Config) -> Vec<Finding> {
                 ),
                 "CREATE EXTENSION pg_outbox in this database",
             ));
-            let slot = match SlotState::read(&pg, &config.source.slot).await {
-                Ok(state) => {
-                    let problem = state
-                        .problem(&pg, &config.postgres.database, config.source.create_slot)
-                        .await
-                        .unwrap_or_else(|e| Some(e.to_string()));
-                    let what = match &state.slot {
-                        None => "missing".to_string(),
-                        Some((db, plugin, status)) => format!(
-                            "{}/{}/{}",
-                            plugin.as_deref().unwrap_or_default(),
-                            db.as_deref().unwrap_or_default(),
-                            status.as_deref().unwrap_or_default()
-                        ),
-                    };
-                    out.push(finding(
-                        problem.is_none(),
-                        format!("slot {}: {what}", config.source.slot),
-                        problem.unwrap_or_default(),
-                    ));
-                    state.slot.is_some()
-                }
-                Err(e) => {
-                    out.push(finding(
-                        false,
-                        format!("slot {}: {e}", config.source.slot),
-                        "check that the role may read pg_replication_slots",
-                    ));
-                    true
-                }
-            };
-            let publication = q(
-                "SELECT coalesce((SELECT 'present' FROM pg_publication WHERE pubname = $1), '')",
-            )
-            .await;
-            out.push(finding(
-                !publication.is_empty() || (config.source.create_slot && !slot),
-                format!(
-                    "publication {}: {}",
-                    config.source.slot,
-                    if publication.is_empty() {
-                        "missing"
-                    } else {
-                        "present"
+            if wal {
+                let slot = match SlotState::read(&pg, &config.source.slot).await {
+                    Ok(state) => {
+                        let problem = state
+                            .problem(&pg, &config.postgres.database, config.source.create_slot)
+                            .await
+                            .unwrap_or_else(|e| Some(e.to_string()));
+                        let what = match &state.slot {
+                            None => "missing".to_string(),
+                            Some((db, plugin, status)) => format!(
+                                "{}/{}/{}",
+                                plugin.as_deref().unwrap_or_default(),
+                                db.as_deref().unwrap_or_default(),
+                                status.as_deref().unwrap_or_default()
+                            ),
+                        };
+                        out.push(finding(
+                            problem.is_none(),
+                            format!("slot {}: {what}", config.source.slot),
+                            problem.unwrap_or_default(),
+                        ));
+                        state.slot.is_some()
                     }
-                ),
-                "CALL outbox.setup() creates it (before the slot)",
-            ));
+                    Err(e) => {
+                        out.push(finding(
+                            false,
+                            format!("slot {}: {e}", config.source.slot),
+                            "check that the role may read pg_replication_slots",
+                        ));
+                        true
+                    }
+                };
+                let publication = q(
+                    "SELECT coalesce((SELECT 'present' FROM pg_publication WHERE pubname = $1), '')",
+                )
+                .await;
+                out.push(finding(
+                    !publication.is_empty() || (config.source.create_slot && !slot),
+                    format!(
+                        "publication {}: {}",
+                        config.source.slot,
+                        if publication.is_empty() {
+                            "missing"
+                        } else {
+                            "present"
+                        }
+                    ),
+                    "CALL outbox.setup() creates it (before the slot)",
+                ));
+            }
             if let Some(f) = unserved(&pg, config).await {
                 out.push(f);
             }
-            let grants = q("SELECT CASE WHEN rolsuper THEN 'superuser' WHEN rolreplication AND pg_has_role(current_user, 'outbox_relay', 'member') THEN 'replication + outbox_relay' ELSE 'missing' END FROM pg_roles WHERE rolname = current_user AND $1::text IS NOT NULL").await;
+            let (grants, fix) = if wal {
+                (
+                    q("SELECT CASE WHEN rolsuper THEN 'superuser' WHEN rolreplication AND pg_has_role(current_user, 'outbox_relay', 'member') THEN 'replication + outbox_relay' ELSE 'missing' END FROM pg_roles WHERE rolname = current_user AND $1::text IS NOT NULL").await,
+                    format!(
+                        "ALTER ROLE {} REPLICATION; GRANT outbox_relay TO {}",
+                        config.postgres.user, config.postgres.user
+                    ),
+                )
+            } else {
+                // the poll source reads and deletes outbox.events: no replication needed
+                (
+                    q("SELECT CASE WHEN rolsuper THEN 'superuser' WHEN pg_has_role(current_user, 'outbox_relay', 'member') THEN 'outbox_relay' ELSE 'missing' END FROM pg_roles WHERE rolname = current_user AND $1::text IS NOT NULL").await,
+                    format!("GRANT outbox_relay TO {}", config.postgres.user),
+                )
+            };
             out.push(finding(
                 grants != "missing" && !grants.starts_with("error"),
                 format!("role {}: {grants}", config.postgres.user),
-                format!(
-                    "ALTER ROLE {} REPLICATION; GRANT outbox_relay TO {}",
-                    config.postgres.user, config.postgres.user
-                ),
+                fix,
             ));
         }
     }

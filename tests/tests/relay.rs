@@ -852,3 +852,25 @@ async fn the_record_timestamp_is_the_enqueue_time_or_if_asked_the_publish_time()
     assert!(ts > second + 3000, "publish time: {ts} vs {second}");
     Ok(())
 }
+
+#[tokio::test]
+async fn check_for_a_poll_relay_needs_no_logical_decoding() -> Result<()> {
+    // table mode on a server without wal_level = logical (a managed service without logical
+    // replication): nothing about slots, publications or REPLICATION applies
+    let db = TestDb::create("rl_poll_check", pg_outbox_tests::replica_port()).await?;
+    let broker = Broker::start()?;
+    let (ok, text) = relay_command(
+        "check",
+        db.port,
+        &db.name,
+        &broker.bootstrap(),
+        &["--source", "poll"],
+    )?;
+    assert!(ok, "{text}");
+    assert!(
+        !text.contains("wal_level") && !text.contains("publication"),
+        "{text}"
+    );
+    assert!(text.contains("ok    role postgres: superuser"), "{text}");
+    Ok(())
+}
