@@ -23,7 +23,7 @@ GRANT EXECUTE ON PROCEDURE outbox.setup(text) TO outbox_relay;
 -- (or superuser) as well, to drop and create the slot
 GRANT SELECT, INSERT, UPDATE ON outbox.sources TO outbox_relay;
 GRANT SELECT, INSERT ON outbox.gaps TO outbox_relay;
-GRANT EXECUTE ON FUNCTION outbox._slot_lost(text, text), outbox._check_reason(text),
+GRANT EXECUTE ON FUNCTION outbox._slot_lost(text, text), outbox._foreign_slot(text), outbox._check_reason(text),
                           outbox.recreate_slot(text, text), outbox.new_poll_incarnation(text, text)
       TO outbox_relay;
 

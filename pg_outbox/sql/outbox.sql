@@ -101,6 +101,19 @@ BEGIN
 END
 $$;
 
+-- A slot of that name that pg_outbox cannot use: another plugin, kind or database.
+CREATE FUNCTION outbox._foreign_slot(sn text) RETURNS void
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RAISE EXCEPTION 'pg_outbox: slot "%" exists but is not a pgoutput logical slot of database "%"',
+                    sn, current_database()
+        USING ERRCODE = 'duplicate_object',
+              HINT = 'Pick another name with pg_outbox.slot_name, or drop the other slot.';
+END
+$$;
+
 CREATE FUNCTION outbox.create_slot(slot_name text DEFAULT NULL)
 RETURNS TABLE (object text, name text, action text)
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
@@ -140,10 +153,7 @@ BEGIN
         RETURN QUERY SELECT 'slot', sn, 'created';
     ELSIF existing.slot_type <> 'logical' OR existing.plugin <> 'pgoutput'
           OR existing.database <> current_database() THEN
-        RAISE EXCEPTION 'pg_outbox: slot "%" exists but is not a pgoutput logical slot of database "%"',
-                        sn, current_database()
-            USING ERRCODE = 'duplicate_object',
-                  HINT = 'Pick another name with pg_outbox.slot_name, or drop the other slot.';
+        PERFORM outbox._foreign_slot(sn);
     ELSIF existing.wal_status = 'lost' THEN
         PERFORM outbox._slot_lost(sn, 'was invalidated (wal_status = lost)');
     ELSIF NOT known THEN
@@ -208,10 +218,7 @@ BEGIN
     SELECT * INTO known FROM outbox.sources o WHERE o.source = 'slot:' || sn;
     IF has_slot AND (existing.slot_type <> 'logical' OR existing.plugin <> 'pgoutput'
                      OR existing.database <> current_database()) THEN
-        RAISE EXCEPTION 'pg_outbox: slot "%" exists but is not a pgoutput logical slot of database "%"',
-                        sn, current_database()
-            USING ERRCODE = 'duplicate_object',
-                  HINT = 'Pick another name with pg_outbox.slot_name, or drop the other slot.';
+        PERFORM outbox._foreign_slot(sn);
     END IF;
     IF has_slot AND existing.wal_status IS DISTINCT FROM 'lost' THEN
         act := 'kept';
@@ -251,15 +258,15 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_variable
 DECLARE
-    src text := 'poll:' || coalesce(source_id, 'poll.' || current_database());
+    sid text := coalesce(source_id, 'poll.' || current_database());
+    src text := 'poll:' || sid;
     old uuid;
     fresh uuid := pg_catalog.gen_random_uuid();
 BEGIN
     PERFORM outbox._check_reason(reason);
     -- the lock a polling relay holds (relay/src/source/poll.rs)
-    IF NOT pg_catalog.pg_try_advisory_xact_lock(
-               pg_catalog.hashtextextended('pg_outbox.poll:' || pg_catalog.substr(src, 6), 0)) THEN
-        RAISE EXCEPTION 'pg_outbox: a relay polls as "%"', pg_catalog.substr(src, 6)
+    IF NOT pg_catalog.pg_try_advisory_xact_lock(pg_catalog.hashtextextended('pg_outbox.poll:' || sid, 0)) THEN
+        RAISE EXCEPTION 'pg_outbox: a relay polls as "%"', sid
             USING ERRCODE = 'object_in_use',
                   HINT = 'Stop the relay first, then call outbox.new_poll_incarnation again.';
     END IF;

@@ -428,18 +428,12 @@ fn resolve_pg_with(
             None => 5432,
         },
     };
-    let host = s
-        .pg_host
-        .or_else(|| env("PGHOST"))
-        .unwrap_or_else(|| "127.0.0.1".into());
-    let user = s
-        .pg_user
-        .or_else(|| env("PGUSER"))
-        .unwrap_or_else(|| "postgres".into());
-    let database = s
-        .pg_database
-        .or_else(|| env("PGDATABASE"))
-        .unwrap_or_else(|| "postgres".into());
+    let text = |own: Option<String>, var: &str, default: &str| {
+        own.or_else(|| env(var)).unwrap_or_else(|| default.into())
+    };
+    let host = text(s.pg_host, "PGHOST", "127.0.0.1");
+    let user = text(s.pg_user, "PGUSER", "postgres");
+    let database = text(s.pg_database, "PGDATABASE", "postgres");
     let password = s
         .pg_password
         .or_else(|| env("PGPASSWORD"))

@@ -76,7 +76,7 @@ pub async fn check(config: &Config) -> Vec<Finding> {
                 "CREATE EXTENSION pg_outbox in this database",
             ));
             if wal {
-                let slot = match SlotState::read(&pg, &config.source.slot).await {
+                match SlotState::read(&pg, &config.source.slot).await {
                     Ok(state) => {
                         let problem = state
                             .problem(&pg, &config.postgres.database, config.source.create_slot)
@@ -96,34 +96,27 @@ pub async fn check(config: &Config) -> Vec<Finding> {
                             format!("slot {}: {what}", config.source.slot),
                             problem.unwrap_or_default(),
                         ));
-                        state.slot.is_some()
-                    }
-                    Err(e) => {
                         out.push(finding(
-                            false,
-                            format!("slot {}: {e}", config.source.slot),
-                            "check that the role may read pg_replication_slots",
+                            state.publication
+                                || (config.source.create_slot && state.slot.is_none()),
+                            format!(
+                                "publication {}: {}",
+                                config.source.slot,
+                                if state.publication {
+                                    "present"
+                                } else {
+                                    "missing"
+                                }
+                            ),
+                            "CALL outbox.setup() creates it (before the slot)",
                         ));
-                        true
                     }
-                };
-                let publication = q(
-                    "SELECT coalesce((SELECT 'present' FROM pg_publication WHERE pubname = $1), '')",
-                )
-                .await;
-                out.push(finding(
-                    !publication.is_empty() || (config.source.create_slot && !slot),
-                    format!(
-                        "publication {}: {}",
-                        config.source.slot,
-                        if publication.is_empty() {
-                            "missing"
-                        } else {
-                            "present"
-                        }
-                    ),
-                    "CALL outbox.setup() creates it (before the slot)",
-                ));
+                    Err(e) => out.push(finding(
+                        false,
+                        format!("slot {}: {e}", config.source.slot),
+                        "check that the role may read pg_replication_slots and pg_publication",
+                    )),
+                }
             }
             if let Some(f) = unserved(&pg, config).await {
                 out.push(f);

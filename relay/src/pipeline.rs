@@ -25,7 +25,7 @@ use crate::sink::{Delivered, Delivery, Record, Sink};
 use crate::source::poll::PollSource;
 use crate::source::wal::WalSource;
 use crate::source::{Identity, Source, Step};
-use crate::telemetry::{micros_since, Metrics};
+use crate::telemetry::{micros_since, unix_micros_now, Metrics};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
 use pg_outbox_envelope::Event;
@@ -39,13 +39,6 @@ use tracing::{info, warn};
 /// How long a graceful shutdown waits for records in flight; what is still unacknowledged then
 /// is not confirmed, and is replayed by the next session.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Now, Unix ms.
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
 
 /// Runs sessions until shutdown or a permanent error, reconnecting with backoff in between.
 pub async fn run(
@@ -174,6 +167,7 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
                     while let Some(Some((unit, since, outcome))) = inflight.next().now_or_never() {
                         self.delivered(&mut checkpoint, unit, since, outcome).await?;
                     }
+                    self.metrics.progress();
                 }
                 taken = source.next(room, &mut steps), if room > 0 => {
                     taken?;
@@ -242,7 +236,6 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
             Delivered::Rejected(letter) => self.dead_letter(*letter).await?,
             Delivered::Failed(e) => return Err(e),
         }
-        self.metrics.progress();
         checkpoint.acked(unit);
         Ok(())
     }
@@ -330,7 +323,7 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
             payload: event.payload,
             timestamp_ms: match self.kafka.record_timestamp {
                 RecordTimestamp::Enqueue => event.created_at_micros / 1000,
-                RecordTimestamp::Publish => now_ms(),
+                RecordTimestamp::Publish => unix_micros_now() / 1000,
             },
             event_id: &id,
             position,

@@ -69,10 +69,14 @@ impl Histogram {
 
 /// Microseconds from `unix_micros` (a PostgreSQL server's clock) until now (this host's clock).
 pub fn micros_since(unix_micros: i64) -> u64 {
-    let now = std::time::SystemTime::now()
+    unix_micros_now().saturating_sub(unix_micros).max(0) as u64
+}
+
+/// Now, in Unix µs.
+pub fn unix_micros_now() -> i64 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64);
-    now.saturating_sub(unix_micros).max(0) as u64
+        .map_or(0, |d| d.as_micros() as i64)
 }
 
 impl Metrics {
@@ -182,9 +186,7 @@ impl Metrics {
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    (unix_micros_now() / 1000) as u64
 }
 
 /// A client gets this long to send its request and take the answer.

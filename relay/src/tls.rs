@@ -180,12 +180,6 @@ impl PgTls {
     }
 }
 
-impl Default for PgTls {
-    fn default() -> PgTls {
-        PgTls::new(SslMode::Prefer, None, None, None).expect("prefer needs no files")
-    }
-}
-
 /// The verifier of the modes rustls does not have: `prefer` and `require` (no chain given: any
 /// certificate, encryption without authentication of the server, as in libpq) and `verify-ca` (the
 /// chain must lead to `sslrootcert`; any host name).

@@ -243,6 +243,38 @@ async fn push_until(
     .await
 }
 
+/// A relay on A publishes 30 events to `orders` and stops; then a relay on B (the same settings)
+/// publishes 20: all 50 are in Kafka, none of B's skipped. Returns the records.
+async fn a_then_b(
+    a: &TestDb,
+    b: &TestDb,
+    broker: &Broker,
+    args: &[&str],
+) -> Result<Vec<pg_outbox_tests::Record>> {
+    let wal = !args.contains(&"poll");
+    let mut relay_a = Relay::start(a.port, &a.name, &broker.bootstrap(), args)?;
+    if wal {
+        a.wait_for_active_slot().await?;
+    }
+    enqueue(a, "from-a", 1, 30).await?;
+    read_all(&broker.bootstrap(), &[("orders", 1)], 30, READ_TIMEOUT)?;
+    assert!(relay_a.terminate(Duration::from_secs(30))?.success());
+
+    let _relay_b = Relay::start(b.port, &b.name, &broker.bootstrap(), args)?;
+    if wal {
+        b.wait_for_active_slot().await?;
+    }
+    enqueue(b, "from-b", 1, 20).await?;
+    let records = read_all(&broker.bootstrap(), &[("orders", 1)], 50, READ_TIMEOUT)?;
+    let from_b = records
+        .iter()
+        .filter(|r| r.key.as_deref() == Some(b"from-b"))
+        .count();
+    assert_eq!(from_b, 20, "none of B's events is skipped");
+    assert_eq!(records.len(), 50);
+    Ok(records)
+}
+
 #[tokio::test]
 async fn a_second_cluster_with_the_same_settings_skips_nothing() -> Result<()> {
     let _one = RESTART_CLUSTER.lock().await;
@@ -262,22 +294,7 @@ async fn a_second_cluster_with_the_same_settings_skips_nothing() -> Result<()> {
     )
     .await?;
 
-    let mut relay_a = Relay::start(a.port, &a.name, &broker.bootstrap(), &[])?;
-    a.wait_for_active_slot().await?;
-    enqueue(&a, "from-a", 1, 30).await?;
-    read_all(&broker.bootstrap(), &[("orders", 1)], 30, READ_TIMEOUT)?;
-    assert!(relay_a.terminate(Duration::from_secs(30))?.success());
-
-    let _relay_b = Relay::start(b.port, &b.name, &broker.bootstrap(), &[])?;
-    b.wait_for_active_slot().await?;
-    enqueue(&b, "from-b", 1, 20).await?;
-    let records = read_all(&broker.bootstrap(), &[("orders", 1)], 50, READ_TIMEOUT)?;
-    let from_b = records
-        .iter()
-        .filter(|r| r.key.as_deref() == Some(b"from-b"))
-        .count();
-    assert_eq!(from_b, 20, "none of B's events is skipped");
-    assert_eq!(records.len(), 50);
+    a_then_b(&a, &b, &broker, &[]).await?;
     let (source_a, source_b) = (a.source_identity().await?, b.source_identity().await?);
     assert_ne!(source_a, source_b);
     assert!(source_a.starts_with("sl_twin/") && source_b.starts_with("sl_twin/"));
@@ -384,21 +401,7 @@ async fn a_second_cluster_with_the_same_settings_skips_nothing_in_table_mode() -
     )
     .await?;
 
-    let poll = ["--source", "poll"];
-    let mut relay_a = Relay::start(a.port, name, &broker.bootstrap(), &poll)?;
-    enqueue(&a, "from-a", 1, 30).await?;
-    read_all(&broker.bootstrap(), &[("orders", 1)], 30, READ_TIMEOUT)?;
-    assert!(relay_a.terminate(Duration::from_secs(30))?.success());
-
-    let _relay_b = Relay::start(b.port, name, &broker.bootstrap(), &poll)?;
-    enqueue(&b, "from-b", 1, 20).await?;
-    let records = read_all(&broker.bootstrap(), &[("orders", 1)], 50, READ_TIMEOUT)?;
-    let from_b = records
-        .iter()
-        .filter(|r| r.key.as_deref() == Some(b"from-b"))
-        .count();
-    assert_eq!(from_b, 20, "none of B's events is skipped");
-    assert_eq!(records.len(), 50);
+    let records = a_then_b(&a, &b, &broker, &["--source", "poll"]).await?;
     let source = format!("poll:poll.{name}");
     let id = format!("poll.{name}");
     let (source_a, source_b) = (

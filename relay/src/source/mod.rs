@@ -68,6 +68,14 @@ impl Identity {
     }
 }
 
+/// The extension in `database` has no `outbox.sources`: it is older than this relay.
+pub fn extension_predates_relay(database: &str) -> RelayError {
+    RelayError::permanent(format!(
+        "the pg_outbox extension in database \"{database}\" predates this relay (no \
+         outbox.sources): install the matching version"
+    ))
+}
+
 /// An LSN (`16/B374D848`) or a transaction id (decimal) as a number.
 fn parse_major(text: &str) -> Option<u64> {
     match text.split_once('/') {

@@ -101,11 +101,7 @@ impl PollSource {
             )));
         }
         if !tables.get::<_, bool>(1) {
-            return Err(RelayError::permanent(format!(
-                "the pg_outbox extension in database \"{}\" predates this relay (no outbox.sources): \
-                 install the matching version",
-                config.postgres.database
-            )));
+            return Err(super::extension_predates_relay(&config.postgres.database));
         }
         let locked: bool = pg
             .query_one(

@@ -222,11 +222,7 @@ async fn prepare_slot(pg: &Client, config: &Config, first: bool) -> Result<(), R
     let slot = config.source.slot.as_str();
     let state = SlotState::read(pg, slot).await?;
     if !state.tracked {
-        return Err(RelayError::permanent(format!(
-            "the pg_outbox extension in database \"{}\" predates this relay (no outbox.sources): \
-             install the matching version",
-            config.postgres.database
-        )));
+        return Err(super::extension_predates_relay(&config.postgres.database));
     }
     let create = config.source.create_slot && first;
     if let Some(problem) = state.problem(pg, &config.postgres.database, create).await? {
