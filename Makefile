@@ -1,8 +1,12 @@
 # pg_outbox: `make test` and `make demo` install what they need (scripts/setup.sh), idempotently.
-.PHONY: test demo demo-saga bench setup lint install clean
+.PHONY: test test-all demo demo-saga bench setup lint install clean
 
 test:
 	scripts/test.sh
+
+# every test on 15 and 17, and the SQL tests plus two end-to-end relay tests on 14, 16 and 18
+test-all:
+	PG_SMOKE="14 16 18" scripts/test.sh
 
 demo:
 	scripts/demo.sh

@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# Throwaway PostgreSQL 15 clusters for tests and the demo.
+# Throwaway PostgreSQL clusters (15 unless PGBIN names another version's bin folder) for tests and the demo.
 #
 #   scripts/pgcluster.sh start  DIR PORT [WAL_LEVEL]   initdb (once) and start; wal_level defaults to logical
 #   scripts/pgcluster.sh stop   DIR                    stop fast (ignores a cluster that is not running)
 #   scripts/pgcluster.sh restart DIR                   stop and start again with the same settings
+#   scripts/pgcluster.sh standby DIR PORT PRIMARY_PORT DB SLOT
+#                                                      a streaming standby of the cluster on PRIMARY_PORT
+#                                                      (pg_basebackup over the physical slot SLOT), which
+#                                                      syncs failover slots of database DB (PostgreSQL 17+)
+#   scripts/pgcluster.sh crash  DIR                    stop immediately, as a crash would
+#   scripts/pgcluster.sh promote DIR                   promote a standby and wait until it accepts writes
 #
 # PostgreSQL refuses to run as root, so when run as root the cluster belongs to the `postgres` OS user.
 # It listens on 127.0.0.1:PORT only, with trust authentication: it is for this machine's tests.
@@ -12,9 +18,15 @@
 # password only (scram-sha-256).
 set -euo pipefail
 
-PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
-cmd=${1:?usage: pgcluster.sh start|stop|restart DIR [PORT] [WAL_LEVEL]}
+PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}  # another version: PGBIN=/opt/pg_outbox/pg17/bin
+cmd=${1:?usage: pgcluster.sh start|stop|restart|standby|crash|promote DIR [...]}
 dir=${2:?data directory required}
+
+# a relocatable build (scripts/setup.sh) brings its own libpq, which its walreceiver and
+# pg_basebackup need (the system's may be older); its RUNPATH names the build machine's folder
+if [ -e "$PGBIN/../lib/libpq.so.5" ]; then
+    export LD_LIBRARY_PATH="$PGBIN/../lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
 
 as_owner() {
     if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
@@ -70,12 +82,42 @@ stop)
         echo "pgcluster: stopped $dir"
     fi
     ;;
+standby)
+    port=${3:?port required}
+    primary=${4:?primary port required}
+    db=${5:?database required}
+    slot=${6:?physical slot required}
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    [ "$(id -u)" = 0 ] && chown postgres:postgres "$dir" && chmod 700 "$dir"
+    as_owner "$PGBIN/pg_basebackup" -D "$dir" -d "host=127.0.0.1 port=$primary user=postgres dbname=$db" \
+        -X stream -c fast -R -S "$slot" >"$dir.basebackup.log" 2>&1 || { cat "$dir.basebackup.log"; exit 1; }
+    cat >>"$dir/postgresql.conf" <<CONF
+port = $port
+unix_socket_directories = '$dir'
+hot_standby_feedback = on
+CONF
+    if [ "$("$PGBIN/pg_config" --version | sed 's/[^0-9]*\([0-9]*\).*/\1/')" -ge 17 ]; then
+        echo "sync_replication_slots = on" >>"$dir/postgresql.conf"
+    fi
+    as_owner "$PGBIN/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 60 start >/dev/null \
+        || { tail -20 "$dir/server.log"; exit 1; }
+    echo "pgcluster: standby $dir on 127.0.0.1:$port of 127.0.0.1:$primary"
+    ;;
+crash)
+    as_owner "$PGBIN/pg_ctl" -D "$dir" -m immediate -w -t 60 stop >/dev/null
+    echo "pgcluster: crashed $dir"
+    ;;
+promote)
+    as_owner "$PGBIN/pg_ctl" -D "$dir" -w -t 60 promote >/dev/null
+    echo "pgcluster: promoted $dir"
+    ;;
 restart)
     as_owner "$PGBIN/pg_ctl" -D "$dir" -m fast -w -t 60 restart -l "$dir/server.log" >/dev/null
     echo "pgcluster: restarted $dir"
     ;;
 *)
-    echo "usage: pgcluster.sh start|stop|restart DIR [PORT] [WAL_LEVEL]" >&2
+    echo "usage: pgcluster.sh start|stop|restart|standby|crash|promote DIR [...]" >&2
     exit 2
     ;;
 esac

@@ -24,6 +24,7 @@ GRANT EXECUTE ON PROCEDURE outbox.setup(text) TO outbox_relay;
 GRANT SELECT, INSERT, UPDATE ON outbox.sources TO outbox_relay;
 GRANT SELECT, INSERT ON outbox.gaps TO outbox_relay;
 GRANT EXECUTE ON FUNCTION outbox._slot_lost(text, text), outbox._foreign_slot(text), outbox._check_reason(text),
+                          outbox._new_slot(text),
                           outbox.recreate_slot(text, text), outbox.new_poll_incarnation(text, text)
       TO outbox_relay;
 

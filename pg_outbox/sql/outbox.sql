@@ -114,6 +114,27 @@ BEGIN
 END
 $$;
 
+-- Creates the pg_outbox slot: a failover slot where the server has them (PostgreSQL 17+), so that
+-- a standby with sync_replication_slots = on keeps a copy that a relay goes on from after a
+-- promotion (README, "Failover").
+CREATE FUNCTION outbox._new_slot(sn text) RETURNS pg_lsn
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    lsn pg_lsn;
+BEGIN
+    IF pg_catalog.current_setting('server_version_num')::int >= 170000 THEN
+        -- (name, plugin, temporary, twophase, failover): the fifth argument exists from 17 on
+        EXECUTE 'SELECT c.lsn FROM pg_catalog.pg_create_logical_replication_slot($1, ''pgoutput'', false, false, true) c'
+           INTO lsn USING sn;
+    ELSE
+        SELECT c.lsn INTO lsn FROM pg_catalog.pg_create_logical_replication_slot(sn, 'pgoutput') c;
+    END IF;
+    RETURN lsn;
+END
+$$;
+
 CREATE FUNCTION outbox.create_slot(slot_name text DEFAULT NULL)
 RETURNS TABLE (object text, name text, action text)
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
@@ -147,7 +168,7 @@ BEGIN
                       HINT = 'CALL outbox.setup(); or SELECT * FROM outbox.create_publication(); then create the slot in a new transaction.';
         END IF;
         -- the slot first: PostgreSQL creates no logical slot in a transaction that has written
-        SELECT c.lsn INTO lsn FROM pg_catalog.pg_create_logical_replication_slot(sn, 'pgoutput') c;
+        lsn := outbox._new_slot(sn);
         INSERT INTO outbox.sources (source, created_lsn, seen_lsn, seen_at)
         VALUES ('slot:' || sn, lsn, lsn, pg_catalog.now());
         RETURN QUERY SELECT 'slot', sn, 'created';
@@ -232,7 +253,7 @@ BEGIN
         IF has_slot THEN
             PERFORM pg_catalog.pg_drop_replication_slot(sn);
         END IF;
-        SELECT c.lsn INTO to_lsn FROM pg_catalog.pg_create_logical_replication_slot(sn, 'pgoutput') c;
+        to_lsn := outbox._new_slot(sn);
         from_lsn := coalesce(known.seen_lsn, known.created_lsn, '0/0'::pg_lsn);
         act := 'recreated';
     END IF;

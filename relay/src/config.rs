@@ -85,7 +85,11 @@ macro_rules! settings_group {
 settings_group! {
     /// PostgreSQL connection.
     pub struct PgSettings {
-        /// PostgreSQL host (or socket directory).
+        /// A libpq connection string: a URL (`postgres://user@host1,host2/db?sslmode=verify-full`)
+        /// or key-value pairs (`host=a,b dbname=db`). The pg_* settings below override its parts.
+        #[arg(long, env = "PG_OUTBOX_PG_URL", hide_env_values = true)]
+        pub pg_url: Option<String>,
+        /// PostgreSQL host; several, comma-separated, are tried in order for the primary.
         #[arg(long, env = "PG_OUTBOX_PG_HOST")]
         pub pg_host: Option<String>,
         #[arg(long, env = "PG_OUTBOX_PG_PORT")]
@@ -278,12 +282,24 @@ pub struct Config {
 
 #[derive(Debug, Clone)]
 pub struct PgConfig {
-    pub host: String,
-    pub port: u16,
+    /// The servers, tried in order (libpq's multiple hosts).
+    pub endpoints: Vec<PgEndpoint>,
     pub user: String,
-    pub password: String,
     pub database: String,
     pub tls: PgTls,
+    /// Only a server that accepts writes will do (target_session_attrs read-write, the default):
+    /// a standby is passed over.
+    pub read_write: bool,
+    /// How long one server may take to accept a session (connect_timeout, default 10 s).
+    pub connect_timeout: Duration,
+}
+
+/// One server of [`PgConfig::endpoints`], with the password for it.
+#[derive(Debug, Clone)]
+pub struct PgEndpoint {
+    pub host: String,
+    pub port: u16,
+    pub password: String,
 }
 
 /// Which time a Kafka record carries.
@@ -409,52 +425,119 @@ fn resolve_pg(s: PgSettings) -> Result<PgConfig, RelayError> {
     })
 }
 
-/// The relay's own settings first, then what libpq would use (`PG*` variables, the password
-/// file), then the defaults.
+/// The relay's own settings first, then its connection string (`pg_url`), then what libpq would
+/// use (`PG*` variables, the password file), then the defaults.
 fn resolve_pg_with(
     s: PgSettings,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<PgConfig, RelayError> {
-    let mode = match s.pg_sslmode.or_else(|| env("PGSSLMODE")) {
+    let url = match &s.pg_url {
+        Some(text) => crate::conninfo::parse(text)?,
+        None => BTreeMap::new(),
+    };
+    let pick = |own: Option<String>, keyword: &str, var: &str| {
+        own.or_else(|| url.get(keyword).cloned().filter(|v| !v.is_empty()))
+            .or_else(|| env(var))
+    };
+    let mode = match pick(s.pg_sslmode, "sslmode", "PGSSLMODE") {
         None => SslMode::Prefer,
         Some(mode) => mode.parse()?,
     };
-    let port = match s.pg_port {
-        Some(port) => port,
-        None => match env("PGPORT") {
-            Some(p) => p
-                .parse()
-                .map_err(|_| RelayError::config(format!("PGPORT {p:?} is not a port number")))?,
-            None => 5432,
+    let hosts = pick(s.pg_host, "host", "PGHOST").unwrap_or_else(|| "127.0.0.1".into());
+    let hosts: Vec<&str> = hosts.split(',').map(str::trim).collect();
+    if hosts.iter().any(|h| h.is_empty()) {
+        return Err(RelayError::config(format!(
+            "pg_host {:?} has an empty host name",
+            hosts.join(",")
+        )));
+    }
+    let ports = pick(s.pg_port.map(|p| p.to_string()), "port", "PGPORT");
+    let ports: Vec<u16> = match ports {
+        None => vec![5432],
+        Some(text) => text
+            .split(',')
+            .map(|p| match p.trim() {
+                "" => Ok(5432),
+                p => p.parse().map_err(|_| {
+                    RelayError::config(format!(
+                        "port {p:?} is not a port number (pg_port, pg_url or PGPORT)"
+                    ))
+                }),
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    if ports.len() != 1 && ports.len() != hosts.len() {
+        return Err(RelayError::config(format!(
+            "{} ports for {} hosts: give one port for all hosts or one per host (pg_port, pg_url \
+             or PGPORT)",
+            ports.len(),
+            hosts.len()
+        )));
+    }
+    let user = pick(s.pg_user, "user", "PGUSER").unwrap_or_else(|| "postgres".into());
+    let database = pick(s.pg_database, "dbname", "PGDATABASE").unwrap_or_else(|| "postgres".into());
+    let password = pick(s.pg_password, "password", "PGPASSWORD");
+    let passfile = url
+        .get("passfile")
+        .map(PathBuf::from)
+        .or_else(|| crate::pgpass::path(env));
+    let endpoints = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let port = ports[if ports.len() == 1 { 0 } else { i }];
+            let password = password
+                .clone()
+                .or_else(|| {
+                    passfile.as_deref().and_then(|file| {
+                        crate::pgpass::password(file, host, port, &database, &user)
+                    })
+                })
+                .unwrap_or_default();
+            PgEndpoint {
+                host: host.to_string(),
+                port,
+                password,
+            }
+        })
+        .collect();
+    let read_write = match pick(None, "target_session_attrs", "PGTARGETSESSIONATTRS").as_deref() {
+        None | Some("read-write") | Some("primary") => true,
+        Some("any") => false,
+        Some(other) => {
+            return Err(RelayError::config(format!(
+                "target_session_attrs {other:?} is not supported: use read-write (the default; \
+                 a standby is passed over) or any (pg_url or PGTARGETSESSIONATTRS)"
+            )))
+        }
+    };
+    let connect_timeout = match pick(None, "connect_timeout", "PGCONNECT_TIMEOUT") {
+        None => Duration::from_secs(10),
+        Some(t) => match t.trim().parse::<u64>() {
+            Ok(secs) if secs > 0 => Duration::from_secs(secs.max(2)),
+            _ => {
+                return Err(RelayError::config(format!(
+                    "connect_timeout {t:?} must be a number of seconds, at least 1 (pg_url or \
+                     PGCONNECT_TIMEOUT)"
+                )))
+            }
         },
     };
-    let text = |own: Option<String>, var: &str, default: &str| {
-        own.or_else(|| env(var)).unwrap_or_else(|| default.into())
+    let path = |own: Option<PathBuf>, keyword: &str, var: &str| {
+        pick(own.map(|p| p.display().to_string()), keyword, var).map(PathBuf::from)
     };
-    let host = text(s.pg_host, "PGHOST", "127.0.0.1");
-    let user = text(s.pg_user, "PGUSER", "postgres");
-    let database = text(s.pg_database, "PGDATABASE", "postgres");
-    let password = s
-        .pg_password
-        .or_else(|| env("PGPASSWORD"))
-        .or_else(|| {
-            crate::pgpass::path(env)
-                .and_then(|file| crate::pgpass::password(&file, &host, port, &database, &user))
-        })
-        .unwrap_or_default();
-    let path = |own: Option<PathBuf>, var: &str| own.or_else(|| env(var).map(PathBuf::from));
     Ok(PgConfig {
         tls: PgTls::new(
             mode,
-            path(s.pg_sslrootcert, "PGSSLROOTCERT"),
-            path(s.pg_sslcert, "PGSSLCERT"),
-            path(s.pg_sslkey, "PGSSLKEY"),
+            path(s.pg_sslrootcert, "sslrootcert", "PGSSLROOTCERT"),
+            path(s.pg_sslcert, "sslcert", "PGSSLCERT"),
+            path(s.pg_sslkey, "sslkey", "PGSSLKEY"),
         )?,
-        host,
-        port,
+        endpoints,
         user,
-        password,
         database,
+        read_write,
+        connect_timeout,
     })
 }
 
@@ -630,19 +713,31 @@ impl KafkaConfig {
 }
 
 impl PgConfig {
-    /// A libpq-style connection string for tokio-postgres (the password is not logged anywhere).
-    pub fn conninfo(&self) -> String {
+    /// The servers as `host:port,host:port`, for messages.
+    pub fn servers(&self) -> String {
+        let all: Vec<String> = self
+            .endpoints
+            .iter()
+            .map(|e| format!("{}:{}", e.host, e.port))
+            .collect();
+        all.join(",")
+    }
+
+    /// A libpq-style connection string for one server, for tokio-postgres (the password is not
+    /// logged anywhere).
+    pub fn conninfo(&self, at: &PgEndpoint) -> String {
         // every value quoted, with \ and ' escaped, as libpq's connection strings require
         let quote = |v: &str| format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"));
         let mut s = format!(
-            "host={} port={} user={} dbname={} application_name=pg_outbox_relay",
-            quote(&self.host),
-            self.port,
+            "host={} port={} user={} dbname={} application_name={}",
+            quote(&at.host),
+            at.port,
             quote(&self.user),
-            quote(&self.database)
+            quote(&self.database),
+            quote(crate::postgres::application_name())
         );
-        if !self.password.is_empty() {
-            s.push_str(&format!(" password={}", quote(&self.password)));
+        if !at.password.is_empty() {
+            s.push_str(&format!(" password={}", quote(&at.password)));
         }
         s
     }
@@ -768,15 +863,10 @@ mod tests {
         };
         let pg = resolve_pg_with(PgSettings::default(), &env).unwrap();
         assert_eq!(
-            (
-                pg.host.as_str(),
-                pg.port,
-                pg.user.as_str(),
-                pg.database.as_str()
-            ),
-            ("db.internal", 6543, "relay", "shop")
+            (pg.servers(), pg.user.as_str(), pg.database.as_str()),
+            ("db.internal:6543".to_string(), "relay", "shop")
         );
-        assert_eq!(pg.password, "from-env");
+        assert_eq!(pg.endpoints[0].password, "from-env");
         assert_eq!(pg.tls.mode, SslMode::Require);
         let own = PgSettings {
             pg_host: Some("flag".into()),
@@ -785,12 +875,94 @@ mod tests {
         };
         let pg = resolve_pg_with(own, &env).unwrap();
         assert_eq!(
-            (pg.host.as_str(), pg.password.as_str()),
-            ("flag", "flag-secret")
+            (pg.servers(), pg.endpoints[0].password.as_str()),
+            ("flag:6543".to_string(), "flag-secret")
         );
         let bad = |k: &str| (k == "PGPORT").then(|| "x".to_string());
         let err = resolve_pg_with(PgSettings::default(), &bad).unwrap_err();
         assert!(err.to_string().contains("PGPORT"), "{err}");
+    }
+
+    #[test]
+    fn url_then_settings_then_libpq_variables() {
+        let env = |k: &str| {
+            match k {
+                "PGUSER" => Some("env-user"),
+                "PGDATABASE" => Some("env-db"),
+                "PGPORT" => Some("7000"),
+                _ => None,
+            }
+            .map(str::to_string)
+        };
+        let own = PgSettings {
+            pg_url: Some(
+                "postgres://url-user:url%20pw@a:5433,b:5434/url-db?sslmode=require\
+                 &target_session_attrs=any&connect_timeout=3"
+                    .into(),
+            ),
+            pg_database: Some("own-db".into()),
+            ..Default::default()
+        };
+        let pg = resolve_pg_with(own, &env).unwrap();
+        assert_eq!(pg.servers(), "a:5433,b:5434");
+        assert_eq!(
+            (pg.user.as_str(), pg.database.as_str()),
+            ("url-user", "own-db")
+        );
+        assert!(pg.endpoints.iter().all(|e| e.password == "url pw"));
+        assert_eq!(pg.tls.mode, SslMode::Require);
+        assert!(!pg.read_write);
+        assert_eq!(pg.connect_timeout, Duration::from_secs(3));
+        // key-value form; one port for every host; the default session is read-write
+        let own = PgSettings {
+            pg_url: Some("host=x,y,z port=6000".into()),
+            ..Default::default()
+        };
+        let pg = resolve_pg_with(own, &env).unwrap();
+        assert_eq!(pg.servers(), "x:6000,y:6000,z:6000");
+        assert_eq!(pg.user, "env-user");
+        assert!(pg.read_write);
+        // PGHOST may list hosts too
+        let hosts = |k: &str| (k == "PGHOST").then(|| "p,q".to_string());
+        let pg = resolve_pg_with(PgSettings::default(), &hosts).unwrap();
+        assert_eq!(pg.servers(), "p:5432,q:5432");
+        for (url, says) in [
+            ("host=a,b port=1,2,3", "3 ports for 2 hosts"),
+            ("host=a,,b", "empty host name"),
+            (
+                "host=a target_session_attrs=standby",
+                "target_session_attrs",
+            ),
+            ("host=a connect_timeout=soon", "connect_timeout"),
+            ("host=a options=-cfoo", "\"options\" is not supported"),
+        ] {
+            let own = PgSettings {
+                pg_url: Some(url.into()),
+                ..Default::default()
+            };
+            let err = resolve_pg_with(own, &|_: &str| None)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(says), "{url}: {err}");
+        }
+    }
+
+    #[test]
+    fn password_file_per_host() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("relay-pgpass-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("pgpass");
+        std::fs::write(&file, "a:5432:*:relay:pw-a\nb:5432:*:relay:pw-b\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let own = PgSettings {
+            pg_url: Some(format!("host=a,b user=relay passfile='{}'", file.display())),
+            ..Default::default()
+        };
+        let pg = resolve_pg_with(own, &|_: &str| None).unwrap();
+        let pws: Vec<&str> = pg.endpoints.iter().map(|e| e.password.as_str()).collect();
+        assert_eq!(pws, ["pw-a", "pw-b"]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -799,7 +971,7 @@ mod tests {
         s.pg.pg_password = Some(r"it's a \secret".into());
         s.pg.pg_database = Some("my db".into());
         let c = s.resolve(Mode::Run).unwrap();
-        let info = c.postgres.conninfo();
+        let info = c.postgres.conninfo(&c.postgres.endpoints[0]);
         assert!(info.contains(r"password='it\'s a \\secret'"), "{info}");
         assert!(info.contains("dbname='my db'"), "{info}");
         info.parse::<tokio_postgres::Config>().unwrap();
@@ -830,7 +1002,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.kafka.brokers, "file:9092");
         assert_eq!(c.source.slot, "from_flag");
-        assert_eq!(c.postgres.port, 6543);
+        assert_eq!(c.postgres.endpoints[0].port, 6543);
         assert!(c.telemetry.log_json);
         assert_eq!(c.ingest.unwrap().topics, ["a", "b"]);
         assert_eq!(c.kafka.topic_for("orders"), "outbox.event.orders");

@@ -26,6 +26,8 @@ pub struct RelayError {
     kind: Kind,
     context: String,
     source: Option<Cause>,
+    /// Another relay holds the source (its slot or its lock): this one stands by.
+    standby: Option<String>,
 }
 
 /// The context, then every cause in the chain (a client library's error often says only "db
@@ -59,7 +61,22 @@ impl RelayError {
             kind,
             context: context.into(),
             source: None,
+            standby: None,
         }
+    }
+
+    /// Another relay holds the source; `holder` says which (for logs, `/healthz` and `status`).
+    pub fn standby(holder: impl Into<String>) -> RelayError {
+        let holder = holder.into();
+        RelayError {
+            standby: Some(holder.clone()),
+            ..RelayError::transient(format!("standing by: {holder}"))
+        }
+    }
+
+    /// Who holds the source, when this relay stands by.
+    pub fn standby_holder(&self) -> Option<&str> {
+        self.standby.as_deref()
     }
 
     /// A bad setting: names the setting and what to do.
@@ -134,8 +151,8 @@ impl From<rdkafka::error::KafkaError> for RelayError {
 /// A refused login (class 28) or a missing database (`3D000`) stops the relay. Slot errors are
 /// recognised by SQLSTATE: `42704` (the slot does not exist) and `55000` (it was
 /// invalidated and can no longer stream). Re-creating the slot would skip events, so both stop the
-/// relay. Anything else on the replication connection (including `55006`, the slot is held by
-/// another relay) is transient.
+/// relay. `55006` (the slot is held by another relay) makes this one stand by; anything else on
+/// the replication connection is transient.
 impl From<pgwire_replication::PgWireError> for RelayError {
     fn from(e: pgwire_replication::PgWireError) -> Self {
         if e.is_auth() {
@@ -161,6 +178,8 @@ impl From<pgwire_replication::PgWireError> for RelayError {
                  the relay stops, and says on its next start which WAL range and what to do",
             )
             .caused_by(e),
+            // another relay took the slot between this one's look and its start
+            Some("55006") => RelayError::standby(format!("the slot is in use ({e})")),
             _ => RelayError::transient("replication stream").caused_by(e),
         }
     }
@@ -182,6 +201,10 @@ mod tests {
             "replication slot \"x\" is active for PID 7 (SQLSTATE 55006)".into(),
         ));
         assert_eq!(busy.kind(), Kind::Transient);
+        assert!(
+            busy.standby_holder().is_some_and(|h| h.contains("PID 7")),
+            "{busy}"
+        );
         // the text alone decides nothing
         let text = RelayError::from(PgWireError::Server(
             "replication slot does not exist".into(),

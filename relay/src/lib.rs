@@ -16,6 +16,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod conninfo;
 pub mod deadletter;
 pub mod error;
 pub mod event;

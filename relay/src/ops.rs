@@ -5,7 +5,10 @@ use crate::error::RelayError;
 use crate::postgres::connect;
 use crate::sink::kafka::off_runtime;
 use crate::source::slot::SlotState;
-use rdkafka::producer::{BaseProducer, Producer};
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
 use std::time::Duration;
 use tokio_postgres::Client;
 
@@ -27,22 +30,16 @@ fn finding(ok: bool, what: impl Into<String>, fix: impl Into<String>) -> Finding
 /// Verifies everything `run` needs; returns one finding per check.
 pub async fn check(config: &Config) -> Vec<Finding> {
     let mut out = Vec::new();
-    match connect(&config.postgres).await {
+    match crate::postgres::connect_at(&config.postgres).await {
         Err(e) => out.push(finding(
             false,
-            format!(
-                "postgres {}:{} reachable: {e}",
-                config.postgres.host, config.postgres.port
-            ),
-            "check pg_host, pg_port, pg_user, pg_password and pg_database",
+            format!("postgres {} reachable: {e}", config.postgres.servers()),
+            "check pg_url, pg_host, pg_port, pg_user, pg_password and pg_database",
         )),
-        Ok(pg) => {
+        Ok((pg, at)) => {
             out.push(finding(
                 true,
-                format!(
-                    "postgres {}:{} reachable",
-                    config.postgres.host, config.postgres.port
-                ),
+                format!("postgres {}:{} reachable", at.host, at.port),
                 "",
             ));
             let q = |sql: &'static str| {
@@ -118,6 +115,9 @@ pub async fn check(config: &Config) -> Vec<Finding> {
                     )),
                 }
             }
+            if wal {
+                out.extend(failover(&pg, &config.source.slot).await);
+            }
             if let Some(f) = unserved(&pg, config).await {
                 out.push(f);
             }
@@ -145,18 +145,32 @@ pub async fn check(config: &Config) -> Vec<Finding> {
     }
     let cc = config.kafka.client_config();
     let reachable = off_runtime("metadata task", move || {
-        let producer: BaseProducer = cc.create()?;
+        let producer: BaseProducer<Refusals> = cc.create_with_context(Refusals::default())?;
         let md = producer
             .client()
-            .fetch_metadata(None, Duration::from_secs(5))?;
-        Ok(md.brokers().len())
+            .fetch_metadata(None, Duration::from_secs(5));
+        // errors reach the context only when the producer's queue is served
+        producer.poll(Duration::from_millis(100));
+        let refused = producer.context().first();
+        match (md, refused) {
+            (Ok(md), _) => Ok(Ok(md.brokers().len())),
+            // the broker's own reason says more than "transport failure"
+            (Err(_), Some(reason)) => Ok(Err(reason)),
+            (Err(e), None) => Err(e.into()),
+        }
     })
     .await;
     out.push(match reachable {
-        Ok(n) => finding(
+        Ok(Ok(n)) => finding(
             true,
             format!("kafka {} reachable ({n} broker(s))", config.kafka.brokers),
             "",
+        ),
+        Ok(Err(reason)) => finding(
+            false,
+            format!("kafka {}: {reason}", config.kafka.brokers),
+            "check security.protocol, sasl.mechanism, sasl.username, sasl.password and the ssl.* \
+             settings in [kafka]",
         ),
         Err(e) => finding(
             false,
@@ -165,6 +179,113 @@ pub async fn check(config: &Config) -> Vec<Finding> {
         ),
     });
     out
+}
+
+/// Keeps the first authentication or TLS refusal librdkafka reports (a failed metadata request
+/// says only "transport failure"); the rest of its chatter is dropped, as `check` prints findings.
+#[derive(Default)]
+struct Refusals(std::sync::Mutex<Option<String>>);
+
+impl Refusals {
+    fn first(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl ClientContext for Refusals {
+    fn log(&self, _: RDKafkaLogLevel, _: &str, _: &str) {}
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        let what = match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::Authentication) => "authentication failed",
+            Some(RDKafkaErrorCode::SSL) => "TLS failed",
+            _ if reason.contains("SASL") => "authentication failed",
+            _ if reason.contains("SSL") => "TLS failed",
+            _ => return,
+        };
+        let mut first = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        first.get_or_insert_with(|| format!("{what}: {reason}"));
+    }
+}
+
+impl ProducerContext for Refusals {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &DeliveryResult<'_>, _: ()) {}
+}
+
+/// Whether the slot survives a promotion of this primary's standbys (only asked when there are
+/// standbys): on 17+ it must be a failover slot, and `synchronized_standby_slots` must name the
+/// standbys' physical slots, so that no event is published before a standby has it.
+async fn failover(pg: &Client, slot: &str) -> Vec<Finding> {
+    let row = pg
+        .query_one(
+            "SELECT current_setting('server_version_num')::int, \
+                    (SELECT count(*) FROM pg_stat_replication r WHERE r.pid NOT IN \
+                       (SELECT active_pid FROM pg_replication_slots WHERE slot_type = 'logical' AND active)), \
+                    (SELECT string_agg(slot_name, ',' ORDER BY slot_name) FROM pg_replication_slots \
+                      WHERE slot_type = 'physical' AND active)",
+            &[],
+        )
+        .await;
+    let Ok(row) = row else { return Vec::new() };
+    let (version, standbys): (i32, i64) = (row.get(0), row.get(1));
+    let physical: Option<String> = row.get(2);
+    if standbys == 0 {
+        return Vec::new();
+    }
+    if version < 170000 {
+        return vec![finding(
+            true,
+            format!(
+                "{standbys} standby(s): PostgreSQL before 17 does not copy the slot to standbys; a \
+                 promotion stops the relay until outbox.recreate_slot (README, \"Failover before 17\")"
+            ),
+            "",
+        )];
+    }
+    // the version-specific columns and settings are read only on 17+
+    let flags = pg
+        .query_opt(
+            "SELECT s.failover, current_setting('synchronized_standby_slots') \
+             FROM pg_replication_slots s WHERE s.slot_name = $1",
+            &[&slot],
+        )
+        .await;
+    let Ok(Some(flags)) = flags else {
+        return Vec::new();
+    };
+    let (is_failover, synced_slots): (bool, String) = (flags.get(0), flags.get(1));
+    let listed: Vec<&str> = synced_slots.split(',').map(str::trim).collect();
+    let missing: Vec<&str> = physical
+        .as_deref()
+        .unwrap_or_default()
+        .split(',')
+        .filter(|p| !p.is_empty() && !listed.contains(p))
+        .collect();
+    vec![
+        finding(
+            is_failover,
+            format!("slot {slot} is a failover slot ({standbys} standby(s)): {is_failover}"),
+            format!(
+                "psql \"dbname=<db> replication=database\" -c 'ALTER_REPLICATION_SLOT {slot} (FAILOVER true)'; \
+                 on the standbys: sync_replication_slots = on, hot_standby_feedback = on, \
+                 primary_slot_name, dbname in primary_conninfo"
+            ),
+        ),
+        finding(
+            !synced_slots.trim().is_empty() && missing.is_empty(),
+            format!(
+                "synchronized_standby_slots = '{synced_slots}' (standbys' slots: {})",
+                physical.as_deref().unwrap_or("none")
+            ),
+            format!(
+                "ALTER SYSTEM SET synchronized_standby_slots = '<each standby's physical slot>'; \
+                 SELECT pg_reload_conf(); (missing: {}) otherwise a promoted standby may lack \
+                 events that were already published",
+                if missing.is_empty() { "all".to_string() } else { missing.join(", ") }
+            ),
+        ),
+    ]
 }
 
 /// Events waiting where this relay does not read: `pg_outbox.mode` is a per-session setting, so a
@@ -201,6 +322,9 @@ async fn unserved(pg: &Client, config: &Config) -> Option<Finding> {
 /// `status`: slot lag and retention, as `name: value` lines.
 pub async fn status(config: &Config) -> Result<Vec<(String, String)>, RelayError> {
     let pg = connect(&config.postgres).await?;
+    if config.source.kind == SourceKind::Poll {
+        return poll_status(&pg, config).await;
+    }
     let state = SlotState::read(&pg, &config.source.slot).await?;
     let problem = state.problem(&pg, &config.postgres.database, false).await?;
     if state.slot.is_none() {
@@ -222,6 +346,7 @@ pub async fn status(config: &Config) -> Result<Vec<(String, String)>, RelayError
         .ok_or_else(|| {
             RelayError::transient(format!("slot \"{}\" disappeared", config.source.slot))
         })?;
+    let active = crate::source::wal::slot_holder(&pg, &config.source.slot).await?;
     let mut out = vec![
         ("slot".to_string(), config.source.slot.clone()),
         (
@@ -231,6 +356,10 @@ pub async fn status(config: &Config) -> Result<Vec<(String, String)>, RelayError
                 row.get::<_, bool>(0),
                 row.get::<_, String>(1)
             ),
+        ),
+        (
+            "active_relay".into(),
+            active.unwrap_or_else(|| "none: no relay streams from the slot".into()),
         ),
         ("last_acknowledged_lsn".into(), row.get(2)),
         ("lag_bytes".into(), row.get::<_, i64>(3).to_string()),
@@ -267,5 +396,38 @@ pub async fn status(config: &Config) -> Result<Vec<(String, String)>, RelayError
         out.push(("unserved".into(), f.what));
     }
     out.push(("dead_letters".into(), oldest.get::<_, i64>(1).to_string()));
+    Ok(out)
+}
+
+/// `status` of a poll relay: who polls, and what waits in outbox.events.
+async fn poll_status(pg: &Client, config: &Config) -> Result<Vec<(String, String)>, RelayError> {
+    let id = &config.source.source_id;
+    let active = crate::source::poll::lock_holder(pg, id).await?;
+    let row = pg
+        .query_one(
+            "SELECT coalesce((SELECT incarnation::text FROM outbox.sources WHERE source = 'poll:' || $1), '-'), \
+                    (SELECT count(*) FROM outbox.events), \
+                    coalesce((SELECT min(created_at)::text FROM outbox.events), 'none'), \
+                    (SELECT count(*) FROM outbox.dead_letters)",
+            &[id],
+        )
+        .await?;
+    let mut out = vec![
+        ("source".to_string(), format!("poll:{id}")),
+        (
+            "active_relay".into(),
+            active.unwrap_or_else(|| "none: no relay polls this source".into()),
+        ),
+        ("incarnation".into(), row.get(0)),
+        (
+            "unpublished_table_events".into(),
+            row.get::<_, i64>(1).to_string(),
+        ),
+        ("oldest_unpublished_table_event".into(), row.get(2)),
+        ("dead_letters".into(), row.get::<_, i64>(3).to_string()),
+    ];
+    if let Some(f) = unserved(pg, config).await {
+        out.push(("unserved".into(), f.what));
+    }
     Ok(out)
 }

@@ -152,6 +152,7 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
             _ = tokio::time::sleep(self.source.restart_grace) => {}
         }
         self.metrics.healthy.store(true, Ordering::Relaxed);
+        self.metrics.set_standby(None);
         let mut checkpoint = Checkpoint::<S::Ack>::default();
         let mut inflight = FuturesUnordered::new();
         let mut steps = Vec::new();

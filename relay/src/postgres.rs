@@ -1,11 +1,33 @@
 //! The relay's PostgreSQL connections: one way to open a session, used by the sources, the dead
 //! letters, ingest and `check`/`status`. (The WAL source's replication connection is separate.)
 
-use crate::config::PgConfig;
+use crate::config::{PgConfig, PgEndpoint};
 use crate::error::RelayError;
+use tokio_postgres::config::TargetSessionAttrs;
 use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::{Client, Connection, Socket};
 use tracing::warn;
+
+/// What this process's sessions call themselves (`application_name`), so that `status` and a
+/// standing-by relay can say which relay is active: `pg_outbox_relay <pid>@<host>`.
+pub fn application_name() -> &'static str {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default();
+        let mut name = format!("pg_outbox_relay {}@{host}", std::process::id());
+        // PostgreSQL keeps 63 bytes
+        while name.len() > 63 {
+            name.pop();
+        }
+        name
+    })
+}
+
+/// Who holds this source's slot or lock, as `application_name (pid N from addr)`.
+pub const HOLDER_SQL: &str = "format('%s (pid %s%s)', coalesce(nullif(a.application_name, ''), \
+     'a client'), a.pid, coalesce(' from ' || host(a.client_addr), ''))";
 
 /// The connection, not yet driven: for a caller that reads its notifications itself.
 pub type Driver = Connection<
@@ -15,57 +37,108 @@ pub type Driver = Connection<
 
 /// Opens a session (over TLS as `pg_sslmode` says) and hands back its connection to be driven.
 pub async fn open(config: &PgConfig) -> Result<(Client, Driver), RelayError> {
+    open_at(config)
+        .await
+        .map(|(client, driver, _)| (client, driver))
+}
+
+/// Opens a session with the first server that takes it (and accepts writes, unless
+/// target_session_attrs is `any`), and says which server that is.
+pub async fn open_at(config: &PgConfig) -> Result<(Client, Driver, &PgEndpoint), RelayError> {
+    let mut failures = Vec::new();
+    for at in &config.endpoints {
+        match open_one(config, at).await {
+            Ok((client, driver)) => return Ok((client, driver, at)),
+            Err(e) if config.endpoints.len() == 1 => return Err(e),
+            Err(e) => failures.push(e),
+        }
+    }
+    // several servers: permanent only if every one refused for good
+    let permanent = failures.iter().all(RelayError::is_permanent);
+    let text: Vec<String> = failures.iter().map(ToString::to_string).collect();
+    let context = format!("no server of {} took the session", config.servers());
+    Err(if permanent {
+        RelayError::permanent(format!("{context}: {}", text.join("; ")))
+    } else {
+        RelayError::transient(format!("{context}: {}", text.join("; ")))
+    })
+}
+
+async fn open_one(config: &PgConfig, at: &PgEndpoint) -> Result<(Client, Driver), RelayError> {
     let mut pg: tokio_postgres::Config = config
-        .conninfo()
+        .conninfo(at)
         .parse()
         .map_err(|e| RelayError::config("PostgreSQL connection settings").caused_by(e))?;
     pg.ssl_mode(config.tls.session_mode());
+    pg.connect_timeout(config.connect_timeout);
+    if config.read_write {
+        pg.target_session_attrs(TargetSessionAttrs::ReadWrite);
+    }
     pg.connect(config.tls.connector())
         .await
-        .map_err(|e| connect_error(config, e))
+        .map_err(|e| connect_error(config, at, e))
 }
 
 /// A refused login or a missing database will not fix itself: the relay stops and names the
-/// setting. A server that is unreachable or starting up is worth retrying.
-fn connect_error(config: &PgConfig, e: tokio_postgres::Error) -> RelayError {
+/// setting. A server that is unreachable, starting up or a standby is worth retrying.
+fn connect_error(config: &PgConfig, at: &PgEndpoint, e: tokio_postgres::Error) -> RelayError {
     let code = e.code().map(|c| c.code().to_string()).unwrap_or_default();
+    let server = format!("postgres {}:{}", at.host, at.port);
     if let Some(tls) = crate::tls::tls_failure(&e) {
         return RelayError::permanent(format!(
-            "postgres {}:{}: TLS failed ({tls}): check pg_sslmode, pg_sslrootcert and pg_host \
-             (verify-full checks pg_host against the server's certificate)",
-            config.host, config.port
+            "{server}: TLS failed ({tls}): check pg_sslmode, pg_sslrootcert and pg_host \
+             (verify-full checks pg_host against the server's certificate)"
         ))
         .caused_by(e);
     }
+    if read_only(&e) {
+        return RelayError::transient(format!(
+            "{server} does not accept writes (a standby, or default_transaction_read_only): the \
+             relay needs the primary; list every server in pg_host (or pg_url) to follow a failover"
+        ));
+    }
     let context = match code.as_str() {
         c if c.starts_with("28") => Some(format!(
-            "postgres {}:{} refused the login of role {:?}: check pg_user, pg_password and \
+            "{server} refused the login of role {:?}: check pg_user, pg_password and \
              pg_sslmode (a server may accept some roles over TLS only)",
-            config.host, config.port, config.user
+            config.user
         )),
         "3D000" => Some(format!(
-            "postgres {}:{} has no database {:?}: check pg_database",
-            config.host, config.port, config.database
+            "{server} has no database {:?}: check pg_database",
+            config.database
         )),
         _ => None,
     };
     match context {
         Some(context) => RelayError::permanent(context).caused_by(e),
-        None => RelayError::transient(format!(
-            "postgres {}:{} database {:?}",
-            config.host, config.port, config.database
-        ))
-        .caused_by(e),
+        None => {
+            RelayError::transient(format!("{server} database {:?}", config.database)).caused_by(e)
+        }
     }
+}
+
+/// tokio-postgres' refusal of a read-only server under target_session_attrs=read-write.
+fn read_only(e: &tokio_postgres::Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| {
+            io.kind() == std::io::ErrorKind::PermissionDenied
+                && io.to_string().contains("does not allow writes")
+        })
 }
 
 /// Opens a session; its connection task ends (and logs why) when the session is lost.
 pub async fn connect(config: &PgConfig) -> Result<Client, RelayError> {
-    let (client, connection) = open(config).await?;
+    connect_at(config).await.map(|(client, _)| client)
+}
+
+/// [`connect`], and which server took the session.
+pub async fn connect_at(config: &PgConfig) -> Result<(Client, &PgEndpoint), RelayError> {
+    let (client, connection, at) = open_at(config).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             warn!(error = %e, "postgres connection closed");
         }
     });
-    Ok(client)
+    Ok((client, at))
 }

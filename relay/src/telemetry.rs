@@ -25,6 +25,8 @@ pub struct Metrics {
     pub last_progress_ms: AtomicU64,
     /// From an event's commit (wal) or its transaction's start (poll) to Kafka's acknowledgement.
     pub latency: Histogram,
+    /// Another relay holds the source: which one (this relay stands by).
+    pub standby: std::sync::Mutex<Option<String>>,
 }
 
 /// Upper bounds of the latency buckets, in microseconds (Prometheus `le`, in seconds when shown).
@@ -134,6 +136,10 @@ impl Metrics {
             self.in_flight.load(Ordering::Relaxed)
         ));
         out.push_str(&format!(
+            "# HELP pg_outbox_relay_standby 1 while another relay holds the source and this one waits.\n# TYPE pg_outbox_relay_standby gauge\npg_outbox_relay_standby {}\n",
+            u8::from(self.standby_holder().is_some())
+        ));
+        out.push_str(&format!(
             "# HELP pg_outbox_relay_up 1 while streaming.\n# TYPE pg_outbox_relay_up gauge\npg_outbox_relay_up {}\n",
             u8::from(self.healthy.load(Ordering::Relaxed))
         ));
@@ -142,6 +148,21 @@ impl Metrics {
 }
 
 impl Metrics {
+    /// Records whether this relay stands by, and behind whom; true when that changed.
+    pub fn set_standby(&self, holder: Option<String>) -> bool {
+        let mut standby = self.standby.lock().unwrap_or_else(|e| e.into_inner());
+        let changed = *standby != holder;
+        *standby = holder;
+        changed
+    }
+
+    fn standby_holder(&self) -> Option<String> {
+        self.standby
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Records move: something was acknowledged, or a new flight starts.
     pub fn progress(&self) {
         self.last_progress_ms.store(now_ms(), Ordering::Relaxed);
@@ -178,7 +199,10 @@ impl Metrics {
             );
         }
         if self.healthy.load(Ordering::Relaxed) {
-            ("200 OK", "ok\n".into())
+            ("200 OK", "ok: active\n".into())
+        } else if let Some(holder) = self.standby_holder() {
+            // waiting is this relay's job while another is active
+            ("200 OK", format!("standby: {holder}\n"))
         } else {
             (DOWN, "not streaming\n".into())
         }

@@ -15,10 +15,17 @@ use std::time::{Duration, Instant};
 
 /// A Tansu broker with in-memory storage on its own port; killed on drop. A TLS broker is Tansu
 /// behind stunnel: clients reach it (and Tansu advertises it) as `localhost:port` over TLS only.
+/// A SASL broker keeps its users (and records) in SQLite and accepts SCRAM-SHA-256 logins only.
 pub struct Broker {
     pub port: u16,
     child: Child,
-    tls: Option<(Child, Vec<(String, String)>)>,
+    /// stunnel, in front of a TLS broker.
+    tunnel: Option<Child>,
+    /// What a client needs to reach it (security settings).
+    settings: Vec<(String, String)>,
+    host: &'static str,
+    /// A SASL broker's storage, removed on drop.
+    storage: Option<std::path::PathBuf>,
 }
 
 impl Broker {
@@ -28,11 +35,51 @@ impl Broker {
 
     pub fn start_on(port: u16) -> Result<Broker> {
         let url = format!("tcp://127.0.0.1:{port}");
-        let child = Self::tansu(port, &url)?;
+        let child = Self::tansu(port, &url, "memory://tansu/", false)?;
         Ok(Broker {
             port,
             child,
-            tls: None,
+            tunnel: None,
+            settings: Vec::new(),
+            host: "127.0.0.1",
+            storage: None,
+        })
+    }
+
+    /// Tansu that requires a SCRAM-SHA-256 login as `user`/`password`. Tansu 0.6 keeps users in
+    /// its storage and its own `user create` client cannot log in, so the user is made while the
+    /// broker runs without authentication, then the broker restarts with it.
+    pub fn start_sasl(user: &str, password: &str) -> Result<Broker> {
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        // Tansu reads the file name relative to its working folder (the temp folder)
+        let name = format!("tansu-sasl-{port}.db");
+        let db = std::env::temp_dir().join(&name);
+        let storage = format!("sqlite://{name}");
+        let mut open = Self::tansu(port, &url, &storage, false)?;
+        let made = Command::new("tansu")
+            .args(["user", "create", user, password, "--mechanism", "scram256"])
+            .args(["--broker", &url])
+            .status();
+        let _ = open.kill();
+        let _ = open.wait();
+        anyhow::ensure!(made?.success(), "tansu user create");
+        let child = Self::tansu(port, &url, &storage, true)?;
+        let settings = [
+            ("security.protocol", "SASL_PLAINTEXT"),
+            ("sasl.mechanism", "SCRAM-SHA-256"),
+            ("sasl.username", user),
+            ("sasl.password", password),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .to_vec();
+        Ok(Broker {
+            port,
+            child,
+            tunnel: None,
+            settings,
+            host: "127.0.0.1",
+            storage: Some(db),
         })
     }
 
@@ -40,7 +87,12 @@ impl Broker {
     /// `dir`'s server.crt (issued for localhost by `dir`'s ca.crt).
     pub fn start_tls(dir: &std::path::Path) -> Result<Broker> {
         let (plain, port) = (free_port(), free_port());
-        let child = Self::tansu(plain, &format!("tcp://localhost:{port}"))?;
+        let child = Self::tansu(
+            plain,
+            &format!("tcp://localhost:{port}"),
+            "memory://tansu/",
+            false,
+        )?;
         let conf = std::env::temp_dir().join(format!("stunnel-{port}.conf"));
         std::fs::write(
             &conf,
@@ -69,19 +121,23 @@ impl Broker {
         Ok(Broker {
             port,
             child,
-            tls: Some((stunnel, settings)),
+            tunnel: Some(stunnel),
+            settings,
+            host: "localhost",
+            storage: None,
         })
     }
 
-    /// librdkafka settings a client needs for this broker (TLS ones, or none).
+    /// librdkafka settings a client needs for this broker (TLS or SASL ones, or none).
     pub fn client_settings(&self) -> &[(String, String)] {
-        self.tls.as_ref().map_or(&[], |(_, s)| s.as_slice())
+        &self.settings
     }
 
-    fn tansu(port: u16, advertised: &str) -> Result<Child> {
+    fn tansu(port: u16, advertised: &str, storage: &str, authentication: bool) -> Result<Child> {
         let url = format!("tcp://127.0.0.1:{port}");
         let log = std::fs::File::create(std::env::temp_dir().join(format!("tansu-{port}.log")))?;
         let child = Command::new("tansu")
+            .current_dir(std::env::temp_dir())
             .args([
                 "broker",
                 "--listener-url",
@@ -89,7 +145,8 @@ impl Broker {
                 "--advertised-listener-url",
                 advertised,
             ])
-            .args(["--storage-engine", "memory://tansu/"])
+            .args(["--storage-engine", storage])
+            .args(authentication.then_some("--authentication"))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -99,10 +156,7 @@ impl Broker {
     }
 
     pub fn bootstrap(&self) -> String {
-        match self.tls {
-            None => format!("127.0.0.1:{}", self.port),
-            Some(_) => format!("localhost:{}", self.port),
-        }
+        format!("{}:{}", self.host, self.port)
     }
 
     pub fn pid(&self) -> u32 {
@@ -129,9 +183,14 @@ impl Drop for Broker {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if let Some((stunnel, _)) = &mut self.tls {
+        if let Some(stunnel) = &mut self.tunnel {
             let _ = stunnel.kill();
             let _ = stunnel.wait();
+        }
+        if let Some(db) = &self.storage {
+            for suffix in ["", "-shm", "-wal"] {
+                let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+            }
         }
     }
 }

@@ -13,7 +13,9 @@ pub use postgres::{
     replica_port, restart_cluster, setup, sqlstate, tls_dir, wait_for_lock_wait, OwnedEvent,
     TestDb,
 };
-pub use relay::{metric, relay_bin, relay_command, scrape_metrics, wait_for_metric, Relay};
+pub use relay::{
+    healthz, metric, relay_bin, relay_command, scrape_metrics, wait_for_metric, Relay,
+};
 
 use anyhow::{bail, Result};
 use std::net::TcpListener;

@@ -51,6 +51,22 @@ impl Relay {
         brokers: &str,
         args: &[&str],
     ) -> Result<Relay> {
+        let port = pg_port.to_string();
+        let mut all = vec![
+            "--pg-port",
+            &port,
+            "--pg-database",
+            db,
+            "--brokers",
+            brokers,
+        ];
+        all.extend_from_slice(args);
+        Self::spawn(command, db, &all)
+    }
+
+    /// Starts `pg-outbox-relay <command> <args>` with no settings of its own; the log is named
+    /// after `db`.
+    pub fn spawn(command: &str, db: &str, args: &[&str]) -> Result<Relay> {
         let log = std::env::temp_dir().join(format!("relay-{db}.log"));
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -58,8 +74,6 @@ impl Relay {
             .open(&log)?;
         let child = Command::new(relay_bin())
             .arg(command)
-            .args(["--pg-port", &pg_port.to_string(), "--pg-database", db])
-            .args(["--brokers", brokers])
             .args(args)
             .env(
                 "RUST_LOG",
@@ -162,6 +176,16 @@ pub fn relay_command(
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     Ok((out.status.success(), text))
+}
+
+/// The answer to `GET /healthz` at `addr` (host:port): whether it said 200, and the whole text.
+pub fn healthz(addr: &str) -> Result<(bool, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.write_all(b"GET /healthz HTTP/1.0\r\n\r\n")?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    Ok((text.starts_with("HTTP/1.0 200"), text))
 }
 
 /// The text of the relay's `/metrics` at `addr` (host:port).

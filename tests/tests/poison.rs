@@ -3,19 +3,10 @@
 //! other event flows, in order, while the slot advances. Real PostgreSQL, real broker.
 
 use anyhow::Result;
-use pg_outbox_tests::{free_port, port, read_all, wait_for, Broker, Relay, TestDb};
+use pg_outbox_tests::{free_port, healthz, port, read_all, wait_for, Broker, Relay, TestDb};
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::time::Duration;
-
-/// The body of `GET /healthz` and whether it said 200.
-fn healthz(addr: &str) -> Result<(bool, String)> {
-    let mut stream = std::net::TcpStream::connect(addr)?;
-    stream.write_all(b"GET /healthz HTTP/1.0\r\n\r\n")?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text)?;
-    Ok((text.starts_with("HTTP/1.0 200"), text))
-}
 
 #[tokio::test]
 async fn one_event_to_a_missing_topic_among_1000_is_dead_lettered_and_the_rest_flows() -> Result<()>

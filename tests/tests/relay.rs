@@ -4,8 +4,8 @@
 use anyhow::{ensure, Result};
 use pg_outbox_relay::sink::partition::partition_for;
 use pg_outbox_tests::{
-    free_port, metric, port, read_all, relay_command, restart_cluster, scrape_metrics, signal,
-    wait_for, wait_for_metric, Broker, Record, Relay, TestDb,
+    free_port, healthz, metric, port, read_all, relay_command, restart_cluster, scrape_metrics,
+    signal, wait_for, wait_for_metric, Broker, Record, Relay, TestDb,
 };
 use rand::{Rng, SeedableRng};
 use std::collections::{HashMap, HashSet};
@@ -873,4 +873,105 @@ async fn check_for_a_poll_relay_needs_no_logical_decoding() -> Result<()> {
     );
     assert!(text.contains("ok    role postgres: superuser"), "{text}");
     Ok(())
+}
+
+/// Relay A streams, relay B stands by (its `/healthz` and `status` name A), A is killed under load,
+/// B takes over: every event once, in order; prints the takeover time.
+async fn standby_run(db: &TestDb, relay_args: &[&str]) -> Result<()> {
+    db.client
+        .batch_execute("CREATE TABLE written (n bigint PRIMARY KEY)")
+        .await?;
+    let broker = Broker::start()?;
+    broker.create_topic("orders", 2).await?;
+    let (a_addr, b_addr) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let with = |addr: &str| {
+        let mut args: Vec<String> = relay_args.iter().map(|a| a.to_string()).collect();
+        args.extend(["--metrics-addr".to_string(), addr.to_string()]);
+        args
+    };
+    let a_args = with(&a_addr);
+    let a_args: Vec<&str> = a_args.iter().map(String::as_str).collect();
+    let mut a = Relay::start(db.port, &db.name, &broker.bootstrap(), &a_args)?;
+    wait_for("relay A active", Duration::from_secs(60), || async {
+        Ok(healthz(&a_addr).is_ok_and(|(ok, text)| ok && text.contains("ok: active")))
+    })
+    .await?;
+    let b_args = with(&b_addr);
+    let b_args: Vec<&str> = b_args.iter().map(String::as_str).collect();
+    let b = Relay::start(db.port, &db.name, &broker.bootstrap(), &b_args)?;
+    let a_name = format!("pg_outbox_relay {}@", a.pid());
+    wait_for(
+        "relay B standing by behind A",
+        Duration::from_secs(60),
+        || async {
+            Ok(healthz(&b_addr)
+                .is_ok_and(|(ok, text)| ok && text.contains("standby: ") && text.contains(&a_name)))
+        },
+    )
+    .await?;
+    let (_, status) = relay_command("status", db.port, &db.name, &broker.bootstrap(), relay_args)?;
+    let names = |status: &str, relay: &str| {
+        status
+            .lines()
+            .any(|l| l.starts_with("active_relay") && l.contains(relay))
+    };
+    ensure!(names(&status, &a_name), "status names A: {status}");
+
+    const N: i64 = 3000;
+    let writing = tokio::spawn(resilient_writer(db.port, db.name.clone(), N));
+    let c = pg_outbox_tests::connect(db.port, &db.name).await?;
+    wait_for("a third of the events", Duration::from_secs(60), || {
+        let c = &c;
+        async move {
+            Ok(c.query_one("SELECT count(*) FROM written", &[])
+                .await?
+                .get::<_, i64>(0)
+                > N / 3)
+        }
+    })
+    .await?;
+    let killed = std::time::Instant::now();
+    a.kill9()?;
+    wait_for("relay B active", Duration::from_secs(60), || async {
+        Ok(healthz(&b_addr).is_ok_and(|(ok, text)| ok && text.contains("ok: active")))
+    })
+    .await?;
+    println!(
+        "standby takeover ({} source): {:.1} s from kill -9 of the active relay to the standby \
+         streaming",
+        if relay_args.contains(&"poll") {
+            "poll"
+        } else {
+            "wal"
+        },
+        killed.elapsed().as_secs_f64()
+    );
+    writing.await??;
+    let records = read_all(
+        &broker.bootstrap(),
+        &[("orders", 2)],
+        N as usize,
+        READ_TIMEOUT,
+    )?;
+    let (_, status) = relay_command("status", db.port, &db.name, &broker.bootstrap(), relay_args)?;
+    ensure!(
+        names(&status, &format!("pg_outbox_relay {}@", b.pid())),
+        "status names B now: {status}"
+    );
+    assert_exactly_once_in_order(&records, N as usize)
+}
+
+#[tokio::test]
+async fn a_standby_relay_waits_visibly_and_takes_over_exactly_once() -> Result<()> {
+    let db = TestDb::create("rl_standby", port()).await?;
+    standby_run(&db, &[]).await
+}
+
+#[tokio::test]
+async fn a_standby_poll_relay_waits_visibly_and_takes_over_exactly_once() -> Result<()> {
+    let db = table_mode_db("rl_standby_poll").await?;
+    standby_run(&db, &["--source", "poll"]).await
 }

@@ -1,11 +1,13 @@
 //! Production connections. PostgreSQL: the relay connects with libpq's sslmode settings to a cluster
 //! whose certificate a test CA signed for `localhost`, where the role `tls_only` may log in over TLS
-//! only, and reads passwords from libpq's password file. Kafka: Tansu behind stunnel, reachable over
+//! only, reads passwords from libpq's password file, and takes a libpq URL with several hosts.
+//! Kafka over SASL: Tansu with SCRAM-SHA-256, the credentials in the relay's config file. Kafka: Tansu behind stunnel, reachable over
 //! TLS only. Real PostgreSQL, real broker.
 
 use anyhow::Result;
 use pg_outbox_tests::{
-    port, read_all, read_all_with, relay_bin, relay_command, tls_dir, Broker, Relay, TestDb,
+    port, read_all, read_all_with, relay_bin, relay_command, replica_port, tls_dir, Broker, Relay,
+    TestDb,
 };
 use std::time::Duration;
 
@@ -207,5 +209,148 @@ async fn the_password_file_is_read_as_libpq_reads_it() -> Result<()> {
         "{text}"
     );
     let _ = std::fs::remove_file(&file);
+    Ok(())
+}
+
+/// A port nothing listens on.
+fn dead_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+#[tokio::test]
+async fn a_url_with_several_hosts_takes_the_first_that_accepts_writes() -> Result<()> {
+    let db = TestDb::create("tl_hosts", port()).await?;
+    // the same database on the other cluster, read-only: what a standby is to the relay
+    let standin = TestDb::create("tl_hosts", replica_port()).await?;
+    standin
+        .client
+        .batch_execute("ALTER DATABASE tl_hosts SET default_transaction_read_only = on")
+        .await?;
+    let broker = Broker::start()?;
+    broker.create_topic("orders", 1).await?;
+    let url = |attrs: &str| {
+        Ok::<_, anyhow::Error>(format!(
+            "postgres://postgres@127.0.0.1:{},127.0.0.1:{},localhost:{}/tl_hosts\
+             ?connect_timeout=2&target_session_attrs={attrs}",
+            dead_port()?,
+            replica_port(),
+            db.port
+        ))
+    };
+    let check = |url: String| -> Result<String> {
+        let out = std::process::Command::new(relay_bin())
+            .args(["check", "--pg-url", &url, "--slot", "tl_hosts"])
+            .args(["--brokers", &broker.bootstrap()])
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    };
+    // read-write (the default): past the dead server and the read-only one, to the third
+    let text = check(url("read-write")?)?;
+    assert!(
+        text.contains(&format!("ok    postgres localhost:{} reachable", db.port)),
+        "{text}"
+    );
+    // any: the first server that answers
+    let text = check(url("any")?)?;
+    assert!(
+        text.contains(&format!(
+            "ok    postgres 127.0.0.1:{} reachable",
+            replica_port()
+        )),
+        "{text}"
+    );
+    // the relay streams from the server that accepts writes (its replication connection too)
+    let url = url("read-write")?;
+    let mut relay = Relay::spawn(
+        "run",
+        "tl_hosts",
+        &[
+            "--pg-url",
+            &url,
+            "--slot",
+            "tl_hosts",
+            "--brokers",
+            &broker.bootstrap(),
+        ],
+    )?;
+    db.wait_for_active_slot().await?;
+    db.client
+        .execute("SELECT outbox.enqueue('orders', 'k', '{\"n\": 1}')", &[])
+        .await?;
+    let records = read_all(
+        &broker.bootstrap(),
+        &[("orders", 1)],
+        1,
+        Duration::from_secs(60),
+    )?;
+    assert_eq!(records[0].key.as_deref(), Some(b"k".as_slice()));
+    assert!(relay.terminate(Duration::from_secs(30))?.success());
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_relay_logs_in_to_kafka_with_sasl_scram_and_check_names_a_refused_login() -> Result<()>
+{
+    let db = TestDb::create("tl_sasl", port()).await?;
+    let broker = Broker::start_sasl("relay", "kafka-secret")?;
+    broker.create_topic("orders", 1).await?;
+    // the credentials in the config file, not on the command line
+    let config = |password: &str| -> Result<String> {
+        let path = std::env::temp_dir().join(format!("relay-{}-{password}.toml", db.name));
+        std::fs::write(
+            &path,
+            format!(
+                "[kafka]\n\"security.protocol\" = \"SASL_PLAINTEXT\"\n\
+                 \"sasl.mechanism\" = \"SCRAM-SHA-256\"\n\"sasl.username\" = \"relay\"\n\
+                 \"sasl.password\" = \"{password}\"\n"
+            ),
+        )?;
+        Ok(path.display().to_string())
+    };
+    let good = config("kafka-secret")?;
+    let _relay = Relay::start(db.port, &db.name, &broker.bootstrap(), &["--config", &good])?;
+    db.wait_for_active_slot().await?;
+    for n in 1..=3 {
+        db.client
+            .execute(
+                "SELECT outbox.enqueue('orders', 'k', jsonb_build_object('n', $1::int))",
+                &[&n],
+            )
+            .await?;
+    }
+    let records = read_all_with(
+        &broker.bootstrap(),
+        broker.client_settings(),
+        &[("orders", 1)],
+        3,
+        Duration::from_secs(60),
+    )?;
+    assert_eq!(records.len(), 3);
+    let check = |config: &str| -> Result<String> {
+        let text = relay_command(
+            "check",
+            db.port,
+            &db.name,
+            &broker.bootstrap(),
+            &["--config", config],
+        )?
+        .1;
+        Ok(text
+            .lines()
+            .find(|l| l.contains(" kafka "))
+            .unwrap_or_default()
+            .to_string())
+    };
+    let line = check(&good)?;
+    assert!(line.starts_with("ok    kafka"), "{line}");
+    // a wrong password: one line that says the login was refused, without the password
+    let line = check(&config("wrong-secret")?)?;
+    assert!(
+        line.starts_with("FAIL  kafka") && line.contains("authentication failed"),
+        "{line}"
+    );
+    assert!(!line.contains("wrong-secret"), "{line}");
     Ok(())
 }

@@ -111,8 +111,11 @@ impl PollSource {
             .await?
             .get(0);
         if !locked {
-            return Err(RelayError::transient(format!(
-                "another relay polls with source_id \"{}\"; standing by",
+            let who = lock_holder(&pg, &config.source.source_id)
+                .await?
+                .unwrap_or_else(|| "another session".to_string());
+            return Err(RelayError::standby(format!(
+                "source \"{}\" is polled by {who}",
                 config.source.source_id
             )));
         }
@@ -145,6 +148,19 @@ impl PollSource {
             identity,
         })
     }
+}
+
+/// Which relay holds the poll lock of `source_id` (see [`postgres::HOLDER_SQL`]), if any.
+pub async fn lock_holder(pg: &Client, source_id: &str) -> Result<Option<String>, RelayError> {
+    let sql = format!(
+        "SELECT {} FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid, \
+         hashtextextended('pg_outbox.poll:' || $1, 0) k \
+         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+           AND l.classid = ((k >> 32) & 4294967295)::oid AND l.objid = (k & 4294967295)::oid",
+        postgres::HOLDER_SQL
+    );
+    Ok(pg.query_opt(&sql, &[&source_id]).await?.map(|r| r.get(0)))
 }
 
 impl Source for PollSource {

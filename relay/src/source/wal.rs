@@ -59,6 +59,16 @@ struct Txn {
     index: u64,
 }
 
+/// Which relay streams from `slot` (see [`postgres::HOLDER_SQL`]), if any.
+pub async fn slot_holder(pg: &Client, slot: &str) -> Result<Option<String>, RelayError> {
+    let sql = format!(
+        "SELECT {} FROM pg_replication_slots s JOIN pg_stat_activity a ON a.pid = s.active_pid \
+         WHERE s.slot_name = $1 AND s.active",
+        postgres::HOLDER_SQL
+    );
+    Ok(pg.query_opt(&sql, &[&slot]).await?.map(|r| r.get(0)))
+}
+
 impl WalSource {
     /// Makes sure the slot can be streamed (creating it only if allowed and `first` is the first
     /// session of the process), then starts streaming from its confirmed position.
@@ -67,7 +77,15 @@ impl WalSource {
         first: &mut bool,
         metrics: Arc<Metrics>,
     ) -> Result<WalSource, RelayError> {
-        let pg = postgres::connect(&config.postgres).await?;
+        // the replication connection goes to the server that took this session: the primary
+        let (pg, at) = postgres::connect_at(&config.postgres).await?;
+        // a standby waits here while another relay streams from the slot
+        if let Some(holder) = slot_holder(&pg, &config.source.slot).await? {
+            return Err(RelayError::standby(format!(
+                "slot \"{}\" is streamed by {holder}",
+                config.source.slot
+            )));
+        }
         prepare_slot(&pg, config, *first).await?;
         let key = auth_key(&pg).await?;
         let slot = &config.source.slot;
@@ -87,18 +105,18 @@ impl WalSource {
         *first = false;
         let p = &config.postgres;
         let repl_config = ReplicationConfig::new(
-            p.host.clone(),
+            at.host.clone(),
             p.user.clone(),
-            p.password.clone(),
+            at.password.clone(),
             p.database.clone(),
             slot.clone(),
             slot.clone(),
         )
-        .with_port(p.port)
+        .with_port(at.port)
         .with_tls(p.tls.replication())
         .with_start_lsn(Lsn::ZERO)
         .with_status_interval(Duration::from_millis(500))
-        .with_application_name("pg_outbox_relay");
+        .with_application_name(postgres::application_name());
         let mut repl = ReplicationClient::connect(repl_config).await?;
         repl.wait_started().await?;
         info!(slot = %slot, "streaming from slot");

@@ -1,0 +1,237 @@
+//! libpq connection strings, as PostgreSQL users already write them: a URL
+//! (`postgres://user:password@host1:5432,host2:5432/db?sslmode=verify-full`) or key-value pairs
+//! (`host=a,b port=5432 dbname=db sslmode=require`). The result is a map of libpq keywords; the
+//! relay accepts the ones it implements and names any other.
+
+use crate::error::RelayError;
+use std::collections::BTreeMap;
+
+/// The libpq keywords the relay understands.
+pub const KEYWORDS: &[&str] = &[
+    "host",
+    "port",
+    "user",
+    "password",
+    "dbname",
+    "passfile",
+    "sslmode",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "target_session_attrs",
+    "connect_timeout",
+];
+
+/// Parses a URL or key-value connection string into libpq keywords.
+pub fn parse(text: &str) -> Result<BTreeMap<String, String>, RelayError> {
+    let text = text.trim();
+    let map = if let Some(rest) = text
+        .strip_prefix("postgresql://")
+        .or_else(|| text.strip_prefix("postgres://"))
+    {
+        parse_url(rest)?
+    } else {
+        parse_pairs(text)?
+    };
+    if let Some(key) = map.keys().find(|k| !KEYWORDS.contains(&k.as_str())) {
+        return Err(RelayError::config(format!(
+            "pg_url: connection option {key:?} is not supported by the relay (supported: {})",
+            KEYWORDS.join(", ")
+        )));
+    }
+    Ok(map)
+}
+
+fn bad(what: impl std::fmt::Display) -> RelayError {
+    RelayError::config(format!("pg_url: {what}"))
+}
+
+/// `key=value key='quoted \' value'`: libpq's key-value form.
+fn parse_pairs(text: &str) -> Result<BTreeMap<String, String>, RelayError> {
+    let mut map = BTreeMap::new();
+    let mut chars = text.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.peek().is_none() {
+            return Ok(map);
+        }
+        let mut key = String::new();
+        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
+            key.push(c);
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.next() != Some('=') {
+            return Err(bad(format!(
+                "expected `=` after {key:?} (a URL starts with postgres://)"
+            )));
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut value = String::new();
+        if chars.next_if_eq(&'\'').is_some() {
+            loop {
+                match chars.next() {
+                    None => return Err(bad(format!("unterminated quoted value of {key:?}"))),
+                    Some('\'') => break,
+                    Some('\\') => value.push(
+                        chars
+                            .next()
+                            .ok_or_else(|| bad(format!("unterminated quoted value of {key:?}")))?,
+                    ),
+                    Some(c) => value.push(c),
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                if c == '\\' {
+                    value.push(chars.next().unwrap_or('\\'));
+                } else {
+                    value.push(c);
+                }
+            }
+        }
+        map.insert(key, value);
+    }
+}
+
+/// `[user[:password]@][host[:port][,...]][/dbname][?key=value&...]`, percent-encoded.
+fn parse_url(rest: &str) -> Result<BTreeMap<String, String>, RelayError> {
+    let mut map = BTreeMap::new();
+    let (rest, query) = match rest.split_once('?') {
+        Some((r, q)) => (r, Some(q)),
+        None => (rest, None),
+    };
+    let (authority, path) = match rest.split_once('/') {
+        Some((a, p)) => (a, Some(p)),
+        None => (rest, None),
+    };
+    let hosts = match authority.rsplit_once('@') {
+        Some((userinfo, hosts)) => {
+            let (user, password) = match userinfo.split_once(':') {
+                Some((u, p)) => (u, Some(p)),
+                None => (userinfo, None),
+            };
+            if !user.is_empty() {
+                map.insert("user".into(), decode(user)?);
+            }
+            if let Some(p) = password {
+                map.insert("password".into(), decode(p)?);
+            }
+            hosts
+        }
+        None => authority,
+    };
+    if !hosts.is_empty() {
+        let (mut names, mut ports) = (Vec::new(), Vec::new());
+        for spec in hosts.split(',') {
+            let (name, port) = if let Some(v6) = spec.strip_prefix('[') {
+                let (name, after) = v6
+                    .split_once(']')
+                    .ok_or_else(|| bad(format!("unterminated [ in host {spec:?}")))?;
+                (name, after.strip_prefix(':').unwrap_or(""))
+            } else {
+                spec.split_once(':').unwrap_or((spec, ""))
+            };
+            names.push(decode(name)?);
+            ports.push(decode(port)?);
+        }
+        map.insert("host".into(), names.join(","));
+        if ports.iter().any(|p| !p.is_empty()) {
+            map.insert("port".into(), ports.join(","));
+        }
+    }
+    if let Some(db) = path.filter(|p| !p.is_empty()) {
+        map.insert("dbname".into(), decode(db)?);
+    }
+    for pair in query.into_iter().flat_map(|q| q.split('&')) {
+        if pair.is_empty() {
+            continue;
+        }
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| bad(format!("query parameter {pair:?} has no `=`")))?;
+        map.insert(decode(k)?, decode(v)?);
+    }
+    Ok(map)
+}
+
+/// Percent-decoding (`%2F` → `/`), as UTF-8.
+fn decode(s: &str) -> Result<String, RelayError> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| bad("a % in the URL is not followed by two hex digits"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| bad("a percent-encoded part is not UTF-8"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get<'a>(m: &'a BTreeMap<String, String>, k: &str) -> &'a str {
+        m.get(k).map(String::as_str).unwrap_or("<unset>")
+    }
+
+    #[test]
+    fn url_with_everything() {
+        let m = parse(
+            "postgresql://relay:p%40ss%3Aw@db1.internal:5433,[::1]:5434,db3/shop%20db\
+             ?sslmode=verify-full&target_session_attrs=read-write&sslrootcert=/etc/ca.pem",
+        )
+        .unwrap();
+        assert_eq!(get(&m, "user"), "relay");
+        assert_eq!(get(&m, "password"), "p@ss:w");
+        assert_eq!(get(&m, "host"), "db1.internal,::1,db3");
+        assert_eq!(get(&m, "port"), "5433,5434,");
+        assert_eq!(get(&m, "dbname"), "shop db");
+        assert_eq!(get(&m, "sslmode"), "verify-full");
+        assert_eq!(get(&m, "target_session_attrs"), "read-write");
+        assert_eq!(get(&m, "sslrootcert"), "/etc/ca.pem");
+    }
+
+    #[test]
+    fn url_minimal() {
+        let m = parse("postgres://").unwrap();
+        assert!(m.is_empty(), "{m:?}");
+        let m = parse("postgres://h/d").unwrap();
+        assert_eq!((get(&m, "host"), get(&m, "dbname")), ("h", "d"));
+        assert_eq!(get(&m, "port"), "<unset>");
+    }
+
+    #[test]
+    fn key_value_with_quotes_and_escapes() {
+        let m =
+            parse(r"host=a,b port = 1,2  dbname='my db' password='it\'s \\x' user=u\ v").unwrap();
+        assert_eq!(get(&m, "host"), "a,b");
+        assert_eq!(get(&m, "port"), "1,2");
+        assert_eq!(get(&m, "dbname"), "my db");
+        assert_eq!(get(&m, "password"), r"it's \x");
+        assert_eq!(get(&m, "user"), "u v");
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let e = parse("host=a application_name=x").unwrap_err().to_string();
+        assert!(e.contains("\"application_name\" is not supported"), "{e}");
+        let e = parse("host").unwrap_err().to_string();
+        assert!(e.contains("expected `=`"), "{e}");
+        let e = parse("password='open").unwrap_err().to_string();
+        assert!(e.contains("unterminated"), "{e}");
+        let e = parse("postgres://h/d?sslmode").unwrap_err().to_string();
+        assert!(e.contains("has no `=`"), "{e}");
+        let e = parse("postgres://u:%zz@h").unwrap_err().to_string();
+        assert!(e.contains("two hex digits"), "{e}");
+    }
+}
