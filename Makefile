@@ -1,5 +1,5 @@
 # pg_outbox: `make test` and `make demo` install what they need (scripts/setup.sh), idempotently.
-.PHONY: test test-all demo demo-saga bench setup lint install clean
+.PHONY: test test-all chaos demo demo-saga bench setup lint install clean
 
 test:
 	scripts/test.sh
@@ -7,6 +7,11 @@ test:
 # every test on 15 and 17, and the SQL tests plus two end-to-end relay tests on 14, 16 and 18
 test-all:
 	PG_SMOKE="14 16 18" scripts/test.sh
+
+# the chaos test at 100,000 events (make test runs it at 20,000): random kills of the relay and
+# ingest, PostgreSQL immediate restarts and broker pauses under load; prints what was lost or doubled
+chaos:
+	PG_FULL=15 TESTS="--test chaos" PG_OUTBOX_CHAOS_EVENTS=$${PG_OUTBOX_CHAOS_EVENTS:-100000} scripts/test.sh
 
 demo:
 	scripts/demo.sh

@@ -4,7 +4,10 @@
 # restarts), run the tests against them, clean up.
 #
 #   PG_FULL   versions that run every test (default "15 17"; `PG_FULL=16 make test` runs all on 16)
-#   PG_SMOKE  versions that run the SQL tests and one end-to-end relay test (`make test-all`: 14 16 18)
+#   PG_SMOKE  versions that run the SQL tests and one end-to-end relay test per source
+#             (`make test-all`: 14 16 18)
+#   TESTS     cargo test arguments that pick the integration tests of a full run (`make chaos`:
+#             --test chaos)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -75,7 +78,8 @@ run_version() {
         local skip=()
         [ "$v" -ge 17 ] || skip=(--skip the_relay_follows_a_promoted_standby)
         echo "test: PostgreSQL $v: cargo test (every test${skip:+ but the failover test, 17+})"
-        cargo test -p pg_outbox_tests -- --show-output "${skip[@]}"
+        # shellcheck disable=SC2086
+        cargo test -p pg_outbox_tests ${TESTS:-} -- --show-output "${skip[@]}"
     else
         echo "test: PostgreSQL $v: cargo test (SQL tests, one relay test per source)"
         cargo test -p pg_outbox_tests --test outbox --test inbox --test trust -- --show-output

@@ -574,6 +574,17 @@ fn resolve_kafka(
             )));
         }
     }
+    // a record that times out while later ones are acknowledged would be a hole below the restart
+    // dedup's floor: records never time out, an unreachable broker holds the stream instead
+    for key in ["message.timeout.ms", "delivery.timeout.ms"] {
+        if settings.get(key).is_some_and(|v| v.trim() != "0") {
+            return Err(RelayError::config(format!(
+                "kafka setting {key} must stay 0 (records never time out): a record that timed out \
+                 while later ones were acknowledged would be skipped after a restart; a broker that \
+                 acknowledges nothing shows as `stalled` in /healthz instead"
+            )));
+        }
+    }
     if let Some(limit) = settings.get("message.max.bytes") {
         if limit
             .parse::<usize>()
@@ -817,12 +828,17 @@ mod tests {
             ("enable.idempotence", "false"),
             ("acks", "1"),
             ("message.max.bytes", "1000"),
+            ("message.timeout.ms", "30000"),
+            ("delivery.timeout.ms", "120000"),
         ] {
             let mut s = settings();
             s.librdkafka = vec![(key.into(), value.into())];
             let err = run_error(s);
             assert!(err.contains(key), "{err}");
         }
+        let mut s = settings();
+        s.librdkafka = vec![("message.timeout.ms".into(), "0".into())];
+        s.resolve(Mode::Run).unwrap();
     }
 
     #[test]

@@ -117,6 +117,7 @@ pub async fn check(config: &Config) -> Vec<Finding> {
             }
             if wal {
                 out.extend(failover(&pg, &config.source.slot).await);
+                out.extend(idle_timeout(&pg).await);
             }
             if let Some(f) = unserved(&pg, config).await {
                 out.push(f);
@@ -211,6 +212,29 @@ impl ClientContext for Refusals {
 impl ProducerContext for Refusals {
     type DeliveryOpaque = ();
     fn delivery(&self, _: &DeliveryResult<'_>, _: ()) {}
+}
+
+/// PostgreSQL 18 invalidates a slot nobody streams from for `idle_replication_slot_timeout`: with
+/// the relay down that long, the events the slot retained are lost.
+async fn idle_timeout(pg: &Client) -> Option<Finding> {
+    let timeout: String = pg
+        .query_one(
+            "SELECT setting FROM pg_settings WHERE name = 'idle_replication_slot_timeout'",
+            &[],
+        )
+        .await
+        .ok()?
+        .get(0);
+    let off = timeout == "0";
+    Some(finding(
+        off,
+        format!(
+            "idle_replication_slot_timeout = {} min",
+            timeout
+        ),
+        "a slot that no relay streams from for that long is invalidated and its events lost: set it \
+         to 0, or far above any relay outage you could have (run a standby relay)",
+    ))
 }
 
 /// Whether the slot survives a promotion of this primary's standbys (only asked when there are
@@ -370,6 +394,24 @@ pub async fn status(config: &Config) -> Result<Vec<(String, String)>, RelayError
         ),
         ("wal_status".into(), row.get(5)),
     ];
+    // what PostgreSQL 17 added to pg_replication_slots: since when nobody streams, and why a slot
+    // was invalidated
+    let version: i32 = pg
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await?
+        .get(0);
+    if version >= 170000 {
+        let more = pg
+            .query_one(
+                "SELECT coalesce(inactive_since::text, '-'), coalesce(invalidation_reason, '-'), \
+                        failover::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&config.source.slot],
+            )
+            .await?;
+        out.push(("inactive_since".into(), more.get(0)));
+        out.push(("invalidation_reason".into(), more.get(1)));
+        out.push(("failover_slot".into(), more.get(2)));
+    }
     if let Some(problem) = problem {
         out.push(("problem".into(), problem));
     }

@@ -4,7 +4,7 @@
 //! (`make test` runs this file only on PostgreSQL 17 and later: the slot cannot fail over before.)
 
 use anyhow::{ensure, Context, Result};
-use pg_outbox_tests::{port, read_all, relay_bin, wait_for, Broker, Relay};
+use pg_outbox_tests::{port, read_all, relay_bin, relay_command, wait_for, Broker, Relay};
 use std::collections::HashSet;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -193,6 +193,13 @@ async fn run(primary: u16, standby: u16, pdir: &str, sdir: &str) -> Result<()> {
     ensure!(
         text.contains(&format!("ok    slot {DB} is a failover slot")),
         "{text}"
+    );
+    let (_, status) = relay_command("status", primary, DB, &broker.bootstrap(), &[])?;
+    ensure!(
+        status
+            .lines()
+            .any(|l| l.starts_with("failover_slot") && l.ends_with("true")),
+        "status says the slot fails over: {status}"
     );
     // logical decoding now waits for the standby: no event is published before the standby has it
     for sql in [

@@ -1,0 +1,254 @@
+//! Chaos: the relay and ingest under a steady enqueue load while the relay, ingest, PostgreSQL and
+//! the broker are killed or paused at random moments. Counts what was committed, published,
+//! duplicated, lost and out of order, in Kafka and in the consumer's inbox, and fails on anything
+//! but exactly once in order. `make test` runs a short version; `make chaos` runs 100,000 events
+//! (PG_OUTBOX_CHAOS_EVENTS). Real PostgreSQL (restarted with -m immediate), real broker (SIGSTOP).
+//!
+//! Not in the mix yet: a relay frozen while a successor takes over (the stale-relay gap in README,
+//! "One relay per slot"): it would show as duplicates.
+
+use anyhow::{ensure, Result};
+use pg_outbox_tests::{read_all, restart_cluster, signal, wait_for, Broker, Relay, TestDb};
+use rand::Rng;
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+use tokio_postgres::Client;
+
+const KEYS: i64 = 16;
+/// Events per transaction.
+const BATCH: i64 = 10;
+const PARTITIONS: i32 = 3;
+
+fn pgcluster(args: &[&str]) -> Result<()> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/pgcluster.sh");
+    let status = std::process::Command::new(script).args(args).status()?;
+    ensure!(status.success(), "pgcluster.sh {args:?}");
+    Ok(())
+}
+
+/// Writes transactions 0..txns of BATCH events each (event n = t * BATCH + i, key n % KEYS),
+/// riding out restarts: a business row per transaction makes a retried transaction idempotent.
+async fn writer(port: u16, db: String, txns: i64) -> Result<()> {
+    let mut t = 0;
+    let mut client: Option<Client> = None;
+    while t < txns {
+        let c = match &client {
+            Some(c) if !c.is_closed() => c,
+            _ => {
+                match pg_outbox_tests::connect(port, &db).await {
+                    Ok(c) => client = Some(c),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+                continue;
+            }
+        };
+        let ns: Vec<i64> = (t * BATCH..(t + 1) * BATCH).collect();
+        let keys: Vec<String> = ns.iter().map(|n| format!("k{}", n % KEYS)).collect();
+        let payloads: Vec<String> = ns.iter().map(|n| format!(r#"{{"n": {n}}}"#)).collect();
+        let attempt = async {
+            c.batch_execute("BEGIN").await?;
+            let fresh = c
+                .query_opt(
+                    "INSERT INTO written VALUES ($1) ON CONFLICT DO NOTHING RETURNING t",
+                    &[&t],
+                )
+                .await?
+                .is_some();
+            if fresh {
+                c.query(
+                    "SELECT outbox.enqueue_batch('orders', $1, $2::text[]::jsonb[])",
+                    &[&keys, &payloads],
+                )
+                .await?;
+            }
+            c.batch_execute("COMMIT").await?;
+            anyhow::Ok(())
+        };
+        match attempt.await {
+            Ok(()) => {
+                t += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Err(_) => {
+                client = None;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Per key, how often an event's n is not above the previous one's (in Kafka's order).
+fn order_violations(entries: impl Iterator<Item = (String, i64)>) -> usize {
+    let mut last: HashMap<String, i64> = HashMap::new();
+    let mut violations = 0;
+    for (key, n) in entries {
+        if let Some(prev) = last.insert(key, n) {
+            if n <= prev {
+                violations += 1;
+            }
+        }
+    }
+    violations
+}
+
+#[tokio::test]
+async fn chaos_kills_and_pauses_lose_duplicate_and_reorder_nothing() -> Result<()> {
+    let events: i64 = std::env::var("PG_OUTBOX_CHAOS_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let txns = (events + BATCH - 1) / BATCH;
+    let events = txns * BATCH;
+    let (pg_port, pgdata) = restart_cluster()?;
+    let source = TestDb::create("ch_source", pg_port).await?;
+    source
+        .client
+        .batch_execute("CREATE TABLE written (t bigint PRIMARY KEY)")
+        .await?;
+    let _sink = TestDb::create("ch_sink", pg_port).await?;
+    let broker = Broker::start()?;
+    broker.create_topic("orders", PARTITIONS).await?;
+    let brokers = broker.bootstrap();
+    let start_relay = || Relay::start(pg_port, "ch_source", &brokers, &[]);
+    let start_ingest = || Relay::ingest(pg_port, "ch_sink", &brokers, "chaos", "orders", &[]);
+    let mut relay = start_relay()?;
+    let mut ingest = start_ingest()?;
+    source.wait_for_active_slot().await?;
+
+    let started = Instant::now();
+    let writing = tokio::spawn(writer(pg_port, "ch_source".into(), txns));
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    // each kind of fault in turn, from a random first one, at random moments: the randomness is
+    // the point of this test
+    let mut turn = rand::rng().random_range(0..4);
+    while !writing.is_finished() {
+        let pause = rand::rng().random_range(500..2500);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        turn += 1;
+        let fault = match turn % 4 {
+            0 => {
+                relay.kill9()?;
+                relay = start_relay()?;
+                "relay SIGKILL"
+            }
+            1 => {
+                ingest.kill9()?;
+                ingest = start_ingest()?;
+                "ingest SIGKILL"
+            }
+            2 => {
+                pgcluster(&["crash", &pgdata])?;
+                pgcluster(&["start", &pgdata, &pg_port.to_string(), "logical"])?;
+                "PostgreSQL immediate restart"
+            }
+            _ => {
+                signal(broker.pid(), "STOP")?;
+                let frozen = rand::rng().random_range(500..3000);
+                tokio::time::sleep(Duration::from_millis(frozen)).await;
+                signal(broker.pid(), "CONT")?;
+                "broker paused"
+            }
+        };
+        *counts.entry(fault).or_default() += 1;
+    }
+    writing.await??;
+    let wrote = started.elapsed();
+
+    // Kafka: every committed event once, per key in order
+    let records = read_all(
+        &brokers,
+        &[("orders", PARTITIONS)],
+        events as usize,
+        Duration::from_secs(600),
+    )?;
+    let n_of = |payload: &[u8]| {
+        serde_json::from_slice::<serde_json::Value>(payload)
+            .ok()
+            .and_then(|v| v["n"].as_i64())
+            .unwrap_or(-1)
+    };
+    let published: HashSet<i64> = records.iter().map(|r| n_of(&r.payload)).collect();
+    let ids: HashSet<String> = records.iter().map(|r| r.id()).collect();
+    let lost = (0..events).filter(|n| !published.contains(n)).count();
+    let ghosts = published
+        .iter()
+        .filter(|n| !(0..events).contains(*n))
+        .count();
+    let duplicated = records.len() - ids.len();
+    let out_of_order = order_violations(records.iter().map(|r| {
+        (
+            String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).to_string(),
+            n_of(&r.payload),
+        )
+    }));
+
+    // the inbox: every message once, and in per-partition order within each key
+    let sink_client = pg_outbox_tests::connect(pg_port, "ch_sink").await?;
+    let _ = wait_for(
+        "the inbox to hold every event",
+        Duration::from_secs(300),
+        || {
+            let c = &sink_client;
+            async move {
+                Ok(c.query_one(
+                    "SELECT count(*) FROM inbox.messages WHERE consumer = 'chaos'",
+                    &[],
+                )
+                .await?
+                .get::<_, i64>(0)
+                    >= events)
+            }
+        },
+    )
+    .await;
+    let inbox = sink_client
+        .query(
+            "SELECT key, convert_from(payload, 'UTF8')::jsonb->>'n', message_id FROM inbox.messages \
+             WHERE consumer = 'chaos' ORDER BY partition, \"offset\"",
+            &[],
+        )
+        .await?;
+    let inbox_ids: HashSet<String> = inbox.iter().map(|r| r.get(2)).collect();
+    let inbox_duplicated = inbox.len() - inbox_ids.len();
+    let inbox_missing = ids.difference(&inbox_ids).count();
+    let inbox_out_of_order = order_violations(inbox.iter().map(|r| {
+        (
+            r.get::<_, Option<String>>(0).unwrap_or_default(),
+            r.get::<_, Option<String>>(1)
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(-1),
+        )
+    }));
+
+    let mut faults: Vec<String> = counts.iter().map(|(f, c)| format!("{f} x{c}")).collect();
+    faults.sort();
+    println!(
+        "chaos: {events} events committed in {:.0} s under {}",
+        wrote.as_secs_f64(),
+        faults.join(", ")
+    );
+    println!(
+        "chaos: kafka: published {} records, {} distinct events, duplicated {duplicated}, lost {lost}, \
+         ghosts {ghosts}, per-key order violations {out_of_order}",
+        records.len(),
+        ids.len()
+    );
+    println!(
+        "chaos: inbox: {} rows, duplicated {inbox_duplicated}, missing {inbox_missing}, per-key \
+         order violations {inbox_out_of_order}",
+        inbox.len()
+    );
+    ensure!(counts.len() == 4, "every kind of fault during the run");
+    ensure!(
+        lost == 0 && ghosts == 0 && duplicated == 0 && out_of_order == 0,
+        "Kafka holds every committed event once, in order"
+    );
+    ensure!(
+        inbox_duplicated == 0 && inbox_missing == 0 && inbox_out_of_order == 0,
+        "the inbox holds every event once, in order"
+    );
+    drop(relay);
+    drop(ingest);
+    Ok(())
+}
