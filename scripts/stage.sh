@@ -3,6 +3,7 @@
 #   stage_begin [--release]     setup, install the extension, make $root, arrange cleanup
 #   stage_broker PORT TOPIC:PARTITIONS...   start a Tansu broker (memory storage) with those topics
 export PATH="$HOME/.cargo/bin:$PATH"
+source scripts/progress.sh
 PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
 pids=()
 
@@ -14,10 +15,11 @@ stage_cleanup() {
 }
 
 stage_begin() {
-    scripts/setup.sh >/dev/null
-    echo "$(basename "$0"): building and installing the extension"
+    # the demo and the benchmarks run on Debian's PostgreSQL 15 only
+    PG_VERSIONS=15 scripts/setup.sh
     local sudo=; [ "$(id -u)" = 0 ] || sudo=--sudo
-    (cd pg_outbox && cargo pgrx install "$@" $sudo --pg-config "$PG_CONFIG" >/dev/null 2>&1)
+    with_progress "building and installing the extension" \
+        bash -c "cd pg_outbox && cargo pgrx install $* $sudo --pg-config '$PG_CONFIG'"
     root=$(mktemp -d "${TMPDIR:-/tmp}/pg_outbox-$(basename "$0" .sh).XXXXXX")
     chmod 755 "$root"
     trap stage_cleanup EXIT

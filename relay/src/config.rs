@@ -133,6 +133,10 @@ settings_group! {
         /// (when the relay sends it; retention then counts from publication).
         #[arg(long, env = "PG_OUTBOX_RECORD_TIMESTAMP")]
         pub record_timestamp: Option<String>,
+        /// A record not sent within this many milliseconds is never sent (default 30000): what
+        /// bounds how long a paused relay can append after a successor took over (see fence.rs).
+        #[arg(long, env = "PG_OUTBOX_FENCE_TIMEOUT_MS")]
+        pub fence_timeout_ms: Option<u64>,
     }
 }
 
@@ -315,6 +319,8 @@ pub enum RecordTimestamp {
 #[derive(Debug, Clone)]
 pub struct KafkaConfig {
     pub brokers: String,
+    /// The life of a record in the producer (librdkafka's message.timeout.ms).
+    pub fence_timeout: Duration,
     pub topic_template: String,
     pub max_record_bytes: usize,
     pub record_timestamp: RecordTimestamp,
@@ -574,14 +580,12 @@ fn resolve_kafka(
             )));
         }
     }
-    // a record that times out while later ones are acknowledged would be a hole below the restart
-    // dedup's floor: records never time out, an unreachable broker holds the stream instead
+    // the record lifetime is fence_timeout_ms, with the gapless guarantee (see fence.rs)
     for key in ["message.timeout.ms", "delivery.timeout.ms"] {
-        if settings.get(key).is_some_and(|v| v.trim() != "0") {
+        if settings.contains_key(key) {
             return Err(RelayError::config(format!(
-                "kafka setting {key} must stay 0 (records never time out): a record that timed out \
-                 while later ones were acknowledged would be skipped after a restart; a broker that \
-                 acknowledges nothing shows as `stalled` in /healthz instead"
+                "kafka setting {key} is the relay's own: set fence_timeout_ms instead (the life of a \
+                 record, which the takeover of a paused relay waits out)"
             )));
         }
     }
@@ -605,8 +609,15 @@ fn resolve_kafka(
             )))
         }
     };
+    let fence_timeout = s.fence_timeout_ms.unwrap_or(30_000);
+    if fence_timeout < 1000 {
+        return Err(RelayError::config(format!(
+            "fence_timeout_ms {fence_timeout} is too small (at least 1000; PG_OUTBOX_FENCE_TIMEOUT_MS)"
+        )));
+    }
     Ok(KafkaConfig {
         brokers,
+        fence_timeout: Duration::from_millis(fence_timeout),
         topic_template,
         max_record_bytes,
         record_timestamp,
@@ -837,8 +848,8 @@ mod tests {
             assert!(err.contains(key), "{err}");
         }
         let mut s = settings();
-        s.librdkafka = vec![("message.timeout.ms".into(), "0".into())];
-        s.resolve(Mode::Run).unwrap();
+        s.kafka.fence_timeout_ms = Some(999);
+        assert!(run_error(s).contains("fence_timeout_ms"));
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod conninfo;
 pub mod deadletter;
 pub mod error;
 pub mod event;
+pub mod fence;
 pub mod ingest;
 pub mod ops;
 pub mod pgpass;

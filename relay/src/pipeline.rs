@@ -47,6 +47,7 @@ pub async fn run(
     metrics: Arc<Metrics>,
 ) -> Result<(), RelayError> {
     let mut retry = Retry::new(config.source.backoff_max);
+    crate::fence::PauseClock::start(metrics.pause.clone());
     // One producer for the life of the process: records of a failed session that are still in
     // flight are delivered (or fail) before the next session reads the partitions back.
     let mut sink = KafkaSink::new(&config.kafka, &config.source.source_id)?;
@@ -103,6 +104,8 @@ pub struct Pipeline<'a, K: Sink, D: DeadLetters> {
     shutdown: CancellationToken,
     /// Topics that could not be written to, since when (this session).
     unwritable: HashMap<String, tokio::time::Instant>,
+    /// A pause of the relay this long ends the session (see fence.rs).
+    pause_limit: Duration,
 }
 
 /// A record in flight: its checkpoint unit, its start time (Unix µs), and its outcome.
@@ -128,6 +131,7 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
             identity: Identity::default(),
             shutdown: CancellationToken::new(),
             unwritable: HashMap::new(),
+            pause_limit: Duration::MAX,
         }
     }
 
@@ -147,10 +151,22 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
         // relay that was just killed may have left produce requests in its socket that the broker
         // still appends: give them time to land before the dedup reads the partitions back.
         self.sink.flush(Duration::from_secs(60)).await?;
+        // A paused predecessor's records live fence_timeout: wait out what the server's timeout
+        // does not already cover (see fence.rs).
+        let grace = match source.replaced_after() {
+            Some(after) => crate::fence::takeover_wait(
+                self.source.restart_grace,
+                self.kafka.fence_timeout,
+                after,
+            ),
+            None => self.source.restart_grace,
+        };
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(self.source.restart_grace) => {}
+            _ = tokio::time::sleep(grace) => {}
         }
+        self.pause_limit = source.pause_limit();
+        self.metrics.pause.reset();
         self.metrics.healthy.store(true, Ordering::Relaxed);
         self.metrics.set_standby(None);
         let mut checkpoint = Checkpoint::<S::Ack>::default();
@@ -235,7 +251,11 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
                 self.metrics.latency.observe(micros_since(since));
             }
             Delivered::Rejected(letter) => self.dead_letter(*letter).await?,
-            Delivered::Failed(e) => return Err(e),
+            Delivered::Failed(e) => {
+                // nothing behind a failed record may land: that would be a hole
+                self.sink.withdraw();
+                return Err(e);
+            }
         }
         checkpoint.acked(unit);
         Ok(())
@@ -341,6 +361,17 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
             self.dead_letter(DeadLetter::of_event(position, event, reason))
                 .await?;
             return Ok(None);
+        }
+        // a relay that was paused long enough to be replaced sends nothing more
+        let paused = self.metrics.pause.paused();
+        if paused >= self.pause_limit {
+            self.sink.withdraw();
+            return Err(RelayError::transient(format!(
+                "this relay was paused for {:.1} s (limit {:.1} s): another relay may hold the \
+                 source now; what the producer still held is withdrawn and the session starts again",
+                paused.as_secs_f64(),
+                self.pause_limit.as_secs_f64()
+            )));
         }
         Ok(Some(self.sink.send(record).await?))
     }
@@ -531,6 +562,7 @@ mod tests {
         dead.on_record = Some(Arc::new(move |p| l.lock().unwrap().push(Entry::Dead(p))));
         let kafka = KafkaConfig {
             brokers: String::new(),
+            fence_timeout: Duration::from_secs(30),
             topic_template: "{topic}".into(),
             max_record_bytes: 1_000_000,
             record_timestamp: crate::config::RecordTimestamp::Enqueue,

@@ -71,6 +71,9 @@ async fn open_one(config: &PgConfig, at: &PgEndpoint) -> Result<(Client, Driver)
         .map_err(|e| RelayError::config("PostgreSQL connection settings").caused_by(e))?;
     pg.ssl_mode(config.tls.session_mode());
     pg.connect_timeout(config.connect_timeout);
+    // a daemon's sessions are idle for long: the server must not end them (the poll source's lock
+    // is held by one of them; see fence.rs)
+    pg.options("-c idle_session_timeout=0");
     if config.read_write {
         pg.target_session_attrs(TargetSessionAttrs::ReadWrite);
     }

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub latency: Histogram,
     /// Another relay holds the source: which one (this relay stands by).
     pub standby: std::sync::Mutex<Option<String>>,
+    /// Pauses of the whole process (see fence.rs).
+    pub pause: Arc<crate::fence::PauseClock>,
 }
 
 /// Upper bounds of the latency buckets, in microseconds (Prometheus `le`, in seconds when shown).

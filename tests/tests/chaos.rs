@@ -4,8 +4,9 @@
 //! but exactly once in order. `make test` runs a short version; `make chaos` runs 100,000 events
 //! (PG_OUTBOX_CHAOS_EVENTS). Real PostgreSQL (restarted with -m immediate), real broker (SIGSTOP).
 //!
-//! Not in the mix yet: a relay frozen while a successor takes over (the stale-relay gap in README,
-//! "One relay per slot"): it would show as duplicates.
+//! Faults: SIGKILL of the relay, SIGKILL of ingest, PostgreSQL stopped with -m immediate and started,
+//! the broker paused (SIGSTOP), and the relay paused while a second relay takes the slot over
+//! (`wal_sender_timeout = 3s` here), then resumed (README, "A paused relay is fenced").
 
 use anyhow::{ensure, Result};
 use pg_outbox_tests::{read_all, restart_cluster, signal, wait_for, Broker, Relay, TestDb};
@@ -104,13 +105,23 @@ async fn chaos_kills_and_pauses_lose_duplicate_and_reorder_nothing() -> Result<(
     let source = TestDb::create("ch_source", pg_port).await?;
     source
         .client
-        .batch_execute("CREATE TABLE written (t bigint PRIMARY KEY)")
+        .batch_execute(
+            "CREATE TABLE written (t bigint PRIMARY KEY); \
+             ALTER DATABASE ch_source SET wal_sender_timeout = '3s'",
+        )
         .await?;
     let _sink = TestDb::create("ch_sink", pg_port).await?;
     let broker = Broker::start()?;
     broker.create_topic("orders", PARTITIONS).await?;
     let brokers = broker.bootstrap();
-    let start_relay = || Relay::start(pg_port, "ch_source", &brokers, &[]);
+    let start_relay = || {
+        Relay::start(
+            pg_port,
+            "ch_source",
+            &brokers,
+            &["--fence-timeout-ms", "5000"],
+        )
+    };
     let start_ingest = || Relay::ingest(pg_port, "ch_sink", &brokers, "chaos", "orders", &[]);
     let mut relay = start_relay()?;
     let mut ingest = start_ingest()?;
@@ -121,12 +132,14 @@ async fn chaos_kills_and_pauses_lose_duplicate_and_reorder_nothing() -> Result<(
     let mut counts: HashMap<&str, usize> = HashMap::new();
     // each kind of fault in turn, from a random first one, at random moments: the randomness is
     // the point of this test
-    let mut turn = rand::rng().random_range(0..4);
+    let mut turn = rand::rng().random_range(0..5);
+    // relays that were paused and resumed after another took over: they stand by
+    let mut resumed = Vec::new();
     while !writing.is_finished() {
         let pause = rand::rng().random_range(500..2500);
         tokio::time::sleep(Duration::from_millis(pause)).await;
         turn += 1;
-        let fault = match turn % 4 {
+        let fault = match turn % 5 {
             0 => {
                 relay.kill9()?;
                 relay = start_relay()?;
@@ -141,6 +154,15 @@ async fn chaos_kills_and_pauses_lose_duplicate_and_reorder_nothing() -> Result<(
                 pgcluster(&["crash", &pgdata])?;
                 pgcluster(&["start", &pgdata, &pg_port.to_string(), "logical"])?;
                 "PostgreSQL immediate restart"
+            }
+            3 => {
+                signal(relay.pid(), "STOP")?;
+                let paused = std::mem::replace(&mut relay, start_relay()?);
+                let frozen = rand::rng().random_range(4000..9000);
+                tokio::time::sleep(Duration::from_millis(frozen)).await;
+                signal(paused.pid(), "CONT")?;
+                resumed.push(paused);
+                "relay paused, replaced and resumed"
             }
             _ => {
                 signal(broker.pid(), "STOP")?;
@@ -239,7 +261,7 @@ async fn chaos_kills_and_pauses_lose_duplicate_and_reorder_nothing() -> Result<(
          order violations {inbox_out_of_order}",
         inbox.len()
     );
-    ensure!(counts.len() == 4, "every kind of fault during the run");
+    ensure!(counts.len() == 5, "every kind of fault during the run");
     ensure!(
         lost == 0 && ghosts == 0 && duplicated == 0 && out_of_order == 0,
         "Kafka holds every committed event once, in order"
@@ -249,6 +271,7 @@ async fn chaos_kills_and_pauses_lose_duplicate_and_reorder_nothing() -> Result<(
         "the inbox holds every event once, in order"
     );
     drop(relay);
+    drop(resumed);
     drop(ingest);
     Ok(())
 }

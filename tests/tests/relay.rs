@@ -975,3 +975,105 @@ async fn a_standby_poll_relay_waits_visibly_and_takes_over_exactly_once() -> Res
     let db = table_mode_db("rl_standby_poll").await?;
     standby_run(&db, &["--source", "poll"]).await
 }
+
+/// 40,000 events in 400 transactions, 16 keys, `n` counting per key: a backlog for [`paused_run`].
+async fn backlog(c: &Client) -> Result<usize> {
+    const KEYS: usize = 16;
+    const TXNS: usize = 400;
+    const PER_TXN: usize = 100;
+    let mut seq = [0i64; KEYS];
+    for t in 0..TXNS {
+        let mut keys = Vec::with_capacity(PER_TXN);
+        let mut payloads = Vec::with_capacity(PER_TXN);
+        for i in 0..PER_TXN {
+            let k = (t * PER_TXN + i) % KEYS;
+            seq[k] += 1;
+            keys.push(format!("key-{k}"));
+            payloads.push(format!(r#"{{"n": {}}}"#, seq[k]));
+        }
+        c.query(
+            "SELECT outbox.enqueue_batch('orders', $1, $2::text[]::jsonb[])",
+            &[&keys, &payloads],
+        )
+        .await?;
+    }
+    Ok(TXNS * PER_TXN)
+}
+
+/// Relay A is paused (SIGSTOP) in the middle of a backlog with records in flight, relay B is
+/// started, A resumes later: Kafka holds every event once, in order. With the wal source B takes
+/// the slot over once the server lets go of it (wal_sender_timeout) and publishes everything
+/// before A resumes; with the poll source A's session keeps the lock and B stands by.
+async fn paused_run(db: &TestDb, args: &[&str], total: usize) -> Result<()> {
+    let broker = Broker::start()?;
+    broker.create_topic("orders", 2).await?;
+    let wal = !args.contains(&"poll");
+    let a_metrics = format!("127.0.0.1:{}", free_port());
+    let mut a_args = args.to_vec();
+    a_args.extend(["--metrics-addr", &a_metrics]);
+    let a = Relay::start(db.port, &db.name, &broker.bootstrap(), &a_args)?;
+    wait_for_metric(
+        &a_metrics,
+        "pg_outbox_relay_events_published_total",
+        2000.0,
+        Duration::from_secs(60),
+    )
+    .await?;
+    signal(a.pid(), "STOP")?;
+    let paused = std::time::Instant::now();
+    let b = Relay::start(db.port, &db.name, &broker.bootstrap(), args)?;
+    if wal {
+        read_all(&broker.bootstrap(), &[("orders", 2)], total, READ_TIMEOUT)?;
+    } else {
+        b.wait_for_log("standing by", 1, Duration::from_secs(30))
+            .await?;
+        tokio::time::sleep(Duration::from_secs(8)).await;
+    }
+    println!(
+        "A paused {:.1} s ({})",
+        paused.elapsed().as_secs_f64(),
+        if wal {
+            "B took the slot over and published the backlog"
+        } else {
+            "B stood by: A's session kept the lock"
+        }
+    );
+    // A resumes: whatever it still held must not reach Kafka a second time
+    signal(a.pid(), "CONT")?;
+    if wal {
+        a.wait_for_log("was paused for", 1, Duration::from_secs(60))
+            .await?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    let records = read_all(&broker.bootstrap(), &[("orders", 2)], total, READ_TIMEOUT)?;
+    drop(b);
+    assert_exactly_once_in_order(&records, total)
+}
+
+#[tokio::test]
+async fn a_paused_relay_that_resumes_after_its_successor_took_over_adds_nothing() -> Result<()> {
+    let db = TestDb::create("rl_paused", port()).await?;
+    // the walsender lets go of the slot 3 s after the relay's last word (the default is 60 s)
+    db.client
+        .batch_execute("ALTER DATABASE rl_paused SET wal_sender_timeout = '3s'")
+        .await?;
+    db.create_slot().await?;
+    let total = backlog(&db.client).await?;
+    paused_run(&db, &["--fence-timeout-ms", "5000"], total).await
+}
+
+#[tokio::test]
+async fn a_paused_poll_relay_keeps_its_lock_and_goes_on_when_it_resumes() -> Result<()> {
+    let db = table_mode_db("rl_paused_poll").await?;
+    // the relay's sessions are not ended for idleness, even where the server asks for it
+    db.client
+        .batch_execute("ALTER DATABASE rl_paused_poll SET idle_session_timeout = '2s'")
+        .await?;
+    let total = backlog(&db.client).await?;
+    paused_run(
+        &db,
+        &["--source", "poll", "--fence-timeout-ms", "5000"],
+        total,
+    )
+    .await
+}

@@ -17,7 +17,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -102,6 +102,16 @@ impl KafkaSink {
         for (k, v) in &config.settings {
             producer.set(k, v);
         }
+        // A record lives fence_timeout (see fence.rs). A record that failed while a later one of
+        // its partition could still be acknowledged would be a hole below the restart dedup's
+        // floor: librdkafka then stops the producer instead (a fatal error; the relay builds a
+        // new one and replays).
+        producer
+            .set(
+                "message.timeout.ms",
+                config.fence_timeout.as_millis().to_string(),
+            )
+            .set("enable.gapless.guarantee", "true");
         let producer: FutureProducer = producer.create().map_err(|e| {
             RelayError::config("kafka settings rejected by librdkafka").caused_by(e)
         })?;
@@ -201,6 +211,11 @@ impl Sink for KafkaSink {
     async fn flush(&self, timeout: Duration) -> Result<(), RelayError> {
         let producer = self.producer.clone();
         off_runtime("flush task", move || Ok(producer.flush(timeout)?)).await
+    }
+
+    fn withdraw(&self) {
+        self.producer
+            .purge(PurgeConfig::default().queue().inflight());
     }
 }
 

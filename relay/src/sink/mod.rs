@@ -89,4 +89,8 @@ pub trait Sink {
 
     /// Waits until everything handed over has an outcome (or the timeout passes).
     async fn flush(&self, timeout: Duration) -> Result<(), RelayError>;
+
+    /// Gives up everything handed over and not yet acknowledged: it is not sent (again); what the
+    /// broker already has stays. Their deliveries fail.
+    fn withdraw(&self) {}
 }

@@ -14,6 +14,7 @@ pub mod wal;
 
 use crate::error::RelayError;
 use crate::event::{Position, SourceEvent};
+use std::time::Duration;
 use tokio_postgres::Client;
 
 /// Who the events of a source belong to, as written into every record (`pg_outbox-source`) and
@@ -112,6 +113,18 @@ pub trait Source {
 
     /// Whose events these are: what the dedup matches in Kafka.
     fn identity(&self) -> &Identity;
+
+    /// After how long without a word from this relay the server lets another relay take the source
+    /// (wal: `wal_sender_timeout`); None when that is not known.
+    fn replaced_after(&self) -> Option<Duration> {
+        None
+    }
+
+    /// A pause of the whole relay this long means it may have been replaced (see fence.rs).
+    fn pause_limit(&self) -> Duration {
+        self.replaced_after()
+            .map_or(Duration::from_secs(10), |after| after / 2)
+    }
 
     /// Graceful end of the session, after the last confirmation.
     async fn close(&mut self) -> Result<(), RelayError>;

@@ -48,6 +48,9 @@ pub struct WalSource {
     key: [u8; AUTH_KEY_LEN],
     /// The transaction being received.
     current: Option<Txn>,
+    /// The server's wal_sender_timeout for this connection: how long after this relay's last word
+    /// another relay can take the slot.
+    sender_timeout: Option<Duration>,
 }
 
 /// The transaction being received: its id, commit LSN and time, next event index.
@@ -88,6 +91,16 @@ impl WalSource {
         }
         prepare_slot(&pg, config, *first).await?;
         let key = auth_key(&pg).await?;
+        // in ms; 0 turns the timeout off (the slot is then held until the connection closes)
+        let sender_timeout: i64 = pg
+            .query_one(
+                "SELECT setting::bigint FROM pg_settings WHERE name = 'wal_sender_timeout'",
+                &[],
+            )
+            .await?
+            .get(0);
+        let sender_timeout =
+            (sender_timeout > 0).then(|| Duration::from_millis(sender_timeout as u64));
         let slot = &config.source.slot;
         let identity = Identity::read(
             &pg,
@@ -129,6 +142,7 @@ impl WalSource {
             metrics,
             key,
             current: None,
+            sender_timeout,
         })
     }
 
@@ -310,6 +324,10 @@ impl Source for WalSource {
             remember_confirmed(&self.pg, &self.slot).await?;
         }
         Ok(())
+    }
+
+    fn replaced_after(&self) -> Option<Duration> {
+        self.sender_timeout
     }
 
     fn identity(&self) -> &Identity {

@@ -1,0 +1,144 @@
+//! Fencing a relay that was paused (SIGSTOP, a VM paused, a stall of the whole process) while
+//! another took its source over.
+//!
+//! A paused relay keeps records in its producer's queue; if it resumed after a successor read the
+//! partitions back, it would append them after the successor's copies (duplicates, and per key an
+//! older record after newer ones). Two bounds close that:
+//! - Every record has a lifetime `fence_timeout_ms` (librdkafka's `message.timeout.ms`, with the
+//!   gapless guarantee): after it, the record is never sent. A successor gets the slot only after
+//!   `wal_sender_timeout` without a word from the paused relay, and waits `fence_timeout_ms -
+//!   wal_sender_timeout` (at least `restart_grace_ms`) more before it reads the partitions back:
+//!   by then every record of the paused relay has landed or will never be sent.
+//! - A relay that finds it was paused for half of `wal_sender_timeout` or more (the [`PauseClock`]
+//!   below) assumes it was replaced: before it sends anything else it withdraws what its producer
+//!   still holds and ends the session; the next one starts from the durable position, or stands by.
+//!
+//! The poll source's lock is held by a session of the paused relay, which the kernel keeps alive
+//! (the relay turns `idle_session_timeout` off for its sessions): no one takes over while it is
+//! paused, and it goes on when it resumes.
+//!
+//! What is left: a pause that falls between the pause check and the hand-over of that one record
+//! to the producer (microseconds); a poll relay whose lock session is ended by an operator
+//! (`pg_terminate_backend`) or by the network while it is paused, and that resumes within
+//! `fence_timeout_ms`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How often the clock ticks.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Notices pauses of the whole process: a task ticks every 100 ms on a monotonic clock (which runs
+/// on while the process is stopped); a tick that comes late, or no tick for long, is a pause.
+#[derive(Debug)]
+pub struct PauseClock {
+    origin: Instant,
+    /// Milliseconds since `origin` at the last tick; 0 while no ticker runs.
+    last_tick_ms: AtomicU64,
+    /// The longest gap between ticks since the last [`PauseClock::reset`].
+    longest_ms: AtomicU64,
+}
+
+impl Default for PauseClock {
+    fn default() -> Self {
+        PauseClock {
+            origin: Instant::now(),
+            last_tick_ms: AtomicU64::new(0),
+            longest_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl PauseClock {
+    fn now_ms(&self) -> u64 {
+        (self.origin.elapsed().as_millis() as u64).max(1)
+    }
+
+    /// Ticks until the process ends.
+    pub fn start(clock: Arc<PauseClock>) {
+        clock.last_tick_ms.store(clock.now_ms(), Ordering::Relaxed);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(TICK).await;
+                let now = clock.now_ms();
+                let gap = now.saturating_sub(clock.last_tick_ms.swap(now, Ordering::Relaxed));
+                clock.longest_ms.fetch_max(gap, Ordering::Relaxed);
+            }
+        });
+    }
+
+    /// Forgets the pauses seen so far (a new session starts).
+    pub fn reset(&self) {
+        self.longest_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// The longest pause since the last reset, counting one that is still going on (no tick yet
+    /// after a resume). Zero when no ticker runs.
+    pub fn paused(&self) -> Duration {
+        let last = self.last_tick_ms.load(Ordering::Relaxed);
+        if last == 0 {
+            return Duration::ZERO;
+        }
+        let current = self.now_ms().saturating_sub(last);
+        let longest = self.longest_ms.load(Ordering::Relaxed).max(current);
+        // a tick is due every TICK: only what goes beyond is a pause
+        Duration::from_millis(longest).saturating_sub(TICK)
+    }
+}
+
+/// How long a successor that just took the slot waits before reading Kafka back: long enough that
+/// every record of a predecessor that stopped answering `replaced_after` ago has landed or expired.
+pub fn takeover_wait(
+    restart_grace: Duration,
+    lifetime: Duration,
+    replaced_after: Duration,
+) -> Duration {
+    restart_grace.max(lifetime.saturating_sub(replaced_after) + Duration::from_secs(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stalled_thread_shows_as_a_pause() {
+        let clock = Arc::new(PauseClock::default());
+        assert_eq!(clock.paused(), Duration::ZERO, "no ticker: no pause");
+        PauseClock::start(clock.clone());
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert!(
+            clock.paused() < Duration::from_millis(200),
+            "{:?}",
+            clock.paused()
+        );
+        // block the only runtime thread: the ticker cannot tick
+        std::thread::sleep(Duration::from_millis(800));
+        assert!(
+            clock.paused() >= Duration::from_millis(600),
+            "{:?}",
+            clock.paused()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        // the ticker ran again, but remembers the gap until a reset
+        assert!(
+            clock.paused() >= Duration::from_millis(600),
+            "{:?}",
+            clock.paused()
+        );
+        clock.reset();
+        assert!(
+            clock.paused() < Duration::from_millis(200),
+            "{:?}",
+            clock.paused()
+        );
+    }
+
+    #[test]
+    fn the_successor_waits_out_the_records_lifetime() {
+        let s = Duration::from_secs;
+        assert_eq!(takeover_wait(s(1), s(30), s(60)), s(1));
+        assert_eq!(takeover_wait(s(1), s(5), s(3)), s(3));
+        assert_eq!(takeover_wait(s(10), s(5), s(3)), s(10));
+    }
+}
