@@ -421,3 +421,81 @@ pub async fn expect_error(client: &Client, sql: &str) -> Result<(String, String,
         }
     }
 }
+
+/// A connection string for `db` on the local servers at `ports`, taking the one that accepts writes
+/// (libpq's target_session_attrs=read-write): one port, or a primary and its standbys.
+pub fn conninfo(ports: &[u16], db: &str) -> String {
+    let hosts = vec!["127.0.0.1"; ports.len()].join(",");
+    let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+    format!(
+        "host={hosts} port={} user=postgres dbname={db} target_session_attrs=read-write \
+         connect_timeout=2",
+        ports.join(",")
+    )
+}
+
+/// Commits transactions `ts` in order, each enqueueing the events `events(t)` gives (keys and JSON
+/// payloads) to the topic `orders`, riding out restarts and failovers of the servers of
+/// `conninfo`: a row `t` in the caller's table `written` makes a retried transaction idempotent,
+/// so each transaction's events exist once on the server that survives. `committed(t, fresh)`
+/// follows each commit (`fresh`: this attempt enqueued the events).
+pub async fn resilient_writer(
+    conninfo: String,
+    ts: std::ops::Range<i64>,
+    events: impl Fn(i64) -> (Vec<String>, Vec<String>),
+    mut committed: impl FnMut(i64, bool),
+) -> Result<()> {
+    let mut t = ts.start;
+    let mut client: Option<Client> = None;
+    while t < ts.end {
+        let c = match &client {
+            Some(c) if !c.is_closed() => c,
+            _ => {
+                match tokio_postgres::connect(&conninfo, NoTls).await {
+                    Ok((c, connection)) => {
+                        tokio::spawn(async move {
+                            let _ = connection.await;
+                        });
+                        client = Some(c);
+                    }
+                    // backoff while PostgreSQL restarts
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+                continue;
+            }
+        };
+        let (keys, payloads) = events(t);
+        let attempt = async {
+            c.batch_execute("BEGIN").await?;
+            let fresh = c
+                .query_opt(
+                    "INSERT INTO written VALUES ($1) ON CONFLICT DO NOTHING RETURNING 1",
+                    &[&t],
+                )
+                .await?
+                .is_some();
+            if fresh {
+                c.query(
+                    "SELECT outbox.enqueue_batch('orders', $1, $2::text[]::jsonb[])",
+                    &[&keys, &payloads],
+                )
+                .await?;
+            }
+            c.batch_execute("COMMIT").await?;
+            anyhow::Ok(fresh)
+        };
+        match attempt.await {
+            Ok(fresh) => {
+                committed(t, fresh);
+                t += 1;
+                // a steady load, not a flood
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Err(_) => {
+                client = None;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    Ok(())
+}

@@ -13,7 +13,6 @@ use pg_outbox_tests::{read_all, restart_cluster, signal, wait_for, Broker, Relay
 use rand::Rng;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
-use tokio_postgres::Client;
 
 const KEYS: i64 = 16;
 /// Events per transaction.
@@ -28,55 +27,21 @@ fn pgcluster(args: &[&str]) -> Result<()> {
 }
 
 /// Writes transactions 0..txns of BATCH events each (event n = t * BATCH + i, key n % KEYS),
-/// riding out restarts: a business row per transaction makes a retried transaction idempotent.
+/// riding out restarts.
 async fn writer(port: u16, db: String, txns: i64) -> Result<()> {
-    let mut t = 0;
-    let mut client: Option<Client> = None;
-    while t < txns {
-        let c = match &client {
-            Some(c) if !c.is_closed() => c,
-            _ => {
-                match pg_outbox_tests::connect(port, &db).await {
-                    Ok(c) => client = Some(c),
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-                continue;
-            }
-        };
-        let ns: Vec<i64> = (t * BATCH..(t + 1) * BATCH).collect();
-        let keys: Vec<String> = ns.iter().map(|n| format!("k{}", n % KEYS)).collect();
-        let payloads: Vec<String> = ns.iter().map(|n| format!(r#"{{"n": {n}}}"#)).collect();
-        let attempt = async {
-            c.batch_execute("BEGIN").await?;
-            let fresh = c
-                .query_opt(
-                    "INSERT INTO written VALUES ($1) ON CONFLICT DO NOTHING RETURNING t",
-                    &[&t],
-                )
-                .await?
-                .is_some();
-            if fresh {
-                c.query(
-                    "SELECT outbox.enqueue_batch('orders', $1, $2::text[]::jsonb[])",
-                    &[&keys, &payloads],
-                )
-                .await?;
-            }
-            c.batch_execute("COMMIT").await?;
-            anyhow::Ok(())
-        };
-        match attempt.await {
-            Ok(()) => {
-                t += 1;
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            Err(_) => {
-                client = None;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-    Ok(())
+    pg_outbox_tests::resilient_writer(
+        pg_outbox_tests::conninfo(&[port], &db),
+        0..txns,
+        |t| {
+            let ns = t * BATCH..(t + 1) * BATCH;
+            (
+                ns.clone().map(|n| format!("k{}", n % KEYS)).collect(),
+                ns.map(|n| format!(r#"{{"n": {n}}}"#)).collect(),
+            )
+        },
+        |_, _| {},
+    )
+    .await
 }
 
 /// Per key, how often an event's n is not above the previous one's (in Kafka's order).

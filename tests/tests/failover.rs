@@ -10,7 +10,6 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio_postgres::{Client, NoTls};
 
 const DB: &str = "tl_failover";
 
@@ -21,22 +20,6 @@ fn pgcluster(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// A session with whichever of `ports` accepts writes (libpq's target_session_attrs=read-write).
-async fn connect_primary(ports: &[u16], db: &str) -> Result<Client> {
-    let hosts = vec!["127.0.0.1"; ports.len()].join(",");
-    let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
-    let conninfo = format!(
-        "host={hosts} port={} user=postgres dbname={db} target_session_attrs=read-write \
-         connect_timeout=2",
-        ports.join(",")
-    );
-    let (client, connection) = tokio_postgres::connect(&conninfo, NoTls).await?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
-}
-
 fn unix_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -45,9 +28,8 @@ fn unix_ms() -> i64 {
 }
 
 /// Writes events 1..=n for one key, one per transaction, to whichever server is the primary,
-/// riding out the failover: a business row with the same number makes a retried transaction
-/// idempotent on the server that survives. After `crashed` is set, records the first number it
-/// commits (necessarily on the new primary).
+/// riding out the failover. After `crashed` is set, records the first number it commits
+/// (necessarily on the new primary).
 async fn writer(
     ports: [u16; 2],
     n: i64,
@@ -55,56 +37,18 @@ async fn writer(
     first_after: Arc<AtomicI64>,
     committed: Arc<AtomicI64>,
 ) -> Result<()> {
-    let mut i = 1;
-    let mut client: Option<Client> = None;
-    while i <= n {
-        let c = match &client {
-            Some(c) if !c.is_closed() => c,
-            _ => {
-                match connect_primary(&ports, DB).await {
-                    Ok(c) => client = Some(c),
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-                continue;
+    pg_outbox_tests::resilient_writer(
+        pg_outbox_tests::conninfo(&ports, DB),
+        1..n + 1,
+        |i| (vec!["k".into()], vec![format!(r#"{{"n": {i}}}"#)]),
+        |i, fresh| {
+            if fresh && crashed.load(Ordering::SeqCst) {
+                let _ = first_after.compare_exchange(0, i, Ordering::SeqCst, Ordering::SeqCst);
             }
-        };
-        let after = crashed.load(Ordering::SeqCst);
-        let attempt = async {
-            c.batch_execute("BEGIN").await?;
-            let fresh = c
-                .query_opt(
-                    "INSERT INTO written VALUES ($1) ON CONFLICT DO NOTHING RETURNING n",
-                    &[&i],
-                )
-                .await?
-                .is_some();
-            if fresh {
-                c.query_one(
-                    "SELECT outbox.enqueue('orders', 'k', jsonb_build_object('n', $1::bigint))",
-                    &[&i],
-                )
-                .await?;
-            }
-            c.batch_execute("COMMIT").await?;
-            anyhow::Ok(fresh)
-        };
-        match attempt.await {
-            Ok(fresh) => {
-                if after && fresh {
-                    let _ = first_after.compare_exchange(0, i, Ordering::SeqCst, Ordering::SeqCst);
-                }
-                committed.store(i, Ordering::SeqCst);
-                i += 1;
-                // a steady load, not a flood: a few hundred events a second
-                tokio::time::sleep(Duration::from_millis(3)).await;
-            }
-            Err(_) => {
-                client = None;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-    Ok(())
+            committed.store(i, Ordering::SeqCst);
+        },
+    )
+    .await
 }
 
 #[tokio::test]

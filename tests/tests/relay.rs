@@ -558,52 +558,30 @@ async fn missing_publication_is_a_clear_permanent_error() -> Result<()> {
     Ok(())
 }
 
-/// Writes events 1..=n for one key, one per transaction, riding out connection loss: a business
-/// row with the same number makes a retried transaction idempotent.
-async fn resilient_writer(port: u16, db: String, n: i64) -> Result<()> {
-    let mut i = 1;
-    let mut client: Option<Client> = None;
-    while i <= n {
-        let c = match &client {
-            Some(c) if !c.is_closed() => c,
-            _ => {
-                match pg_outbox_tests::connect(port, &db).await {
-                    Ok(c) => client = Some(c),
-                    // backoff while PostgreSQL restarts
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-                continue;
-            }
-        };
-        let attempt = async {
-            c.batch_execute("BEGIN").await?;
-            let fresh = c
-                .query_opt(
-                    "INSERT INTO written VALUES ($1) ON CONFLICT DO NOTHING RETURNING n",
-                    &[&i],
-                )
+/// Waits until the table `written` of `db` has more than `n` rows.
+async fn written_at_least(port: u16, db: &str, n: i64) -> Result<()> {
+    let c = pg_outbox_tests::connect(port, db).await?;
+    wait_for("the writer under way", Duration::from_secs(60), || {
+        let c = &c;
+        async move {
+            Ok(c.query_one("SELECT count(*) FROM written", &[])
                 .await?
-                .is_some();
-            if fresh {
-                c.query_one(
-                    "SELECT outbox.enqueue('orders', 'k', jsonb_build_object('n', $1::bigint))",
-                    &[&i],
-                )
-                .await?;
-            }
-            c.batch_execute("COMMIT").await?;
-            anyhow::Ok(())
-        };
-        match attempt.await {
-            Ok(()) => i += 1,
-            Err(_) => {
-                client = None;
-                // backoff while PostgreSQL restarts
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+                .get::<_, i64>(0)
+                > n)
         }
-    }
-    Ok(())
+    })
+    .await
+}
+
+/// Writes events 1..=n for one key, one per transaction, riding out connection loss.
+async fn resilient_writer(port: u16, db: String, n: i64) -> Result<()> {
+    pg_outbox_tests::resilient_writer(
+        pg_outbox_tests::conninfo(&[port], &db),
+        1..n + 1,
+        |i| (vec!["k".into()], vec![format!(r#"{{"n": {i}}}"#)]),
+        |_, _| {},
+    )
+    .await
 }
 
 #[tokio::test]
@@ -620,17 +598,7 @@ async fn postgres_restart_mid_stream_loses_and_duplicates_nothing() -> Result<()
     db.wait_for_active_slot().await?;
     const N: i64 = 3000;
     let writing = tokio::spawn(resilient_writer(pg_port, db.name.clone(), N));
-    let c = pg_outbox_tests::connect(pg_port, &db.name).await?;
-    wait_for("a third of the events", Duration::from_secs(60), || {
-        let c = &c;
-        async move {
-            Ok(c.query_one("SELECT count(*) FROM written", &[])
-                .await?
-                .get::<_, i64>(0)
-                > N / 3)
-        }
-    })
-    .await?;
+    written_at_least(pg_port, &db.name, N / 3).await?;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/pgcluster.sh");
     let status = std::process::Command::new(script)
         .args(["restart", &pgdata])
@@ -922,17 +890,7 @@ async fn standby_run(db: &TestDb, relay_args: &[&str]) -> Result<()> {
 
     const N: i64 = 3000;
     let writing = tokio::spawn(resilient_writer(db.port, db.name.clone(), N));
-    let c = pg_outbox_tests::connect(db.port, &db.name).await?;
-    wait_for("a third of the events", Duration::from_secs(60), || {
-        let c = &c;
-        async move {
-            Ok(c.query_one("SELECT count(*) FROM written", &[])
-                .await?
-                .get::<_, i64>(0)
-                > N / 3)
-        }
-    })
-    .await?;
+    written_at_least(db.port, &db.name, N / 3).await?;
     let killed = std::time::Instant::now();
     a.kill9()?;
     wait_for("relay B active", Duration::from_secs(60), || async {

@@ -22,6 +22,28 @@ async fn tls_only_role(db: &TestDb) -> Result<()> {
     Ok(())
 }
 
+/// Once the relay streams, three events enqueued in `db` arrive through `broker`'s security.
+async fn three_events_arrive(db: &TestDb, broker: &Broker) -> Result<()> {
+    db.wait_for_active_slot().await?;
+    for n in 1..=3 {
+        db.client
+            .execute(
+                "SELECT outbox.enqueue('orders', 'k', jsonb_build_object('n', $1::int))",
+                &[&n],
+            )
+            .await?;
+    }
+    let records = read_all_with(
+        &broker.bootstrap(),
+        broker.client_settings(),
+        &[("orders", 1)],
+        3,
+        Duration::from_secs(60),
+    )?;
+    assert_eq!(records.len(), 3);
+    Ok(())
+}
+
 /// Starts a relay that must stop on its own; returns its log (of this run only).
 async fn refused(db: &TestDb, broker: &Broker, args: &[&str]) -> Result<String> {
     let _ = std::fs::remove_file(std::env::temp_dir().join(format!("relay-{}.log", db.name)));
@@ -125,23 +147,7 @@ async fn the_relay_publishes_to_a_broker_over_tls_and_check_says_when_it_cannot(
     let good = tls("ca.crt");
     let good: Vec<&str> = good.iter().map(String::as_str).collect();
     let _relay = Relay::start(db.port, &db.name, &broker.bootstrap(), &good)?;
-    db.wait_for_active_slot().await?;
-    for n in 1..=3 {
-        db.client
-            .execute(
-                "SELECT outbox.enqueue('orders', 'k', jsonb_build_object('n', $1::int))",
-                &[&n],
-            )
-            .await?;
-    }
-    let records = read_all_with(
-        &broker.bootstrap(),
-        broker.client_settings(),
-        &[("orders", 1)],
-        3,
-        Duration::from_secs(60),
-    )?;
-    assert_eq!(records.len(), 3);
+    three_events_arrive(&db, &broker).await?;
     // `check` says in one line when the broker cannot be reached as configured
     let check = |args: &[&str]| -> Result<String> {
         Ok(relay_command("check", db.port, &db.name, &broker.bootstrap(), args)?.1)
@@ -311,23 +317,7 @@ async fn the_relay_logs_in_to_kafka_with_sasl_scram_and_check_names_a_refused_lo
     };
     let good = config("kafka-secret")?;
     let _relay = Relay::start(db.port, &db.name, &broker.bootstrap(), &["--config", &good])?;
-    db.wait_for_active_slot().await?;
-    for n in 1..=3 {
-        db.client
-            .execute(
-                "SELECT outbox.enqueue('orders', 'k', jsonb_build_object('n', $1::int))",
-                &[&n],
-            )
-            .await?;
-    }
-    let records = read_all_with(
-        &broker.bootstrap(),
-        broker.client_settings(),
-        &[("orders", 1)],
-        3,
-        Duration::from_secs(60),
-    )?;
-    assert_eq!(records.len(), 3);
+    three_events_arrive(&db, &broker).await?;
     let check = |config: &str| -> Result<String> {
         let text = relay_command(
             "check",
