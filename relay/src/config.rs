@@ -383,6 +383,7 @@ impl Settings {
             };
             settings.insert(k, v);
         }
+        settings.extend(kafka_from_env(std::env::vars()));
         settings.extend(self.librdkafka);
         Ok(Config {
             kafka: resolve_kafka(self.kafka.over(file.broker), settings)?,
@@ -408,6 +409,17 @@ impl Settings {
             postgres,
         })
     }
+}
+
+/// librdkafka settings from the environment, between the file and `--kafka`:
+/// `PG_OUTBOX_KAFKA_SASL_PASSWORD=…` is `sasl.password` (the name upper-cased, dots as
+/// underscores), so that credentials need neither a command line nor a file.
+fn kafka_from_env(vars: impl Iterator<Item = (String, String)>) -> Vec<(String, String)> {
+    vars.filter_map(|(name, value)| {
+        let key = name.strip_prefix("PG_OUTBOX_KAFKA_")?;
+        (!key.is_empty()).then(|| (key.to_ascii_lowercase().replace('_', "."), value))
+    })
+    .collect()
 }
 
 fn read_file(path: &std::path::Path) -> Result<FileSettings, RelayError> {
@@ -908,6 +920,25 @@ mod tests {
         let bad = |k: &str| (k == "PGPORT").then(|| "x".to_string());
         let err = resolve_pg_with(PgSettings::default(), &bad).unwrap_err();
         assert!(err.to_string().contains("PGPORT"), "{err}");
+    }
+
+    #[test]
+    fn kafka_settings_from_the_environment() {
+        let vars = [
+            ("PG_OUTBOX_KAFKA_SASL_PASSWORD", "s3cret"),
+            ("PG_OUTBOX_KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
+            ("PG_OUTBOX_BROKERS", "not a kafka setting"),
+            ("PG_OUTBOX_KAFKA_", "no name"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let got = kafka_from_env(vars.into_iter());
+        assert_eq!(
+            got,
+            [
+                ("sasl.password".to_string(), "s3cret".to_string()),
+                ("security.protocol".to_string(), "SASL_SSL".to_string())
+            ]
+        );
     }
 
     #[test]
