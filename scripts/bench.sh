@@ -31,6 +31,8 @@ CLIENTS=${CLIENTS:-2}
 EVENTS=${EVENTS:-1000000}  # the backlog of the relay drain measurement
 LAT_SECONDS=${LAT_SECONDS:-10}  # per latency run
 INGEST_EVENTS=${INGEST_EVENTS:-200000}
+BIG_TXN=${BIG_TXN:-1000000}  # events in the one transaction of the memory measurement
+LARGE_EVENTS=${LARGE_EVENTS:-200}  # 1 MB events of the memory measurement
 KAFKA_PORT=${PG_OUTBOX_BENCH_KAFKA_PORT:-19412}
 METRICS_PORT=${PG_OUTBOX_BENCH_METRICS_PORT:-19413}
 
@@ -114,7 +116,7 @@ echo "$table"
 echo "bench: building the relay and the raw producer (release)"
 cargo build -q --release -p pg_outbox_relay -p pg_outbox_bench --bin pg-outbox-relay --bin raw_produce \
     --bin raw_consume --bin latency
-stage_broker "$KAFKA_PORT" b0:3 b1:3 b2:3 b3:3 r0:3 r1:3 r2:3 r3:3 lat:3 i0:3
+stage_broker "$KAFKA_PORT" b0:3 b1:3 b2:3 b3:3 r0:3 r1:3 r2:3 r3:3 lat:3 i0:3 m0:3 m1:3
 BROKERS=127.0.0.1:$KAFKA_PORT
 # a second slot for the raw decoding limit, created before the backlog so both slots hold all of it
 sql -c "SELECT pg_create_logical_replication_slot('bench_raw', 'pgoutput')" >/dev/null
@@ -209,6 +211,45 @@ for rate in 1000 5000; do
     echo "bench: latency table $rate/s: ${lat[table,$rate]}"
 done
 stop_relay
+# --- memory under large inputs: one huge transaction, 1 MB events ---------------------------------------
+# A fresh relay per input (nothing else in the slot), its peak RSS when all is acknowledged.
+echo "bench: one transaction of $BIG_TXN events"
+{
+    echo "BEGIN;"
+    for i in $(seq 0 $((BIG_TXN / 1000 - 1))); do
+        echo "SELECT count(*) FROM outbox.enqueue_batch('m0', (SELECT array_agg('key-' || g) FROM generate_series(1, 1000) g), (SELECT array_agg(jsonb_build_object('n', $i * 1000 + g)) FROM generate_series(1, 1000) g));"
+    done
+    echo "COMMIT;"
+} | sql -o /dev/null
+t0=$(now)
+relay bigtxn run --restart-grace-ms 0
+wait_metric pg_outbox_relay_events_published_total "$BIG_TXN" "$root/relay-bigtxn.log"
+bigtxn_s=$(elapsed "$t0" "$(now)")
+bigtxn_rss_kb=$(awk '/VmHWM/ {print $2}' "/proc/$relay_pid/status")
+stop_relay
+echo "bench: one transaction of $BIG_TXN events: ${bigtxn_s}s, peak RSS ${bigtxn_rss_kb} kB"
+echo "bench: $LARGE_EVENTS events of 1 MB"
+for i in $(seq 1 "$LARGE_EVENTS"); do
+    echo "SELECT outbox.enqueue_bytes('m1', 'key-$i', convert_to(repeat('x', 1000000), 'UTF8'));"
+done | PGOPTIONS="-c pg_outbox.max_payload_bytes=2000000" sql -o /dev/null
+t0=$(now)
+relay large run --restart-grace-ms 0 --max-record-bytes 1100000
+wait_metric pg_outbox_relay_events_published_total "$LARGE_EVENTS" "$root/relay-large.log"
+large_s=$(elapsed "$t0" "$(now)")
+large_rss_kb=$(awk '/VmHWM/ {print $2}' "/proc/$relay_pid/status")
+stop_relay
+echo "bench: $LARGE_EVENTS events of 1 MB: ${large_s}s, peak RSS ${large_rss_kb} kB"
+memory_table=$(cat <<TABLE
+| input | seconds | relay peak RSS | goal |
+|---|---:|---:|---|
+| the drain above ($EVENTS events of ~256 bytes) | $relay_s | $((rss_kb / 1024)) MB | ≤ 64 MB |
+| one transaction of $BIG_TXN events | $bigtxn_s | $((bigtxn_rss_kb / 1024)) MB | ≤ 64 MB |
+| $LARGE_EVENTS events of 1 MB | $large_s | $((large_rss_kb / 1024)) MB | bounded by \`max_in_flight\` records or the producer queue, whichever is smaller |
+TABLE
+)
+echo
+echo "$memory_table"
+
 field() { echo "$1" | awk -v f="$2" '{print $f}'; }
 lat_rows=""
 for mode in wal table raw; do
@@ -290,6 +331,14 @@ $table
 ~256-byte payloads, 1,000 keys, 4 topics of 3 partitions, Tansu with in-memory storage on the same machine.
 
 $drain_table
+
+## Memory: a huge transaction and 1 MB events
+
+A fresh relay for each input, with nothing else in the slot; peak RSS is the process's \`VmHWM\`. The relay never
+holds a transaction whole: it publishes a transaction's events as they are decoded, at most \`max_in_flight\`
+(20,000) unacknowledged.
+
+$memory_table
 
 ## Latency: commit to Kafka at fixed offered rates
 

@@ -165,6 +165,10 @@ settings_group! {
         /// Events sent but not yet acknowledged before reading pauses.
         #[arg(long, env = "PG_OUTBOX_MAX_IN_FLIGHT")]
         pub max_in_flight: Option<usize>,
+        /// Bytes of records (key, payload, headers) sent but not yet acknowledged before reading
+        /// pauses (default 32 MiB): what bounds memory with large events.
+        #[arg(long, env = "PG_OUTBOX_MAX_IN_FLIGHT_BYTES")]
+        pub max_in_flight_bytes: Option<usize>,
         /// Pause after taking the slot, before the restart dedup reads Kafka, in milliseconds (default
         /// 1000): lets the broker append what a killed predecessor had already sent.
         #[arg(long, env = "PG_OUTBOX_RESTART_GRACE_MS")]
@@ -337,6 +341,7 @@ pub struct SourceConfig {
     pub poll_batch: i64,
     pub poll_interval: Duration,
     pub max_in_flight: usize,
+    pub max_in_flight_bytes: usize,
     pub restart_grace: Duration,
     pub backoff_max: Duration,
     pub on_poison: OnPoison,
@@ -657,6 +662,12 @@ fn resolve_source(
     if max_in_flight == 0 {
         return Err(RelayError::config("max_in_flight must be at least 1"));
     }
+    let max_in_flight_bytes = s.max_in_flight_bytes.unwrap_or(32 << 20);
+    if max_in_flight_bytes == 0 {
+        return Err(RelayError::config(
+            "max_in_flight_bytes must be at least 1 (PG_OUTBOX_MAX_IN_FLIGHT_BYTES)",
+        ));
+    }
     let poll_batch = s.poll_batch.unwrap_or(1000);
     if !(1..=100_000).contains(&poll_batch) {
         return Err(RelayError::config(format!(
@@ -687,6 +698,7 @@ fn resolve_source(
         poll_batch,
         poll_interval: Duration::from_millis(s.poll_interval_ms.unwrap_or(1000).max(10)),
         max_in_flight,
+        max_in_flight_bytes,
         restart_grace: Duration::from_millis(s.restart_grace_ms.unwrap_or(1000)),
         backoff_max: Duration::from_secs(10),
     })

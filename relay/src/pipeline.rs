@@ -6,7 +6,8 @@
 //! - Durability: a source makes a position durable only when [`crate::checkpoint`] says so: after
 //!   Kafka acknowledged, or the dead letters durably hold, or the dedup found in Kafka, every event
 //!   up to it.
-//! - Back-pressure: at most `max_in_flight` records are unacknowledged; reading pauses beyond that.
+//! - Back-pressure: at most `max_in_flight` records, and about `max_in_flight_bytes` of them, are
+//!   unacknowledged; reading pauses beyond that.
 //! - Recovery: any transient error ends the session; the next session starts from the durable
 //!   position, and [`Dedup`] skips what Kafka already has.
 //! - Shutdown: stop reading, flush, wait for what is in flight (bounded), confirm, close.
@@ -109,8 +110,13 @@ pub struct Pipeline<'a, K: Sink, D: DeadLetters> {
 }
 
 /// A record in flight: its checkpoint unit, its start time (Unix µs), and its outcome.
-async fn track(unit: UnitId, since: i64, delivery: Delivery) -> (UnitId, i64, Delivered) {
-    (unit, since, delivery.await)
+async fn track(
+    unit: UnitId,
+    since: i64,
+    bytes: usize,
+    delivery: Delivery,
+) -> (UnitId, i64, usize, Delivered) {
+    (unit, since, bytes, delivery.await)
 }
 
 impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
@@ -173,15 +179,23 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
         let mut inflight = FuturesUnordered::new();
         let mut steps = Vec::new();
         let max_in_flight = self.source.max_in_flight;
+        // record bytes in flight: reading pauses beyond max_in_flight_bytes too
+        let mut bytes = 0usize;
         loop {
-            let room = max_in_flight.saturating_sub(inflight.len());
+            let room = if bytes >= self.source.max_in_flight_bytes {
+                0
+            } else {
+                max_in_flight.saturating_sub(inflight.len())
+            };
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                Some((unit, since, outcome)) = inflight.next(), if !inflight.is_empty() => {
+                Some((unit, since, size, outcome)) = inflight.next(), if !inflight.is_empty() => {
+                    bytes -= size;
                     self.delivered(&mut checkpoint, unit, since, outcome).await?;
                     // take every other acknowledgement that is already there before confirming
-                    while let Some(Some((unit, since, outcome))) = inflight.next().now_or_never() {
+                    while let Some(Some((unit, since, size, outcome))) = inflight.next().now_or_never() {
+                        bytes -= size;
                         self.delivered(&mut checkpoint, unit, since, outcome).await?;
                     }
                     self.metrics.progress();
@@ -192,12 +206,13 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
                         match step {
                             Step::Event(event) => {
                                 let since = event.since_micros;
-                                if let Some(delivery) = self.publish(event).await? {
+                                if let Some((delivery, size)) = self.publish(event).await? {
                                     if inflight.is_empty() {
                                         // a new flight: the stall clock starts now
                                         self.metrics.progress();
                                     }
-                                    inflight.push(track(checkpoint.sent(), since, delivery));
+                                    bytes += size;
+                                    inflight.push(track(checkpoint.sent(), since, size, delivery));
                                 }
                             }
                             Step::Close(ack) => checkpoint.close(ack),
@@ -222,7 +237,7 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
         }
         while !inflight.is_empty() {
             tokio::select! {
-                Some((unit, since, outcome)) = inflight.next() => {
+                Some((unit, since, _, outcome)) = inflight.next() => {
                     self.delivered(&mut checkpoint, unit, since, outcome).await?;
                 }
                 _ = &mut deadline => {
@@ -275,9 +290,12 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
         Ok(())
     }
 
-    /// Sends one event unless Kafka already has it. Returns the delivery to wait for, or None when
-    /// there is nothing to wait for (found in Kafka, or dead-lettered).
-    async fn publish(&mut self, event: SourceEvent) -> Result<Option<Delivery>, RelayError> {
+    /// Sends one event unless Kafka already has it. Returns the delivery to wait for and the
+    /// record's size, or None when there is nothing to wait for (found in Kafka, or dead-lettered).
+    async fn publish(
+        &mut self,
+        event: SourceEvent,
+    ) -> Result<Option<(Delivery, usize)>, RelayError> {
         let position = event.position;
         let decoded;
         let event = match &event.body {
@@ -307,7 +325,7 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
         &mut self,
         position: Position,
         event: &Event<'_>,
-    ) -> Result<Option<Delivery>, RelayError> {
+    ) -> Result<Option<(Delivery, usize)>, RelayError> {
         let topic = self.kafka.topic_for(event.topic);
         if let Err(e) = pg_outbox_envelope::validate_topic(&topic) {
             let reason = format!("topic_template gives an invalid Kafka topic {topic:?}: {e}");
@@ -373,7 +391,7 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
                 self.pause_limit.as_secs_f64()
             )));
         }
-        Ok(Some(self.sink.send(record).await?))
+        Ok(Some((self.sink.send(record).await?, size)))
     }
 
     /// The topic's partition count. A topic that does not exist or may not be written holds the
@@ -576,6 +594,7 @@ mod tests {
             poll_batch: 1000,
             poll_interval: Duration::from_secs(1),
             max_in_flight,
+            max_in_flight_bytes: usize::MAX,
             restart_grace: Duration::ZERO,
             backoff_max: Duration::from_secs(1),
             on_poison,
