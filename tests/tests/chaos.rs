@@ -100,7 +100,8 @@ async fn chaos_kills_and_pauses_lose_duplicate_and_reorder_nothing() -> Result<(
     let mut turn = rand::rng().random_range(0..5);
     // relays that were paused and resumed after another took over: they stand by
     let mut resumed = Vec::new();
-    while !writing.is_finished() {
+    // until the writer is done and every kind of fault happened at least once
+    while !writing.is_finished() || counts.len() < 5 {
         let pause = rand::rng().random_range(500..2500);
         tokio::time::sleep(Duration::from_millis(pause)).await;
         turn += 1;
@@ -211,7 +212,7 @@ async fn chaos_kills_and_pauses_lose_duplicate_and_reorder_nothing() -> Result<(
     let mut faults: Vec<String> = counts.iter().map(|(f, c)| format!("{f} x{c}")).collect();
     faults.sort();
     println!(
-        "chaos: {events} events committed in {:.0} s under {}",
+        "chaos: {events} events committed; {:.0} s of faults: {}",
         wrote.as_secs_f64(),
         faults.join(", ")
     );
