@@ -21,8 +21,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
 use std::collections::HashMap;
 use std::time::Duration;
 
-/// The producer settings the relay sends every record with, before `message.max.bytes` and the
-/// `[kafka]` settings. (`make bench` produces its raw baseline with these too.)
+/// The producer settings the relay sends every record with, before `message.max.bytes`, the
+/// `[kafka]` settings and the record lifetime ([`KafkaSink::new`]). (`make bench` produces its raw
+/// baseline with these too.)
 pub fn producer_config(brokers: &str) -> ClientConfig {
     let mut producer = ClientConfig::new();
     producer
@@ -30,10 +31,7 @@ pub fn producer_config(brokers: &str) -> ClientConfig {
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("partitioner", "murmur2_random")
-        .set("linger.ms", "5")
-        // never give up on a record: a timed-out record followed by acknowledged ones would be
-        // a hole in the partition; an unreachable broker just holds the stream (and the slot)
-        .set("message.timeout.ms", "0");
+        .set("linger.ms", "5");
     producer
 }
 
