@@ -16,6 +16,8 @@
 # With PGCLUSTER_TLS_DIR (server.crt, server.key), a new cluster also accepts TLS, and the role
 # tls_only may log in over TLS only (hostssl), as on a server that requires it, and pw_only with a
 # password only (scram-sha-256).
+# A new cluster runs with fsync and full_page_writes off (fast, and enough for tests); with
+# PGCLUSTER_DURABLE=1 it has production durability instead (fsync, full_page_writes on), for benchmarks.
 set -euo pipefail
 
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}  # another version: PGBIN=/opt/pg_outbox/pg17/bin
@@ -39,6 +41,8 @@ start)
     mkdir -p "$dir"
     [ "$(id -u)" = 0 ] && chown postgres:postgres "$dir" && chmod 700 "$dir"
     if [ ! -f "$dir/PG_VERSION" ]; then
+        durability=off
+        [ "${PGCLUSTER_DURABLE:-0}" = 1 ] && durability=on
         as_owner "$PGBIN/initdb" -D "$dir" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 >"$dir.initdb.log" 2>&1 \
             || { cat "$dir.initdb.log"; exit 1; }
         cat >>"$dir/postgresql.conf" <<CONF
@@ -48,9 +52,9 @@ unix_socket_directories = '$dir'
 wal_level = $wal_level
 max_wal_senders = 40
 max_replication_slots = 40
-fsync = off
+fsync = $durability
 synchronous_commit = on
-full_page_writes = off
+full_page_writes = $durability
 shared_buffers = 128MB
 max_connections = 100
 log_min_messages = warning
