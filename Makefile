@@ -1,5 +1,5 @@
 # pg_outbox: `make test` and `make demo` install what they need (scripts/setup.sh), idempotently.
-.PHONY: test test-all chaos demo demo-saga bench setup lint install clean
+.PHONY: test test-all chaos demo demo-saga bench bench-quick setup lint install clean
 
 test:
 	scripts/test.sh
@@ -21,8 +21,13 @@ demo:
 demo-saga:
 	scripts/demo-saga.sh
 
+# every figure, ratio, goal verdict and curve of BENCHMARKS.md (under 20 minutes on 2 cores)
 bench:
 	scripts/bench.sh
+
+# the same sections at small sizes, in a few minutes; BENCHMARKS.md says its figures are quick ones
+bench-quick:
+	BENCH_QUICK=1 scripts/bench.sh
 
 setup:
 	scripts/setup.sh
