@@ -59,6 +59,7 @@ else
 fi
 CLIENTS=${CLIENTS:-2}
 CHARTS=bench/charts
+BIN=${CARGO_TARGET_DIR:-target}/release  # where cargo puts the release builds
 started_at=$SECONDS
 
 stage_begin --release
@@ -99,7 +100,7 @@ goal() { # what value op target unit
 chart() { # name title x_label y_label [logx] [logy] < csv
     local name=$1; shift
     mkdir -p "$CHARTS"
-    target/release/chart "$CHARTS/$name.svg" "$@"
+    "$BIN"/chart "$CHARTS/$name.svg" "$@"
 }
 
 say "building the relay and the bench tools (release)"
@@ -208,7 +209,7 @@ stage_broker "$KAFKA_PORT" b0:3 b1:3 b2:3 b3:3 r0:3 r1:3 r2:3 r3:3 i0:3 m0:3 m1:
 BROKERS=127.0.0.1:$KAFKA_PORT
 relay() { # start a relay in the background (its log in $root/relay-$1.log), remember its pid
     local name=$1; shift
-    target/release/pg-outbox-relay "$@" --pg-port "$PORT" --brokers "$BROKERS" \
+    "$BIN"/pg-outbox-relay "$@" --pg-port "$PORT" --brokers "$BROKERS" \
         --metrics-addr "127.0.0.1:$METRICS_PORT" >"$root/relay-$name.log" 2>&1 &
     relay_pid=$!
     pids+=("$relay_pid")
@@ -252,10 +253,10 @@ t0=$(now)
     --endpos "$end_lsn" -o proto_version=1 -o publication_names=pg_outbox -o messages=true -f /dev/null
 text_s=$(elapsed "$t0" "$(now)")
 say "text decode (pg_recvlogical) ${text_s}s"
-binary_s=$(target/release/binary_decode 127.0.0.1 "$PORT" postgres postgres bench_bin pg_outbox "$end_lsn")
+binary_s=$("$BIN"/binary_decode 127.0.0.1 "$PORT" postgres postgres bench_bin pg_outbox "$end_lsn")
 say "binary decode ${binary_s}s"
 sql -c "SELECT pg_drop_replication_slot('bench_raw')" -c "SELECT pg_drop_replication_slot('bench_bin')" >/dev/null
-produce_s=$(target/release/raw_produce "$BROKERS" r0,r1,r2,r3 "$EVENTS" 256 1000)
+produce_s=$("$BIN"/raw_produce "$BROKERS" r0,r1,r2,r3 "$EVENTS" 256 1000)
 say "raw produce ${produce_s}s"
 t0=$(now)
 relay drain run --restart-grace-ms 0
@@ -328,7 +329,7 @@ latency() { # mode rate [relay] -> "events achieved ack_p50 ack_p95 ack_p99 recv
     local topic="lat_$1_$2"  # a fresh topic per run: Tansu's memory storage slows down as a topic grows
     tansu topic create "$topic" --partitions 3 --broker "tcp://$BROKERS" >/dev/null
     # past saturation events may still be missing after the grace: the line is printed all the same
-    target/release/latency "$CONNINFO" "$BROKERS" "$topic" 3 "$1" "$2" "$LAT_SECONDS" \
+    "$BIN"/latency "$CONNINFO" "$BROKERS" "$topic" 3 "$1" "$2" "$LAT_SECONDS" \
         ${3:+"127.0.0.1:$METRICS_PORT"} 2>>"$root/latency.log" || true
 }
 field() { echo "$1" | awk -v f="$2" '{print $f}'; }
@@ -418,8 +419,8 @@ goal "relay peak RSS, one transaction of $BIG_TXN events" "$bigtxn_rss" "≤" 64
 
 # --- ingest -------------------------------------------------------------------------------------------
 say "producing $INGEST_EVENTS records to ingest"
-target/release/raw_produce "$BROKERS" i0 "$INGEST_EVENTS" 256 1000 >/dev/null
-consume_s=$(target/release/raw_consume "$BROKERS" i0 3 "$INGEST_EVENTS" 2>/dev/null)
+"$BIN"/raw_produce "$BROKERS" i0 "$INGEST_EVENTS" 256 1000 >/dev/null
+consume_s=$("$BIN"/raw_consume "$BROKERS" i0 3 "$INGEST_EVENTS" 2>/dev/null)
 say "raw consume ${consume_s}s"
 t0=$(now)
 relay ingest ingest --consumer bench --topics i0
