@@ -11,12 +11,18 @@ use crate::error::RelayError;
 use crate::event::Position;
 use crate::sink::{Sink, HEADER_ID, HEADER_POSITION, HEADER_SOURCE};
 use crate::source::Identity;
+use futures_util::StreamExt;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 use tracing::info;
+
+/// Partitions read back at once on a topic's first touch. Each read is a consumer of its own (a
+/// librdkafka client with its threads and connection): a topic of thousands of partitions read all
+/// at once took thousands of threads and stalled the broker.
+const READ_BACK_CONCURRENCY: usize = 16;
 
 /// What one partition holds of this source, as read back after a restart.
 ///
@@ -65,7 +71,7 @@ pub struct Dedup {
 impl Dedup {
     /// Whether the event at `position` is already in `topic`/`partition`; if not, it is taken as
     /// sent from now on (the caller sends it or dead-letters it). A topic's partitions are read
-    /// back all at once on its first touch in the session.
+    /// back on its first touch in the session, [`READ_BACK_CONCURRENCY`] at a time.
     ///
     /// A partition that holds records of this identity at or beyond its ceiling (positions the
     /// database has not reached) stops the relay: skipping by them would lose every new event.
@@ -80,12 +86,12 @@ impl Dedup {
     ) -> Result<bool, RelayError> {
         if !self.tails.contains_key(topic) {
             let reads = (0..partitions).map(|p| sink.read_tail(topic, p, &identity.name));
+            let read: Vec<_> = futures_util::stream::iter(reads)
+                .buffered(READ_BACK_CONCURRENCY)
+                .collect()
+                .await;
             let mut tails = Vec::with_capacity(partitions as usize);
-            for (p, tail) in futures_util::future::join_all(reads)
-                .await
-                .into_iter()
-                .enumerate()
-            {
+            for (p, tail) in read.into_iter().enumerate() {
                 let tail = tail?;
                 if let Some(last) = tail.last.filter(|last| *last >= identity.ceiling) {
                     return Err(RelayError::permanent(format!(

@@ -36,6 +36,19 @@ const REMEMBER_EVERY: Duration = Duration::from_secs(10);
 /// Events handed over per call at most, so that acknowledgements are taken in between.
 const MAX_BATCH: usize = 1024;
 
+/// Bounds of the replication client's buffer of decoded messages (see [`buffered_messages`]).
+const MIN_BUFFERED: usize = 16;
+const MAX_BUFFERED: usize = 8192;
+
+/// How many decoded messages the replication client may buffer ahead of the pipeline.
+/// pgwire-replication counts its buffer in messages, not bytes, so the count is derived from a
+/// byte budget (`max_in_flight_bytes`, the same as for records in flight) and the largest message
+/// the relay publishes (`max_record_bytes`): 8,192 messages of 1 MB each would be 8 GB. With the
+/// defaults (32 MiB, 1 MB) that is 33 messages; records capped at 4 KB keep 8,192.
+fn buffered_messages(max_in_flight_bytes: usize, max_record_bytes: usize) -> usize {
+    (max_in_flight_bytes / max_record_bytes.max(1)).clamp(MIN_BUFFERED, MAX_BUFFERED)
+}
+
 pub struct WalSource {
     repl: ReplicationClient,
     /// For recording the confirmed position now and then (see [`remember_confirmed`]).
@@ -129,6 +142,10 @@ impl WalSource {
         .with_tls(p.tls.replication())
         .with_start_lsn(Lsn::ZERO)
         .with_status_interval(Duration::from_millis(500))
+        .with_buffer_size(buffered_messages(
+            config.source.max_in_flight_bytes,
+            config.kafka.max_record_bytes,
+        ))
         .with_application_name(postgres::application_name());
         let mut repl = ReplicationClient::connect(repl_config).await?;
         repl.wait_started().await?;
@@ -348,5 +365,20 @@ impl Drop for WalSource {
     fn drop(&mut self) {
         // a session that failed releases the slot at once, for the next session or a standby
         self.repl.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_message_buffer_is_bounded_in_bytes() {
+        // the defaults: 32 MiB over records of up to 1 MB
+        assert_eq!(buffered_messages(32 << 20, 1_000_000), 33);
+        // 200 events of 1 MB used to sit in a buffer of 8,192 messages (184 MB of RSS)
+        assert!(buffered_messages(32 << 20, 1_100_000) * 1_100_000 <= 32 << 20);
+        assert_eq!(buffered_messages(32 << 20, 1024), MAX_BUFFERED);
+        assert_eq!(buffered_messages(1 << 20, 100 << 20), MIN_BUFFERED);
     }
 }
