@@ -3,6 +3,9 @@
 # extension, start three throwaway clusters (wal_level=logical, wal_level=replica, and one a test
 # restarts), run the tests against them, clean up.
 #
+# Every version also runs the SQL tests and one end-to-end relay test per source against the SQL
+# edition (sql-edition/pg_outbox.sql, PG_OUTBOX_EDITION=sql), unless TESTS picks tests.
+#
 #   PG_FULL   versions that run every test (default "15 17"; `PG_FULL=16 make test` runs all on 16)
 #   PG_SMOKE  versions that run the SQL tests and one end-to-end relay test per source
 #             (`make test-all`: 14 16 18)
@@ -20,6 +23,8 @@ scripts/setup.sh
 
 echo "test: cargo fmt --check"
 cargo fmt --all --check
+echo "test: sql-edition/pg_outbox.sql is what scripts/sql-edition.sh writes"
+scripts/sql-edition.sh --check
 echo "test: cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
@@ -52,6 +57,13 @@ openssl x509 -req -in "$tls/server.csr" -CA "$tls/ca.crt" -CAkey "$tls/ca.key" -
 chmod 644 "$tls/ca.crt"
 export PG_OUTBOX_TEST_TLS_DIR=$tls
 
+# one end-to-end relay test per source
+relay_smoke() {
+    cargo test -p pg_outbox_tests --test relay -- --show-output --exact \
+        committed_events_arrive_with_topic_key_headers_and_payload \
+        table_mode_publishes_exactly_the_committed_rows_and_removes_them
+}
+
 # Runs the integration tests against PostgreSQL $1: all ($2 = full) or the SQL tests and two
 # end-to-end relay tests, one per source (smoke).
 run_version() {
@@ -83,9 +95,12 @@ run_version() {
     else
         echo "test: PostgreSQL $v: cargo test (SQL tests, one relay test per source)"
         cargo test -p pg_outbox_tests --test outbox --test inbox --test trust -- --show-output
-        cargo test -p pg_outbox_tests --test relay -- --show-output --exact \
-            committed_events_arrive_with_topic_key_headers_and_payload \
-            table_mode_publishes_exactly_the_committed_rows_and_removes_them
+        relay_smoke
+    fi
+    if [ -z "${TESTS:-}" ]; then
+        echo "test: PostgreSQL $v: the SQL edition, installed by a role that is not a superuser"
+        PG_OUTBOX_EDITION=sql cargo test -p pg_outbox_tests --test outbox --test inbox --test trust -- --show-output
+        PG_OUTBOX_EDITION=sql relay_smoke
     fi
     scripts/pgcluster.sh stop "$root/pg$v-logical"
     scripts/pgcluster.sh stop "$root/pg$v-replica"

@@ -21,8 +21,7 @@ use pg_outbox_envelope::{Event, AUTH_KEY_LEN, MESSAGE_PREFIX};
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
-use pgrx::{JsonB, PgOid};
-use serde_json::Value;
+use pgrx::PgOid;
 use std::cell::{Cell, OnceCell};
 use std::ffi::CString;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -111,39 +110,51 @@ pub const RESERVED_HEADER_PREFIX: &str = "pg_outbox-";
 /// The header a trace context travels in.
 const TRACE_HEADER: &str = "traceparent";
 
-/// The headers argument, parsed once: the JSON object (for table mode's row) and its pairs.
-pub struct Headers {
-    pub object: serde_json::Map<String, Value>,
+/// The headers argument, parsed once: the canonical jsonb text (for table mode's row) and its pairs.
+///
+/// Header values become bytes by one rule, shared with the SQL edition and the relay's poll source
+/// (`jsonb_each_text`): a string is its UTF-8, a number or boolean its jsonb text, exactly as given
+/// (`1.50` stays `1.50`). Pairs are in byte order of their names (`ORDER BY name COLLATE "C"`).
+pub struct Headers<'t> {
+    /// The object's canonical text, `{}` when there are no headers.
+    pub text: &'t [u8],
+    values: std::collections::BTreeMap<String, &'t serde_json::value::RawValue>,
 }
 
-impl Headers {
+impl<'t> Headers<'t> {
     /// Parses `headers` (SQL NULL and JSON null are no headers). Nesting deeper than serde_json
     /// reads (128 levels) is refused like any other structured value.
-    pub fn parse(headers: Option<&JsonbText>) -> Result<Headers, Refusal> {
-        let value = match headers {
-            None => Value::Null,
-            Some(text) => serde_json::from_slice(&text.0).map_err(|e| {
+    pub fn parse(headers: Option<&'t JsonbText>) -> Result<Headers<'t>, Refusal> {
+        let text = match headers {
+            Some(text) if text.0 != b"null" => text.0.as_slice(),
+            _ => {
+                return Ok(Headers {
+                    text: b"{}",
+                    values: Default::default(),
+                })
+            }
+        };
+        if text.first() != Some(&b'{') {
+            let kind = match text.first() {
+                Some(b'[') => "an array",
+                Some(b'"') => "a string",
+                Some(b't' | b'f') => "a boolean",
+                _ => "a number",
+            };
+            return Err(invalid(
+                format!("pg_outbox: headers must be a JSON object, got {kind}"),
+                "Pass headers as '{\"name\": \"value\"}'::jsonb.",
+            ));
+        }
+        let values: std::collections::BTreeMap<String, &serde_json::value::RawValue> =
+            serde_json::from_slice(text).map_err(|e| {
                 invalid(
                     format!("pg_outbox: headers cannot be read: {e}"),
                     "Pass headers as a flat object, '{\"name\": \"value\"}'::jsonb; \
                      header values must be strings, numbers or booleans.",
                 )
-            })?,
-        };
-        let object = match value {
-            Value::Object(map) => map,
-            Value::Null => Default::default(),
-            other => {
-                return Err(invalid(
-                    format!(
-                        "pg_outbox: headers must be a JSON object, got {}",
-                        json_kind(&other)
-                    ),
-                    "Pass headers as '{\"name\": \"value\"}'::jsonb.",
-                ))
-            }
-        };
-        for name in object.keys() {
+            })?;
+        for name in values.keys() {
             if name
                 .get(..RESERVED_HEADER_PREFIX.len())
                 .is_some_and(|p| p.eq_ignore_ascii_case(RESERVED_HEADER_PREFIX))
@@ -155,42 +166,43 @@ impl Headers {
                 ));
             }
         }
-        Ok(Headers { object })
+        Ok(Headers { text, values })
     }
 
-    /// Header values in the envelope are bytes: strings as their UTF-8, numbers and booleans as JSON text.
+    /// Header values in the envelope are bytes: strings as their UTF-8, numbers and booleans as
+    /// their jsonb text.
     pub fn pairs(&self) -> Result<Vec<(&str, Vec<u8>)>, Refusal> {
-        self.object
+        self.values
             .iter()
             .map(|(name, value)| {
-                let bytes = match value {
-                    Value::String(s) => s.as_bytes().to_vec(),
-                    Value::Number(n) => n.to_string().into_bytes(),
-                    Value::Bool(b) => b.to_string().into_bytes(),
-                    other => {
+                let raw = value.get();
+                let bytes = match raw.as_bytes().first() {
+                    Some(b'"') => serde_json::from_str::<String>(raw)
+                        .map_err(|e| {
+                            invalid(
+                                format!("pg_outbox: header \"{name}\" cannot be read: {e}"),
+                                "Pass header values as strings, numbers or booleans.",
+                            )
+                        })?
+                        .into_bytes(),
+                    Some(b't' | b'f' | b'-' | b'0'..=b'9') => raw.as_bytes().to_vec(),
+                    first => {
+                        let kind = match first {
+                            Some(b'[') => "an array",
+                            Some(b'{') => "an object",
+                            _ => "null",
+                        };
                         return Err(invalid(
                             format!(
-                                "pg_outbox: header \"{name}\" is {}; header values must be strings, numbers or booleans",
-                                json_kind(other)
+                                "pg_outbox: header \"{name}\" is {kind}; header values must be strings, numbers or booleans"
                             ),
                             "Encode structured values as a JSON string.",
-                        ))
+                        ));
                     }
                 };
                 Ok((name.as_str(), bytes))
             })
             .collect()
-    }
-}
-
-fn json_kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 
@@ -285,7 +297,7 @@ thread_local! {
 
 const INSERT_SQL: &str = "INSERT INTO outbox.events \
      (id, topic, key, headers, payload, payload_is_json, trace_context) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7)";
+     VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7)";
 
 fn insert_row(
     id: pgrx::Uuid,
@@ -294,7 +306,7 @@ fn insert_row(
     headers: &Headers,
     trace: Option<&str>,
 ) {
-    let headers = JsonB(Value::Object(headers.object.clone()));
+    let headers = std::str::from_utf8(headers.text).unwrap_or("{}");
     as_owner(|| {
         Spi::connect_mut(|client| {
             INSERT_EVENT.with(|cell| {
@@ -305,7 +317,7 @@ fn insert_row(
                             PgOid::from(pg_sys::UUIDOID),
                             PgOid::from(pg_sys::TEXTOID),
                             PgOid::from(pg_sys::TEXTOID),
-                            PgOid::from(pg_sys::JSONBOID),
+                            PgOid::from(pg_sys::TEXTOID),
                             PgOid::from(pg_sys::BYTEAOID),
                             PgOid::from(pg_sys::BOOLOID),
                             PgOid::from(pg_sys::TEXTOID),

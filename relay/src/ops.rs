@@ -63,14 +63,20 @@ pub async fn check(config: &Config) -> Vec<Finding> {
                     "set wal_level = logical in postgresql.conf and restart PostgreSQL",
                 ));
             }
-            let ext = q("SELECT extversion FROM pg_extension WHERE extname = 'pg_outbox' AND $1::text IS NOT NULL UNION ALL SELECT NULL LIMIT 1").await;
+            // the C extension has its row in pg_extension; the SQL edition marks itself with
+            // outbox._edition() (scripts/sql-edition.sh)
+            let ext = q("SELECT coalesce((SELECT 'extension ' || extversion FROM pg_extension WHERE extname = 'pg_outbox'), \
+                                          (SELECT obj_description(p, 'pg_proc') FROM to_regprocedure('outbox._edition()') p \
+                                            WHERE p IS NOT NULL)) \
+                          WHERE $1::text IS NOT NULL").await;
             out.push(finding(
                 !ext.is_empty(),
                 format!(
-                    "extension pg_outbox installed ({})",
+                    "pg_outbox installed ({})",
                     if ext.is_empty() { "missing" } else { &ext }
                 ),
-                "CREATE EXTENSION pg_outbox in this database",
+                "CREATE EXTENSION pg_outbox in this database, or install the SQL edition \
+                 (sql-edition/pg_outbox.sql, README \"Managed PostgreSQL\")",
             ));
             if wal {
                 match SlotState::read(&pg, &config.source.slot).await {

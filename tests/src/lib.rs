@@ -9,9 +9,10 @@ pub mod relay;
 
 pub use broker::{read_all, read_all_with, Broker, Record};
 pub use postgres::{
-    backend_pid, connect, connect_as, conninfo, expect_error, peek_wal_events, pgoutput_message,
-    port, replica_port, resilient_writer, restart_cluster, setup, sqlstate, tls_dir,
-    wait_for_lock_wait, OwnedEvent, TestDb,
+    backend_pid, connect, connect_as, conninfo, edition, expect_error, install_sql_edition,
+    peek_wal_events, pgoutput_message, port, replica_port, resilient_writer, restart_cluster,
+    setup, sqlstate, tls_dir, wait_for_lock_wait, Edition, OwnedEvent, TestDb, SQL_EDITION,
+    SQL_EDITION_OWNER,
 };
 pub use relay::{
     healthz, metric, relay_bin, relay_command, scrape_metrics, wait_for_metric, Relay,

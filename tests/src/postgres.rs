@@ -71,6 +71,52 @@ pub async fn connect(port: u16, db: &str) -> Result<Client> {
     connect_as(port, db, "postgres").await
 }
 
+/// Which edition of pg_outbox a test database gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Edition {
+    /// `CREATE EXTENSION pg_outbox` (the C extension), as a superuser.
+    Extension,
+    /// sql-edition/pg_outbox.sql, installed by [`SQL_EDITION_OWNER`], a role that is not a superuser.
+    Sql,
+}
+
+/// `PG_OUTBOX_EDITION=sql` runs the tests against the SQL edition (scripts/test.sh does, for the
+/// SQL tests and the end-to-end relay tests); anything else, or nothing, is the C extension.
+pub fn edition() -> Edition {
+    match std::env::var("PG_OUTBOX_EDITION").as_deref() {
+        Ok("sql") => Edition::Sql,
+        _ => Edition::Extension,
+    }
+}
+
+/// The SQL edition, as scripts/sql-edition.sh writes it.
+pub const SQL_EDITION: &str = include_str!("../../sql-edition/pg_outbox.sql");
+
+/// The role that installs the SQL edition in a test database: what a managed service gives its
+/// customers' administrator (CREATEROLE, REPLICATION, owner of the database), not a superuser.
+pub const SQL_EDITION_OWNER: &str = "outbox_installer";
+
+/// Installs the SQL edition into `db` as [`SQL_EDITION_OWNER`], who owns the database.
+pub async fn install_sql_edition(admin: &Client, port: u16, db: &str) -> Result<()> {
+    admin
+        .batch_execute(&format!(
+            "DO $$ BEGIN
+                 IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{SQL_EDITION_OWNER}') THEN
+                     CREATE ROLE {SQL_EDITION_OWNER} LOGIN CREATEROLE REPLICATION;
+                 END IF;
+             EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
+             END $$;
+             ALTER DATABASE {db} OWNER TO {SQL_EDITION_OWNER}"
+        ))
+        .await?;
+    let owner = connect_as(port, db, SQL_EDITION_OWNER).await?;
+    owner
+        .batch_execute(&format!("BEGIN; {SQL_EDITION} COMMIT;"))
+        .await
+        .context("installing sql-edition/pg_outbox.sql as a role that is not a superuser")?;
+    Ok(())
+}
+
 /// A database of its own for one test.
 pub struct TestDb {
     pub name: String,
@@ -96,8 +142,13 @@ impl TestDb {
         ] {
             admin.batch_execute(&sql).await?;
         }
+        if edition() == Edition::Sql {
+            install_sql_edition(&admin, port, name).await?;
+        }
         let client = connect(port, name).await?;
-        client.batch_execute("CREATE EXTENSION pg_outbox").await?;
+        if edition() == Edition::Extension {
+            client.batch_execute("CREATE EXTENSION pg_outbox").await?;
+        }
         // relay logs of this test start empty (Relay appends across restarts)
         let _ = std::fs::remove_file(std::env::temp_dir().join(format!("relay-{name}.log")));
         Ok(TestDb {

@@ -2,7 +2,7 @@
 //! modes; bad input is refused with its documented SQLSTATE and leaves nothing behind.
 
 use anyhow::Result;
-use pg_outbox_tests::{expect_error, port, replica_port, OwnedEvent, TestDb};
+use pg_outbox_tests::{edition, expect_error, port, replica_port, Edition, OwnedEvent, TestDb};
 use uuid::Uuid;
 
 async fn enqueue(
@@ -119,7 +119,7 @@ async fn wal_envelope_carries_headers_bytes_and_trace_context() -> Result<()> {
     c.batch_execute("BEGIN; SET LOCAL pg_outbox.trace_context = '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01'").await?;
     let json_id: Uuid = c
         .query_one(
-            r#"SELECT outbox.enqueue('orders.v1', 'c-42', '{"total": 9.5}', '{"type": "OrderCreated", "attempt": 2, "replay": false}')"#,
+            r#"SELECT outbox.enqueue('orders.v1', 'c-42', '{"total": 9.5}', '{"type": "OrderCreated", "attempt": 2, "replay": false, "price": 1.50, "big": 123456789012345678901234}')"#,
             &[],
         )
         .await?
@@ -155,10 +155,16 @@ async fn wal_envelope_carries_headers_bytes_and_trace_context() -> Result<()> {
         headers,
         vec![
             ("attempt".to_string(), b"2".to_vec()),
+            // numbers exactly as jsonb prints them, not as a float would
+            ("big".to_string(), b"123456789012345678901234".to_vec()),
+            ("price".to_string(), b"1.50".to_vec()),
             ("replay".to_string(), b"false".to_vec()),
             ("type".to_string(), b"OrderCreated".to_vec()),
         ]
     );
+    // in byte order of their names, as the SQL edition and the poll source write them
+    let names: Vec<&str> = e.headers.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["attempt", "big", "price", "replay", "type"]);
     assert_eq!(
         e.trace_context.as_deref(),
         Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
@@ -492,15 +498,32 @@ async fn every_function_pins_search_path_but_the_documented_ones() -> Result<()>
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(
-        unpinned,
-        vec![
+    // the C extension's enqueue functions resolve no names (see src/outbox.rs); the SQL edition's
+    // are SECURITY DEFINER, which must pin it
+    let expected = match edition() {
+        Edition::Extension => vec![
             "outbox._enqueue_batch_json(text,text[],text[],jsonb)",
             "outbox.enqueue(text,text,jsonb)",
             "outbox.enqueue(text,text,jsonb,jsonb)",
             "outbox.enqueue_bytes(text,text,bytea,jsonb)",
             "outbox.setup(text)",
-        ]
+        ],
+        Edition::Sql => vec!["outbox.setup(text)"],
+    };
+    assert_eq!(unpinned, expected);
+    let definers_unpinned: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+              WHERE n.nspname IN ('outbox', 'inbox') AND p.prosecdef \
+                AND NOT coalesce('search_path=pg_catalog, pg_temp' = ANY (p.proconfig), false)",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(
+        definers_unpinned, 0,
+        "every SECURITY DEFINER function pins search_path"
     );
     Ok(())
 }

@@ -28,9 +28,11 @@ use tracing::{info, warn};
 
 pub const CHANNEL: &str = "pg_outbox_events";
 
-const POLL_SQL: &str =
-    "SELECT seq, id, xid::text::bigint, topic, key, headers, payload, payload_is_json, \
-            trace_context, (extract(epoch FROM created_at) * 1000000)::bigint \
+const POLL_SQL: &str = "SELECT seq, id, xid::text::bigint, topic, key, \
+            ARRAY(SELECT h.key FROM jsonb_each_text(headers) h ORDER BY h.key COLLATE \"C\"), \
+            payload, payload_is_json, trace_context, \
+            (extract(epoch FROM created_at) * 1000000)::bigint, \
+            ARRAY(SELECT h.value FROM jsonb_each_text(headers) h ORDER BY h.key COLLATE \"C\") \
        FROM outbox.events \
       WHERE (xid, seq) > ($1::text::xid8, $2) \
         AND xid < pg_snapshot_xmin(pg_current_snapshot()) \
@@ -96,7 +98,8 @@ impl PollSource {
             .await?;
         if !tables.get::<_, bool>(0) {
             return Err(RelayError::config(format!(
-                "outbox.events does not exist in database \"{}\": CREATE EXTENSION pg_outbox there",
+                "outbox.events does not exist in database \"{}\": CREATE EXTENSION pg_outbox there \
+                 (or install the SQL edition, sql-edition/pg_outbox.sql)",
                 config.postgres.database
             )));
         }
@@ -191,19 +194,15 @@ impl Source for PollSource {
             let seq: i64 = row.get(0);
             let xid: i64 = row.get(2);
             self.after = (xid, seq);
-            let headers: Vec<(String, Vec<u8>)> = match row.get::<_, serde_json::Value>(5) {
-                serde_json::Value::Object(map) => map
-                    .into_iter()
-                    .map(|(k, v)| {
-                        let v = match v {
-                            serde_json::Value::String(s) => s.into_bytes(),
-                            other => other.to_string().into_bytes(),
-                        };
-                        (k, v)
-                    })
-                    .collect(),
-                _ => Vec::new(),
-            };
+            // header values as the envelope carries them (pg_outbox/src/outbox.rs, Headers): a
+            // string's UTF-8, a number's or boolean's jsonb text, names in byte order
+            let names: Vec<String> = row.get(5);
+            let values: Vec<Option<String>> = row.get(10);
+            let headers: Vec<(String, Vec<u8>)> = names
+                .into_iter()
+                .zip(values)
+                .map(|(name, value)| (name, value.unwrap_or_default().into_bytes()))
+                .collect();
             let id: uuid::Uuid = row.get(1);
             let event = OwnedEvent {
                 id: *id.as_bytes(),
