@@ -58,6 +58,8 @@ else
     INGEST_EVENTS=${INGEST_EVENTS:-200000} BIG_TXN=${BIG_TXN:-1000000} LARGE_EVENTS=${LARGE_EVENTS:-200}
 fi
 CLIENTS=${CLIENTS:-2}
+PROFILE=${BENCH_PROFILE:-1}  # a second, profiled drain: where the time goes (perf, whole machine)
+PROFILE_EVENTS=${PROFILE_EVENTS:-$((EVENTS / 4))}
 CHARTS=bench/charts
 BIN=${CARGO_TARGET_DIR:-target}/release  # where cargo puts the release builds
 started_at=$SECONDS
@@ -190,7 +192,7 @@ for n in $CURVE_CLIENTS; do
     for v in a b c d; do
         case $v in
             a) name="a: business alone" ;; b) name="b: + hand-rolled outbox" ;;
-            c) name="c: + enqueue, wal" ;; d) name="d: + enqueue, table" ;;
+            c) name="c: + enqueue (wal)" ;; d) name="d: + enqueue (table)" ;;
         esac
         t=$(run "$PORT" "$(script "$v" t)" "$(mode_of "$v")" "$n" "$CURVE_SECONDS")
         echo "$name,$n,$t" >>"$root/clients.csv"
@@ -309,6 +311,45 @@ TABLE
 )
 echo "$drain_table"
 goal "relay drain / min(binary decoding, raw produce), $EVENTS events" "$drain_ratio" "≥" 0.90 ""
+
+# Where the drain's time goes: a second backlog drained under perf (sampling every CPU, so the
+# walsender, the broker and the relay's threads are seen side by side). Not timed: perf slows it.
+profile_md=""
+if [ "$PROFILE" = 1 ] && command -v perf >/dev/null; then
+    backlog b0,b1,b2,b3 "$PROFILE_EVENTS" 256 1000
+    t0=$(now)
+    relay profile run --restart-grace-ms 0
+    perf record -a -F 499 -o "$root/perf.data" >/dev/null 2>&1 &
+    perf_pid=$!
+    drain_wait "$PROFILE_EVENTS" "$root/relay-profile.log"
+    kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true
+    # a thread's name says whose it is: postgres (the walsender), tansu, the relay's tokio-rt-worker
+    # and pgwire-replication worker, librdkafka's rdk:* and producer threads
+    by_thread=$(perf report -i "$root/perf.data" --stdio --sort comm 2>/dev/null \
+        | awk '/^ +[0-9.]+%/ && n < 12 {p = $1; $1 = ""; sub(/^ +/, ""); printf "| %s | %s |\n", $0, p; n++}')
+    relay_symbols=$(perf report -i "$root/perf.data" --stdio --pid "$relay_pid" --sort symbol 2>/dev/null \
+        | awk '/^ +[0-9.]+%/ && n < 15 {p = $1; $1 = ""; $2 = ""; sub(/^ +/, ""); printf "| %s | `%s` |\n", p, substr($0, 1, 90); n++}')
+    profile_md=$(cat <<PROFILE
+### Where the time goes
+
+A second backlog of $PROFILE_EVENTS events drained under \`perf record -a\` (every CPU, 499 Hz;
+slower than the timed drain, so its time is not reported). Share of all samples by thread name
+(idle is \`swapper\`; \`postgres\` is the walsender decoding the slot):
+
+| thread | share of samples |
+|---|---:|
+$by_thread
+
+The relay process's hottest symbols (share of all samples):
+
+| share | symbol |
+|---:|---|
+$relay_symbols
+PROFILE
+)
+    say "profiled drain of $PROFILE_EVENTS events"
+    echo "$profile_md"
+fi
 
 drain_point() { # name topic events size keys: sets s, first and rss (see drain_wait)
     local name=$1 topic=$2 n=$3 size=$4 keys=$5
@@ -531,6 +572,8 @@ writing to /dev/null. The relay is judged against the slower of binary decoding 
 
 $drain_table
 
+$profile_md
+
 ### Against payload size and partitions
 
 A fresh relay per point drains a backlog written while it was stopped (its start-up included):
@@ -552,7 +595,7 @@ ${partition_rows%$'\n'}
 
 ## Latency: commit to Kafka against the offered rate
 
-One event per transaction (\`SELECT outbox.enqueue(...)\` in autocommit) from 16 connections on a fixed
+One event per transaction (\`SELECT outbox.enqueue(...)\` in autocommit) from 8 connections on a fixed
 schedule (an open loop) for $LAT_SECONDS s per row, after one event through the whole path and a 1 s
 warm-up; the rates go up ($RATES events/s) until the achieved rate falls below 90% of the offered one.
 - **ack**: commit to Kafka's acknowledgement, from the relay's \`pg_outbox_relay_event_latency_seconds\`

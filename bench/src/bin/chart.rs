@@ -29,11 +29,19 @@ impl Axis {
         let min = values.clone().fold(f64::INFINITY, f64::min);
         let max = values.fold(f64::NEG_INFINITY, f64::max);
         if log {
-            let lo = 10f64.powf(min.log10().floor());
-            let mut hi = 10f64.powf(max.log10().ceil());
-            if hi <= lo {
-                hi = lo * 10.0;
-            }
+            // the nearest 1-2-5 values around the data, so that a curve from 987 to 11k does not
+            // sit in the middle of four decades
+            let decade = |v: f64| 10f64.powf(v.log10().floor());
+            let lo = [5.0, 2.0, 1.0]
+                .into_iter()
+                .map(|m| m * decade(min))
+                .find(|t| *t <= min * 1.0001)
+                .unwrap_or(decade(min));
+            let hi = [1.0, 2.0, 5.0, 10.0]
+                .into_iter()
+                .map(|m| m * decade(max))
+                .find(|t| *t >= max * 0.9999 && *t > lo)
+                .unwrap_or(10.0 * decade(max));
             Axis { lo, hi, log }
         } else {
             let step = nice_step(max.max(f64::MIN_POSITIVE) / 5.0);
@@ -53,18 +61,18 @@ impl Axis {
 
     fn ticks(&self) -> Vec<f64> {
         if self.log {
-            let decades = (self.hi / self.lo).log10().round() as i32;
-            let multiples: &[f64] = if decades <= 2 {
+            let decades = (self.hi / self.lo).log10();
+            let multiples: &[f64] = if decades <= 2.5 {
                 &[1.0, 2.0, 5.0]
             } else {
                 &[1.0]
             };
             let mut ticks = Vec::new();
-            let mut decade = self.lo;
+            let mut decade = 10f64.powf(self.lo.log10().floor());
             while decade <= self.hi * 1.0001 {
                 for m in multiples {
                     let t = decade * m;
-                    if t <= self.hi * 1.0001 {
+                    if t >= self.lo * 0.9999 && t <= self.hi * 1.0001 {
                         ticks.push(t);
                     }
                 }

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::time::MissedTickBehavior;
 
-const WRITERS: usize = 16;
+const WRITERS: usize = 8;
 const WARM_UP: Duration = Duration::from_secs(1);
 
 /// Records with an event id received so far.
