@@ -10,9 +10,9 @@ pub mod relay;
 pub use broker::{read_all, read_all_with, Broker, Record};
 pub use postgres::{
     backend_pid, connect, connect_as, conninfo, edition, expect_error, install_sql_edition,
-    peek_wal_events, pgoutput_message, port, replica_port, resilient_writer, restart_cluster,
-    setup, sqlstate, tls_dir, wait_for_lock_wait, Edition, OwnedEvent, TestDb, SQL_EDITION,
-    SQL_EDITION_OWNER,
+    peek_wal_events, peek_wal_messages, pgoutput_message, port, replica_port, resilient_writer,
+    restart_cluster, setup, sqlstate, tls_dir, wait_for_lock_wait, Edition, OwnedEvent, TestDb,
+    SQL_EDITION, SQL_EDITION_OWNER,
 };
 pub use relay::{
     healthz, metric, relay_bin, relay_command, scrape_metrics, wait_for_metric, Relay,
@@ -58,4 +58,18 @@ pub fn signal(pid: u32, sig: &str) -> Result<()> {
         bail!("kill -{sig} {pid} failed");
     }
     Ok(())
+}
+
+/// Per key, how often an event's n is not above the previous one's (in Kafka's order).
+pub fn order_violations(entries: impl Iterator<Item = (String, i64)>) -> usize {
+    let mut last: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
+    let mut violations = 0;
+    for (key, n) in entries {
+        if let Some(prev) = last.insert(key, n) {
+            if n <= prev {
+                violations += 1;
+            }
+        }
+    }
+    violations
 }

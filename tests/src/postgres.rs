@@ -125,8 +125,14 @@ pub struct TestDb {
 }
 
 impl TestDb {
-    /// Drops what a previous run left (slot, database), then creates the database and the extension.
+    /// Drops what a previous run left (slot, database), then creates the database and pg_outbox in
+    /// the edition the run asks for ([`edition`]).
     pub async fn create(name: &str, port: u16) -> Result<TestDb> {
+        Self::create_with(name, port, edition()).await
+    }
+
+    /// [`TestDb::create`] with pg_outbox in `edition`.
+    pub async fn create_with(name: &str, port: u16, edition: Edition) -> Result<TestDb> {
         let admin = connect(port, "postgres").await?;
         admin
             .execute(
@@ -142,11 +148,11 @@ impl TestDb {
         ] {
             admin.batch_execute(&sql).await?;
         }
-        if edition() == Edition::Sql {
+        if edition == Edition::Sql {
             install_sql_edition(&admin, port, name).await?;
         }
         let client = connect(port, name).await?;
-        if edition() == Edition::Extension {
+        if edition == Edition::Extension {
             client.batch_execute("CREATE EXTENSION pg_outbox").await?;
         }
         // relay logs of this test start empty (Relay appends across restarts)
@@ -351,14 +357,10 @@ pub async fn setup(client: &Client) -> Result<()> {
     unreachable!()
 }
 
-/// Every pg_outbox event `slot` would deliver (pgoutput, publication of the same name), in commit
-/// order, without consuming them. Each message must be sealed with the database's key for the
-/// transaction that carries it (read as a superuser), as the relay requires.
-pub async fn peek_wal_events(client: &Client, slot: &str) -> Result<Vec<OwnedEvent>> {
-    let key: Vec<u8> = client
-        .query_one("SELECT key FROM outbox.auth_key", &[])
-        .await?
-        .get(0);
+/// Every pg_outbox message `slot` would deliver (pgoutput, publication of the same name), in commit
+/// order, without consuming them: the transaction id that carries it and its bytes (a sealed
+/// envelope).
+pub async fn peek_wal_messages(client: &Client, slot: &str) -> Result<Vec<(u32, Vec<u8>)>> {
     let rows = client
         .query(
             "SELECT data FROM pg_logical_slot_peek_binary_changes($1::text::name, NULL, NULL, \
@@ -366,7 +368,7 @@ pub async fn peek_wal_events(client: &Client, slot: &str) -> Result<Vec<OwnedEve
             &[&slot],
         )
         .await?;
-    let mut events = Vec::new();
+    let mut messages = Vec::new();
     let mut xid = None;
     for row in rows {
         let data: Vec<u8> = row.get(0);
@@ -374,11 +376,26 @@ pub async fn peek_wal_events(client: &Client, slot: &str) -> Result<Vec<OwnedEve
             xid = Some(begin);
         } else if let Some(content) = pgoutput_message(&data, MESSAGE_PREFIX)? {
             let xid = xid.context("pg_outbox message outside a transaction")?;
-            let envelope = pg_outbox_envelope::open(content, &key, xid)
-                .with_context(|| format!("opening the message of transaction {xid}"))?;
-            let event = Event::decode(envelope).context("decoding envelope")?;
-            events.push(OwnedEvent::from(&event));
+            messages.push((xid, content.to_vec()));
         }
+    }
+    Ok(messages)
+}
+
+/// Every pg_outbox event `slot` would deliver, in commit order, without consuming them. Each
+/// message must be sealed with the database's key for the transaction that carries it (read as a
+/// superuser), as the relay requires.
+pub async fn peek_wal_events(client: &Client, slot: &str) -> Result<Vec<OwnedEvent>> {
+    let key: Vec<u8> = client
+        .query_one("SELECT key FROM outbox.auth_key", &[])
+        .await?
+        .get(0);
+    let mut events = Vec::new();
+    for (xid, message) in peek_wal_messages(client, slot).await? {
+        let envelope = pg_outbox_envelope::open(&message, &key, xid)
+            .with_context(|| format!("opening the message of transaction {xid}"))?;
+        let event = Event::decode(envelope).context("decoding envelope")?;
+        events.push(OwnedEvent::from(&event));
     }
     Ok(events)
 }

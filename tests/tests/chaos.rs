@@ -10,7 +10,9 @@
 //! paused relay is fenced": not yet without a residual window, so not in `make test`).
 
 use anyhow::{ensure, Result};
-use pg_outbox_tests::{read_all, restart_cluster, signal, wait_for, Broker, Relay, TestDb};
+use pg_outbox_tests::{
+    order_violations, read_all, restart_cluster, signal, wait_for, Broker, Relay, TestDb,
+};
 use rand::Rng;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -43,20 +45,6 @@ async fn writer(port: u16, db: String, txns: i64) -> Result<()> {
         |_, _| {},
     )
     .await
-}
-
-/// Per key, how often an event's n is not above the previous one's (in Kafka's order).
-fn order_violations(entries: impl Iterator<Item = (String, i64)>) -> usize {
-    let mut last: HashMap<String, i64> = HashMap::new();
-    let mut violations = 0;
-    for (key, n) in entries {
-        if let Some(prev) = last.insert(key, n) {
-            if n <= prev {
-                violations += 1;
-            }
-        }
-    }
-    violations
 }
 
 #[tokio::test]
