@@ -76,8 +76,17 @@ CONF
         echo "pgcluster: $dir already running"
         exit 0
     fi
-    as_owner "$PGBIN/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 60 start >/dev/null \
-        || { tail -20 "$dir/server.log"; exit 1; }
+    for attempt in 1 2 3 4 5; do
+        as_owner "$PGBIN/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 60 start >/dev/null && break
+        # the port lies in the kernel's ephemeral range, so another process's outgoing connection
+        # may hold it for a moment: try again; any other failure ends here
+        if [ "$attempt" = 5 ] || ! tail -5 "$dir/server.log" | grep -q "Address already in use"; then
+            tail -20 "$dir/server.log"
+            exit 1
+        fi
+        echo "pgcluster: port $port is in use for now; trying again"
+        sleep 2
+    done
     echo "pgcluster: started $dir on 127.0.0.1:$port (wal_level=$wal_level)"
     ;;
 stop)

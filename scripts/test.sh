@@ -30,8 +30,8 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 echo "test: building the relay and the saga example"
 cargo build -q -p pg_outbox_relay -p saga_example
-export PG_OUTBOX_RELAY_BIN=$PWD/target/debug/pg-outbox-relay
-export PG_OUTBOX_SAGA_BIN=$PWD/target/debug/saga-order-service
+export PG_OUTBOX_RELAY_BIN=${CARGO_TARGET_DIR:-$PWD/target}/debug/pg-outbox-relay
+export PG_OUTBOX_SAGA_BIN=${CARGO_TARGET_DIR:-$PWD/target}/debug/saga-order-service
 
 echo "test: unit tests"
 cargo test -q -p pg_outbox_envelope -p pg_outbox_relay

@@ -237,16 +237,21 @@ BEGIN
 END
 $$;
 
+-- The helpers of the hot path below have no SET clause: they run only inside the entry points
+-- (outbox.enqueue*, SECURITY DEFINER), which pin search_path, and nobody else may call them. A SET
+-- clause on each would cost every enqueue a setting save and restore per call.
+
 -- Header pairs as the envelope carries them: names in byte order, values as bytes (a string's
 -- UTF-8, a number's or boolean's jsonb text). Refuses what the C extension refuses, in its order.
 CREATE FUNCTION outbox._header_pairs(headers jsonb, OUT names text[], OUT vals bytea[])
 LANGUAGE plpgsql STABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    bad record;
+    reserved text;
+    bad text;
+    bad_kind text;
 BEGIN
-    IF headers IS NULL OR jsonb_typeof(headers) = 'null' THEN
+    IF headers IS NULL OR headers = '{}'::jsonb OR jsonb_typeof(headers) = 'null' THEN
         names := '{}';
         vals := '{}';
         RETURN;
@@ -257,36 +262,38 @@ BEGIN
                                               WHEN 'boolean' THEN 'a boolean' ELSE 'a number' END,
             'Pass headers as ''{"name": "value"}''::jsonb.');
     END IF;
-    SELECT h.key INTO bad FROM jsonb_each(headers) h
-     WHERE lower(substr(h.key, 1, 10) COLLATE "C") = 'pg_outbox-' ORDER BY h.key COLLATE "C" LIMIT 1;
-    IF FOUND THEN
-        PERFORM outbox._refuse('22023', format('header "%s" is reserved for the relay', bad.key),
+    SELECT array_agg(h.key ORDER BY h.key COLLATE "C"),
+           array_agg(convert_to(h.value #>> '{}', 'UTF8') ORDER BY h.key COLLATE "C"),
+           min(h.key COLLATE "C") FILTER (WHERE lower(substr(h.key, 1, 10) COLLATE "C") = 'pg_outbox-'),
+           min(h.key COLLATE "C") FILTER (WHERE jsonb_typeof(h.value) NOT IN ('string', 'number', 'boolean'))
+      INTO names, vals, reserved, bad
+      FROM jsonb_each(headers) h;
+    IF reserved IS NOT NULL THEN
+        PERFORM outbox._refuse('22023', format('header "%s" is reserved for the relay', reserved),
             'Header names beginning with pg_outbox- are written by the relay only; '
             'rename the header (for example x-original-id when forwarding one).');
     END IF;
-    SELECT h.key, jsonb_typeof(h.value) AS kind INTO bad FROM jsonb_each(headers) h
-     WHERE jsonb_typeof(h.value) NOT IN ('string', 'number', 'boolean') ORDER BY h.key COLLATE "C" LIMIT 1;
-    IF FOUND THEN
+    IF bad IS NOT NULL THEN
+        bad_kind := jsonb_typeof(headers -> bad);
         PERFORM outbox._refuse('22023', format('header "%s" is %s; header values must be strings, numbers or booleans',
-                bad.key, CASE bad.kind WHEN 'array' THEN 'an array' WHEN 'object' THEN 'an object' ELSE 'null' END),
+                bad, CASE bad_kind WHEN 'array' THEN 'an array' WHEN 'object' THEN 'an object' ELSE 'null' END),
             'Encode structured values as a JSON string.');
     END IF;
-    SELECT coalesce(array_agg(h.key ORDER BY h.key COLLATE "C"), '{}'),
-           coalesce(array_agg(convert_to(h.value, 'UTF8') ORDER BY h.key COLLATE "C"), '{}')
-      INTO names, vals
-      FROM jsonb_each_text(headers) h;
 END
 $$;
 
 -- The topic, or the C extension's refusal of it (envelope crate, validate_topic).
 CREATE FUNCTION outbox._check_topic(topic text) RETURNS void
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     why text;
     bad text;
 BEGIN
+    -- (a bounded repetition in the pattern would cost every call more than the rest of the check)
+    IF topic ~ '^[a-zA-Z0-9._-]+$' AND octet_length(topic) <= 249 AND topic NOT IN ('.', '..') THEN
+        RETURN;
+    END IF;
     IF topic IS NULL THEN
         PERFORM outbox._refuse('22004', 'topic must not be NULL', 'Pass the Kafka topic the event belongs to, e.g. ''orders''.');
     END IF;
@@ -298,25 +305,20 @@ BEGIN
                       bad, octet_length(split_part(topic, bad, 1)));
     ELSIF octet_length(topic) > 249 THEN
         why := format('topic is %s bytes long, Kafka allows at most 249', octet_length(topic));
-    ELSIF topic IN ('.', '..') THEN
+    ELSE
         why := 'topic must not be "." or ".."';
     END IF;
-    IF why IS NOT NULL THEN
-        PERFORM outbox._refuse('22023', 'invalid topic: ' || why,
-            'Topic names are 1 to 249 characters of [a-zA-Z0-9._-], as Kafka requires.');
-    END IF;
+    PERFORM outbox._refuse('22023', 'invalid topic: ' || why,
+        'Topic names are 1 to 249 characters of [a-zA-Z0-9._-], as Kafka requires.');
 END
 $$;
 
 -- pg_outbox.max_payload_bytes bounds the whole record, then the envelope's own limits.
-CREATE FUNCTION outbox._check_event(payload_len bigint, key text, names text[], vals bytea[],
+CREATE FUNCTION outbox._check_event(max bigint, payload_len bigint, key_len bigint, names text[],
                                     header_bytes bigint, trace text) RETURNS void
-LANGUAGE plpgsql STABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
 AS $$
 DECLARE
-    max bigint := pg_size_bytes(outbox._setting('max_payload_bytes', '1048576'));
-    key_len bigint := coalesce(octet_length(convert_to(key, 'UTF8')), 0);
     len bigint := payload_len + key_len + header_bytes;
     n text;
     why text;
@@ -356,20 +358,26 @@ END
 $$;
 
 -- wal mode writes nothing that a slot would not retain (as src/outbox.rs, check_wal_ready).
-CREATE FUNCTION outbox._check_wal_ready() RETURNS void
-LANGUAGE plpgsql STABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
+CREATE FUNCTION outbox._check_wal_ready(sn text) RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 AS $$
 DECLARE
-    sn text := outbox._slot_name();
     s record;
+    db text;
 BEGIN
     IF current_setting('wal_level') <> 'logical' THEN
         PERFORM outbox._refuse('55000', 'wal mode needs wal_level = logical',
             'Set wal_level = logical in postgresql.conf and restart PostgreSQL, or use SET pg_outbox.mode = ''table''.');
     END IF;
+    -- this database's oid, looked up once per session (pg_outbox._database: 'name oid')
+    db := current_setting('pg_outbox._database', true);
+    IF db IS NULL OR NOT starts_with(db, current_database() || ' ') THEN
+        SELECT current_database() || ' ' || d.oid INTO db FROM pg_database d WHERE d.datname = current_database();
+        PERFORM set_config('pg_outbox._database', db, false);
+    END IF;
     SELECT r.restart_lsn, r.confirmed_flush_lsn, r.wal_status INTO s
-      FROM pg_replication_slots r WHERE r.slot_name = sn AND r.database = current_database();
+      FROM pg_get_replication_slots() r
+     WHERE r.slot_name = sn AND r.datoid = substr(db, length(current_database()) + 2)::oid;
     IF NOT FOUND THEN
         PERFORM outbox._refuse('55000', format('replication slot "%s" does not exist in this database, '
                 'so a wal-mode event would not be retained', sn),
@@ -384,137 +392,109 @@ BEGIN
 END
 $$;
 
--- A UUIDv7 (RFC 9562): the Unix time in milliseconds, then 74 random bits; within one millisecond
--- (or if the clock steps back) the session's previous id is counted up instead, so a session's
--- ids increase, as the C extension's do. The previous id is kept in pg_outbox.last_event_id.
-CREATE FUNCTION outbox._new_event_id(at timestamptz) RETURNS uuid
-LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    ms bigint := floor(extract(epoch FROM at) * 1000)::bigint;
-    last bytea := decode(replace(nullif(current_setting('pg_outbox.last_event_id', true), ''), '-', ''), 'hex');
-    id bytea;
-    low bigint;
-BEGIN
-    IF last IS NOT NULL AND ('x' || encode(substr(last, 1, 6), 'hex'))::bit(48)::bigint >= ms THEN
-        low := ('x' || encode(substr(last, 13, 4), 'hex'))::bit(32)::bigint + 1;
-        id := overlay(last placing substr(int8send(low), 5, 4) from 13 for 4);
-    ELSE
-        id := substr(int8send(ms), 3, 6) || substr(uuid_send(gen_random_uuid()), 7, 10);
-        id := set_byte(id, 6, (get_byte(id, 6) & 15) | 112);   -- version 7
-        id := set_byte(id, 8, (get_byte(id, 8) & 63) | 128);   -- variant 10
-        id := set_byte(id, 12, get_byte(id, 12) & 127);        -- room to count up
-    END IF;
-    PERFORM set_config('pg_outbox.last_event_id', encode(id, 'hex'), false);
-    RETURN encode(id, 'hex')::uuid;
-END
-$$;
-
--- HMAC-SHA256 (RFC 2104) of msg under a 32-byte key, with PostgreSQL's sha256 (no pgcrypto).
-CREATE FUNCTION outbox._hmac_sha256(key bytea, msg bytea) RETURNS bytea
-LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    ipad bytea := decode(repeat('36', 64), 'hex');
-    opad bytea := decode(repeat('5c', 64), 'hex');
-BEGIN
-    FOR i IN 0 .. octet_length(key) - 1 LOOP
-        ipad := set_byte(ipad, i, get_byte(key, i) # 54);
-        opad := set_byte(opad, i, get_byte(key, i) # 92);
-    END LOOP;
-    RETURN sha256(opad || sha256(ipad || msg));
-END
-$$;
-
--- The envelope (version 1, envelope/src/lib.rs) of one event, sealed: flag bit 3 set and the tag
--- appended, HMAC-SHA256 under auth_key of the transaction id (4 bytes) and the envelope.
-CREATE FUNCTION outbox._sealed_envelope(id uuid, created_at_micros bigint, topic text, key text,
-                                        names text[], vals bytea[], trace text,
-                                        payload_is_json boolean, payload bytea,
-                                        auth_key bytea, xid bigint) RETURNS bytea
-LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    key_bytes bytea := convert_to(key, 'UTF8');
-    trace_bytes bytea := convert_to(trace, 'UTF8');
-    env bytea;
-    hdr bytea := ''::bytea;
-    name_bytes bytea;
-BEGIN
-    FOR i IN 1 .. coalesce(cardinality(names), 0) LOOP
-        name_bytes := convert_to(names[i], 'UTF8');
-        hdr := hdr || int2send(octet_length(name_bytes)::int2) || name_bytes
-                   || int4send(octet_length(vals[i])) || vals[i];
-    END LOOP;
-    env := '\x01'::bytea
-        || set_byte('\x00'::bytea, 0, 8 | CASE WHEN key IS NULL THEN 0 ELSE 1 END
-                                          | CASE WHEN payload_is_json THEN 2 ELSE 0 END
-                                          | CASE WHEN trace IS NULL THEN 0 ELSE 4 END)
-        || uuid_send(id) || int8send(created_at_micros)
-        || set_byte('\x00'::bytea, 0, octet_length(topic)) || convert_to(topic, 'UTF8')
-        || CASE WHEN key IS NULL THEN ''::bytea ELSE int4send(octet_length(key_bytes)) || key_bytes END
-        || int2send(coalesce(cardinality(names), 0)::int2) || hdr
-        || CASE WHEN trace IS NULL THEN ''::bytea ELSE int2send(octet_length(trace_bytes)::int2) || trace_bytes END
-        || int4send(octet_length(payload)) || payload;
-    RETURN env || outbox._hmac_sha256(auth_key, substr(int8send(xid), 5, 4) || env);
-END
-$$;
-
 -- Validates every event (the same rules in both modes), then writes them all where pg_outbox.mode
 -- says; returns the new ids in input order. The body of every entry point below.
+--
+-- wal mode: the envelope (version 1, envelope/src/lib.rs) of each event, sealed: flag bit 3 set
+-- and the tag appended, HMAC-SHA256 (RFC 2104, with PostgreSQL's sha256: no pgcrypto) under
+-- outbox.auth_key of the top-level transaction id (4 bytes) and the envelope.
+--
+-- Event ids are UUIDv7 (RFC 9562): the Unix time in milliseconds, then 74 random bits; within one
+-- millisecond (or if the clock steps back) the session's previous id is counted up instead, so a
+-- session's ids increase, as the C extension's do. The last id is kept in pg_outbox.last_event_id.
 CREATE FUNCTION outbox._enqueue(topic text, keys text[], payloads bytea[], payload_is_json boolean,
                                 headers jsonb) RETURNS uuid[]
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     h record;
     trace text := nullif(current_setting('pg_outbox.trace_context', true), '');
-    header_bytes bigint;
-    mode text := lower(outbox._setting('mode', 'wal'));
+    trace_bytes bytea := convert_to(trace, 'UTF8');
+    header_bytes bigint := 0;
+    header_block bytea := ''::bytea;
+    max bigint := pg_size_bytes(coalesce(nullif(current_setting('pg_outbox.max_payload_bytes', true), ''), '1048576'));
+    mode text := lower(coalesce(nullif(current_setting('pg_outbox.mode', true), ''), 'wal'));
+    n integer := coalesce(cardinality(payloads), 0);
+    name_bytes bytea;
+    ipad bytea;
+    opad bytea;
     seal_key bytea;
-    xid bigint;
+    xid bytea;
+    flags integer;
     at timestamptz;
-    id uuid;
+    ms bigint;
+    last bytea := decode(nullif(current_setting('pg_outbox.last_event_id', true), ''), 'hex');
+    id bytea;
+    key_bytes bytea;
+    env bytea;
     ids uuid[] := '{}';
 BEGIN
     SELECT * INTO h FROM outbox._header_pairs(headers);
-    SELECT coalesce(sum(octet_length(convert_to(n, 'UTF8'))), 0) INTO header_bytes FROM unnest(h.names) n;
-    SELECT header_bytes + coalesce(sum(octet_length(v)), 0) INTO header_bytes FROM unnest(h.vals) v;
-    IF trace IS NOT NULL THEN
-        header_bytes := header_bytes + 11 + octet_length(convert_to(trace, 'UTF8'));
-    END IF;
-    FOR i IN 1 .. coalesce(cardinality(payloads), 0) LOOP
-        PERFORM outbox._check_topic(topic);
-        PERFORM outbox._check_event(octet_length(payloads[i]), keys[i], h.names, h.vals, header_bytes, trace);
+    FOR i IN 1 .. cardinality(h.names) LOOP
+        name_bytes := convert_to(h.names[i], 'UTF8');
+        header_bytes := header_bytes + octet_length(name_bytes) + octet_length(h.vals[i]);
+        header_block := header_block || int2send(least(octet_length(name_bytes), 32767)::int2) || name_bytes
+                        || int4send(octet_length(h.vals[i])) || h.vals[i];
     END LOOP;
-    IF mode NOT IN ('wal', 'table') THEN
+    IF trace IS NOT NULL THEN
+        header_bytes := header_bytes + 11 + octet_length(trace_bytes);  -- 'traceparent'
+    END IF;
+    FOR i IN 1 .. n LOOP
+        PERFORM outbox._check_topic(topic);
+        PERFORM outbox._check_event(max, octet_length(payloads[i]),
+                                    coalesce(octet_length(convert_to(keys[i], 'UTF8')), 0),
+                                    h.names, header_bytes, trace);
+    END LOOP;
+    IF mode = 'wal' THEN
+        PERFORM outbox._check_wal_ready(coalesce(nullif(current_setting('pg_outbox.slot_name', true), ''), 'pg_outbox'));
+        SELECT k.key INTO seal_key FROM outbox.auth_key k;
+        ipad := decode(repeat('36', 64), 'hex');
+        opad := decode(repeat('5c', 64), 'hex');
+        FOR i IN 0 .. octet_length(seal_key) - 1 LOOP
+            ipad := set_byte(ipad, i, get_byte(seal_key, i) # 54);
+            opad := set_byte(opad, i, get_byte(seal_key, i) # 92);
+        END LOOP;
+        xid := substr(int8send(pg_current_xact_id()::text::bigint), 5, 4);
+        flags := 8 | CASE WHEN payload_is_json THEN 2 ELSE 0 END | CASE WHEN trace IS NULL THEN 0 ELSE 4 END;
+    ELSIF mode <> 'table' THEN
         PERFORM outbox._refuse('22023', format('pg_outbox.mode is %L', mode),
             'Set pg_outbox.mode to ''wal'' (a logical decoding message) or ''table'' (a row of outbox.events).');
     END IF;
-    IF mode = 'wal' THEN
-        PERFORM outbox._check_wal_ready();
-        SELECT k.key INTO seal_key FROM outbox.auth_key k;
-        xid := pg_current_xact_id()::text::bigint & 4294967295;
-    END IF;
-    FOR i IN 1 .. coalesce(cardinality(payloads), 0) LOOP
+    FOR i IN 1 .. n LOOP
         at := clock_timestamp();
-        id := outbox._new_event_id(at);
+        ms := floor(extract(epoch FROM at) * 1000)::bigint;
+        IF last IS NOT NULL AND ('x' || encode(substr(last, 1, 6), 'hex'))::bit(48)::bigint >= ms THEN
+            id := overlay(last placing
+                          substr(int8send(('x' || encode(substr(last, 13, 4), 'hex'))::bit(32)::bigint + 1), 5, 4)
+                          from 13 for 4);
+        ELSE
+            id := substr(int8send(ms), 3, 6) || substr(uuid_send(gen_random_uuid()), 7, 10);
+            id := set_byte(id, 6, (get_byte(id, 6) & 15) | 112);   -- version 7
+            id := set_byte(id, 8, (get_byte(id, 8) & 63) | 128);   -- variant 10
+            id := set_byte(id, 12, get_byte(id, 12) & 127);        -- room to count up
+        END IF;
+        last := id;
         IF mode = 'wal' THEN
+            key_bytes := convert_to(keys[i], 'UTF8');
+            env := set_byte('\x0100'::bytea, 1, flags | CASE WHEN key_bytes IS NULL THEN 0 ELSE 1 END)
+                || id || int8send((extract(epoch FROM at) * 1000000)::bigint)
+                || set_byte('\x00'::bytea, 0, octet_length(topic)) || convert_to(topic, 'UTF8')
+                || coalesce(int4send(octet_length(key_bytes)) || key_bytes, ''::bytea)
+                || int2send(cardinality(h.names)::int2) || header_block
+                || coalesce(int2send(octet_length(trace_bytes)::int2) || trace_bytes, ''::bytea)
+                || int4send(octet_length(payloads[i])) || payloads[i];
             PERFORM pg_logical_emit_message(true, 'pg_outbox',
-                outbox._sealed_envelope(id, (extract(epoch FROM at) * 1000000)::bigint, topic, keys[i],
-                                        h.names, h.vals, trace, payload_is_json, payloads[i],
-                                        seal_key, xid));
+                                            env || sha256(opad || sha256(ipad || xid || env)));
         ELSE
             INSERT INTO outbox.events (id, topic, key, headers, payload, payload_is_json, trace_context, created_at)
-            VALUES (id, topic, keys[i], coalesce(nullif(headers, 'null'::jsonb), '{}'), payloads[i],
-                    payload_is_json, trace, at);
+            VALUES (encode(id, 'hex')::uuid, topic, keys[i], coalesce(nullif(headers, 'null'::jsonb), '{}'),
+                    payloads[i], payload_is_json, trace, at);
         END IF;
-        ids := ids || id;
+        ids := ids || encode(id, 'hex')::uuid;
     END LOOP;
+    IF last IS NOT NULL THEN
+        PERFORM set_config('pg_outbox.last_event_id', encode(last, 'hex'), false);
+    END IF;
     RETURN ids;
 END
 $$;

@@ -10,34 +10,54 @@
 //!   wal_sender_timeout` (at least `restart_grace_ms`) more before it reads the partitions back:
 //!   by then every record of the paused relay has landed or will never be sent.
 //! - A relay that finds it was paused for half of `wal_sender_timeout` or more (the [`PauseClock`]
-//!   below) assumes it was replaced: before it sends anything else it withdraws what its producer
-//!   still holds and ends the session; the next one starts from the durable position, or stands by.
+//!   below) assumes it was replaced: it withdraws what its producer still holds (queued, and in
+//!   flight: a request that was on the wire at the pause must not be retried) and ends the session;
+//!   the next one starts from the durable position, or stands by. The clock's ticker withdraws the
+//!   moment it runs after the resume, before librdkafka's own timeout scan could retry a request
+//!   (it runs at most once a second, and a retry waits `retry.backoff.ms` more); the relay loop
+//!   checks again before each record it hands over.
 //!
 //! The poll source's lock is held by a session of the paused relay, which the kernel keeps alive
 //! (the relay turns `idle_session_timeout` off for its sessions): no one takes over while it is
 //! paused, and it goes on when it resumes.
 //!
 //! What is left: a pause that falls between the pause check and the hand-over of that one record
-//! to the producer (microseconds); a poll relay whose lock session is ended by an operator
+//! to the producer (microseconds); librdkafka's threads winning the race against the ticker after
+//! a resume (they would need to notice a dead connection, reconnect and send within the ticker's
+//! first run); a poll relay whose lock session is ended by an operator
 //! (`pg_terminate_backend`) or by the network while it is paused, and that resumes within
 //! `fence_timeout_ms`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How often the clock ticks.
 const TICK: Duration = Duration::from_millis(100);
 
+/// What the ticker does the moment it sees a pause beyond the armed limit: withdraw what the
+/// producer holds (see [`PauseClock::arm`]).
+pub type OnPause = Box<dyn Fn() + Send + Sync>;
+
 /// Notices pauses of the whole process: a task ticks every 100 ms on a monotonic clock (which runs
 /// on while the process is stopped); a tick that comes late, or no tick for long, is a pause.
-#[derive(Debug)]
 pub struct PauseClock {
     origin: Instant,
     /// Milliseconds since `origin` at the last tick; 0 while no ticker runs.
     last_tick_ms: AtomicU64,
     /// The longest gap between ticks since the last [`PauseClock::reset`].
     longest_ms: AtomicU64,
+    /// The pause limit of the current session, and what to do when a tick finds it exceeded.
+    armed: Mutex<Option<(Duration, OnPause)>>,
+}
+
+impl std::fmt::Debug for PauseClock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PauseClock")
+            .field("last_tick_ms", &self.last_tick_ms)
+            .field("longest_ms", &self.longest_ms)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for PauseClock {
@@ -46,6 +66,7 @@ impl Default for PauseClock {
             origin: Instant::now(),
             last_tick_ms: AtomicU64::new(0),
             longest_ms: AtomicU64::new(0),
+            armed: Mutex::new(None),
         }
     }
 }
@@ -64,8 +85,24 @@ impl PauseClock {
                 let now = clock.now_ms();
                 let gap = now.saturating_sub(clock.last_tick_ms.swap(now, Ordering::Relaxed));
                 clock.longest_ms.fetch_max(gap, Ordering::Relaxed);
+                let pause = Duration::from_millis(gap).saturating_sub(TICK);
+                if let Some((limit, on_pause)) =
+                    &*clock.armed.lock().unwrap_or_else(|e| e.into_inner())
+                {
+                    if pause >= *limit {
+                        on_pause();
+                    }
+                }
             }
         });
+    }
+
+    /// From now on, a tick that finds the process was paused for `limit` or more calls `on_pause`
+    /// at once, before anything else of the relay runs: librdkafka's threads resume with the
+    /// process and could send (or send again) a record of the paused relay within milliseconds,
+    /// long before the relay loop checks [`PauseClock::paused`] at its next record.
+    pub fn arm(&self, limit: Duration, on_pause: OnPause) {
+        *self.armed.lock().unwrap_or_else(|e| e.into_inner()) = Some((limit, on_pause));
     }
 
     /// Forgets the pauses seen so far (a new session starts).
@@ -131,6 +168,41 @@ mod tests {
             clock.paused() < Duration::from_millis(200),
             "{:?}",
             clock.paused()
+        );
+    }
+
+    #[tokio::test]
+    async fn the_ticker_withdraws_the_moment_it_sees_a_pause_beyond_the_limit() {
+        use std::sync::atomic::AtomicUsize;
+        let clock = Arc::new(PauseClock::default());
+        let withdrawn = Arc::new(AtomicUsize::new(0));
+        let count = withdrawn.clone();
+        clock.arm(
+            Duration::from_millis(500),
+            Box::new(move || {
+                count.fetch_add(1, Ordering::Relaxed);
+            }),
+        );
+        PauseClock::start(clock.clone());
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert_eq!(withdrawn.load(Ordering::Relaxed), 0, "no pause yet");
+        // a stall shorter than the limit: nothing
+        std::thread::sleep(Duration::from_millis(300));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(
+            withdrawn.load(Ordering::Relaxed),
+            0,
+            "300 ms is below the limit"
+        );
+        // one beyond it: withdrawn once, by the first tick after it
+        std::thread::sleep(Duration::from_millis(900));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(withdrawn.load(Ordering::Relaxed), 1);
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert_eq!(
+            withdrawn.load(Ordering::Relaxed),
+            1,
+            "not again without a new pause"
         );
     }
 

@@ -173,6 +173,9 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
         }
         self.pause_limit = source.pause_limit();
         self.metrics.pause.reset();
+        if let Some(withdrawal) = self.sink.withdrawal() {
+            self.metrics.pause.arm(self.pause_limit, withdrawal);
+        }
         self.metrics.healthy.store(true, Ordering::Relaxed);
         self.metrics.set_standby(None);
         let mut checkpoint = Checkpoint::<S::Ack>::default();

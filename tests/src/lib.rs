@@ -73,3 +73,14 @@ pub fn order_violations(entries: impl Iterator<Item = (String, i64)>) -> usize {
     }
     violations
 }
+
+/// The events of writer transaction `t` with `batch` events each: event `n = t * batch + i` has
+/// the key `k{n % keys}` and the payload `{"n": n}` (keys and JSON payloads, as
+/// [`resilient_writer`] takes them).
+pub fn numbered_batch(t: i64, batch: i64, keys: i64) -> (Vec<String>, Vec<String>) {
+    let ns = t * batch..(t + 1) * batch;
+    (
+        ns.clone().map(|n| format!("k{}", n % keys)).collect(),
+        ns.map(|n| format!(r#"{{"n": {n}}}"#)).collect(),
+    )
+}

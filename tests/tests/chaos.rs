@@ -35,13 +35,7 @@ async fn writer(port: u16, db: String, txns: i64) -> Result<()> {
     pg_outbox_tests::resilient_writer(
         pg_outbox_tests::conninfo(&[port], &db),
         0..txns,
-        |t| {
-            let ns = t * BATCH..(t + 1) * BATCH;
-            (
-                ns.clone().map(|n| format!("k{}", n % KEYS)).collect(),
-                ns.map(|n| format!(r#"{{"n": {n}}}"#)).collect(),
-            )
-        },
+        |t| pg_outbox_tests::numbered_batch(t, BATCH, KEYS),
         |_, _| {},
     )
     .await

@@ -249,13 +249,7 @@ async fn switch_under_load(name: &str, mode: &str) -> Result<()> {
     let writing = tokio::spawn(resilient_writer(
         conninfo(&[db.port], name),
         0..TXNS,
-        |t| {
-            let ns = t * BATCH..(t + 1) * BATCH;
-            (
-                ns.clone().map(|n| format!("k{}", n % KEYS)).collect(),
-                ns.map(|n| format!(r#"{{"n": {n}}}"#)).collect(),
-            )
-        },
+        |t| pg_outbox_tests::numbered_batch(t, BATCH, KEYS),
         |_, _| {},
     ));
     let written = |at_least: i64| {

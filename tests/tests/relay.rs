@@ -1009,6 +1009,18 @@ async fn paused_run(db: &TestDb, args: &[&str], total: usize) -> Result<()> {
 }
 
 #[tokio::test]
+async fn a_paused_relay_that_resumes_after_its_successor_took_over_adds_nothing() -> Result<()> {
+    let db = TestDb::create("rl_paused", port()).await?;
+    // the walsender lets go of the slot 3 s after the relay's last word (the default is 60 s)
+    db.client
+        .batch_execute("ALTER DATABASE rl_paused SET wal_sender_timeout = '3s'")
+        .await?;
+    db.create_slot().await?;
+    let total = backlog(&db.client).await?;
+    paused_run(&db, &["--fence-timeout-ms", "5000"], total).await
+}
+
+#[tokio::test]
 async fn a_paused_poll_relay_keeps_its_lock_and_goes_on_when_it_resumes() -> Result<()> {
     let db = table_mode_db("rl_paused_poll").await?;
     // the relay's sessions are not ended for idleness, even where the server asks for it

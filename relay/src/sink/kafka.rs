@@ -215,6 +215,16 @@ impl Sink for KafkaSink {
         self.producer
             .purge(PurgeConfig::default().queue().inflight());
     }
+
+    fn withdrawal(&self) -> Option<crate::fence::OnPause> {
+        let producer = self.producer.clone();
+        Some(Box::new(move || {
+            producer.purge(PurgeConfig::default().queue().inflight());
+            tracing::warn!(
+                "this relay was paused beyond the pause limit: what its producer held is withdrawn"
+            );
+        }))
+    }
 }
 
 /// A record the broker refuses for good (too large, invalid, a timestamp out of range, a null key on

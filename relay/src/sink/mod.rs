@@ -93,4 +93,9 @@ pub trait Sink {
     /// Gives up everything handed over and not yet acknowledged: it is not sent (again); what the
     /// broker already has stays. Their deliveries fail.
     fn withdraw(&self) {}
+
+    /// [`Sink::withdraw`] as a function another thread may call (the pause clock's ticker).
+    fn withdrawal(&self) -> Option<crate::fence::OnPause> {
+        None
+    }
 }
