@@ -350,9 +350,17 @@ if [ "$PROFILE" = 1 ] && command -v perf >/dev/null; then
     kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true
     # the three processes of the pipeline only (the machine is shared); a thread's name says whose
     # it is: the relay's tokio-rt-worker and pgwire-replication, librdkafka's rdk:* threads
-    by_thread=$(perf report -i "$root/perf.data" --stdio --pid "$relay_pid,$walsender_pid,$tansu_pid" \
-        --sort pid,comm 2>/dev/null \
-        | awk '/^ +[0-9.]+%/ && n < 12 {p = $1; $1 = ""; sub(/^ +/, ""); printf "| %s | %s |\n", $0, p; n++}')
+    share() { # pid -> its share of every sample
+        perf report -i "$root/perf.data" --stdio --pid "$1" --sort pid 2>/dev/null \
+            | awk '/^ +[0-9.]+%/ {s += $1} END {printf "%.1f", s}'
+    }
+    by_process=""
+    for who in "walsender (PostgreSQL decoding the slot):$walsender_pid" "Tansu (the broker):$tansu_pid" \
+               "relay:$relay_pid"; do
+        by_process+="| ${who%%:*} | $(share "${who##*:}")% |"$'\n'
+    done
+    by_thread=$(perf report -i "$root/perf.data" --stdio --pid "$relay_pid" --sort comm 2>/dev/null \
+        | awk '/^ +[0-9.]+%/ && n < 8 {p = $1; $1 = ""; sub(/^ +/, ""); printf "| %s | %s |\n", $0, p; n++}')
     relay_symbols=$(perf report -i "$root/perf.data" --stdio --pid "$relay_pid" --percentage relative \
         --sort symbol 2>/dev/null \
         | awk '/^ +[0-9.]+%/ && n < 15 {p = $1; $1 = ""; $2 = ""; sub(/^ +/, ""); sub(/ +- -$/, ""); printf "| %s | `%s` |\n", p, substr($0, 1, 90); n++}')
@@ -360,11 +368,18 @@ if [ "$PROFILE" = 1 ] && command -v perf >/dev/null; then
 ### Where the time goes
 
 A second backlog of $PROFILE_EVENTS events drained under \`perf record -a\` (every CPU, 499 Hz;
-slower than the timed drain, so its time is not reported). The pipeline's three processes, by
-thread: the walsender (pid $walsender_pid, decoding the slot), Tansu (pid $tansu_pid) and the relay (pid
-$relay_pid), as shares of every sample taken on the machine in that time (2 CPUs: 100% = both busy):
+slower than the timed drain, so its time is not reported). The pipeline's three processes, as
+shares of every sample taken on the machine in that time (2 CPUs: 100% = both busy all along; the
+rest is idle time and other work on the shared machine):
 
-| pid:thread | share of samples |
+| process | share of samples |
+|---|---:|
+${by_process%$'\n'}
+
+The relay's threads (tokio's workers run the pipeline and the replication client; librdkafka's
+\`rdk:*\` threads and \`producer pollin\` build and send the produce requests):
+
+| thread | share of samples |
 |---|---:|
 $by_thread
 
