@@ -187,7 +187,7 @@ COMMENT ON TABLE outbox.gaps IS
 -- ---------------------------------------------------------------- pg_outbox/sql/edition.sql
 -- pg_outbox SQL edition: the functions the C extension implements in Rust (src/outbox.rs,
 -- src/inbox.rs, src/gucs.rs), in PL/pgSQL, for PostgreSQL where no C extension can be installed.
--- scripts/sql-edition.sh puts it between bootstrap.sql and outbox.sql into pg_outbox_sql.sql.
+-- scripts/sql-edition.sh puts it between bootstrap.sql and outbox.sql into sql-edition/pg_outbox.sql.
 --
 -- Invariants (the same as the C extension's; tests/tests/outbox.rs, inbox.rs and trust.rs run
 -- against both editions):
