@@ -1,5 +1,5 @@
 # pg_outbox: `make test` and `make demo` install what they need (scripts/setup.sh), idempotently.
-.PHONY: test test-all chaos demo demo-saga bench bench-quick setup lint install clean
+.PHONY: test test-all chaos demo demo-saga bench bench-quick setup lint install sql-edition clean
 
 test:
 	scripts/test.sh
@@ -35,6 +35,10 @@ setup:
 lint:
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
+
+# sql-edition/pg_outbox.sql from pg_outbox/sql (README, "Managed PostgreSQL"); make test checks it is current
+sql-edition:
+	scripts/sql-edition.sh
 
 install:
 	cd pg_outbox && cargo pgrx install --pg-config $${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}

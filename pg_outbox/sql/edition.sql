@@ -1,6 +1,6 @@
 -- pg_outbox SQL edition: the functions the C extension implements in Rust (src/outbox.rs,
 -- src/inbox.rs, src/gucs.rs), in PL/pgSQL, for PostgreSQL where no C extension can be installed.
--- scripts/sql-edition.sh puts it between bootstrap.sql and outbox.sql into pg_outbox_sql.sql.
+-- scripts/sql-edition.sh puts it between bootstrap.sql and outbox.sql into sql-edition/pg_outbox.sql.
 --
 -- Invariants (the same as the C extension's; tests/tests/outbox.rs, inbox.rs and trust.rs run
 -- against both editions):
@@ -228,6 +228,8 @@ DECLARE
     max bigint := pg_size_bytes(coalesce(nullif(current_setting('pg_outbox.max_payload_bytes', true), ''), '1048576'));
     mode text := lower(coalesce(nullif(current_setting('pg_outbox.mode', true), ''), 'wal'));
     n integer := coalesce(cardinality(payloads), 0);
+    headers_ok boolean;
+    key_len bigint;
     name_bytes bytea;
     ipad bytea;
     opad bytea;
@@ -252,11 +254,22 @@ BEGIN
     IF trace IS NOT NULL THEN
         header_bytes := header_bytes + 11 + octet_length(trace_bytes);  -- 'traceparent'
     END IF;
-    FOR i IN 1 .. n LOOP
+    -- every event of a call has the same topic and headers; the checks are called only where the
+    -- fast test below fails, to raise the C extension's refusal
+    IF n > 0 THEN
         PERFORM outbox._check_topic(topic);
-        PERFORM outbox._check_event(max, octet_length(payloads[i]),
-                                    coalesce(octet_length(convert_to(keys[i], 'UTF8')), 0),
-                                    h.names, header_bytes, trace);
+    END IF;
+    headers_ok := coalesce(octet_length(trace_bytes), 0) <= 1024
+                  AND (cardinality(h.names) = 0
+                       OR cardinality(h.names) <= 1024
+                          AND NOT EXISTS (SELECT FROM unnest(h.names) x
+                                           WHERE x = '' OR octet_length(convert_to(x, 'UTF8')) > 1024));
+    FOR i IN 1 .. n LOOP
+        key_len := coalesce(octet_length(convert_to(keys[i], 'UTF8')), 0);
+        IF NOT headers_ok OR key_len > 1048576 OR octet_length(payloads[i]) > 1073741823
+           OR octet_length(payloads[i]) + key_len + header_bytes > max THEN
+            PERFORM outbox._check_event(max, octet_length(payloads[i]), key_len, h.names, header_bytes, trace);
+        END IF;
     END LOOP;
     IF mode = 'wal' THEN
         PERFORM outbox._check_wal_ready(coalesce(nullif(current_setting('pg_outbox.slot_name', true), ''), 'pg_outbox'));

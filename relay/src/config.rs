@@ -606,6 +606,15 @@ fn resolve_kafka(
             )));
         }
     }
+    for key in ["retry.backoff.ms", "retry.backoff.max.ms"] {
+        if settings.contains_key(key) {
+            return Err(RelayError::config(format!(
+                "kafka setting {key} is the relay's own ({} ms): the fence of a paused relay \
+                 relies on it (README, \"A paused relay is fenced\")",
+                crate::sink::kafka::RETRY_BACKOFF_MS
+            )));
+        }
+    }
     if let Some(limit) = settings.get("message.max.bytes") {
         if limit
             .parse::<usize>()
@@ -865,6 +874,7 @@ mod tests {
             ("message.max.bytes", "1000"),
             ("message.timeout.ms", "30000"),
             ("delivery.timeout.ms", "120000"),
+            ("retry.backoff.ms", "100"),
         ] {
             let mut s = settings();
             s.librdkafka = vec![(key.into(), value.into())];

@@ -21,6 +21,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
 use std::collections::HashMap;
 use std::time::Duration;
 
+/// How long librdkafka waits before it sends a failed request again (its `retry.backoff.ms`).
+pub const RETRY_BACKOFF_MS: &str = "1000";
+
 /// The producer settings the relay sends every record with, before `message.max.bytes`, the
 /// `[kafka]` settings and the record lifetime ([`KafkaSink::new`]). (`make bench` produces its raw
 /// baseline with these too.)
@@ -109,7 +112,12 @@ impl KafkaSink {
                 "message.timeout.ms",
                 config.fence_timeout.as_millis().to_string(),
             )
-            .set("enable.gapless.guarantee", "true");
+            .set("enable.gapless.guarantee", "true")
+            // a request that was on the wire when the relay was paused fails (times out) the
+            // moment it resumes; its retry waits this long, which leaves the pause clock's ticker
+            // the time to withdraw it first (see fence.rs)
+            .set("retry.backoff.ms", RETRY_BACKOFF_MS)
+            .set("retry.backoff.max.ms", RETRY_BACKOFF_MS);
         let producer: FutureProducer = producer.create().map_err(|e| {
             RelayError::config("kafka settings rejected by librdkafka").caused_by(e)
         })?;
