@@ -359,8 +359,6 @@ if [ "$PROFILE" = 1 ] && command -v perf >/dev/null; then
                "relay:$relay_pid"; do
         by_process+="| ${who%%:*} | $(share "${who##*:}")% |"$'\n'
     done
-    by_thread=$(perf report -i "$root/perf.data" --stdio --pid "$relay_pid" --sort comm 2>/dev/null \
-        | awk '/^ +[0-9.]+%/ && n < 8 {p = $1; $1 = ""; sub(/^ +/, ""); printf "| %s | %s |\n", $0, p; n++}')
     relay_symbols=$(perf report -i "$root/perf.data" --stdio --pid "$relay_pid" --percentage relative \
         --sort symbol 2>/dev/null \
         | awk '/^ +[0-9.]+%/ && n < 15 {p = $1; $1 = ""; $2 = ""; sub(/^ +/, ""); sub(/ +- -$/, ""); printf "| %s | `%s` |\n", p, substr($0, 1, 90); n++}')
@@ -375,13 +373,6 @@ rest is idle time and other work on the shared machine):
 | process | share of samples |
 |---|---:|
 ${by_process%$'\n'}
-
-The relay's threads (tokio's workers run the pipeline and the replication client; librdkafka's
-\`rdk:*\` threads and \`producer pollin\` build and send the produce requests):
-
-| thread | share of samples |
-|---|---:|
-$by_thread
 
 The relay process's hottest symbols (share of the relay's samples):
 
