@@ -70,7 +70,19 @@ trap 'scripts/pgcluster.sh stop "$root/pg-fast" >/dev/null || true; stage_cleanu
 PGCLUSTER_DURABLE=1 scripts/pgcluster.sh start "$root/pg" "$PORT" logical >/dev/null
 scripts/pgcluster.sh start "$root/pg-fast" "$FAST_PORT" logical >/dev/null
 loads=""
-load_mark() { loads+="$1 $(cut -d' ' -f1 /proc/loadavg), "; }
+# The extension's library lives in PostgreSQL's shared folder, where a concurrent make test installs
+# its debug build: every section checks that the release build installed above is still the one there.
+LIBRARY="$($PG_CONFIG --pkglibdir)/pg_outbox.so"
+library_id() { stat -c '%s %Y' "$LIBRARY"; }
+installed=$(library_id)
+replaced=""
+load_mark() {
+    loads+="$1 $(cut -d' ' -f1 /proc/loadavg), "
+    if [ "$(library_id)" != "$installed" ] && [ -z "$replaced" ]; then
+        replaced=$1
+        say "WARNING: $LIBRARY was replaced by another process before the $1 section"
+    fi
+}
 say() { printf 'bench: [%4d s] %s\n' "$((SECONDS - started_at))" "$*"; }
 sql_at() { local port=$1; shift; psql -X -q -h 127.0.0.1 -p "$port" -U postgres -d postgres "$@"; }
 sql() { sql_at "$PORT" "$@"; }
@@ -561,6 +573,12 @@ echo "$ingest_table"
 goal "ingest / raw consume, $INGEST_EVENTS records" "$ingest_ratio" "≥" 0.80 ""
 
 # --- BENCHMARKS.md ------------------------------------------------------------------------------------
+load_mark end
+if [ -n "$replaced" ]; then
+    library_note="**Warning:** another process replaced the extension's library ($LIBRARY, e.g. a \`make test\` installing its debug build) during this run, noticed before the $replaced section: figures from there on (and PostgreSQL sessions that loaded it) may come from that build. Run \`make bench\` when no test suite runs."
+else
+    library_note="The release build of the extension installed at the start stayed in place for the whole run."
+fi
 machine="$(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -sr), $($PGBIN/postgres --version)"
 if [ "$QUICK" = 1 ]; then
     kind="**Quick figures** (\`BENCH_QUICK=1 make bench\`): every section at small sizes and short runs, noisier than a full \`make bench\`."
@@ -575,6 +593,7 @@ Settings: SECONDS_PER_RUN=$SECONDS_PER_RUN ROUNDS=$ROUNDS CLIENTS=$CLIENTS EVENT
 Machine: $machine; Tansu (Kafka-compatible, in-memory storage) on the same machine. Date: $(date -u +%Y-%m-%d).
 The machine is shared with other work: the 1-minute load average as each section began was
 ${loads%, } (2 cores). Variants compared in a ratio run interleaved or back to back, so they share its noise.
+$library_note
 
 Every section runs on a **durable cluster** ($durable_settings), as production does, and the
 goals are judged there unless a goal says otherwise. The enqueue comparison and the latency also run
