@@ -17,6 +17,8 @@
 #   f  a + SELECT 1: the floor for any outbox write that is a statement of its own
 #   g  a + pg_logical_emit_message of the same payload: PostgreSQL's bare WAL message, no envelope
 #   h  g with the payload validated as jsonb ('...'::jsonb::text), as enqueue validates it
+#   s  c with the SQL edition (sql-edition/pg_outbox.sql, no C extension), in a database of its own
+#   u  d with the SQL edition
 # and a curve of TPS against concurrent clients (1 to 64) for a, b, c and d on the durable cluster.
 #
 # Relay drain: a backlog of EVENTS events (~256-byte payloads, 1,000 keys, 4 topics) published and
@@ -100,6 +102,19 @@ CREATE TABLE bench_outbox (id uuid PRIMARY KEY, aggregatetype text NOT NULL, agg
                            type text NOT NULL, payload jsonb NOT NULL);
 SQL
 done
+# the SQL edition (README, "Managed PostgreSQL") in a database of its own on each cluster, installed by
+# a role that is not a superuser, with the same business table: variants s and u
+for port in "$PORT" "$FAST_PORT"; do
+    sql_at "$port" -c "CREATE ROLE outbox_installer LOGIN CREATEROLE REPLICATION" \
+        -c "CREATE DATABASE bench_sql OWNER outbox_installer" \
+        -c "ALTER DATABASE bench_sql SET pg_outbox.slot_name = 'bench_sql'" >/dev/null
+    psql -X -q -h 127.0.0.1 -p "$port" -U outbox_installer -d bench_sql -v ON_ERROR_STOP=1 \
+        --single-transaction -f sql-edition/pg_outbox.sql >/dev/null
+    PGOPTIONS="-c client_min_messages=warning" psql -X -q -h 127.0.0.1 -p "$port" -U outbox_installer \
+        -d bench_sql -v ON_ERROR_STOP=1 -c "CALL outbox.setup()" \
+        -c "CREATE TABLE bench_orders (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, customer int NOT NULL,
+                                       total numeric NOT NULL, created_at timestamptz NOT NULL DEFAULT now())" >/dev/null
+done
 durable_settings=$(sql -tAc "SELECT string_agg(name || '=' || setting, ', ' ORDER BY name) FROM pg_settings WHERE name IN ('fsync', 'synchronous_commit', 'full_page_writes')")
 fast_settings=$(sql_at "$FAST_PORT" -tAc "SELECT string_agg(name || '=' || setting, ', ' ORDER BY name) FROM pg_settings WHERE name IN ('fsync', 'synchronous_commit', 'full_page_writes')")
 say "durable cluster: $durable_settings; fast cluster: $fast_settings"
@@ -130,11 +145,11 @@ cargo build -q --release -p pg_outbox_relay -p pg_outbox_bench --bin pg-outbox-r
     --bin raw_consume --bin latency --bin binary_decode --bin chart
 
 # --- enqueue cost -------------------------------------------------------------------------------------
-run() { # port script mode clients seconds -> tps ("nan" if pgbench failed twice)
+run() { # port script mode clients seconds [database] -> tps ("nan" if pgbench failed twice)
     local out
     for _ in 1 2; do
         out=$(PGOPTIONS="-c pg_outbox.mode=$3" "$PGBIN/pgbench" -n -h 127.0.0.1 -p "$1" -U postgres \
-              -c "$4" -j "$(( $4 < 2 ? $4 : 2 ))" -T "$5" -f "$2" postgres 2>&1)
+              -c "$4" -j "$(( $4 < 2 ? $4 : 2 ))" -T "$5" -f "$2" "${6:-postgres}" 2>&1)
         if grep -q '^tps = ' <<<"$out"; then
             echo "$out" | sed -n 's/^tps = \([0-9.]*\).*/\1/p' | head -1
             return
@@ -148,7 +163,7 @@ run() { # port script mode clients seconds -> tps ("nan" if pgbench failed twice
 script() { # variant style -> file
     local f
     case $1 in
-        a) f=a_business ;; b) f=b_handrolled ;; c | d) f=c_enqueue ;; e) f=e_batch ;;
+        a) f=a_business ;; b) f=b_handrolled ;; c | d | s | u) f=c_enqueue ;; e) f=e_batch ;;
         f) f=f_statement ;; g) f=g_emit_message ;; h) f=h_emit_jsonb ;;
     esac
     if [ "$2" = t ]; then
@@ -162,19 +177,23 @@ script() { # variant style -> file
 reset_enqueue() { # port: keep the slot from retaining the whole run, and the tables small
     sql_at "$1" -c "SELECT count(*) FROM pg_logical_slot_get_binary_changes('pg_outbox', NULL, NULL, 'proto_version', '1', 'publication_names', 'pg_outbox', 'messages', 'true')" \
         -c "TRUNCATE outbox.events, bench_outbox" >/dev/null
+    psql -X -q -h 127.0.0.1 -p "$1" -U postgres -d bench_sql \
+        -c "SELECT count(*) FROM pg_logical_slot_get_binary_changes('bench_sql', NULL, NULL, 'proto_version', '1', 'publication_names', 'bench_sql', 'messages', 'true')" \
+        -c "TRUNCATE outbox.events, bench_orders" >/dev/null
 }
-mode_of() { [ "$1" = d ] && echo table || echo wal; }
+mode_of() { case $1 in d | u) echo table ;; *) echo wal ;; esac; }
+db_of() { case $1 in s | u) echo bench_sql ;; *) echo postgres ;; esac; }
 declare -A tps
 load_mark enqueue
 # durable cluster: every variant in one round trip, the main ones also a round trip per statement;
 # fast cluster: every variant in one round trip
-runs=(D:t:a D:t:b D:t:c D:t:d D:t:e D:t:f D:t:g D:t:h D:s:a D:s:b D:s:c D:s:d D:s:g
-      F:t:a F:t:b F:t:c F:t:d F:t:e F:t:f F:t:g F:t:h)
+runs=(D:t:a D:t:b D:t:c D:t:d D:t:e D:t:f D:t:g D:t:h D:t:s D:t:u D:s:a D:s:b D:s:c D:s:d D:s:g
+      F:t:a F:t:b F:t:c F:t:d F:t:e F:t:f F:t:g F:t:h F:t:s F:t:u)
 for round in $(seq "$ROUNDS"); do
     for r in "${runs[@]}"; do
         IFS=: read -r cl style v <<<"$r"
         port=$PORT; [ "$cl" = F ] && port=$FAST_PORT
-        t=$(run "$port" "$(script "$v" "$style")" "$(mode_of "$v")" "$CLIENTS" "$SECONDS_PER_RUN")
+        t=$(run "$port" "$(script "$v" "$style")" "$(mode_of "$v")" "$CLIENTS" "$SECONDS_PER_RUN" "$(db_of "$v")")
         tps[$cl$style$v]="${tps[$cl$style$v]:-} $t"
         say "enqueue round $round/$ROUNDS, cluster $cl, $v$style: $(printf '%.0f' "$t") tps"
         reset_enqueue "$port"
@@ -202,6 +221,8 @@ enqueue_table=$(cat <<TABLE
 | f | a + \`SELECT 1\` (floor: any extra statement) | ${med[Dtf]} | — | ${med[Ftf]} | — |
 | g | a + \`pg_logical_emit_message\` (PostgreSQL's bare WAL message) | ${med[Dtg]} | ${med[Dsg]} | ${med[Ftg]} | ${med[Dtg]} |
 | h | a + \`pg_logical_emit_message\` of the payload validated as jsonb | ${med[Dth]} | — | ${med[Fth]} | ${med[Dth]} |
+| s | c with the SQL edition (PL/pgSQL, no C extension), wal mode | ${med[Dts]} | — | ${med[Fts]} | ${med[Dts]} |
+| u | d with the SQL edition, table mode | ${med[Dtu]} | — | ${med[Ftu]} | ${med[Dtu]} |
 
 | ratio (one round trip; medians, and each round's ratio from lowest to highest) | durable | fast |
 |---|---:|---:|
@@ -211,6 +232,8 @@ enqueue_table=$(cat <<TABLE
 | d / b (table enqueue vs hand-rolled outbox) | $(ratio "${med[Dtd]}" "${med[Dtb]}") | $(ratio "${med[Ftd]}" "${med[Ftb]}") |
 | c / a (wal enqueue vs business alone) | $(ratio "${med[Dtc]}" "${med[Dta]}") | $(ratio "${med[Ftc]}" "${med[Fta]}") |
 | f / a (any extra statement vs business alone: the ceiling of c / a) | $(ratio "${med[Dtf]}" "${med[Dta]}") | $(ratio "${med[Ftf]}" "${med[Fta]}") |
+| s / c (SQL edition vs C extension, wal mode: what the C extension buys) | $(ratio "${med[Dts]}" "${med[Dtc]}") | $(ratio "${med[Fts]}" "${med[Ftc]}") |
+| u / d (SQL edition vs C extension, table mode) | $(ratio "${med[Dtu]}" "${med[Dtd]}") | $(ratio "${med[Ftu]}" "${med[Ftd]}") |
 TABLE
 )
 echo "$enqueue_table"
