@@ -84,3 +84,21 @@ pub fn numbered_batch(t: i64, batch: i64, keys: i64) -> (Vec<String>, Vec<String
         ns.map(|n| format!(r#"{{"n": {n}}}"#)).collect(),
     )
 }
+
+/// The `n` of a [`numbered_batch`] event's payload (`{"n": n}`), or -1 for anything else.
+pub fn payload_n(payload: &[u8]) -> i64 {
+    serde_json::from_slice::<serde_json::Value>(payload)
+        .ok()
+        .and_then(|v| v["n"].as_i64())
+        .unwrap_or(-1)
+}
+
+/// [`order_violations`] of [`numbered_batch`] records in Kafka's order, per key.
+pub fn record_order_violations(records: &[Record]) -> usize {
+    order_violations(records.iter().map(|r| {
+        (
+            String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).to_string(),
+            payload_n(&r.payload),
+        )
+    }))
+}

@@ -11,7 +11,8 @@
 
 use anyhow::{ensure, Result};
 use pg_outbox_tests::{
-    order_violations, read_all, restart_cluster, signal, wait_for, Broker, Relay, TestDb,
+    order_violations, payload_n, read_all, record_order_violations, restart_cluster, signal,
+    wait_for, Broker, Relay, TestDb,
 };
 use rand::Rng;
 use std::collections::{HashMap, HashSet};
@@ -140,13 +141,7 @@ async fn chaos_kills_and_pauses_lose_duplicate_and_reorder_nothing() -> Result<(
         events as usize,
         Duration::from_secs(600),
     )?;
-    let n_of = |payload: &[u8]| {
-        serde_json::from_slice::<serde_json::Value>(payload)
-            .ok()
-            .and_then(|v| v["n"].as_i64())
-            .unwrap_or(-1)
-    };
-    let published: HashSet<i64> = records.iter().map(|r| n_of(&r.payload)).collect();
+    let published: HashSet<i64> = records.iter().map(|r| payload_n(&r.payload)).collect();
     let ids: HashSet<String> = records.iter().map(|r| r.id()).collect();
     let lost = (0..events).filter(|n| !published.contains(n)).count();
     let ghosts = published
@@ -154,12 +149,7 @@ async fn chaos_kills_and_pauses_lose_duplicate_and_reorder_nothing() -> Result<(
         .filter(|n| !(0..events).contains(*n))
         .count();
     let duplicated = records.len() - ids.len();
-    let out_of_order = order_violations(records.iter().map(|r| {
-        (
-            String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).to_string(),
-            n_of(&r.payload),
-        )
-    }));
+    let out_of_order = record_order_violations(&records);
 
     // the inbox: every message once, and in per-partition order within each key
     let sink_client = pg_outbox_tests::connect(pg_port, "ch_sink").await?;

@@ -8,8 +8,8 @@
 use anyhow::{ensure, Context, Result};
 use pg_outbox_envelope::{open, Event, TAG_LEN};
 use pg_outbox_tests::{
-    conninfo, expect_error, order_violations, peek_wal_messages, port, read_all, resilient_writer,
-    wait_for, Broker, Edition, Relay, TestDb,
+    conninfo, expect_error, payload_n, peek_wal_messages, port, read_all, record_order_violations,
+    resilient_writer, wait_for, Broker, Edition, Relay, TestDb,
 };
 use std::collections::HashSet;
 use std::time::Duration;
@@ -281,22 +281,11 @@ async fn switch_under_load(name: &str, mode: &str) -> Result<()> {
         events,
         Duration::from_secs(120),
     )?;
-    let n_of = |payload: &[u8]| {
-        serde_json::from_slice::<serde_json::Value>(payload)
-            .ok()
-            .and_then(|v| v["n"].as_i64())
-            .unwrap_or(-1)
-    };
-    let published: HashSet<i64> = records.iter().map(|r| n_of(&r.payload)).collect();
+    let published: HashSet<i64> = records.iter().map(|r| payload_n(&r.payload)).collect();
     let lost = (0..events as i64)
         .filter(|n| !published.contains(n))
         .count();
-    let out_of_order = order_violations(records.iter().map(|r| {
-        (
-            String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).to_string(),
-            n_of(&r.payload),
-        )
-    }));
+    let out_of_order = record_order_violations(&records);
     println!(
         "editions: {mode} mode: {events} events committed across three switches; Kafka: {} records, \
          {} lost, {} duplicated, {out_of_order} out of order",
