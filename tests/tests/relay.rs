@@ -187,6 +187,16 @@ async fn committed_events_arrive_with_topic_key_headers_and_payload() -> Result<
     let sum = metric(&text, "pg_outbox_relay_event_latency_seconds_sum").unwrap();
     assert!(sum > 0.0 && sum < 5.0 * 60.0, "latency sum {sum} s");
 
+    // one more event, and the stop right after its acknowledgement: the last confirmation still
+    // reaches the server before the relay ends the stream (the replication client sends the
+    // applied position only every 500 ms on its own)
+    enqueue(c, "orders", "carol", r#"{"n": 1}"#).await?;
+    wait_for("6 published", Duration::from_secs(10), || async {
+        let text = scrape_metrics(&metrics_addr)?;
+        Ok(metric(&text, "pg_outbox_relay_events_published_total") == Some(6.0))
+    })
+    .await?;
+
     // graceful shutdown: exit 0, and the slot confirmed everything: nothing is left to replay
     let status = relay.terminate(Duration::from_secs(30))?;
     assert!(status.success(), "exit status {status}");

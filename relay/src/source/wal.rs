@@ -33,6 +33,10 @@ const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
 /// How often the slot's confirmed position is recorded in `outbox.sources`.
 const REMEMBER_EVERY: Duration = Duration::from_secs(10);
 
+/// How long a clean stop waits for the replication client to send the last confirmed position
+/// (it sends one every status interval, 500 ms).
+const FINAL_FEEDBACK_WAIT: Duration = Duration::from_secs(2);
+
 /// Events handed over per call at most, so that acknowledgements are taken in between.
 const MAX_BATCH: usize = 1024;
 
@@ -55,6 +59,8 @@ pub struct WalSource {
     pg: Client,
     slot: String,
     remembered: Instant,
+    /// The last position this session confirmed (0: none yet).
+    confirmed: u64,
     identity: Identity,
     metrics: Arc<Metrics>,
     /// The key every message must be sealed with.
@@ -155,6 +161,7 @@ impl WalSource {
             pg,
             slot: slot.clone(),
             remembered: Instant::now(),
+            confirmed: 0,
             identity,
             metrics,
             key,
@@ -334,6 +341,7 @@ impl Source for WalSource {
 
     async fn confirm(&mut self, lsn: u64) -> Result<(), RelayError> {
         self.repl.update_applied_lsn(Lsn(lsn));
+        self.confirmed = self.confirmed.max(lsn);
         self.metrics.confirmed_lsn.store(lsn, Ordering::Relaxed);
         if self.remembered.elapsed() >= REMEMBER_EVERY {
             // what the server has confirmed (it lags the update above by a status interval)
@@ -352,6 +360,15 @@ impl Source for WalSource {
     }
 
     async fn close(&mut self) -> Result<(), RelayError> {
+        // The replication client sends its applied position every status interval and, on stop,
+        // only CopyDone: wait until the server has the last confirmation, so that the next session
+        // does not replay (and read Kafka back for) what this one confirmed.
+        let deadline = Instant::now() + FINAL_FEEDBACK_WAIT;
+        while self.repl.metrics().last_applied_lsn().as_u64() < self.confirmed
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         self.repl.shutdown().await?;
         info!(
             confirmed_lsn = %Lsn(self.metrics.confirmed_lsn.load(Ordering::Relaxed)),
