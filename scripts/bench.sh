@@ -287,10 +287,9 @@ wait_metric() { # name target log: until the counter reaches the target (the rel
     done
 }
 stop_relay() { kill "$relay_pid"; wait "$relay_pid" 2>/dev/null || true; }
-# A wal relay's last confirmation reaches the server within its status interval (500 ms), and a
-# clean stop does not send a pending one (pgwire-replication ends the stream with CopyDone only): so
-# that the next relay does not replay the tail and read Kafka back for it, stop a wal relay only
-# once the slot holds what the relay confirmed (5 s at most).
+# A clean stop of a wal relay waits for its last confirmation to reach the server (relay/src/source/
+# wal.rs, close); that the slot holds what the relay confirmed is also checked here before the stop
+# (5 s at most), so that the next relay never replays the tail and reads Kafka back for it.
 settle_relay() {
     local want server
     for _ in $(seq 100); do
