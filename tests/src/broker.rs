@@ -29,8 +29,21 @@ pub struct Broker {
 }
 
 impl Broker {
+    /// A broker on a free port. The port is free when picked, but another test's broker (or an
+    /// outgoing connection) may take it before Tansu binds it: then Tansu exits, and the broker is
+    /// started again on another port rather than the test talking to someone else's broker.
     pub fn start() -> Result<Broker> {
-        Self::start_on(free_port())
+        let mut attempt = 1;
+        loop {
+            match Self::start_on(free_port()) {
+                Ok(broker) => return Ok(broker),
+                Err(e) if attempt < 5 => {
+                    eprintln!("broker: {e:#}; trying another port");
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     pub fn start_on(port: u16) -> Result<Broker> {
@@ -151,7 +164,18 @@ impl Broker {
             .stderr(log)
             .spawn()
             .context("starting tansu (scripts/setup.sh installs it)")?;
-        wait_for_port(port)?;
+        let mut child = child;
+        let listening = wait_for_port(port);
+        // a Tansu that could not bind exits at once, while the port may answer for another process
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("tansu on port {port} exited at start ({status}): the port is taken");
+        }
+        if let Err(e) = listening {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
         Ok(child)
     }
 
