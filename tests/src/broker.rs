@@ -149,7 +149,7 @@ impl Broker {
     fn tansu(port: u16, advertised: &str, storage: &str, authentication: bool) -> Result<Child> {
         let url = format!("tcp://127.0.0.1:{port}");
         let log = std::fs::File::create(std::env::temp_dir().join(format!("tansu-{port}.log")))?;
-        let child = Command::new("tansu")
+        let mut child = Command::new("tansu")
             .current_dir(std::env::temp_dir())
             .args([
                 "broker",
@@ -164,7 +164,6 @@ impl Broker {
             .stderr(log)
             .spawn()
             .context("starting tansu (scripts/setup.sh installs it)")?;
-        let mut child = child;
         let listening = wait_for_port(port);
         // a Tansu that could not bind exits at once, while the port may answer for another process
         std::thread::sleep(std::time::Duration::from_millis(300));

@@ -220,19 +220,23 @@ impl Sink for KafkaSink {
     }
 
     fn withdraw(&self) {
-        self.producer
-            .purge(PurgeConfig::default().queue().inflight());
+        purge(&self.producer);
     }
 
     fn withdrawal(&self) -> Option<crate::fence::OnPause> {
         let producer = self.producer.clone();
         Some(Box::new(move || {
-            producer.purge(PurgeConfig::default().queue().inflight());
+            purge(&producer);
             tracing::warn!(
                 "this relay was paused beyond the pause limit: what its producer held is withdrawn"
             );
         }))
     }
+}
+
+/// Gives up what the producer holds, queued and in flight (see [`Sink::withdraw`]).
+fn purge(producer: &FutureProducer) {
+    producer.purge(PurgeConfig::default().queue().inflight());
 }
 
 /// A record the broker refuses for good (too large, invalid, a timestamp out of range, a null key on
