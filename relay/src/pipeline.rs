@@ -9,7 +9,9 @@
 //! - Back-pressure: at most `max_in_flight` records, and about `max_in_flight_bytes` of them, are
 //!   unacknowledged; reading pauses beyond that.
 //! - Recovery: any transient error ends the session; the next session starts from the durable
-//!   position, and [`Dedup`] skips what Kafka already has.
+//!   position, and [`Dedup`] skips what Kafka already has. After a lost delivery, what the session
+//!   had sent is sent again one record at a time ([`Frontier`]), so that a record the broker
+//!   refuses is found and dead-lettered alone.
 //! - Shutdown: stop reading, flush, wait for what is in flight (bounded), confirm, close.
 
 use crate::checkpoint::{Checkpoint, UnitId};
@@ -52,6 +54,7 @@ pub async fn run(
     // One producer for the life of the process: records of a failed session that are still in
     // flight are delivered (or fail) before the next session reads the partitions back.
     let mut sink = KafkaSink::new(&config.kafka, &config.source.source_id)?;
+    let mut frontier = Frontier::default();
     let mut first = true;
     loop {
         if let Some(fatal) = sink.fatal_error() {
@@ -60,7 +63,15 @@ pub async fn run(
             sink = KafkaSink::new(&config.kafka, &config.source.source_id)?;
         }
         let started = Instant::now();
-        let result = session(config, &shutdown, &metrics, &mut sink, &mut first).await;
+        let result = session(
+            config,
+            &shutdown,
+            &metrics,
+            &mut sink,
+            &mut frontier,
+            &mut first,
+        )
+        .await;
         if !retry.after(result, started, &shutdown, &metrics).await? {
             return Ok(());
         }
@@ -73,13 +84,14 @@ async fn session(
     shutdown: &CancellationToken,
     metrics: &Arc<Metrics>,
     sink: &mut KafkaSink,
+    frontier: &mut Frontier,
     first: &mut bool,
 ) -> Result<(), RelayError> {
     let dead = PgDeadLetters::new(
         postgres::connect(&config.postgres).await?,
         &config.source.source_id,
     );
-    let pipeline = Pipeline::new(&config.kafka, &config.source, metrics, sink, dead);
+    let pipeline = Pipeline::new(&config.kafka, &config.source, metrics, sink, dead, frontier);
     match config.source.kind {
         SourceKind::Wal => {
             let source = WalSource::open(config, first, metrics.clone()).await?;
@@ -89,6 +101,33 @@ async fn session(
             let source = PollSource::open(config).await?;
             pipeline.run(source, shutdown).await
         }
+    }
+}
+
+/// How far a session that lost a delivery had sent, kept across the sessions of the process.
+///
+/// A broker refuses a whole batch for one record it will never take (one that fails the topic's
+/// schema, a timestamp out of range), and librdkafka's gapless guarantee then stops the producer:
+/// sent the same way again, the batch would fail forever, with the stream behind it. So the
+/// sessions after a lost delivery send every record up to the highest position the failed session
+/// had sent alone ([`Record::alone`]: one in flight, its verdict about it only). A refused record
+/// is then dead-lettered on its own, and past the frontier records flow at full speed again.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Frontier(Option<(String, Position)>);
+
+impl Frontier {
+    /// Where records of `source` stop being sent alone, if they are.
+    fn of(&self, source: &str) -> Option<Position> {
+        self.0
+            .as_ref()
+            .filter(|(name, _)| name == source)
+            .map(|(_, p)| *p)
+    }
+
+    /// A session of `source` that had sent up to `sent` lost a delivery.
+    fn lost(&mut self, source: &str, sent: Option<Position>) {
+        let top = sent.max(self.of(source));
+        self.0 = top.map(|p| (source.to_string(), p));
     }
 }
 
@@ -107,6 +146,11 @@ pub struct Pipeline<'a, K: Sink, D: DeadLetters> {
     unwritable: HashMap<String, tokio::time::Instant>,
     /// A pause of the relay this long ends the session (see fence.rs).
     pause_limit: Duration,
+    frontier: &'a mut Frontier,
+    /// Records up to this position are sent alone (from the frontier, this session).
+    alone_until: Option<Position>,
+    /// The highest position handed to the sink (this session).
+    sent_max: Option<Position>,
 }
 
 /// A record in flight: its checkpoint unit, its start time (Unix µs), and its outcome.
@@ -126,6 +170,7 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
         metrics: &'a Metrics,
         sink: &'a mut K,
         dead: D,
+        frontier: &'a mut Frontier,
     ) -> Self {
         Pipeline {
             kafka,
@@ -138,6 +183,9 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
             shutdown: CancellationToken::new(),
             unwritable: HashMap::new(),
             pause_limit: Duration::MAX,
+            frontier,
+            alone_until: None,
+            sent_max: None,
         }
     }
 
@@ -150,6 +198,10 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
     ) -> Result<(), RelayError> {
         self.shutdown = shutdown.clone();
         self.identity = source.identity().clone();
+        self.alone_until = self.frontier.of(&self.identity.name);
+        if let Some(until) = self.alone_until {
+            info!(%until, "the last session lost a delivery: sending what it had sent one record at a time");
+        }
         self.metrics.in_flight.store(0, Ordering::Relaxed);
         self.metrics.degraded.store(false, Ordering::Relaxed);
         // Whatever an earlier session of this process sent is settled first, so the dedup sees it
@@ -187,6 +239,8 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
         loop {
             let room = if bytes >= self.source.max_in_flight_bytes {
                 0
+            } else if self.alone_until.is_some() {
+                usize::from(inflight.is_empty())
             } else {
                 max_in_flight.saturating_sub(inflight.len())
             };
@@ -272,6 +326,7 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
             Delivered::Failed(e) => {
                 // nothing behind a failed record may land: that would be a hole
                 self.sink.withdraw();
+                self.frontier.lost(&self.identity.name, self.sent_max);
                 return Err(e);
             }
         }
@@ -357,6 +412,16 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
             self.metrics.skipped.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         }
+        let alone = match self.alone_until {
+            Some(until) if position <= until => true,
+            Some(until) => {
+                info!(%until, "past what the last session had sent: records flow at full speed again");
+                self.alone_until = None;
+                *self.frontier = Frontier::default();
+                false
+            }
+            None => false,
+        };
         let id = event.id_string();
         let record = Record {
             topic: &topic,
@@ -372,6 +437,7 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
             source_id,
             headers: &event.headers,
             trace: event.trace_context,
+            alone,
         };
         let size = record.size();
         if size > self.kafka.max_record_bytes {
@@ -394,7 +460,15 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
                 self.pause_limit.as_secs_f64()
             )));
         }
-        Ok(Some((self.sink.send(record).await?, size)))
+        self.sent_max = self.sent_max.max(Some(position));
+        match self.sink.send(record).await {
+            Ok(delivery) => Ok(Some((delivery, size))),
+            Err(e) => {
+                // a producer stopped by a refused batch refuses everything from then on
+                self.frontier.lost(&self.identity.name, self.sent_max);
+                Err(e)
+            }
+        }
     }
 
     /// The topic's partition count. A topic that does not exist or may not be written holds the
@@ -519,6 +593,33 @@ mod tests {
         metrics: Metrics,
     }
 
+    /// The settings of a test session.
+    fn configs(max_in_flight: usize, on_poison: OnPoison) -> (KafkaConfig, SourceConfig) {
+        let kafka = KafkaConfig {
+            brokers: String::new(),
+            fence_timeout: Duration::from_secs(30),
+            topic_template: "{topic}".into(),
+            max_record_bytes: 1_000_000,
+            record_timestamp: crate::config::RecordTimestamp::Enqueue,
+            settings: Default::default(),
+        };
+        let source_config = SourceConfig {
+            kind: SourceKind::Wal,
+            slot: "s".into(),
+            create_slot: false,
+            source_id: "test".into(),
+            poll_batch: 1000,
+            poll_interval: Duration::from_secs(1),
+            max_in_flight,
+            max_in_flight_bytes: usize::MAX,
+            restart_grace: Duration::ZERO,
+            backoff_max: Duration::from_secs(1),
+            on_poison,
+            poison_retry: Duration::from_secs(5),
+        };
+        (kafka, source_config)
+    }
+
     /// Runs the loop until it fails, or until `last` is confirmed (then shuts down), or until
     /// `shutdown_after` passes.
     async fn run(
@@ -581,28 +682,7 @@ mod tests {
         let mut dead = MemoryDeadLetters::default();
         let l = log.clone();
         dead.on_record = Some(Arc::new(move |p| l.lock().unwrap().push(Entry::Dead(p))));
-        let kafka = KafkaConfig {
-            brokers: String::new(),
-            fence_timeout: Duration::from_secs(30),
-            topic_template: "{topic}".into(),
-            max_record_bytes: 1_000_000,
-            record_timestamp: crate::config::RecordTimestamp::Enqueue,
-            settings: Default::default(),
-        };
-        let source_config = SourceConfig {
-            kind: SourceKind::Wal,
-            slot: "s".into(),
-            create_slot: false,
-            source_id: "test".into(),
-            poll_batch: 1000,
-            poll_interval: Duration::from_secs(1),
-            max_in_flight,
-            max_in_flight_bytes: usize::MAX,
-            restart_grace: Duration::ZERO,
-            backoff_max: Duration::from_secs(1),
-            on_poison,
-            poison_retry: Duration::from_secs(5),
-        };
+        let (kafka, source_config) = configs(max_in_flight, on_poison);
         if let Some(after) = shutdown_after {
             let token = shutdown.clone();
             tokio::spawn(async move {
@@ -611,7 +691,15 @@ mod tests {
             });
         }
         let metrics = Metrics::default();
-        let pipeline = Pipeline::new(&kafka, &source_config, &metrics, &mut sink, dead.clone());
+        let mut frontier = Frontier::default();
+        let pipeline = Pipeline::new(
+            &kafka,
+            &source_config,
+            &metrics,
+            &mut sink,
+            dead.clone(),
+            &mut frontier,
+        );
         let result = pipeline.run(source, &shutdown).await;
         let log = log.lock().unwrap().clone();
         let confirmed = confirmed.lock().unwrap().clone();
@@ -819,5 +907,102 @@ mod tests {
         assert!(err.to_string().contains("on_poison"), "{err}");
         assert!(out.dead.is_empty());
         assert!(out.confirmed.last() <= Some(&1), "never past the event");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_lost_delivery_what_was_sent_is_sent_alone_and_only_the_refused_record_is_dead_lettered(
+    ) {
+        // like a broker: the record at unit 4 fails the batch it travels in (from unit 3 on here,
+        // with librdkafka's gapless guarantee nothing behind it lands); sent alone, it is refused
+        // on its own and the others are taken
+        let bad = Position::new(4, 0);
+        let sends: Arc<Mutex<Vec<(Position, bool)>>> = Arc::default();
+        let seen = sends.clone();
+        let plan: Plan = Box::new(move |_, record| {
+            seen.lock().unwrap().push((record.position, record.alone));
+            match (record.position, record.alone) {
+                (p, true) if p == bad => Fate::Reject(ms(1)),
+                (p, false) if (3..=9).contains(&p.major) => Fate::Fail(ms(5)),
+                _ => Fate::Ack(ms(1)),
+            }
+        });
+        let mut sink = MemorySink::new(1, plan);
+        let dead = MemoryDeadLetters::default();
+        let (kafka, source_config) = configs(100, OnPoison::DeadLetter);
+        let metrics = Metrics::default();
+        let mut frontier = Frontier::default();
+        // the first session sends units 0 to 9 together and loses a delivery
+        let source = MemorySource::new(script(10, 1));
+        let first = Pipeline::new(
+            &kafka,
+            &source_config,
+            &metrics,
+            &mut sink,
+            dead.clone(),
+            &mut frontier,
+        )
+        .run(source, &CancellationToken::new())
+        .await;
+        assert!(!first.expect_err("lost a delivery").is_permanent());
+        assert_eq!(
+            frontier.of("test"),
+            Some(Position::new(9, 0)),
+            "all ten were sent"
+        );
+        assert!(
+            dead.letters.lock().unwrap().is_empty(),
+            "nothing judged in a batch"
+        );
+        assert!(sends.lock().unwrap().iter().all(|(_, alone)| !alone));
+        // the next session replays everything, now with units 10 and 11 behind
+        sends.lock().unwrap().clear();
+        let mut source = MemorySource::new(script(12, 1));
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        source.on_confirm = Some(Arc::new(move |ack| {
+            if ack == 11 {
+                token.cancel();
+            }
+        }));
+        let second = Pipeline::new(
+            &kafka,
+            &source_config,
+            &metrics,
+            &mut sink,
+            dead.clone(),
+            &mut frontier,
+        )
+        .run(source, &shutdown)
+        .await;
+        second.expect("the stream goes on past the refused record");
+        let letters = dead.letters.lock().unwrap().clone();
+        assert_eq!(
+            letters.iter().map(|l| l.position).collect::<Vec<_>>(),
+            vec![bad],
+            "only the refused record is dead-lettered"
+        );
+        let sends = sends.lock().unwrap().clone();
+        let expected: Vec<(Position, bool)> =
+            (3..12).map(|u| (Position::new(u, 0), u <= 9)).collect();
+        assert_eq!(
+            sends, expected,
+            "what Kafka lacks up to the frontier is sent alone, then at full speed"
+        );
+        assert_eq!(frontier, Frontier::default(), "passed");
+        let stored: Vec<Position> = sink
+            .log
+            .lock()
+            .unwrap()
+            .stored
+            .iter()
+            .map(|s| s.2)
+            .collect();
+        let want: Vec<Position> = (0..12)
+            .filter(|u| *u != 4)
+            .map(|u| Position::new(u, 0))
+            .collect();
+        let mut sorted = stored.clone();
+        sorted.sort();
+        assert_eq!(sorted, want, "every other record once");
     }
 }

@@ -33,9 +33,13 @@ impl Broker {
     /// outgoing connection) may take it before Tansu binds it: then Tansu exits, and the broker is
     /// started again on another port rather than the test talking to someone else's broker.
     pub fn start() -> Result<Broker> {
+        Self::on_a_free_port(&[])
+    }
+
+    fn on_a_free_port(extra: &[&str]) -> Result<Broker> {
         let mut attempt = 1;
         loop {
-            match Self::start_on(free_port()) {
+            match Self::start_with(free_port(), extra) {
                 Ok(broker) => return Ok(broker),
                 Err(e) if attempt < 5 => {
                     eprintln!("broker: {e:#}; trying another port");
@@ -47,8 +51,24 @@ impl Broker {
     }
 
     pub fn start_on(port: u16) -> Result<Broker> {
+        Self::start_with(port, &[])
+    }
+
+    /// A broker that validates what is produced to a topic against `registry`'s `<topic>.json`
+    /// (Tansu's embedded schema registry): a record that does not conform is refused with
+    /// `INVALID_RECORD`, a real broker's permanent refusal of one record. `registry` is a folder
+    /// in the temp folder (Tansu resolves the URL's path against its working folder).
+    pub fn start_with_schemas(registry: &std::path::Path) -> Result<Broker> {
+        let name = registry
+            .strip_prefix(std::env::temp_dir())
+            .context("a schema registry in the temp folder")?;
+        let url = format!("file://./{}", name.display());
+        Self::on_a_free_port(&["--schema-registry", &url])
+    }
+
+    fn start_with(port: u16, extra: &[&str]) -> Result<Broker> {
         let url = format!("tcp://127.0.0.1:{port}");
-        let child = Self::tansu(port, &url, "memory://tansu/", false)?;
+        let child = Self::tansu(port, &url, "memory://tansu/", false, extra)?;
         Ok(Broker {
             port,
             child,
@@ -69,7 +89,7 @@ impl Broker {
         let name = format!("tansu-sasl-{port}.db");
         let db = std::env::temp_dir().join(&name);
         let storage = format!("sqlite://{name}");
-        let mut open = Self::tansu(port, &url, &storage, false)?;
+        let mut open = Self::tansu(port, &url, &storage, false, &[])?;
         let made = Command::new("tansu")
             .args(["user", "create", user, password, "--mechanism", "scram256"])
             .args(["--broker", &url])
@@ -77,7 +97,7 @@ impl Broker {
         let _ = open.kill();
         let _ = open.wait();
         anyhow::ensure!(made?.success(), "tansu user create");
-        let child = Self::tansu(port, &url, &storage, true)?;
+        let child = Self::tansu(port, &url, &storage, true, &[])?;
         let settings = [
             ("security.protocol", "SASL_PLAINTEXT"),
             ("sasl.mechanism", "SCRAM-SHA-256"),
@@ -105,6 +125,7 @@ impl Broker {
             &format!("tcp://localhost:{port}"),
             "memory://tansu/",
             false,
+            &[],
         )?;
         let conf = std::env::temp_dir().join(format!("stunnel-{port}.conf"));
         std::fs::write(
@@ -146,7 +167,13 @@ impl Broker {
         &self.settings
     }
 
-    fn tansu(port: u16, advertised: &str, storage: &str, authentication: bool) -> Result<Child> {
+    fn tansu(
+        port: u16,
+        advertised: &str,
+        storage: &str,
+        authentication: bool,
+        extra: &[&str],
+    ) -> Result<Child> {
         let url = format!("tcp://127.0.0.1:{port}");
         let log = std::fs::File::create(std::env::temp_dir().join(format!("tansu-{port}.log")))?;
         let mut child = Command::new("tansu")
@@ -160,6 +187,7 @@ impl Broker {
             ])
             .args(["--storage-engine", storage])
             .args(authentication.then_some("--authentication"))
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -168,7 +196,11 @@ impl Broker {
         // a Tansu that could not bind exits at once, while the port may answer for another process
         std::thread::sleep(std::time::Duration::from_millis(300));
         if let Some(status) = child.try_wait()? {
-            anyhow::bail!("tansu on port {port} exited at start ({status}): the port is taken");
+            let log =
+                std::fs::read_to_string(std::env::temp_dir().join(format!("tansu-{port}.log")))
+                    .unwrap_or_default();
+            let last = log.lines().last().unwrap_or_default();
+            anyhow::bail!("tansu on port {port} exited at start ({status}): {last}");
         }
         if let Err(e) = listening {
             let _ = child.kill();

@@ -156,3 +156,110 @@ async fn healthz_says_stalled_while_the_broker_acknowledges_nothing() -> Result<
     assert_eq!(n, 0, "closed without an answer");
     Ok(())
 }
+
+/// A record the broker itself refuses for good (Tansu's schema registry answers `INVALID_RECORD`),
+/// in the middle of a backlog published with many records in flight, while later records are
+/// acknowledged: it is dead-lettered with the broker's reason, so no position below the next
+/// session's floor is neither in Kafka nor in `outbox.dead_letters`. A restarted relay publishes
+/// what comes next and repeats nothing.
+#[tokio::test]
+async fn a_record_the_broker_refuses_mid_stream_is_dead_lettered_and_leaves_no_hole() -> Result<()>
+{
+    let registry = std::env::temp_dir().join(format!("pg_outbox-schemas-{}", free_port()));
+    std::fs::create_dir_all(&registry)?;
+    std::fs::write(
+        registry.join("checked.json"),
+        r#"{"type": "object", "properties": {"value": {"type": "object",
+            "properties": {"n": {"type": "integer"}}, "required": ["n"]}}}"#,
+    )?;
+    let broker = Broker::start_with_schemas(&registry)?;
+    broker.create_topic("checked", 2).await?;
+    let db = TestDb::create("po_refused", port()).await?;
+    db.create_slot().await?;
+    let c = &db.client;
+    // a backlog the relay sends in one go: 4 transactions of 500, event 1,000 does not conform
+    const EVENTS: i64 = 2000;
+    for t in 0..4 {
+        let (keys, mut payloads) = pg_outbox_tests::numbered_batch(t, 500, 10);
+        if t == 2 {
+            payloads[0] = r#"{"m": 1000}"#.to_string();
+        }
+        c.execute(
+            "SELECT outbox.enqueue_batch('checked', $1, $2::text[]::jsonb[])",
+            &[&keys, &payloads],
+        )
+        .await?;
+    }
+    let end = db.current_wal_lsn().await?;
+    let mut relay = Relay::start(db.port, &db.name, &broker.bootstrap(), &[])?;
+    let records = read_all(
+        &broker.bootstrap(),
+        &[("checked", 2)],
+        EVENTS as usize - 1,
+        Duration::from_secs(120),
+    )?;
+    let ns: std::collections::BTreeSet<i64> = records
+        .iter()
+        .map(|r| pg_outbox_tests::payload_n(&r.payload))
+        .collect();
+    assert_eq!(records.len(), ns.len(), "no event twice");
+    assert_eq!(
+        ns,
+        (0..EVENTS).filter(|n| *n != 1000).collect(),
+        "every conforming event"
+    );
+    assert_eq!(pg_outbox_tests::record_order_violations(&records), 0);
+    wait_for("the slot to advance", Duration::from_secs(30), || async {
+        db.confirmed_at_least(&end).await
+    })
+    .await?;
+    let rows = c
+        .query(
+            "SELECT topic, key, convert_from(payload, 'UTF8'), reason FROM outbox.dead_letters",
+            &[],
+        )
+        .await?;
+    assert_eq!(rows.len(), 1, "one dead letter");
+    let (topic, key, payload, reason): (String, String, String, String) = (
+        rows[0].get(0),
+        rows[0].get(1),
+        rows[0].get(2),
+        rows[0].get(3),
+    );
+    assert_eq!((topic.as_str(), key.as_str()), ("checked", "k0"));
+    assert!(payload.contains("1000"), "the refused event's payload");
+    assert!(reason.contains("broker refused the record"), "{reason}");
+    assert!(reason.contains("InvalidRecord"), "{reason}");
+    // the next session starts above the refused record and loses nothing after it
+    relay.terminate(Duration::from_secs(30))?;
+    let (keys, payloads) = pg_outbox_tests::numbered_batch(4, 500, 10);
+    c.execute(
+        "SELECT outbox.enqueue_batch('checked', $1, $2::text[]::jsonb[])",
+        &[&keys, &payloads],
+    )
+    .await?;
+    let _relay = Relay::start(db.port, &db.name, &broker.bootstrap(), &[])?;
+    let records = read_all(
+        &broker.bootstrap(),
+        &[("checked", 2)],
+        EVENTS as usize - 1 + 500,
+        Duration::from_secs(120),
+    )?;
+    let again: std::collections::BTreeSet<i64> = records
+        .iter()
+        .map(|r| pg_outbox_tests::payload_n(&r.payload))
+        .collect();
+    assert_eq!(records.len(), again.len(), "no event twice");
+    assert_eq!(again.len(), EVENTS as usize - 1 + 500);
+    assert_eq!(pg_outbox_tests::record_order_violations(&records), 0);
+    let letters: i64 = c
+        .query_one("SELECT count(*) FROM outbox.dead_letters", &[])
+        .await?
+        .get(0);
+    assert_eq!(
+        letters, 1,
+        "the refused event is not retried nor lost again"
+    );
+    let _ = std::fs::remove_dir_all(&registry);
+    Ok(())
+}

@@ -1,6 +1,6 @@
 //! The Kafka sink: one idempotent producer (`acks=all`) for the life of the process, so records of
 //! a failed session that are still in flight are delivered (or fail) before the next session reads
-//! the partitions back.
+//! the partitions back; and a second one, made when first needed, for records sent alone.
 //!
 //! No librdkafka call that blocks runs on a runtime thread: metadata requests, flushes and the
 //! read-back go through `spawn_blocking`, and a full producer queue is waited out asynchronously.
@@ -19,6 +19,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// How long librdkafka waits before it sends a failed request again (its `retry.backoff.ms`).
@@ -88,6 +89,11 @@ pub async fn off_runtime<T: Send + 'static>(
 
 pub struct KafkaSink {
     producer: FutureProducer,
+    /// For records sent alone ([`Record::alone`]), made when first needed: the same settings
+    /// without `enable.gapless.guarantee`, so that a refused record fails with the broker's own
+    /// error (and only that record) instead of stopping the producer.
+    lone: Arc<Mutex<Option<FutureProducer>>>,
+    lone_config: ClientConfig,
     reader_config: ClientConfig,
     partitions: HashMap<String, i32>,
     timeout: Duration,
@@ -106,18 +112,21 @@ impl KafkaSink {
         // A record lives fence_timeout (see fence.rs). A record that failed while a later one of
         // its partition could still be acknowledged would be a hole below the restart dedup's
         // floor: librdkafka then stops the producer instead (a fatal error; the relay builds a
-        // new one and replays).
+        // new one and replays, sending alone what was in flight: see Pipeline).
         producer
             .set(
                 "message.timeout.ms",
                 config.fence_timeout.as_millis().to_string(),
             )
-            .set("enable.gapless.guarantee", "true")
             // a request that was on the wire when the relay was paused fails (times out) the
             // moment it resumes; its retry waits this long, which leaves the pause clock's ticker
             // the time to withdraw it first (see fence.rs)
             .set("retry.backoff.ms", RETRY_BACKOFF_MS)
             .set("retry.backoff.max.ms", RETRY_BACKOFF_MS);
+        // one record in flight at a time: nothing behind it can be acknowledged past a hole
+        let mut lone_config = producer.clone();
+        lone_config.set("linger.ms", "0");
+        producer.set("enable.gapless.guarantee", "true");
         let producer: FutureProducer = producer.create().map_err(|e| {
             RelayError::config("kafka settings rejected by librdkafka").caused_by(e)
         })?;
@@ -128,6 +137,8 @@ impl KafkaSink {
             .set("enable.partition.eof", "false");
         Ok(KafkaSink {
             producer,
+            lone: Arc::default(),
+            lone_config,
             reader_config,
             partitions: HashMap::new(),
             timeout: Duration::from_secs(10),
@@ -139,10 +150,29 @@ impl KafkaSink {
     /// librdkafka's fatal error, if the producer has one: it can send nothing more and must be
     /// replaced.
     pub fn fatal_error(&self) -> Option<String> {
-        self.producer
-            .client()
-            .fatal_error()
+        self.producers()
+            .iter()
+            .find_map(|p| p.client().fatal_error())
             .map(|(code, reason)| format!("{code}: {reason}"))
+    }
+
+    /// The producer for `record`: the lone one, made on first use, for a record sent alone.
+    fn producer_for(&self, record: &Record<'_>) -> Result<FutureProducer, RelayError> {
+        if !record.alone {
+            return Ok(self.producer.clone());
+        }
+        let mut lone = self.lone.lock().unwrap_or_else(|e| e.into_inner());
+        if lone.is_none() {
+            *lone = Some(self.lone_config.create().map_err(|e| {
+                RelayError::config("kafka settings rejected by librdkafka").caused_by(e)
+            })?);
+        }
+        Ok(lone.clone().expect("made above"))
+    }
+
+    /// Both producers (the lone one if it was made).
+    fn producers(&self) -> Vec<FutureProducer> {
+        both(&self.producer, &self.lone)
     }
 }
 
@@ -189,14 +219,24 @@ impl Sink for KafkaSink {
         if let Some(key) = record.key {
             future = future.key(key);
         }
+        let (producer, alone) = (self.producer_for(&record)?, record.alone);
+        let lone = self.lone.clone();
         let mut wait = Duration::from_micros(500);
         loop {
-            match self.producer.send_result(future) {
+            match producer.send_result(future) {
                 Ok(delivery) => {
                     return Ok(Box::pin(async move {
                         match delivery.await {
                             Ok(Ok(_)) => Delivered::Acked,
-                            Ok(Err((e, msg))) => judge_failure(e, &msg),
+                            Ok(Err((e, msg))) => {
+                                if alone {
+                                    // after a refusal librdkafka moves the producer to a new
+                                    // epoch, which a broker may fence: the next record gets a
+                                    // new producer
+                                    lone.lock().unwrap_or_else(|e| e.into_inner()).take();
+                                }
+                                judge_failure(e, &msg, alone)
+                            }
                             Err(_) => Delivered::Failed(RelayError::transient(
                                 "producer dropped a delivery",
                             )),
@@ -215,23 +255,35 @@ impl Sink for KafkaSink {
     }
 
     async fn flush(&self, timeout: Duration) -> Result<(), RelayError> {
-        let producer = self.producer.clone();
-        off_runtime("flush task", move || Ok(producer.flush(timeout)?)).await
+        let producers = self.producers();
+        off_runtime("flush task", move || {
+            for producer in producers {
+                producer.flush(timeout)?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     fn withdraw(&self) {
-        purge(&self.producer);
+        self.producers().iter().for_each(purge);
     }
 
     fn withdrawal(&self) -> Option<crate::fence::OnPause> {
-        let producer = self.producer.clone();
+        let (producer, lone) = (self.producer.clone(), self.lone.clone());
         Some(Box::new(move || {
-            purge(&producer);
+            both(&producer, &lone).iter().for_each(purge);
             tracing::warn!(
                 "this relay was paused beyond the pause limit: what its producer held is withdrawn"
             );
         }))
     }
+}
+
+/// The producer and the lone one, if it was made.
+fn both(producer: &FutureProducer, lone: &Mutex<Option<FutureProducer>>) -> Vec<FutureProducer> {
+    let lone = lone.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    std::iter::once(producer.clone()).chain(lone).collect()
 }
 
 /// Gives up what the producer holds, queued and in flight (see [`Sink::withdraw`]).
@@ -240,9 +292,12 @@ fn purge(producer: &FutureProducer) {
 }
 
 /// A record the broker refuses for good (too large, invalid, a timestamp out of range, a null key on
-/// a compacted topic, a topic the relay may not write) can never be delivered: it is dead-lettered.
-/// Any other failure ends the session (the source replays, the dedup skips what arrived).
-fn judge_failure(e: KafkaError, msg: &OwnedMessage) -> Delivered {
+/// a compacted topic, a topic the relay may not write) can never be delivered: it is dead-lettered,
+/// but only when it was sent alone. The broker refuses a whole batch for one bad record, so a
+/// refusal of a record sent with others says nothing about that record: it ends the session like
+/// any other failure (the source replays, the dedup skips what arrived, and what was in flight is
+/// sent alone).
+fn judge_failure(e: KafkaError, msg: &OwnedMessage, alone: bool) -> Delivered {
     match e {
         KafkaError::MessageProduction(
             code @ (RDKafkaErrorCode::MessageSizeTooLarge
@@ -251,7 +306,7 @@ fn judge_failure(e: KafkaError, msg: &OwnedMessage) -> Delivered {
             | RDKafkaErrorCode::InvalidTimestamp
             | RDKafkaErrorCode::TopicAuthorizationFailed
             | RDKafkaErrorCode::PolicyViolation),
-        ) => {
+        ) if alone => {
             let reason = format!("broker refused the record: {code} ({code:?})");
             match dead_letter_of(msg, &reason) {
                 Some(letter) => Delivered::Rejected(Box::new(letter)),

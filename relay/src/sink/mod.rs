@@ -40,6 +40,9 @@ pub struct Record<'a> {
     /// The user's headers, written after the relay's own.
     pub headers: &'a [(&'a str, &'a [u8])],
     pub trace: Option<&'a str>,
+    /// Sent alone: nothing else is in flight, so a refusal is about this record. The relay sends
+    /// alone what a session that lost a delivery had sent (see [`crate::pipeline::Frontier`]).
+    pub alone: bool,
 }
 
 impl Record<'_> {
@@ -61,7 +64,8 @@ impl Record<'_> {
 pub enum Delivered {
     /// In Kafka.
     Acked,
-    /// The broker refuses this record for good (retrying cannot help): dead-letter it.
+    /// The broker refuses this record for good (retrying cannot help): dead-letter it. Only a
+    /// record sent alone is judged so (a broker refuses a whole batch for one record).
     Rejected(Box<DeadLetter>),
     /// Not delivered, for a reason that may pass: the session ends and the source replays.
     Failed(RelayError),
