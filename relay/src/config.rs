@@ -137,6 +137,11 @@ settings_group! {
         /// bounds how long a paused relay can append after a successor took over (see fence.rs).
         #[arg(long, env = "PG_OUTBOX_FENCE_TIMEOUT_MS")]
         pub fence_timeout_ms: Option<u64>,
+        /// How often the partition counts of the topics written to are asked again, in
+        /// milliseconds (default 10000): a change ends the session at the next transaction
+        /// boundary, and the next one routes keys with the new count.
+        #[arg(long, env = "PG_OUTBOX_PARTITION_CHECK_MS")]
+        pub partition_check_ms: Option<u64>,
     }
 }
 
@@ -328,6 +333,8 @@ pub struct KafkaConfig {
     pub topic_template: String,
     pub max_record_bytes: usize,
     pub record_timestamp: RecordTimestamp,
+    /// How often the partition counts of the topics written to are asked again.
+    pub partition_check: Duration,
     /// librdkafka settings given by the operator, applied over ours.
     pub settings: BTreeMap<String, String>,
 }
@@ -641,9 +648,16 @@ fn resolve_kafka(
             "fence_timeout_ms {fence_timeout} is too small (at least 1000; PG_OUTBOX_FENCE_TIMEOUT_MS)"
         )));
     }
+    let partition_check = s.partition_check_ms.unwrap_or(10_000);
+    if partition_check < 100 {
+        return Err(RelayError::config(format!(
+            "partition_check_ms {partition_check} is too small (at least 100; PG_OUTBOX_PARTITION_CHECK_MS)"
+        )));
+    }
     Ok(KafkaConfig {
         brokers,
         fence_timeout: Duration::from_millis(fence_timeout),
+        partition_check: Duration::from_millis(partition_check),
         topic_template,
         max_record_bytes,
         record_timestamp,

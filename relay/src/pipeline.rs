@@ -197,6 +197,7 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
         shutdown: &CancellationToken,
     ) -> Result<(), RelayError> {
         self.shutdown = shutdown.clone();
+        self.sink.forget_partition_counts();
         self.identity = source.identity().clone();
         self.alone_until = self.frontier.of(&self.identity.name);
         if let Some(until) = self.alone_until {
@@ -236,8 +237,20 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
         let max_in_flight = self.source.max_in_flight;
         // record bytes in flight: reading pauses beyond max_in_flight_bytes too
         let mut bytes = 0usize;
+        let mut partition_check = tokio::time::interval(self.kafka.partition_check);
+        partition_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        partition_check.reset();
+        // Why the session ends at the next unit boundary (a topic's partition count changed), and
+        // whether that boundary was reached: nothing more is read, what is in flight drains.
+        let mut ending: Option<String> = None;
+        let mut ended = false;
+        // whether events of a unit not closed yet were read
+        let mut open_unit = false;
         loop {
-            let room = if bytes >= self.source.max_in_flight_bytes {
+            if ended && inflight.is_empty() {
+                break;
+            }
+            let room = if ended || bytes >= self.source.max_in_flight_bytes {
                 0
             } else if self.alone_until.is_some() {
                 usize::from(inflight.is_empty())
@@ -257,11 +270,29 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
                     }
                     self.metrics.progress();
                 }
+                _ = partition_check.tick(), if ending.is_none() => {
+                    if let Some((topic, was, now)) =
+                        self.sink.changed_partition_counts().await.into_iter().next()
+                    {
+                        warn!(%topic, was, now, "the topic's partition count changed: the session ends at the \
+                              next transaction boundary, and the next one routes keys with the new count");
+                        ending = Some(format!(
+                            "the partition count of topic {topic} changed from {was} to {now}: a new session \
+                             routes keys with it"
+                        ));
+                        ended = !open_unit;
+                    }
+                }
                 taken = source.next(room, &mut steps), if room > 0 => {
                     taken?;
                     for step in steps.drain(..) {
+                        if ended {
+                            // not sent, so not confirmed: the next session reads them again
+                            continue;
+                        }
                         match step {
                             Step::Event(event) => {
+                                open_unit = true;
                                 let since = event.since_micros;
                                 if let Some((delivery, size)) = self.publish(event).await? {
                                     if inflight.is_empty() {
@@ -272,8 +303,16 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
                                     inflight.push(track(checkpoint.sent(), since, size, delivery));
                                 }
                             }
-                            Step::Close(ack) => checkpoint.close(ack),
-                            Step::Idle(ack) => checkpoint.idle(ack),
+                            Step::Close(ack) => {
+                                checkpoint.close(ack);
+                                open_unit = false;
+                                ended = ending.is_some();
+                            }
+                            Step::Idle(ack) => {
+                                checkpoint.idle(ack);
+                                open_unit = false;
+                                ended = ending.is_some();
+                            }
                         }
                     }
                 }
@@ -285,7 +324,7 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
                 source.confirm(ack).await?;
             }
         }
-        info!(in_flight = inflight.len(), "shutting down: flushing");
+        info!(in_flight = inflight.len(), "ending the session: flushing");
         let deadline = tokio::time::sleep(DRAIN_TIMEOUT);
         tokio::pin!(deadline);
         if let Err(e) = self.sink.flush(DRAIN_TIMEOUT).await {
@@ -306,7 +345,11 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
         if let Some(ack) = checkpoint.take() {
             source.confirm(ack).await?;
         }
-        source.close().await
+        source.close().await?;
+        match ending {
+            Some(reason) if ended => Err(RelayError::transient(reason)),
+            _ => Ok(()),
+        }
     }
 
     /// One outcome: acknowledged or dead-lettered events count as done; a failure ends the session.
@@ -601,6 +644,7 @@ mod tests {
             topic_template: "{topic}".into(),
             max_record_bytes: 1_000_000,
             record_timestamp: crate::config::RecordTimestamp::Enqueue,
+            partition_check: Duration::from_secs(10),
             settings: Default::default(),
         };
         let source_config = SourceConfig {
@@ -1004,5 +1048,64 @@ mod tests {
         let mut sorted = stored.clone();
         sorted.sort();
         assert_eq!(sorted, want, "every other record once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_partition_count_change_ends_the_session_at_the_next_unit_boundary() {
+        // units of three events; the topic grows while unit 1 is being read
+        let mut sink = MemorySink::new(2, Box::new(|_, _| Fate::Ack(ms(1))));
+        let resized = sink.resized.clone();
+        let dead = MemoryDeadLetters::default();
+        let (mut kafka, source_config) = configs(100, OnPoison::DeadLetter);
+        kafka.partition_check = ms(100);
+        let metrics = Metrics::default();
+        let mut frontier = Frontier::default();
+        let mut steps = Vec::new();
+        for u in 0..4u64 {
+            for i in 0..3 {
+                steps.push(event(Position::new(u, i), None));
+            }
+            steps.push(Step::Close(u));
+        }
+        let mut source = MemorySource::new(steps);
+        source.pace = Some(ms(60));
+        let confirmed = source.confirmed.clone();
+        let grow = resized.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(ms(250)).await;
+            *grow.lock().unwrap() = Some(3);
+        });
+        let run = Pipeline::new(
+            &kafka,
+            &source_config,
+            &metrics,
+            &mut sink,
+            dead.clone(),
+            &mut frontier,
+        );
+        let never = CancellationToken::new();
+        let run = run.run(source, &never);
+        let out = tokio::time::timeout(Duration::from_secs(60), run)
+            .await
+            .expect("the session ends by itself");
+        let err = out.expect_err("the session ends");
+        assert!(!err.is_permanent());
+        assert!(err.to_string().contains("changed from 2 to 3"), "{err}");
+        let confirmed = confirmed.lock().unwrap().clone();
+        let last = *confirmed.last().expect("confirmed before ending");
+        let stored: Vec<Position> = sink
+            .log
+            .lock()
+            .unwrap()
+            .stored
+            .iter()
+            .map(|s| s.2)
+            .collect();
+        // every unit up to the boundary is whole in Kafka and confirmed; nothing after it was sent
+        let want: Vec<Position> = (0..=last)
+            .flat_map(|u| (0..3).map(move |i| Position::new(u, i)))
+            .collect();
+        assert_eq!(stored, want);
+        assert!(last < 3, "ended before the script did");
     }
 }

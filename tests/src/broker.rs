@@ -79,6 +79,54 @@ impl Broker {
         })
     }
 
+    /// A broker that keeps its topics and records in SQLite, so that a test can change a topic
+    /// under it: [`Broker::add_partitions`].
+    pub fn start_sqlite() -> Result<Broker> {
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let name = format!("tansu-{port}.db");
+        let child = Self::tansu(port, &url, &format!("sqlite://{name}"), false, &[])?;
+        Ok(Broker {
+            port,
+            child,
+            tunnel: None,
+            settings: Vec::new(),
+            host: "127.0.0.1",
+            storage: Some(std::env::temp_dir().join(name)),
+        })
+    }
+
+    /// Grows `topic` to `total` partitions under the running broker, as Kafka's CreatePartitions
+    /// would (Tansu 0.6 has none): the partitions' rows in its SQLite storage, then the count its
+    /// Metadata answers with. Needs a [`Broker::start_sqlite`] broker.
+    pub fn add_partitions(&self, topic: &str, total: i32) -> Result<()> {
+        let db = self
+            .storage
+            .as_ref()
+            .context("a broker with SQLite storage")?;
+        let script = r#"
+import sqlite3, sys
+db, topic, total = sys.argv[1], sys.argv[2], int(sys.argv[3])
+c = sqlite3.connect(db, isolation_level=None)
+c.execute("BEGIN IMMEDIATE")
+(tid, have), = c.execute("SELECT id, partitions FROM topic WHERE name = ?", (topic,)).fetchall()
+for p in range(have, total):
+    c.execute("INSERT INTO topition (topic, partition) VALUES (?, ?)", (tid, p))
+    c.execute("INSERT INTO watermark (topition) SELECT id FROM topition WHERE topic = ? AND partition = ?", (tid, p))
+c.execute("UPDATE topic SET partitions = ?, last_updated = current_timestamp WHERE id = ?", (total, tid))
+c.execute("COMMIT")
+"#;
+        let status = Command::new("python3")
+            .args(["-c", script])
+            .arg(db)
+            .arg(topic)
+            .arg(total.to_string())
+            .status()
+            .context("python3 (scripts/setup.sh installs it)")?;
+        anyhow::ensure!(status.success(), "adding partitions to {topic}: {status}");
+        Ok(())
+    }
+
     /// Tansu that requires a SCRAM-SHA-256 login as `user`/`password`. Tansu 0.6 keeps users in
     /// its storage and its own `user create` client cannot log in, so the user is made while the
     /// broker runs without authentication, then the broker restarts with it.

@@ -65,7 +65,14 @@ impl Tail {
 /// then extended by what this session sends.
 #[derive(Debug, Default)]
 pub struct Dedup {
-    tails: HashMap<String, Vec<Tail>>,
+    tails: HashMap<String, TopicTails>,
+}
+
+#[derive(Debug)]
+struct TopicTails {
+    partitions: Vec<Tail>,
+    /// The highest position read back from any partition.
+    read_last: Option<Position>,
 }
 
 impl Dedup {
@@ -84,7 +91,11 @@ impl Dedup {
         partition: i32,
         position: Position,
     ) -> Result<bool, RelayError> {
-        if !self.tails.contains_key(topic) {
+        if self
+            .tails
+            .get(topic)
+            .is_none_or(|t| t.partitions.len() != partitions as usize)
+        {
             let reads = (0..partitions).map(|p| sink.read_tail(topic, p, &identity.name));
             let read: Vec<_> = futures_util::stream::iter(reads)
                 .buffered(READ_BACK_CONCURRENCY)
@@ -107,12 +118,28 @@ impl Dedup {
                 }
                 tails.push(tail);
             }
-            self.tails.insert(topic.to_string(), tails);
+            let read_last = tails.iter().filter_map(|t| t.last).max();
+            self.tails.insert(
+                topic.to_string(),
+                TopicTails {
+                    partitions: tails,
+                    read_last,
+                },
+            );
         }
-        let tail = &mut self.tails.get_mut(topic).expect("read back above")[partition as usize];
-        if tail.has(position) {
+        let topic_tails = self.tails.get_mut(topic).expect("read back above");
+        // An event that an earlier session routed with another partition count is found by its
+        // exact position in another partition (the topic grew, and that session ended before its
+        // last events were confirmed). Only replayed events (below what was read back) are looked
+        // for there.
+        let elsewhere = |tails: &TopicTails| {
+            tails.read_last.is_some_and(|last| position <= last)
+                && tails.partitions.iter().any(|t| t.seen.contains(&position))
+        };
+        if topic_tails.partitions[partition as usize].has(position) || elsewhere(topic_tails) {
             return Ok(true);
         }
+        let tail = &mut topic_tails.partitions[partition as usize];
         // a position the source delivers again (a replay from the confirmed one) is skipped above
         tail.sent(position);
         Ok(false)
@@ -289,6 +316,38 @@ mod tests {
             .unwrap());
         assert!(!dedup
             .already_published(&sink, &identity, "t", 1, 0, p(9, 1))
+            .await
+            .unwrap());
+    }
+
+    #[tokio::test]
+    async fn an_event_routed_with_another_partition_count_is_found_in_its_partition() {
+        // an earlier session wrote (5,0) to partition 0 of two, then the topic grew to three
+        let sink = crate::sink::memory::MemorySink::acking();
+        sink.log.lock().unwrap().stored.extend([
+            ("t".into(), 0, p(5, 0)),
+            ("t".into(), 1, p(5, 1)),
+            ("t".into(), 2, p(6, 0)),
+        ]);
+        let identity = Identity {
+            name: "s".into(),
+            ceiling: p(100, 0),
+            recover: String::new(),
+        };
+        let mut dedup = Dedup::default();
+        // replayed, (5,0) now goes to partition 2, whose last record is later
+        assert!(dedup
+            .already_published(&sink, &identity, "t", 3, 2, p(5, 0))
+            .await
+            .unwrap());
+        // (5,2) is nowhere: it is sent, even below what partition 2 holds
+        assert!(!dedup
+            .already_published(&sink, &identity, "t", 3, 2, p(5, 2))
+            .await
+            .unwrap());
+        // a new event is never looked for elsewhere
+        assert!(!dedup
+            .already_published(&sink, &identity, "t", 3, 1, p(7, 0))
             .await
             .unwrap());
     }

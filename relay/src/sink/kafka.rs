@@ -192,6 +192,29 @@ impl Sink for KafkaSink {
         Ok(n)
     }
 
+    async fn changed_partition_counts(&self) -> Vec<(String, i32, i32)> {
+        let producer = self.producer.clone();
+        let known = self.partitions.clone();
+        let timeout = self.timeout;
+        off_runtime("metadata task", move || {
+            let mut changed = Vec::new();
+            for (topic, was) in known {
+                match fetch_partition_count(producer.client(), &topic, timeout) {
+                    Ok(now) if now != was => changed.push((topic, was, now)),
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(%topic, error = %e, "partition check"),
+                }
+            }
+            Ok(changed)
+        })
+        .await
+        .unwrap_or_default()
+    }
+
+    fn forget_partition_counts(&mut self) {
+        self.partitions.clear();
+    }
+
     async fn read_tail(
         &self,
         topic: &str,

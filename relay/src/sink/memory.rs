@@ -42,6 +42,10 @@ pub struct MemorySink {
     pub log: Arc<Mutex<Log>>,
     /// Called with each position as its acknowledgement completes.
     pub on_ack: Option<Arc<dyn Fn(Position) + Send + Sync>>,
+    /// The partition count the broker reports from now on, if a test changed it.
+    pub resized: Arc<Mutex<Option<i32>>>,
+    /// Topics whose partition count was asked for, with the count given.
+    asked: Vec<(String, i32)>,
     plan: Mutex<Plan>,
     sent: Mutex<usize>,
 }
@@ -53,9 +57,15 @@ impl MemorySink {
             missing_topics: Vec::new(),
             log: Arc::default(),
             on_ack: None,
+            resized: Arc::default(),
+            asked: Vec::new(),
             plan: Mutex::new(plan),
             sent: Mutex::new(0),
         }
+    }
+
+    fn count_now(&self) -> i32 {
+        self.resized.lock().unwrap().unwrap_or(self.partitions)
     }
 
     /// Every record acknowledged at once.
@@ -72,7 +82,24 @@ impl Sink for MemorySink {
                 format!("topic {topic}: Broker: Unknown topic or partition"),
             ));
         }
-        Ok(self.partitions)
+        let now = self.count_now();
+        if !self.asked.iter().any(|(t, _)| t == topic) {
+            self.asked.push((topic.to_string(), now));
+        }
+        Ok(now)
+    }
+
+    async fn changed_partition_counts(&self) -> Vec<(String, i32, i32)> {
+        let now = self.count_now();
+        self.asked
+            .iter()
+            .filter(|(_, was)| *was != now)
+            .map(|(t, was)| (t.clone(), *was, now))
+            .collect()
+    }
+
+    fn forget_partition_counts(&mut self) {
+        self.asked.clear();
     }
 
     async fn read_tail(

@@ -88,6 +88,16 @@ pub trait Sink {
         source_id: &str,
     ) -> Result<Tail, RelayError>;
 
+    /// The partition counts asked for since they were last forgotten, asked again: those that
+    /// changed, as (topic, count in use, count now). A topic the broker does not answer for is
+    /// left out (its records fail, or it is poison).
+    async fn changed_partition_counts(&self) -> Vec<(String, i32, i32)> {
+        Vec::new()
+    }
+
+    /// Forgets the partition counts: the next [`Sink::partition_count`] asks the broker.
+    fn forget_partition_counts(&mut self) {}
+
     /// Hands a record over without blocking the runtime; waits while the sink's queue is full.
     async fn send(&self, record: Record<'_>) -> Result<Delivery, RelayError>;
 

@@ -17,6 +17,8 @@ pub struct MemorySource {
     /// Set by a graceful close.
     pub closed: Arc<AtomicBool>,
     pub identity: Identity,
+    /// If set, each call waits this long, then hands over one step: a database writing slowly.
+    pub pace: Option<std::time::Duration>,
 }
 
 impl MemorySource {
@@ -31,6 +33,7 @@ impl MemorySource {
                 ceiling: Position::new(u64::MAX, 0),
                 recover: "start over".into(),
             },
+            pace: None,
         }
     }
 }
@@ -42,6 +45,11 @@ impl Source for MemorySource {
         if self.script.is_empty() {
             // the script is done: wait like a quiet database
             std::future::pending::<()>().await;
+        }
+        if let Some(pace) = self.pace {
+            tokio::time::sleep(pace).await;
+            out.extend(self.script.pop_front());
+            return Ok(());
         }
         let mut events = 0;
         while let Some(step) = self.script.front() {
