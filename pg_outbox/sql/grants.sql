@@ -15,6 +15,7 @@ GRANT EXECUTE ON FUNCTION outbox.enqueue(text, text, jsonb, jsonb),
 -- no privilege on outbox.events: enqueue inserts as the table's owner, after validating (owner.rs)
 
 GRANT SELECT, DELETE ON outbox.events TO outbox_relay;
+GRANT SELECT, INSERT, UPDATE ON outbox.poller TO outbox_relay;
 GRANT SELECT, INSERT ON outbox.dead_letters TO outbox_relay;
 GRANT EXECUTE ON FUNCTION outbox.create_slot(text), outbox.create_publication(text), outbox._slot_name(),
                           outbox._check_slot_name(text), outbox.relay_auth_key() TO outbox_relay;

@@ -37,8 +37,31 @@ BEGIN
     RETURN NULL;
 END
 $$;
+-- Whether the relay's poll source waits for a NOTIFY (idle), or is polling anyway (busy). A
+-- transaction that NOTIFYs holds a database-wide lock from its commit until the commit is flushed,
+-- which serialises every committing writer behind one WAL flush after another: so while the relay
+-- polls anyway, writers leave the NOTIFY out. Unlogged: after a crash it is empty, which means idle.
+CREATE UNLOGGED TABLE outbox.poller (
+    id   integer PRIMARY KEY CHECK (id = 1),
+    idle boolean NOT NULL
+);
+COMMENT ON TABLE outbox.poller IS
+    'Set by the relay''s poll source: while it polls anyway (idle = false), table-mode writers do not NOTIFY';
+
+-- The events trigger: NOTIFY pg_outbox_events unless the relay's poll source is busy.
+CREATE FUNCTION outbox._notify_poller() RETURNS trigger
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF coalesce((SELECT p.idle FROM outbox.poller p WHERE p.id = 1), true) THEN
+        PERFORM pg_notify('pg_outbox_events', '');
+    END IF;
+    RETURN NULL;
+END
+$$;
 CREATE TRIGGER events_notify AFTER INSERT ON outbox.events
-    FOR EACH STATEMENT EXECUTE FUNCTION outbox._notify('pg_outbox_events');
+    FOR EACH STATEMENT EXECUTE FUNCTION outbox._notify_poller();
 
 -- Setup for wal mode, in two steps that must commit separately and in this order: the publication
 -- first, then the slot. pgoutput looks the publication up as of each decoded transaction, so a slot

@@ -1047,3 +1047,110 @@ async fn a_paused_poll_relay_keeps_its_lock_and_goes_on_when_it_resumes() -> Res
     )
     .await
 }
+
+/// Counts the NOTIFYs on `channel` from now on, on a connection of its own.
+async fn count_notifications(
+    port: u16,
+    db: &str,
+    channel: &str,
+) -> Result<(Client, std::sync::Arc<std::sync::atomic::AtomicUsize>)> {
+    use futures_util::StreamExt;
+    let (client, mut connection) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} user=postgres dbname={db}"),
+        tokio_postgres::NoTls,
+    )
+    .await?;
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = count.clone();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(_) = message {
+                seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    });
+    client.batch_execute(&format!("LISTEN {channel}")).await?;
+    Ok((client, count))
+}
+
+/// A NOTIFY holds a database-wide lock through the commit's WAL flush, so table-mode writers leave
+/// it out while the poll source is busy (it polls anyway), and an idle poll source is still woken
+/// at once. The poll interval is a minute here: only a NOTIFY can wake the idle relay in time.
+#[tokio::test]
+async fn a_busy_poll_relay_spares_writers_the_notify_and_an_idle_one_is_woken_by_it() -> Result<()>
+{
+    let db = table_mode_db("rl_table_notify").await?;
+    let broker = Broker::start()?;
+    broker.create_topic("orders", 1).await?;
+    let c = &db.client;
+    let _relay = Relay::start(
+        db.port,
+        &db.name,
+        &broker.bootstrap(),
+        &["--source", "poll", "--poll-interval-ms", "60000"],
+    )?;
+    let idle = || async {
+        let idle: Option<bool> = c
+            .query_opt("SELECT idle FROM outbox.poller", &[])
+            .await?
+            .map(|r| r.get(0));
+        Ok::<_, anyhow::Error>(idle)
+    };
+    // the first event also makes the relay read the topic back (the restart dedup)
+    enqueue(c, "orders", "k", r#"{"n": 0}"#).await?;
+    read_all(
+        &broker.bootstrap(),
+        &[("orders", 1)],
+        1,
+        Duration::from_secs(30),
+    )?;
+    wait_for(
+        "the poller to say idle",
+        Duration::from_secs(30),
+        || async { Ok(idle().await? == Some(true)) },
+    )
+    .await?;
+    let (_listener, notifications) =
+        count_notifications(db.port, &db.name, "pg_outbox_events").await?;
+    // a steady stream: after the first event wakes the relay, writers stop notifying
+    for n in 1..=200 {
+        enqueue(c, "orders", "k", &format!(r#"{{"n": {n}}}"#)).await?;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    read_all(
+        &broker.bootstrap(),
+        &[("orders", 1)],
+        201,
+        Duration::from_secs(30),
+    )?;
+    // read_all blocks this (one-threaded) runtime: let the listener count what arrived meanwhile
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let notified = notifications.load(std::sync::atomic::Ordering::Relaxed);
+    println!("writers that notified: {notified} of 200");
+    assert!(notified >= 1, "the first event woke the relay");
+    assert!(
+        notified <= 10,
+        "{notified} of 200 writers notified while the relay was busy"
+    );
+    // the stream stops: the relay says it is idle again, and the next event wakes it
+    wait_for(
+        "the poller to say idle again",
+        Duration::from_secs(30),
+        || async { Ok(idle().await? == Some(true)) },
+    )
+    .await?;
+    enqueue(c, "orders", "k", r#"{"n": 201}"#).await?;
+    let records = read_all(
+        &broker.bootstrap(),
+        &[("orders", 1)],
+        202,
+        Duration::from_secs(30),
+    )?;
+    assert_eq!(records.len(), 202, "woken well before the minute's poll");
+    wait_for("the writer's NOTIFY", Duration::from_secs(10), || async {
+        Ok(notifications.load(std::sync::atomic::Ordering::Relaxed) > notified)
+    })
+    .await?;
+    Ok(())
+}

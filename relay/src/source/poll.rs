@@ -12,7 +12,11 @@
 //! horizon. Each poll is one unit, closed by its last (xid, seq); once the pipeline confirms it,
 //! every row up to it is deleted in one statement. After a crash the next session starts from the
 //! first row left and the restart dedup skips what Kafka already has.
-//! A statement-level trigger NOTIFYs `pg_outbox_events` at commit, which wakes the poller at once.
+//! A statement-level trigger NOTIFYs `pg_outbox_events` at commit, which wakes the poller at once,
+//! unless the poller said it is busy (`outbox.poller`): a transaction that NOTIFYs holds a
+//! database-wide lock through its commit's WAL flush, so notifying writers commit one flush after
+//! another. While busy, the poller polls every [`BUSY_PAUSE`] instead, and after [`IDLE_AFTER`]
+//! empty polls it says it is idle, looks once more, and waits for a NOTIFY (or `poll_interval`).
 //! One poller per source at a time: a session-level advisory lock (the slot plays this part for the
 //! WAL source).
 
@@ -27,6 +31,15 @@ use tokio_postgres::{AsyncMessage, Client};
 use tracing::{info, warn};
 
 pub const CHANNEL: &str = "pg_outbox_events";
+
+/// While busy, the pause between a poll that found less than a batch and the next one.
+const BUSY_PAUSE: Duration = Duration::from_millis(5);
+
+/// Empty polls in a row (one every [`BUSY_PAUSE`]) before the poller is idle again.
+const IDLE_AFTER: u32 = 20;
+
+const SET_IDLE_SQL: &str = "INSERT INTO outbox.poller (id, idle) VALUES (1, $1) \
+       ON CONFLICT (id) DO UPDATE SET idle = excluded.idle";
 
 const POLL_SQL: &str = "SELECT seq, id, xid::text::bigint, topic, key, \
             ARRAY(SELECT h.key FROM jsonb_each_text(headers) h ORDER BY h.key COLLATE \"C\"), \
@@ -52,6 +65,15 @@ pub struct PollSource {
     batch: i64,
     interval: Duration,
     identity: Identity,
+    /// This source polls anyway: writers need not NOTIFY.
+    busy: bool,
+    /// What `outbox.poller` was last told (idle), if anything: it is told again after a call was
+    /// cancelled before the statement completed.
+    told: Option<bool>,
+    /// Empty polls in a row while busy.
+    empty_polls: u32,
+    /// Gone idle, and not looked since: writers that saw the source busy did not NOTIFY.
+    last_look: bool,
 }
 
 /// Wake-ups from NOTIFY on a connection of their own; `rx` closes when that connection is lost.
@@ -149,6 +171,11 @@ impl PollSource {
             batch: config.source.poll_batch,
             interval: config.source.poll_interval,
             identity,
+            // a relay that ended while busy left writers without NOTIFY: told idle at once
+            busy: false,
+            told: None,
+            empty_polls: 0,
+            last_look: false,
         })
     }
 }
@@ -170,14 +197,28 @@ impl Source for PollSource {
     type Ack = RowId;
 
     async fn next(&mut self, room: usize, out: &mut Vec<Step<RowId>>) -> Result<(), RelayError> {
-        if !self.more {
-            tokio::select! {
-                woke = self.wake.rx.recv() => {
-                    if woke.is_none() {
-                        return Err(RelayError::transient("LISTEN connection closed"));
+        if !self.more && self.busy && self.empty_polls >= IDLE_AFTER {
+            // writers NOTIFY again from now on; a last look covers those that did not
+            self.busy = false;
+            self.last_look = true;
+        }
+        let idle = !self.busy;
+        if self.told != Some(idle) {
+            self.pg.execute(SET_IDLE_SQL, &[&idle]).await?;
+            self.told = Some(idle);
+        }
+        if !self.more && !self.last_look {
+            if self.busy {
+                tokio::time::sleep(BUSY_PAUSE).await;
+            } else {
+                tokio::select! {
+                    woke = self.wake.rx.recv() => {
+                        if woke.is_none() {
+                            return Err(RelayError::transient("LISTEN connection closed"));
+                        }
                     }
+                    _ = tokio::time::sleep(self.interval) => {}
                 }
-                _ = tokio::time::sleep(self.interval) => {}
             }
         }
         let limit = self.batch.min(i64::try_from(room).unwrap_or(i64::MAX));
@@ -189,6 +230,14 @@ impl Source for PollSource {
             )
             .await?;
         // from here on nothing awaits: the batch is handed over whole or not at all
+        self.last_look = false;
+        if rows.is_empty() {
+            self.empty_polls += 1;
+        } else {
+            // the next call tells writers to leave the NOTIFY out
+            self.empty_polls = 0;
+            self.busy = true;
+        }
         self.more = rows.len() as i64 == limit;
         for row in &rows {
             let seq: i64 = row.get(0);
