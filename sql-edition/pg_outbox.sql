@@ -109,6 +109,16 @@ CREATE TABLE inbox.offsets (
     PRIMARY KEY (consumer, topic, partition)
 );
 
+-- The identity of each topic a consumer stored offsets for: Kafka's topic id (KIP-516). A topic
+-- deleted and created again under its name has another id, and the stored offsets mean nothing there.
+CREATE TABLE inbox.topics (
+    consumer    text        NOT NULL,
+    topic       text        NOT NULL,
+    topic_id    text        NOT NULL,
+    recorded_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (consumer, topic)
+);
+
 -- Messages ingested from Kafka, waiting for a worker. (consumer, message_id) is the dedup key.
 CREATE TABLE inbox.messages (
     id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -985,6 +995,30 @@ LANGUAGE sql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$ SELECT inbox.try_receive(consumer, message_id::text) $$;
 
+-- The operator's way on after a topic was deleted and created again (the ingest stops then): forgets
+-- the consumer's offsets and the topic's recorded identity, so the next ingest reads the topic from its
+-- beginning (message ids keep what was recorded before from being recorded twice). Returns the number
+-- of partitions whose offset was forgotten.
+CREATE FUNCTION inbox.forget_topic(consumer text, topic text) RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    forgotten bigint;
+BEGIN
+    PERFORM inbox._check_consumer(consumer);
+    IF topic IS NULL OR topic = '' THEN
+        RAISE EXCEPTION 'pg_outbox: topic must not be empty'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Name the topic whose offsets to forget.';
+    END IF;
+    DELETE FROM inbox.topics t WHERE t.consumer = forget_topic.consumer AND t.topic = forget_topic.topic;
+    DELETE FROM inbox.offsets o WHERE o.consumer = forget_topic.consumer AND o.topic = forget_topic.topic;
+    GET DIAGNOSTICS forgotten = ROW_COUNT;
+    RETURN forgotten;
+END
+$$;
+
 -- Stores the next offset to read; refuses to move backwards unless forced (a rewind is deliberate).
 CREATE FUNCTION inbox.store_offset(consumer text, topic text, partition integer, next_offset bigint,
                                    force boolean DEFAULT false)
@@ -1339,6 +1373,7 @@ GRANT USAGE ON SCHEMA inbox TO outbox_relay, inbox_consumer;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA inbox TO inbox_consumer;
 GRANT SELECT, INSERT, UPDATE, DELETE ON inbox.received, inbox.messages TO inbox_consumer;
 GRANT SELECT, INSERT, UPDATE ON inbox.offsets TO inbox_consumer;
+GRANT SELECT, INSERT, DELETE ON inbox.topics TO inbox_consumer;
 GRANT EXECUTE ON FUNCTION inbox._check_consumer(text),
                           inbox.deliver(text, text, text, integer, bigint, text, bytea, jsonb, text),
                           inbox.deliver_batch(text, text[], text[], integer[], bigint[], text[], jsonb[],

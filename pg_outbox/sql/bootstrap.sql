@@ -79,6 +79,16 @@ CREATE TABLE inbox.offsets (
     PRIMARY KEY (consumer, topic, partition)
 );
 
+-- The identity of each topic a consumer stored offsets for: Kafka's topic id (KIP-516). A topic
+-- deleted and created again under its name has another id, and the stored offsets mean nothing there.
+CREATE TABLE inbox.topics (
+    consumer    text        NOT NULL,
+    topic       text        NOT NULL,
+    topic_id    text        NOT NULL,
+    recorded_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (consumer, topic)
+);
+
 -- Messages ingested from Kafka, waiting for a worker. (consumer, message_id) is the dedup key.
 CREATE TABLE inbox.messages (
     id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

@@ -33,6 +33,7 @@ GRANT USAGE ON SCHEMA inbox TO outbox_relay, inbox_consumer;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA inbox TO inbox_consumer;
 GRANT SELECT, INSERT, UPDATE, DELETE ON inbox.received, inbox.messages TO inbox_consumer;
 GRANT SELECT, INSERT, UPDATE ON inbox.offsets TO inbox_consumer;
+GRANT SELECT, INSERT, DELETE ON inbox.topics TO inbox_consumer;
 GRANT EXECUTE ON FUNCTION inbox._check_consumer(text),
                           inbox.deliver(text, text, text, integer, bigint, text, bytea, jsonb, text),
                           inbox.deliver_batch(text, text[], text[], integer[], bigint[], text[], jsonb[],

@@ -54,6 +54,30 @@ LANGUAGE sql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$ SELECT inbox.try_receive(consumer, message_id::text) $$;
 
+-- The operator's way on after a topic was deleted and created again (the ingest stops then): forgets
+-- the consumer's offsets and the topic's recorded identity, so the next ingest reads the topic from its
+-- beginning (message ids keep what was recorded before from being recorded twice). Returns the number
+-- of partitions whose offset was forgotten.
+CREATE FUNCTION inbox.forget_topic(consumer text, topic text) RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    forgotten bigint;
+BEGIN
+    PERFORM inbox._check_consumer(consumer);
+    IF topic IS NULL OR topic = '' THEN
+        RAISE EXCEPTION 'pg_outbox: topic must not be empty'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Name the topic whose offsets to forget.';
+    END IF;
+    DELETE FROM inbox.topics t WHERE t.consumer = forget_topic.consumer AND t.topic = forget_topic.topic;
+    DELETE FROM inbox.offsets o WHERE o.consumer = forget_topic.consumer AND o.topic = forget_topic.topic;
+    GET DIAGNOSTICS forgotten = ROW_COUNT;
+    RETURN forgotten;
+END
+$$;
+
 -- Stores the next offset to read; refuses to move backwards unless forced (a rewind is deliberate).
 CREATE FUNCTION inbox.store_offset(consumer text, topic text, partition integer, next_offset bigint,
                                    force boolean DEFAULT false)

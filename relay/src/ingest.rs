@@ -17,6 +17,7 @@ use crate::retry::Retry;
 use crate::sink::kafka::{fetch_partition_count, off_runtime, raw_headers};
 use crate::sink::HEADER_ID;
 use crate::telemetry::Metrics;
+use crate::topic_id::fetch_topic_id;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
@@ -226,10 +227,14 @@ async fn assign_new_partitions(
     let mut counts = Vec::with_capacity(ingest.topics.len());
     for topic in &ingest.topics {
         let (k, t) = (kafka.clone(), topic.clone());
-        let n = off_runtime("metadata task", move || {
-            fetch_partition_count(k.client(), &t, Duration::from_secs(10))
+        let (n, id) = off_runtime("metadata task", move || {
+            let n = fetch_partition_count(k.client(), &t, Duration::from_secs(10))?;
+            Ok((n, fetch_topic_id(k.client(), &t, Duration::from_secs(10))?))
         })
         .await?;
+        if let Some(id) = id {
+            check_topic_identity(pg, &ingest.consumer, topic, &id).await?;
+        }
         counts.push((topic, n));
     }
     if counts
@@ -265,6 +270,43 @@ async fn assign_new_partitions(
     }
     kafka.incremental_assign(&tpl)?;
     Ok(())
+}
+
+/// Records the id of `topic` for `consumer` the first time, and stops the ingest if the topic has
+/// another id now: it was deleted and created again (or the brokers are another cluster), so the
+/// stored offsets belong to another topic and reading on from them would skip messages.
+async fn check_topic_identity(
+    pg: &Client,
+    consumer: &str,
+    topic: &str,
+    id: &str,
+) -> Result<(), RelayError> {
+    let recorded: Option<String> = pg
+        .query_opt(
+            "SELECT topic_id FROM inbox.topics WHERE consumer = $1 AND topic = $2",
+            &[&consumer, &topic],
+        )
+        .await?
+        .map(|r| r.get(0));
+    match recorded {
+        None => {
+            pg.execute(
+                "INSERT INTO inbox.topics (consumer, topic, topic_id) VALUES ($1, $2, $3) \
+                 ON CONFLICT DO NOTHING",
+                &[&consumer, &topic, &id],
+            )
+            .await?;
+            Ok(())
+        }
+        Some(recorded) if recorded == id => Ok(()),
+        Some(recorded) => Err(RelayError::permanent(format!(
+            "topic {topic} is not the topic consumer \"{consumer}\" stored its offsets for: its id was \
+             {recorded} and is {id} now, so it was deleted and created again, or the brokers are \
+             another cluster. Reading on from the stored offsets would skip messages of the new \
+             topic. Check, then read it from its beginning (message ids keep what the inbox holds \
+             from being recorded twice): SELECT inbox.forget_topic('{consumer}', '{topic}')"
+        ))),
+    }
 }
 
 /// The partition's high watermark (a lower bound of its end on some brokers).

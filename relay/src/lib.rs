@@ -32,6 +32,7 @@ pub mod sink;
 pub mod source;
 pub mod telemetry;
 pub mod tls;
+pub mod topic_id;
 
 use config::{Cli, Config, Mode};
 use std::process::ExitCode;

@@ -9,6 +9,7 @@ INSERT INTO outbox.gaps SELECT * FROM outbox_switch.gaps;
 INSERT INTO outbox.dead_letters SELECT * FROM outbox_switch.dead_letters;
 INSERT INTO inbox.received SELECT * FROM outbox_switch.received;
 INSERT INTO inbox.offsets SELECT * FROM outbox_switch.offsets;
+INSERT INTO inbox.topics SELECT * FROM outbox_switch.topics;
 INSERT INTO inbox.messages OVERRIDING SYSTEM VALUE SELECT * FROM outbox_switch.messages;
 SELECT pg_catalog.setval(pg_catalog.pg_get_serial_sequence(s.tab, s.col), s.last)
        FROM outbox_switch.sequences s WHERE s.last IS NOT NULL;

@@ -2,7 +2,7 @@
 -- holds one of pg_outbox's tables (writers, the relay, inbox workers) and keeps everyone out until
 -- the switch commits, then copies the state of both schemas into schema outbox_switch.
 LOCK TABLE outbox.events, outbox.auth_key, outbox.sources, outbox.gaps, outbox.dead_letters,
-           inbox.received, inbox.offsets, inbox.messages IN ACCESS EXCLUSIVE MODE;
+           inbox.received, inbox.offsets, inbox.topics, inbox.messages IN ACCESS EXCLUSIVE MODE;
 DO $check$
 DECLARE
     dependent text;
@@ -30,6 +30,7 @@ CREATE TABLE outbox_switch.gaps AS TABLE outbox.gaps;
 CREATE TABLE outbox_switch.dead_letters AS TABLE outbox.dead_letters;
 CREATE TABLE outbox_switch.received AS TABLE inbox.received;
 CREATE TABLE outbox_switch.offsets AS TABLE inbox.offsets;
+CREATE TABLE outbox_switch.topics AS TABLE inbox.topics;
 CREATE TABLE outbox_switch.messages AS TABLE inbox.messages;
 -- identity columns go on from where they were, never back
 CREATE TABLE outbox_switch.sequences AS

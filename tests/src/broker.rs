@@ -266,13 +266,28 @@ c.execute("COMMIT")
         self.child.id()
     }
 
-    pub async fn create_topic(&self, name: &str, partitions: i32) -> Result<()> {
+    fn admin(&self) -> Result<AdminClient<DefaultClientContext>> {
         let mut cc = ClientConfig::new();
         cc.set("bootstrap.servers", self.bootstrap());
         for (k, v) in self.client_settings() {
             cc.set(k, v);
         }
-        let admin: AdminClient<DefaultClientContext> = cc.create()?;
+        Ok(cc.create()?)
+    }
+
+    pub async fn delete_topic(&self, name: &str) -> Result<()> {
+        let results = self
+            .admin()?
+            .delete_topics(&[name], &AdminOptions::new())
+            .await?;
+        for r in results {
+            r.map_err(|(t, e)| anyhow::anyhow!("deleting topic {t}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    pub async fn create_topic(&self, name: &str, partitions: i32) -> Result<()> {
+        let admin = self.admin()?;
         let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
         let results = admin.create_topics([&topic], &AdminOptions::new()).await?;
         for r in results {

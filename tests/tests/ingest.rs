@@ -520,3 +520,92 @@ async fn a_stored_offset_beyond_the_end_of_the_partition_stops_the_ingest() -> R
     assert_eq!(received, 10);
     Ok(())
 }
+
+/// A topic deleted and created again that already holds more messages than the stored offset
+/// looks like the old one by its offsets alone; its Kafka topic id (KIP-516) differs, and the
+/// ingest stops instead of reading on from the old topic's offset. `inbox.forget_topic` is the way on.
+#[tokio::test]
+async fn a_topic_created_again_with_more_messages_than_the_stored_offset_stops_the_ingest(
+) -> Result<()> {
+    let db = TestDb::create("in_topic_id", port()).await?;
+    let broker = Broker::start()?;
+    broker.create_topic("events", 1).await?;
+    let p = producer(&broker.bootstrap())?;
+    for n in 0..10 {
+        produce(&p, "events", 0, b"k", Some(&format!("old-{n}")), b"{}").await?;
+    }
+    let c = &db.client;
+    let mut ingest = Relay::ingest(
+        db.port,
+        &db.name,
+        &broker.bootstrap(),
+        "billing",
+        "events",
+        &[],
+    )?;
+    wait_for("ten messages", Duration::from_secs(60), || async {
+        Ok(stored_offsets(c, "billing").await?.get(&0) == Some(&10))
+    })
+    .await?;
+    ingest.terminate(Duration::from_secs(30))?;
+    // deleted and created again, with more messages than the stored offset
+    broker.delete_topic("events").await?;
+    broker.create_topic("events", 1).await?;
+    let p = producer(&broker.bootstrap())?;
+    for n in 0..25 {
+        produce(&p, "events", 0, b"k", Some(&format!("new-{n}")), b"{}").await?;
+    }
+    let mut ingest = Relay::ingest(
+        db.port,
+        &db.name,
+        &broker.bootstrap(),
+        "billing",
+        "events",
+        &[],
+    )?;
+    let status = ingest.wait_for_exit(Duration::from_secs(60)).await?;
+    assert!(!status.success());
+    let log = ingest.log_text();
+    assert!(log.contains("deleted and created again"), "{log}");
+    assert!(
+        log.contains("inbox.forget_topic('billing', 'events')"),
+        "{log}"
+    );
+    let received: i64 = c
+        .query_one("SELECT count(*) FROM inbox.messages", &[])
+        .await?
+        .get(0);
+    assert_eq!(received, 10, "nothing of the new topic skipped or taken");
+    // the operator's way on: the new topic from its beginning
+    let forgotten: i64 = c
+        .query_one("SELECT inbox.forget_topic('billing', 'events')", &[])
+        .await?
+        .get(0);
+    assert_eq!(forgotten, 1, "one partition's offset");
+    let _ingest = Relay::ingest(
+        db.port,
+        &db.name,
+        &broker.bootstrap(),
+        "billing",
+        "events",
+        &[],
+    )?;
+    wait_for(
+        "the new topic's 25 messages",
+        Duration::from_secs(60),
+        || async { Ok(stored_offsets(c, "billing").await?.get(&0) == Some(&25)) },
+    )
+    .await?;
+    let ids: Vec<String> = c
+        .query(
+            "SELECT message_id FROM inbox.messages ORDER BY message_id",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids.len(), 35, "ten old and 25 new, each once");
+    assert_eq!(ids.iter().filter(|id| id.starts_with("new-")).count(), 25);
+    Ok(())
+}
