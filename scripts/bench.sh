@@ -140,6 +140,19 @@ chart() { # name title x_label y_label [logx] [logy] < csv
     "$BIN"/chart "$CHARTS/$name.svg" "$@"
 }
 
+# perf, for the sections whose goal may be missed: where the time goes
+can_profile() { [ "$PROFILE" = 1 ] && command -v perf >/dev/null; }
+perf_start() { perf record -a -F 499 -o "$root/perf-$1.data" >/dev/null 2>&1 & perf_pid=$!; }
+perf_stop() { kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true; }
+perf_share() { # data pids -> their share of every sample taken (both CPUs)
+    perf report -i "$root/perf-$1.data" --stdio --pid "$2" --sort pid 2>/dev/null \
+        | awk '/^ +[0-9.]+%/ {s += $1} END {printf "%.1f", s}'
+}
+perf_symbols() { # data pids rows -> markdown rows: the hottest symbols of those processes
+    perf report -i "$root/perf-$1.data" --stdio --pid "$2" --percentage relative --sort symbol 2>/dev/null \
+        | awk -v max="$3" '/^ +[0-9.]+%/ && n < max {p = $1; $1 = ""; $2 = ""; sub(/^ +/, ""); sub(/ +- -$/, ""); printf "| %s | `%s` |\n", p, substr($0, 1, 90); n++}'
+}
+
 say "building the relay and the bench tools (release)"
 cargo build -q --release -p pg_outbox_relay -p pg_outbox_bench --bin pg-outbox-relay --bin raw_produce \
     --bin raw_consume --bin latency --bin binary_decode --bin chart
@@ -241,6 +254,48 @@ goal "wal enqueue / \`pg_logical_emit_message\` of the payload validated as json
     "$(ratio "${med[Ftc]}" "${med[Fth]}")" "≥" 0.95 ""
 goal "wal enqueue / hand-rolled outbox INSERT, one round trip, durable cluster (c / b; rounds $(spread "${tps[Dtc]}" "${tps[Dtb]}"))" \
     "$(ratio "${med[Dtc]}" "${med[Dtb]}")" "≥" 1.15 ""
+
+# Where an enqueue's server time goes: pgbench with variant c and then h on the fast cluster (no
+# commit waits for the disk) under perf, 4 clients; the backends' hottest symbols side by side.
+enqueue_profile_md=""
+if can_profile; then
+    for v in c h; do
+        perf_start "enqueue-$v"
+        PGOPTIONS="-c pg_outbox.mode=wal" "$PGBIN/pgbench" -n -h 127.0.0.1 -p "$FAST_PORT" -U postgres \
+            -c 4 -j 2 -T "$SECONDS_PER_RUN" -f "$(script "$v" t)" postgres >"$root/pgbench-profile-$v.log" 2>&1 &
+        bench_pid=$!
+        sleep 0.5
+        backends=$(sql_at "$FAST_PORT" -tAc "SELECT string_agg(pid::text, ',') FROM pg_stat_activity WHERE application_name = 'pgbench'")
+        wait "$bench_pid" || true
+        perf_stop
+        printf -v "share_$v" '%s' "$(perf_share "enqueue-$v" "$backends")"
+        printf -v "symbols_$v" '%s' "$(perf_symbols "enqueue-$v" "$backends" 12)"
+        reset_enqueue "$FAST_PORT"
+    done
+    enqueue_profile_md=$(cat <<PROFILE
+### Where an enqueue's time goes
+
+pgbench, 4 clients, one round trip, on the fast cluster, under \`perf record -a\` (499 Hz); the
+pgbench backends took $share_c% of every sample with variant c (\`outbox.enqueue\`) and $share_h%
+with variant h (\`pg_logical_emit_message\` of validated jsonb). Their hottest symbols (share of
+the backends' samples):
+
+c, \`outbox.enqueue\`:
+
+| share | symbol |
+|---:|---|
+$symbols_c
+
+h, \`pg_logical_emit_message('…'::jsonb::text)\`:
+
+| share | symbol |
+|---:|---|
+$symbols_h
+PROFILE
+)
+    say "profiled enqueue (c and h)"
+    echo "$enqueue_profile_md"
+fi
 
 # TPS against concurrent clients, durable cluster, one round trip, one pgbench run per point
 : >"$root/clients.csv"
@@ -594,6 +649,47 @@ TABLE
 echo "$ingest_table"
 goal "ingest / raw consume, $INGEST_EVENTS records" "$ingest_ratio" "≥" 0.80 ""
 
+# Where the ingest's time goes: the same records ingested again for another consumer under perf.
+ingest_profile_md=""
+if can_profile; then
+    relay ingest-profile ingest --consumer bench_profile --topics i0
+    perf_start ingest
+    wait_metric pg_outbox_relay_messages_ingested_total 1 "$root/relay-ingest-profile.log"
+    backend=$(sql -tAc "SELECT string_agg(pid::text, ',') FROM pg_stat_activity WHERE application_name LIKE 'pg_outbox%' AND backend_type = 'client backend'")
+    wait_metric pg_outbox_relay_messages_ingested_total "$INGEST_EVENTS" "$root/relay-ingest-profile.log"
+    perf_stop
+    stop_relay
+    walwriter=$(sql -tAc "SELECT string_agg(pid::text, ',') FROM pg_stat_activity WHERE backend_type IN ('walwriter', 'checkpointer', 'background writer')")
+    ingest_profile_md=$(cat <<PROFILE
+### Where the ingest's time goes
+
+The same $INGEST_EVENTS records ingested again (another consumer) under \`perf record -a\` (499 Hz;
+slower than the timed run). Shares of every sample taken on the machine in that time (2 CPUs):
+
+| process | share of samples |
+|---|---:|
+| the ingest's PostgreSQL backend (\`inbox.deliver_batch\`) | $(perf_share ingest "$backend")% |
+| PostgreSQL's WAL writer, checkpointer, background writer | $(perf_share ingest "$walwriter")% |
+| Tansu (the broker) | $(perf_share ingest "$tansu_pid")% |
+| relay (ingest) | $(perf_share ingest "$relay_pid")% |
+
+The backend's hottest symbols (share of its samples):
+
+| share | symbol |
+|---:|---|
+$(perf_symbols ingest "$backend" 15)
+
+The relay's hottest symbols:
+
+| share | symbol |
+|---:|---|
+$(perf_symbols ingest "$relay_pid" 10)
+PROFILE
+)
+    say "profiled ingest"
+    echo "$ingest_profile_md"
+fi
+
 # --- BENCHMARKS.md ------------------------------------------------------------------------------------
 load_mark end
 if [ -n "$replaced" ]; then
@@ -640,6 +736,8 @@ cost of the outbox write itself and is what the goals are judged on. "A round tr
 pgbench's default (BEGIN, the INSERT, the outbox write, COMMIT each wait for the server).
 
 $enqueue_table
+
+$enqueue_profile_md
 
 ### TPS against concurrent clients
 
@@ -715,5 +813,7 @@ $memory_table
 256-byte payloads with an id header, 3 partitions, read from the beginning.
 
 $ingest_table
+
+$ingest_profile_md
 DOC
 say "wrote BENCHMARKS.md and $CHARTS/*.svg"
