@@ -148,6 +148,10 @@ perf_share() { # data pids -> their share of every sample taken (both CPUs)
     perf report -i "$root/perf-$1.data" --stdio --pid "$2" --sort pid 2>/dev/null \
         | awk '/^ +[0-9.]+%/ {s += $1} END {printf "%.1f", s}'
 }
+perf_dsos() { # data pids -> "name share%, ..." : where those processes' samples fall, by library
+    perf report -i "$root/perf-$1.data" --stdio --pid "$2" --percentage relative --sort dso 2>/dev/null \
+        | awk '/^ +[0-9.]+%/ && n < 6 {printf "%s`%s` %s", (n ? ", " : ""), $2, $1; n++}'
+}
 perf_symbols() { # data pids rows -> markdown rows: the hottest symbols of those processes
     perf report -i "$root/perf-$1.data" --stdio --pid "$2" --percentage relative --sort symbol 2>/dev/null \
         | awk -v max="$3" '/^ +[0-9.]+%/ && n < max {p = $1; $1 = ""; $2 = ""; sub(/^ +/, ""); sub(/ +- -$/, ""); printf "| %s | `%s` |\n", p, substr($0, 1, 90); n++}'
@@ -269,6 +273,7 @@ if can_profile; then
         wait "$bench_pid" || true
         perf_stop
         printf -v "share_$v" '%s' "$(perf_share "enqueue-$v" "$backends")"
+        printf -v "dsos_$v" '%s' "$(perf_dsos "enqueue-$v" "$backends")"
         printf -v "symbols_$v" '%s' "$(perf_symbols "enqueue-$v" "$backends" 12)"
         reset_enqueue "$FAST_PORT"
     done
@@ -277,8 +282,8 @@ if can_profile; then
 
 pgbench, 4 clients, one round trip, on the fast cluster, under \`perf record -a\` (499 Hz); the
 pgbench backends took $share_c% of every sample with variant c (\`outbox.enqueue\`) and $share_h%
-with variant h (\`pg_logical_emit_message\` of validated jsonb). Their hottest symbols (share of
-the backends' samples):
+with variant h (\`pg_logical_emit_message\` of validated jsonb). By library, the backends' samples
+fall in: c: $dsos_c; h: $dsos_h. Their hottest symbols (share of the backends' samples):
 
 c, \`outbox.enqueue\`:
 

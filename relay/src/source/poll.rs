@@ -74,6 +74,10 @@ pub struct PollSource {
     empty_polls: u32,
     /// Gone idle, and not looked since: writers that saw the source busy did not NOTIFY.
     last_look: bool,
+    /// While busy, when the next poll is due: a deadline, not a sleep, because the pipeline drops
+    /// a waiting call whenever an acknowledgement arrives, and a fresh sleep each time would put
+    /// the poll off for as long as acknowledgements keep coming.
+    next_poll: tokio::time::Instant,
 }
 
 /// Wake-ups from NOTIFY on a connection of their own; `rx` closes when that connection is lost.
@@ -176,6 +180,7 @@ impl PollSource {
             told: None,
             empty_polls: 0,
             last_look: false,
+            next_poll: tokio::time::Instant::now(),
         })
     }
 }
@@ -209,7 +214,7 @@ impl Source for PollSource {
         }
         if !self.more && !self.last_look {
             if self.busy {
-                tokio::time::sleep(BUSY_PAUSE).await;
+                tokio::time::sleep_until(self.next_poll).await;
             } else {
                 tokio::select! {
                     woke = self.wake.rx.recv() => {
@@ -230,6 +235,7 @@ impl Source for PollSource {
             )
             .await?;
         // from here on nothing awaits: the batch is handed over whole or not at all
+        self.next_poll = tokio::time::Instant::now() + BUSY_PAUSE;
         self.last_look = false;
         if rows.is_empty() {
             self.empty_polls += 1;
