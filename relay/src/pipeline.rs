@@ -1033,14 +1033,7 @@ mod tests {
             "what Kafka lacks up to the frontier is sent alone, then at full speed"
         );
         assert_eq!(frontier, Frontier::default(), "passed");
-        let stored: Vec<Position> = sink
-            .log
-            .lock()
-            .unwrap()
-            .stored
-            .iter()
-            .map(|s| s.2)
-            .collect();
+        let stored = sink.stored_positions();
         let want: Vec<Position> = (0..12)
             .filter(|u| *u != 4)
             .map(|u| Position::new(u, 0))
@@ -1093,14 +1086,7 @@ mod tests {
         assert!(err.to_string().contains("changed from 2 to 3"), "{err}");
         let confirmed = confirmed.lock().unwrap().clone();
         let last = *confirmed.last().expect("confirmed before ending");
-        let stored: Vec<Position> = sink
-            .log
-            .lock()
-            .unwrap()
-            .stored
-            .iter()
-            .map(|s| s.2)
-            .collect();
+        let stored = sink.stored_positions();
         // every unit up to the boundary is whole in Kafka and confirmed; nothing after it was sent
         let want: Vec<Position> = (0..=last)
             .flat_map(|u| (0..3).map(move |i| Position::new(u, i)))

@@ -44,6 +44,24 @@ async fn produce(
     Ok((d.partition, d.offset))
 }
 
+/// `pg-outbox-relay ingest` of topic `events` for consumer `billing`, into `db`.
+fn billing_ingest(db: &TestDb, broker: &Broker) -> Result<Relay> {
+    Relay::ingest(
+        db.port,
+        &db.name,
+        &broker.bootstrap(),
+        "billing",
+        "events",
+        &[],
+    )
+}
+
+async fn inbox_count(c: &Client) -> Result<i64> {
+    Ok(c.query_one("SELECT count(*) FROM inbox.messages", &[])
+        .await?
+        .get(0))
+}
+
 async fn stored_offsets(c: &Client, consumer: &str) -> Result<BTreeMap<i32, i64>> {
     Ok(c.query(
         "SELECT partition, next_offset FROM inbox.offsets WHERE consumer = $1",
@@ -136,10 +154,7 @@ async fn ingest_killed_at_random_moments_records_every_message_once() -> Result<
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let rows: i64 = c
-        .query_one("SELECT count(*) FROM inbox.messages", &[])
-        .await?
-        .get(0);
+    let rows: i64 = inbox_count(c).await?;
     let produced: i64 = ends.values().sum();
     println!(
         "ingest killed with SIGKILL {kills} times; {produced} records produced for {} events; \
@@ -476,24 +491,14 @@ async fn a_stored_offset_beyond_the_end_of_the_partition_stops_the_ingest() -> R
         &[],
     )
     .await?;
-    let mut ingest = Relay::ingest(
-        db.port,
-        &db.name,
-        &broker.bootstrap(),
-        "billing",
-        "events",
-        &[],
-    )?;
+    let mut ingest = billing_ingest(&db, &broker)?;
     let status = ingest.wait_for_exit(Duration::from_secs(60)).await?;
     assert!(!status.success());
     let log = ingest.log_text();
     assert!(log.contains("ends at offset"), "{log}");
     assert!(log.contains("stored 1000 as its next offset"), "{log}");
     assert!(log.contains("force => true"), "{log}");
-    let received: i64 = c
-        .query_one("SELECT count(*) FROM inbox.messages", &[])
-        .await?
-        .get(0);
+    let received: i64 = inbox_count(c).await?;
     assert_eq!(received, 0, "nothing skipped, nothing taken");
     // the operator rewinds on purpose; everything arrives
     c.execute(
@@ -501,22 +506,12 @@ async fn a_stored_offset_beyond_the_end_of_the_partition_stops_the_ingest() -> R
         &[],
     )
     .await?;
-    let _ingest = Relay::ingest(
-        db.port,
-        &db.name,
-        &broker.bootstrap(),
-        "billing",
-        "events",
-        &[],
-    )?;
+    let _ingest = billing_ingest(&db, &broker)?;
     wait_for("ten messages", Duration::from_secs(60), || async {
         Ok(stored_offsets(c, "billing").await?.get(&0) == Some(&10))
     })
     .await?;
-    let received: i64 = c
-        .query_one("SELECT count(*) FROM inbox.messages", &[])
-        .await?
-        .get(0);
+    let received: i64 = inbox_count(c).await?;
     assert_eq!(received, 10);
     Ok(())
 }
@@ -535,14 +530,7 @@ async fn a_topic_created_again_with_more_messages_than_the_stored_offset_stops_t
         produce(&p, "events", 0, b"k", Some(&format!("old-{n}")), b"{}").await?;
     }
     let c = &db.client;
-    let mut ingest = Relay::ingest(
-        db.port,
-        &db.name,
-        &broker.bootstrap(),
-        "billing",
-        "events",
-        &[],
-    )?;
+    let mut ingest = billing_ingest(&db, &broker)?;
     wait_for("ten messages", Duration::from_secs(60), || async {
         Ok(stored_offsets(c, "billing").await?.get(&0) == Some(&10))
     })
@@ -555,14 +543,7 @@ async fn a_topic_created_again_with_more_messages_than_the_stored_offset_stops_t
     for n in 0..25 {
         produce(&p, "events", 0, b"k", Some(&format!("new-{n}")), b"{}").await?;
     }
-    let mut ingest = Relay::ingest(
-        db.port,
-        &db.name,
-        &broker.bootstrap(),
-        "billing",
-        "events",
-        &[],
-    )?;
+    let mut ingest = billing_ingest(&db, &broker)?;
     let status = ingest.wait_for_exit(Duration::from_secs(60)).await?;
     assert!(!status.success());
     let log = ingest.log_text();
@@ -571,10 +552,7 @@ async fn a_topic_created_again_with_more_messages_than_the_stored_offset_stops_t
         log.contains("inbox.forget_topic('billing', 'events')"),
         "{log}"
     );
-    let received: i64 = c
-        .query_one("SELECT count(*) FROM inbox.messages", &[])
-        .await?
-        .get(0);
+    let received: i64 = inbox_count(c).await?;
     assert_eq!(received, 10, "nothing of the new topic skipped or taken");
     // the operator's way on: the new topic from its beginning
     let forgotten: i64 = c
@@ -582,14 +560,7 @@ async fn a_topic_created_again_with_more_messages_than_the_stored_offset_stops_t
         .await?
         .get(0);
     assert_eq!(forgotten, 1, "one partition's offset");
-    let _ingest = Relay::ingest(
-        db.port,
-        &db.name,
-        &broker.bootstrap(),
-        "billing",
-        "events",
-        &[],
-    )?;
+    let _ingest = billing_ingest(&db, &broker)?;
     wait_for(
         "the new topic's 25 messages",
         Duration::from_secs(60),

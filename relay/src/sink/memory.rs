@@ -68,6 +68,17 @@ impl MemorySink {
         self.resized.lock().unwrap().unwrap_or(self.partitions)
     }
 
+    /// The positions stored, in send order.
+    pub fn stored_positions(&self) -> Vec<Position> {
+        self.log
+            .lock()
+            .unwrap()
+            .stored
+            .iter()
+            .map(|s| s.2)
+            .collect()
+    }
+
     /// Every record acknowledged at once.
     pub fn acking() -> MemorySink {
         MemorySink::new(1, Box::new(|_, _| Fate::Ack(Duration::ZERO)))
