@@ -805,6 +805,16 @@ at 5,000 events/s offered, whatever was achieved.
 
 $latency_table
 
+Where the time goes above raw produce (README, "Where the time goes", has the A/B runs behind each):
+- **wal mode**: the walsender sends a transaction only once its commit is flushed (the durable cluster waits
+  for the disk here); the replication client's buffer holds at most \`max_in_flight_bytes / max_record_bytes\`
+  messages (33 by default), so under load the pipeline gets small batches; each one-event transaction is
+  three replication messages and one checkpoint step. The writers, PostgreSQL, Tansu and the relay share two
+  CPUs, so past about 3,000–5,000 events/s they slow each other down.
+- **table mode**: a row is read only once every older transaction has finished (the snapshot horizon); while
+  busy the poll source polls every 5 ms, and each poll is confirmed by a DELETE of its rows. At 5,000
+  events/s on this machine the poll source, not the writers' commits, is the limit.
+
 ## Memory: a large drain, a huge transaction and 1 MB events
 
 A fresh relay for each input, with nothing else in the slot; peak RSS is the process's \`VmHWM\`. The
