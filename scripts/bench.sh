@@ -432,30 +432,23 @@ goal "relay drain / min(binary decoding, raw produce), $EVENTS events" "$drain_r
 # Where the drain's time goes: a second backlog drained under perf (sampling every CPU, so the
 # walsender, the broker and the relay's threads are seen side by side). Not timed: perf slows it.
 profile_md=""
-if [ "$PROFILE" = 1 ] && command -v perf >/dev/null; then
+if can_profile; then
     backlog b0,b1,b2,b3 "$PROFILE_EVENTS" 256 1000
     t0=$(now)
     relay profile run --restart-grace-ms 0
-    perf record -a -F 499 -o "$root/perf.data" >/dev/null 2>&1 &
-    perf_pid=$!
+    perf_start drain
     wait_metric pg_outbox_relay_events_published_total 1 "$root/relay-profile.log"
     walsender_pid=$(sql -tAc "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'pg_outbox'")
     drain_wait "$PROFILE_EVENTS" "$root/relay-profile.log"
-    kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true
+    perf_stop
     # the three processes of the pipeline only (the machine is shared); a thread's name says whose
     # it is: the relay's tokio-rt-worker and pgwire-replication, librdkafka's rdk:* threads
-    share() { # pid -> its share of every sample
-        perf report -i "$root/perf.data" --stdio --pid "$1" --sort pid 2>/dev/null \
-            | awk '/^ +[0-9.]+%/ {s += $1} END {printf "%.1f", s}'
-    }
     by_process=""
     for who in "walsender (PostgreSQL decoding the slot):$walsender_pid" "Tansu (the broker):$tansu_pid" \
                "relay:$relay_pid"; do
-        by_process+="| ${who%%:*} | $(share "${who##*:}")% |"$'\n'
+        by_process+="| ${who%%:*} | $(perf_share drain "${who##*:}")% |"$'\n'
     done
-    relay_symbols=$(perf report -i "$root/perf.data" --stdio --pid "$relay_pid" --percentage relative \
-        --sort symbol 2>/dev/null \
-        | awk '/^ +[0-9.]+%/ && n < 15 {p = $1; $1 = ""; $2 = ""; sub(/^ +/, ""); sub(/ +- -$/, ""); printf "| %s | `%s` |\n", p, substr($0, 1, 90); n++}')
+    relay_symbols=$(perf_symbols drain "$relay_pid" 15)
     profile_md=$(cat <<PROFILE
 ### Where the time goes
 
