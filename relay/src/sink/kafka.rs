@@ -156,11 +156,8 @@ impl KafkaSink {
             .map(|(code, reason)| format!("{code}: {reason}"))
     }
 
-    /// The producer for `record`: the lone one, made on first use, for a record sent alone.
-    fn producer_for(&self, record: &Record<'_>) -> Result<FutureProducer, RelayError> {
-        if !record.alone {
-            return Ok(self.producer.clone());
-        }
+    /// The producer for records sent alone, made on first use.
+    fn lone_producer(&self) -> Result<FutureProducer, RelayError> {
         let mut lone = self.lone.lock().unwrap_or_else(|e| e.into_inner());
         if lone.is_none() {
             *lone = Some(self.lone_config.create().map_err(|e| {
@@ -242,8 +239,15 @@ impl Sink for KafkaSink {
         if let Some(key) = record.key {
             future = future.key(key);
         }
-        let (producer, alone) = (self.producer_for(&record)?, record.alone);
-        let lone = self.lone.clone();
+        // a record sent alone goes through the lone producer, which it drops if it fails
+        let alone = record.alone;
+        let lone = alone.then(|| self.lone.clone());
+        let lone_producer = if alone {
+            Some(self.lone_producer()?)
+        } else {
+            None
+        };
+        let producer = lone_producer.as_ref().unwrap_or(&self.producer);
         let mut wait = Duration::from_micros(500);
         loop {
             match producer.send_result(future) {
@@ -252,7 +256,7 @@ impl Sink for KafkaSink {
                         match delivery.await {
                             Ok(Ok(_)) => Delivered::Acked,
                             Ok(Err((e, msg))) => {
-                                if alone {
+                                if let Some(lone) = lone {
                                     // after a refusal librdkafka moves the producer to a new
                                     // epoch, which a broker may fence: the next record gets a
                                     // new producer
