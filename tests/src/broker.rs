@@ -33,13 +33,13 @@ impl Broker {
     /// outgoing connection) may take it before Tansu binds it: then Tansu exits, and the broker is
     /// started again on another port rather than the test talking to someone else's broker.
     pub fn start() -> Result<Broker> {
-        Self::on_a_free_port(&[])
+        Self::on_a_free_port(false, &[])
     }
 
-    fn on_a_free_port(extra: &[&str]) -> Result<Broker> {
+    fn on_a_free_port(sqlite: bool, extra: &[&str]) -> Result<Broker> {
         let mut attempt = 1;
         loop {
-            match Self::start_with(free_port(), extra) {
+            match Self::start_with(free_port(), sqlite, extra) {
                 Ok(broker) => return Ok(broker),
                 Err(e) if attempt < 5 => {
                     eprintln!("broker: {e:#}; trying another port");
@@ -51,7 +51,7 @@ impl Broker {
     }
 
     pub fn start_on(port: u16) -> Result<Broker> {
-        Self::start_with(port, &[])
+        Self::start_with(port, false, &[])
     }
 
     /// A broker that validates what is produced to a topic against `registry`'s `<topic>.json`
@@ -63,36 +63,33 @@ impl Broker {
             .strip_prefix(std::env::temp_dir())
             .context("a schema registry in the temp folder")?;
         let url = format!("file://./{}", name.display());
-        Self::on_a_free_port(&["--schema-registry", &url])
-    }
-
-    fn start_with(port: u16, extra: &[&str]) -> Result<Broker> {
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = Self::tansu(port, &url, "memory://tansu/", false, extra)?;
-        Ok(Broker {
-            port,
-            child,
-            tunnel: None,
-            settings: Vec::new(),
-            host: "127.0.0.1",
-            storage: None,
-        })
+        Self::on_a_free_port(false, &["--schema-registry", &url])
     }
 
     /// A broker that keeps its topics and records in SQLite, so that a test can change a topic
     /// under it: [`Broker::add_partitions`].
     pub fn start_sqlite() -> Result<Broker> {
-        let port = free_port();
+        Self::on_a_free_port(true, &[])
+    }
+
+    /// Tansu on `port`, storing in memory or (`sqlite`) in a file of the temp folder.
+    fn start_with(port: u16, sqlite: bool, extra: &[&str]) -> Result<Broker> {
         let url = format!("tcp://127.0.0.1:{port}");
+        // Tansu reads the file name relative to its working folder (the temp folder)
         let name = format!("tansu-{port}.db");
-        let child = Self::tansu(port, &url, &format!("sqlite://{name}"), false, &[])?;
+        let storage = if sqlite {
+            format!("sqlite://{name}")
+        } else {
+            "memory://tansu/".to_string()
+        };
+        let child = Self::tansu(port, &url, &storage, false, extra)?;
         Ok(Broker {
             port,
             child,
             tunnel: None,
             settings: Vec::new(),
             host: "127.0.0.1",
-            storage: Some(std::env::temp_dir().join(name)),
+            storage: sqlite.then(|| std::env::temp_dir().join(name)),
         })
     }
 
