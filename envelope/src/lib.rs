@@ -49,6 +49,17 @@ pub const MAX_TRACE_LEN: usize = 1024;
 /// Largest payload the format can carry (PostgreSQL's own limit on a value is 1 GiB).
 pub const MAX_PAYLOAD_LEN: usize = (1 << 30) - 1;
 
+/// One limit for the event and its Kafka record. Enqueue counts an event as its payload, key and
+/// headers (names and values, the trace context as `traceparent`); the relay counts a record as
+/// the same plus this reserve, for its own headers (id, position, source, MAC) and Kafka's framing,
+/// and dead-letters a record over its `max_record_bytes`. With both defaults, every event that
+/// enqueue accepts is published.
+pub const RECORD_RESERVE: usize = 1024;
+/// The relay's default `max_record_bytes` (librdkafka's and Kafka's default `message.max.bytes`).
+pub const DEFAULT_MAX_RECORD_BYTES: usize = 1_000_000;
+/// The default of `pg_outbox.max_payload_bytes`: [`DEFAULT_MAX_RECORD_BYTES`] less the reserve.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = DEFAULT_MAX_RECORD_BYTES - RECORD_RESERVE;
+
 const FLAG_KEY: u8 = 1;
 const FLAG_JSON: u8 = 1 << 1;
 const FLAG_TRACE: u8 = 1 << 2;
@@ -359,7 +370,10 @@ pub enum OpenError {
     BadTag,
 }
 
-fn mac(key: &[u8], xid: u32, envelope: &[u8]) -> hmac::Hmac<sha2::Sha256> {
+/// The tag binds the full 64-bit transaction id (epoch and xid, PostgreSQL's `xid8`): a message
+/// captured from the WAL does not verify again in the transaction that has the same 32-bit id after a
+/// wraparound, which any role can drive by burning transaction ids.
+fn mac(key: &[u8], xid: u64, envelope: &[u8]) -> hmac::Hmac<sha2::Sha256> {
     use hmac::Mac;
     let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key)
         .expect("HMAC takes a key of any length");
@@ -368,9 +382,18 @@ fn mac(key: &[u8], xid: u32, envelope: &[u8]) -> hmac::Hmac<sha2::Sha256> {
     mac
 }
 
+/// The full 64-bit id of a transaction whose 32-bit `xid` (as pgoutput's Begin carries it) is
+/// within 2^31 transactions of `reference`, a full id read from the server (`pg_current_snapshot()`'s
+/// xmax). PostgreSQL keeps every transaction that can still be decoded within that distance of the
+/// next id (wraparound protection), so the choice is unique.
+pub fn widen_xid(reference: u64, xid: u32) -> u64 {
+    let delta = xid.wrapping_sub(reference as u32) as i32;
+    reference.wrapping_add_signed(i64::from(delta))
+}
+
 /// Seals the envelope that starts at `buf[start]` (it must be the last thing in `buf`): sets flag
-/// bit 3 and appends the tag binding it to `key` and to transaction `xid`.
-pub fn seal(buf: &mut Vec<u8>, start: usize, key: &[u8], xid: u32) {
+/// bit 3 and appends the tag binding it to `key` and to transaction `xid` (the full 64-bit id).
+pub fn seal(buf: &mut Vec<u8>, start: usize, key: &[u8], xid: u64) {
     use hmac::Mac;
     buf[start + 1] |= FLAG_SEALED;
     let tag = mac(key, xid, &buf[start..]).finalize().into_bytes();
@@ -379,7 +402,7 @@ pub fn seal(buf: &mut Vec<u8>, start: usize, key: &[u8], xid: u32) {
 
 /// Checks a sealed message's tag for `key` and transaction `xid` (in constant time) and returns
 /// the envelope without the tag.
-pub fn open<'m>(message: &'m [u8], key: &[u8], xid: u32) -> Result<&'m [u8], OpenError> {
+pub fn open<'m>(message: &'m [u8], key: &[u8], xid: u64) -> Result<&'m [u8], OpenError> {
     use hmac::Mac;
     if message.len() < 2 + TAG_LEN || message[1] & FLAG_SEALED == 0 {
         return Err(OpenError::NotSealed);
@@ -465,6 +488,17 @@ mod tests {
     }
 
     #[test]
+    fn a_32_bit_xid_widens_to_the_full_id_nearest_the_reference() {
+        let epoch = |e: u64, x: u32| (e << 32) | u64::from(x);
+        assert_eq!(widen_xid(epoch(0, 1000), 900), epoch(0, 900));
+        assert_eq!(widen_xid(epoch(0, 1000), 1100), epoch(0, 1100));
+        assert_eq!(widen_xid(epoch(3, 1000), 900), epoch(3, 900));
+        // across an epoch boundary, both ways
+        assert_eq!(widen_xid(epoch(3, 5), u32::MAX - 5), epoch(2, u32::MAX - 5));
+        assert_eq!(widen_xid(epoch(2, u32::MAX - 5), 5), epoch(3, 5));
+    }
+
+    #[test]
     fn a_sealed_message_opens_only_with_its_key_and_transaction() {
         let key = [9u8; AUTH_KEY_LEN];
         let mut buf = b"prefix".to_vec();
@@ -477,6 +511,11 @@ mod tests {
         assert_eq!(event, sample());
 
         assert_eq!(open(message, &key, 4712), Err(OpenError::BadTag));
+        // the same 32-bit xid in another epoch (after a wraparound) is another transaction
+        assert_eq!(
+            open(message, &key, 4711 + (1 << 32)),
+            Err(OpenError::BadTag)
+        );
         assert_eq!(
             open(message, &[8u8; AUTH_KEY_LEN], 4711),
             Err(OpenError::BadTag)

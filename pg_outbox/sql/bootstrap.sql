@@ -13,7 +13,7 @@ DO $roles$
 DECLARE
     r text;
 BEGIN
-    FOREACH r IN ARRAY ARRAY['outbox_writer', 'outbox_relay', 'inbox_consumer'] LOOP
+    FOREACH r IN ARRAY ARRAY['outbox_writer', 'outbox_relay', 'inbox_consumer', 'inbox_ingest'] LOOP
         IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = r) THEN
             BEGIN
                 EXECUTE pg_catalog.format('CREATE ROLE %I NOLOGIN', r);
@@ -60,6 +60,11 @@ INSERT INTO outbox.auth_key (key)
 SELECT pg_catalog.decode(pg_catalog.substr(pg_catalog.replace(
            pg_catalog.gen_random_uuid()::text || pg_catalog.gen_random_uuid()::text, '-', ''), 1, 64), 'hex');
 REVOKE ALL ON outbox.auth_key FROM PUBLIC;
+-- Row security without a policy: nobody but the owner (and superusers) sees the row, whatever
+-- table privilege they hold. That keeps the key from members of pg_read_all_data (which does not
+-- bypass row security) and from the initial copy of a FOR ALL TABLES publication by a role without
+-- BYPASSRLS, which fails instead of copying it.
+ALTER TABLE outbox.auth_key ENABLE ROW LEVEL SECURITY;
 
 -- inbox.try_receive: one row per (consumer, message id) ever received, kept for the dedup window.
 CREATE TABLE inbox.received (

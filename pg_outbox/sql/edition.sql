@@ -19,27 +19,25 @@
 --   (max_payload_bytes, slot_name, inbox_dedup_window, inbox_max_attempts) are read the same way,
 --   but without the library PostgreSQL cannot restrict who sets them (README, "Managed PostgreSQL").
 
--- A setting's value, or the C extension's default when it is not set.
-CREATE FUNCTION outbox._setting(name text, fallback text) RETURNS text
-LANGUAGE sql STABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
-AS $$ SELECT coalesce(nullif(pg_catalog.current_setting('pg_outbox.' || name, true), ''), fallback) $$;
-
+-- Settings read inline, with the C extension's default when not set (inbox_consumer has no USAGE
+-- on schema outbox, so the inbox's helpers cannot call one in it).
 CREATE FUNCTION outbox._slot_name() RETURNS text
 LANGUAGE sql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
-AS $$ SELECT outbox._setting('slot_name', 'pg_outbox') $$;
+AS $$ SELECT coalesce(nullif(pg_catalog.current_setting('pg_outbox.slot_name', true), ''), 'pg_outbox') $$;
 
 CREATE FUNCTION inbox._dedup_window_seconds() RETURNS integer
 LANGUAGE sql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$ SELECT pg_catalog.floor(pg_catalog.date_part('epoch',
-              (outbox._setting('inbox_dedup_window', '604800') COLLATE "C")::interval))::integer $$;
+              (coalesce(nullif(pg_catalog.current_setting('pg_outbox.inbox_dedup_window', true), ''),
+                        '604800') COLLATE "C")::interval))::integer $$;
 
 CREATE FUNCTION inbox._max_attempts() RETURNS integer
 LANGUAGE sql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
-AS $$ SELECT outbox._setting('inbox_max_attempts', '5')::integer $$;
+AS $$ SELECT coalesce(nullif(pg_catalog.current_setting('pg_outbox.inbox_max_attempts', true), ''),
+                      '5')::integer $$;
 
 CREATE FUNCTION outbox._refuse(code text, message text, hint text) RETURNS void
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
@@ -225,7 +223,7 @@ DECLARE
     trace_bytes bytea := convert_to(trace, 'UTF8');
     header_bytes bigint := 0;
     header_block bytea := ''::bytea;
-    max bigint := pg_size_bytes(coalesce(nullif(current_setting('pg_outbox.max_payload_bytes', true), ''), '1048576'));
+    max bigint := pg_size_bytes(coalesce(nullif(current_setting('pg_outbox.max_payload_bytes', true), ''), '998976'));
     mode text := lower(coalesce(nullif(current_setting('pg_outbox.mode', true), ''), 'wal'));
     n integer := coalesce(cardinality(payloads), 0);
     headers_ok boolean;
@@ -280,7 +278,7 @@ BEGIN
             ipad := set_byte(ipad, i, get_byte(seal_key, i) # 54);
             opad := set_byte(opad, i, get_byte(seal_key, i) # 92);
         END LOOP;
-        xid := substr(int8send(pg_current_xact_id()::text::bigint), 5, 4);
+        xid := int8send(pg_current_xact_id()::text::bigint);  -- the full 64-bit id, as the C extension
         flags := 8 | CASE WHEN payload_is_json THEN 2 ELSE 0 END | CASE WHEN trace IS NULL THEN 0 ELSE 4 END;
     ELSIF mode <> 'table' THEN
         PERFORM outbox._refuse('22023', format('pg_outbox.mode is %L', mode),

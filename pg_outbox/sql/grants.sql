@@ -4,6 +4,9 @@
 
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA outbox FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA inbox FROM PUBLIC;
+-- procedures are not functions to GRANT/REVOKE ... ALL FUNCTIONS (outbox.setup)
+REVOKE ALL ON ALL PROCEDURES IN SCHEMA outbox FROM PUBLIC;
+REVOKE ALL ON ALL PROCEDURES IN SCHEMA inbox FROM PUBLIC;
 
 GRANT USAGE ON SCHEMA outbox TO outbox_writer, outbox_relay;
 GRANT EXECUTE ON FUNCTION outbox.enqueue(text, text, jsonb, jsonb),
@@ -29,11 +32,14 @@ GRANT EXECUTE ON FUNCTION outbox._slot_lost(text, text), outbox._foreign_slot(te
                           outbox.recreate_slot(text, text), outbox.new_poll_incarnation(text, text)
       TO outbox_relay;
 
-GRANT USAGE ON SCHEMA inbox TO outbox_relay, inbox_consumer;
+GRANT USAGE ON SCHEMA inbox TO inbox_ingest, inbox_consumer;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA inbox TO inbox_consumer;
 GRANT SELECT, INSERT, UPDATE, DELETE ON inbox.received, inbox.messages TO inbox_consumer;
-GRANT SELECT, INSERT, UPDATE ON inbox.offsets TO inbox_consumer;
+GRANT SELECT, INSERT, UPDATE, DELETE ON inbox.offsets TO inbox_consumer;  -- DELETE: inbox.forget_topic
 GRANT SELECT, INSERT, DELETE ON inbox.topics TO inbox_consumer;
+-- The relay's ingest (`pg-outbox-relay ingest`) logs in with inbox_ingest: it queues messages and
+-- stores offsets and topic ids, and can do nothing on the outbox side (it never sees the sealing
+-- key). outbox_relay, the publishing side, has no right on the inbox.
 GRANT EXECUTE ON FUNCTION inbox._check_consumer(text),
                           inbox.deliver(text, text, text, integer, bigint, text, bytea, jsonb, text),
                           inbox.deliver_batch(text, text[], text[], integer[], bigint[], text[], jsonb[],
@@ -43,6 +49,7 @@ GRANT EXECUTE ON FUNCTION inbox._check_consumer(text),
                           inbox.store_offset(text, text, integer, bigint, boolean),
                           inbox.get_offset(text, text, integer),
                           inbox.get_offsets(text, text)
-      TO outbox_relay;
-GRANT SELECT, INSERT ON inbox.messages TO outbox_relay;
-GRANT SELECT, INSERT, UPDATE ON inbox.offsets TO outbox_relay;
+      TO inbox_ingest;
+GRANT SELECT, INSERT ON inbox.messages TO inbox_ingest;
+GRANT SELECT, INSERT, UPDATE ON inbox.offsets TO inbox_ingest;
+GRANT SELECT, INSERT ON inbox.topics TO inbox_ingest;

@@ -20,7 +20,8 @@ pub enum Mode {
 }
 
 pub static MODE: GucSetting<Mode> = GucSetting::<Mode>::new(Mode::Wal);
-pub static MAX_PAYLOAD_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
+pub static MAX_PAYLOAD_BYTES: GucSetting<i32> =
+    GucSetting::<i32>::new(pg_outbox_envelope::DEFAULT_MAX_EVENT_BYTES as i32);
 pub static SLOT_NAME: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"pg_outbox"));
 pub static TRACE_CONTEXT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -38,8 +39,8 @@ pub fn init() {
     );
     GucRegistry::define_int_guc(
         c"pg_outbox.max_payload_bytes",
-        c"Largest payload outbox.enqueue accepts, in bytes.",
-        c"Keep it at or below the broker's message.max.bytes so every enqueued event can be published.",
+        c"Largest event (payload, key and headers) outbox.enqueue accepts, in bytes.",
+        c"The relay adds 1024 bytes for its own headers: keep it at or below the relay's max_record_bytes minus 1024 (the defaults match).",
         &MAX_PAYLOAD_BYTES,
         0,
         i32::MAX,

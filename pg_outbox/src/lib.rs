@@ -5,7 +5,8 @@
 //! - The inbox (inbox.rs, sql/inbox.sql) records received message ids and consumer offsets in the
 //!   consumer's own transaction, and queues ingested messages for workers.
 //! - Tables and roles (sql/bootstrap.sql), the SQL functions of each schema (sql/outbox.sql,
-//!   sql/inbox.sql) and the grants (sql/grants.sql) are plain SQL.
+//!   sql/inbox.sql), the dump marks and the unprivileged owner of what enqueue acts on (sql/extension.sql, C
+//!   only) and the grants (sql/grants.sql) are plain SQL.
 //!
 //! Order of the generated extension script: bootstrap.sql first, then the Rust functions, each SQL
 //! file after what it `requires`, and grants.sql last, when every function it grants exists.
@@ -35,6 +36,7 @@ extension_sql_file!(
     "../sql/inbox.sql",
     requires = ["outbox", inbox::_dedup_window_seconds, inbox::_max_attempts]
 );
+extension_sql_file!("../sql/extension.sql", requires = ["outbox", "inbox"]);
 extension_sql_file!(
     "../sql/grants.sql",
     requires = ["outbox", "inbox"],

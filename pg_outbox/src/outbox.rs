@@ -297,7 +297,7 @@ thread_local! {
 
 const INSERT_SQL: &str = "INSERT INTO outbox.events \
      (id, topic, key, headers, payload, payload_is_json, trace_context) \
-     VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7)";
+     VALUES ($1, $2, $3, $4::pg_catalog.jsonb, $5, $6, $7)";
 
 fn insert_row(
     id: pgrx::Uuid,
@@ -348,21 +348,40 @@ fn insert_row(
 }
 
 thread_local! {
-    /// This database's sealing key, read once per backend (as the owner: writers cannot read it).
-    static AUTH_KEY: Cell<Option<[u8; AUTH_KEY_LEN]>> = const { Cell::new(None) };
+    /// This database's sealing key, read once per backend (as the owner: writers cannot read it),
+    /// with the oid of the `outbox.auth_key` it was read from.
+    static AUTH_KEY: Cell<Option<(pg_sys::Oid, [u8; AUTH_KEY_LEN])>> = const { Cell::new(None) };
+}
+
+/// The oid of `outbox.auth_key` now. DROP and CREATE EXTENSION make a new table with a new key, so
+/// a key cached from another oid is stale: read again, instead of sealing with the old key (the
+/// relay would dead-letter every such event and the writer would be told nothing). Two syscache
+/// lookups, no name resolution through the caller's path.
+fn auth_key_table() -> pg_sys::Oid {
+    // SAFETY: both take a NUL-terminated name and only read the catalog caches.
+    unsafe {
+        let schema = pg_sys::get_namespace_oid(c"outbox".as_ptr(), true);
+        if schema == pg_sys::InvalidOid {
+            return pg_sys::InvalidOid;
+        }
+        pg_sys::get_relname_relid(c"auth_key".as_ptr(), schema)
+    }
 }
 
 fn auth_key() -> [u8; AUTH_KEY_LEN] {
-    if let Some(key) = AUTH_KEY.get() {
-        return key;
+    let table = auth_key_table();
+    if let Some((cached_table, key)) = AUTH_KEY.get() {
+        if cached_table == table {
+            return key;
+        }
     }
     let key = as_owner(|| {
-        Spi::get_one::<Vec<u8>>("SELECT key FROM outbox.auth_key")
+        Spi::get_one::<Vec<u8>>("SELECT k.key FROM outbox.auth_key k")
             .unwrap_or_else(|e| error!("pg_outbox: cannot read outbox.auth_key: {e}"))
     })
     .and_then(|k| <[u8; AUTH_KEY_LEN]>::try_from(k).ok())
     .unwrap_or_else(|| error!("pg_outbox: outbox.auth_key holds no key of {AUTH_KEY_LEN} bytes"));
-    AUTH_KEY.set(Some(key));
+    AUTH_KEY.set(Some((table, key)));
     key
 }
 
@@ -471,8 +490,8 @@ pub fn enqueue_events(events: &[NewEvent], headers: Option<&JsonbText>) -> Vec<p
     let seal = (mode == Mode::Wal).then(|| {
         check_wal_ready().or_raise();
         // SAFETY: assigns the top-level transaction id if there is none yet, as the transactional
-        // logical message written below would.
-        let xid = unsafe { pg_sys::GetTopTransactionId() }.into_inner();
+        // logical message written below would. The full id (epoch and xid): see the envelope's seal.
+        let xid = unsafe { pg_sys::GetTopFullTransactionId() }.value;
         (auth_key(), xid)
     });
     let mut ids = Vec::with_capacity(events.len());
@@ -504,9 +523,10 @@ mod outbox {
     use pgrx::prelude::*;
 
     // The enqueue functions are the hot path and, unlike every other function of the extension,
-    // do not pin search_path: they resolve no names (table mode's INSERT is schema-qualified,
-    // typed and prepared once), and a SET clause would cost each call a GUC save and restore and
-    // the caller a search-path recomputation. For the same reason `enqueue` comes as two
+    // do not pin search_path with a SET clause: wal mode resolves no names, and table mode's
+    // INSERT (schema-qualified, typed, prepared once) runs as the owner under a search_path that
+    // owner.rs pins for that statement only. A SET clause would cost every call a GUC save and
+    // restore and the caller a search-path recomputation. For the same reason `enqueue` comes as two
     // overloads instead of a DEFAULT for headers, which PostgreSQL would expand on every call.
 
     /// `outbox.enqueue_bytes(topic, key, payload bytea, headers)`: an opaque-bytes event.

@@ -8,6 +8,13 @@
 //! - The switch is `SetUserIdAndSecContext` with `SECURITY_LOCAL_USERID_CHANGE`, the mechanism of
 //!   SECURITY DEFINER functions, scoped to that one statement: a guard restores the caller's
 //!   identity on return and on unwind, and PostgreSQL's (sub)transaction abort restores it too.
+//! - Nothing that runs as the owner, or that chooses the owner, resolves a name through the
+//!   caller's `search_path` (CVE-2018-1058): `search_path` is pinned to `pg_catalog, pg_temp` for
+//!   the duration, as a `SET search_path` clause would, and the statements name every type,
+//!   operator and table with its schema besides. A temporary domain named `jsonb` or an `=` operator
+//!   in a schema the caller owns is never looked at.
+//! - The owner is the NOLOGIN role `outbox_owner` (sql/extension.sql), which owns `outbox.events` and
+//!   `outbox.auth_key` and nothing else: even a hole in the above is not a superuser hole.
 
 use pgrx::prelude::*;
 use std::cell::Cell;
@@ -22,9 +29,12 @@ fn owner() -> pg_sys::Oid {
     if cached != pg_sys::InvalidOid {
         return cached;
     }
-    let owner = Spi::get_one::<pg_sys::Oid>(
-        "SELECT relowner FROM pg_catalog.pg_class WHERE oid = 'outbox.events'::pg_catalog.regclass",
-    )
+    let owner = with_pinned_search_path(|| {
+        Spi::get_one::<pg_sys::Oid>(
+            "SELECT c.relowner FROM pg_catalog.pg_class c \
+              WHERE c.oid OPERATOR(pg_catalog.=) 'outbox.events'::pg_catalog.regclass",
+        )
+    })
     .unwrap_or_else(|e| error!("pg_outbox: cannot find the owner of outbox.events: {e}"))
     .unwrap_or_else(|| error!("pg_outbox: outbox.events has no owner"));
     OWNER.set(owner);
@@ -44,8 +54,50 @@ impl Drop for Restore {
     }
 }
 
-/// Runs `f` as the owner of `outbox.events`.
+/// Ends the pinned `search_path` of [`with_pinned_search_path`] when dropped on the normal path. On
+/// an error (a PostgreSQL ERROR unwinding as a panic) the (sub)transaction's abort pops the GUC
+/// nest level, as it does for a SECURITY DEFINER function's `SET` clause.
+struct PinnedPath {
+    nest_level: i32,
+}
+
+impl Drop for PinnedPath {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            // SAFETY: pops exactly the nest level NewGUCNestLevel gave, restoring the caller's path.
+            unsafe { pg_sys::AtEOXact_GUC(true, self.nest_level) }
+        }
+    }
+}
+
+/// Runs `f` with `search_path = pg_catalog, pg_temp` (pg_temp last: nothing temporary shadows a
+/// catalog type or relation, and functions and operators are never looked up there).
+pub fn with_pinned_search_path<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: the same calls as fmgr_security_definer's for a function's SET clause; the value is
+    // a constant that is always valid, and `_pin` restores the previous value.
+    let _pin = unsafe {
+        let nest_level = pg_sys::NewGUCNestLevel();
+        pg_sys::set_config_option(
+            c"search_path".as_ptr(),
+            c"pg_catalog, pg_temp".as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            PgLogLevel::ERROR as i32,
+            false,
+        );
+        PinnedPath { nest_level }
+    };
+    f()
+}
+
+/// Runs `f` as the owner of `outbox.events`, with `search_path` pinned.
 pub fn as_owner<R>(f: impl FnOnce() -> R) -> R {
+    with_pinned_search_path(|| switch_to_owner(f))
+}
+
+fn switch_to_owner<R>(f: impl FnOnce() -> R) -> R {
     let owner = owner();
     let mut restore = Restore {
         user: pg_sys::InvalidOid,

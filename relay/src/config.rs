@@ -587,7 +587,9 @@ fn resolve_kafka(
             "topic_template {topic_template:?} cannot produce a valid topic: {e}"
         ))
     })?;
-    let max_record_bytes = s.max_record_bytes.unwrap_or(1_000_000);
+    let max_record_bytes = s
+        .max_record_bytes
+        .unwrap_or(pg_outbox_envelope::DEFAULT_MAX_RECORD_BYTES);
     if max_record_bytes < 1024 {
         return Err(RelayError::config(format!(
             "max_record_bytes {max_record_bytes} is too small (at least 1024)"

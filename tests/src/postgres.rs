@@ -199,7 +199,7 @@ impl TestDb {
             .get(0);
         for message in messages {
             let mut message = message.clone();
-            pg_outbox_envelope::seal(&mut message, 0, &key, xid as u32);
+            pg_outbox_envelope::seal(&mut message, 0, &key, xid as u64);
             c.execute(
                 "SELECT pg_logical_emit_message(true, 'pg_outbox', $1::bytea)",
                 &[&message],
@@ -360,7 +360,15 @@ pub async fn setup(client: &Client) -> Result<()> {
 /// Every pg_outbox message `slot` would deliver (pgoutput, publication of the same name), in commit
 /// order, without consuming them: the transaction id that carries it and its bytes (a sealed
 /// envelope).
-pub async fn peek_wal_messages(client: &Client, slot: &str) -> Result<Vec<(u32, Vec<u8>)>> {
+/// Each message with the full 64-bit id of its transaction (what the seal binds).
+pub async fn peek_wal_messages(client: &Client, slot: &str) -> Result<Vec<(u64, Vec<u8>)>> {
+    let next: i64 = client
+        .query_one(
+            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint",
+            &[],
+        )
+        .await?
+        .get(0);
     let rows = client
         .query(
             "SELECT data FROM pg_logical_slot_peek_binary_changes($1::text::name, NULL, NULL, \
@@ -376,7 +384,10 @@ pub async fn peek_wal_messages(client: &Client, slot: &str) -> Result<Vec<(u32, 
             xid = Some(begin);
         } else if let Some(content) = pgoutput_message(&data, MESSAGE_PREFIX)? {
             let xid = xid.context("pg_outbox message outside a transaction")?;
-            messages.push((xid, content.to_vec()));
+            messages.push((
+                pg_outbox_envelope::widen_xid(next as u64, xid),
+                content.to_vec(),
+            ));
         }
     }
     Ok(messages)

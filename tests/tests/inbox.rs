@@ -870,12 +870,14 @@ async fn deliver_batch_refuses_bad_input_with_its_sqlstate() -> Result<()> {
 }
 
 #[tokio::test]
-async fn deliver_batch_is_granted_to_the_relay_and_consumers_only() -> Result<()> {
+async fn deliver_batch_is_granted_to_the_ingest_and_consumers_only() -> Result<()> {
     let db = TestDb::create("ib_batch_roles", port()).await?;
     db.client
         .batch_execute(
             "DROP ROLE IF EXISTS ib_relay; DROP ROLE IF EXISTS ib_worker; DROP ROLE IF EXISTS ib_writer; \
-             CREATE ROLE ib_relay LOGIN IN ROLE outbox_relay; \
+             DROP ROLE IF EXISTS ib_publisher; \
+             CREATE ROLE ib_relay LOGIN IN ROLE inbox_ingest; \
+             CREATE ROLE ib_publisher LOGIN IN ROLE outbox_relay; \
              CREATE ROLE ib_worker LOGIN IN ROLE inbox_consumer; \
              CREATE ROLE ib_writer LOGIN IN ROLE outbox_writer",
         )
@@ -890,17 +892,173 @@ async fn deliver_batch_is_granted_to_the_relay_and_consumers_only() -> Result<()
         deliver_batch(&worker, "billing", &[("w1", "orders", 0, 1, None)]).await?,
         1
     );
-    let writer = db.session_as("ib_writer").await?;
-    let err = deliver_batch(&writer, "billing", &[("x1", "orders", 0, 2, None)])
-        .await
-        .expect_err("a writer may not deliver into the inbox");
-    let code = err
-        .downcast_ref::<tokio_postgres::Error>()
-        .map(pg_outbox_tests::sqlstate);
-    assert_eq!(code.as_deref(), Some("42501"), "{err}");
+    // neither a writer nor the publishing relay's role may deliver into the inbox
+    for role in ["ib_writer", "ib_publisher"] {
+        let session = db.session_as(role).await?;
+        let err = deliver_batch(&session, "billing", &[("x1", "orders", 0, 2, None)])
+            .await
+            .expect_err("may not deliver into the inbox");
+        let code = err
+            .downcast_ref::<tokio_postgres::Error>()
+            .map(pg_outbox_tests::sqlstate);
+        assert_eq!(code.as_deref(), Some("42501"), "{role}: {err}");
+    }
+    // and the ingest's role sees nothing of the outbox side, the sealing key least of all
+    let (code, _, _) = expect_error(&relay, "SELECT outbox.relay_auth_key()").await?;
+    assert_eq!(code, "42501");
     assert_eq!(
         stored(&db.client, "billing").await?,
         vec![o("orders", 0, 2)]
     );
     Ok(())
+}
+
+/// README, "Roles": a login that has only `inbox_consumer` may use every `inbox.*` function (the
+/// SQL edition's inbox read its settings through a helper in schema `outbox`, where that role has
+/// no USAGE: 42501 from `inbox.claim`).
+#[tokio::test]
+async fn a_consumer_role_alone_may_use_every_inbox_function() -> Result<()> {
+    let db = TestDb::create("ib_consumer_only", port()).await?;
+    db.client
+        .batch_execute(
+            "DROP ROLE IF EXISTS ib_worker; CREATE ROLE ib_worker LOGIN IN ROLE inbox_consumer;
+             SELECT inbox.deliver('billing', 'm1', 'orders', 0, 0, 'k', '\\x01'::bytea);
+             SELECT inbox.deliver('billing', 'm2', 'orders', 0, 1, 'k', '\\x02'::bytea);",
+        )
+        .await?;
+    let worker = db.session_as("ib_worker").await?;
+    assert!(worker
+        .query_one("SELECT inbox.try_receive('billing', 'x')", &[])
+        .await?
+        .get::<_, bool>(0));
+    worker
+        .batch_execute(
+            "SELECT inbox.store_offset('billing', 'orders', 0, 2);
+             SELECT inbox.get_offset('billing', 'orders', 0);
+             SELECT * FROM inbox.get_offsets('billing', 'orders');",
+        )
+        .await?;
+    let claimed = worker
+        .query(
+            "SELECT id, claim_token FROM inbox.claim('billing', 2, '30 seconds', true)",
+            &[],
+        )
+        .await?;
+    assert_eq!(
+        claimed.len(),
+        1,
+        "per key: one of the two messages of key k"
+    );
+    let (id, token): (i64, uuid::Uuid) = (claimed[0].get(0), claimed[0].get(1));
+    worker
+        .execute("SELECT inbox.complete($1, $2)", &[&id, &token])
+        .await?;
+    let claimed = worker
+        .query("SELECT id, claim_token FROM inbox.claim('billing')", &[])
+        .await?;
+    assert_eq!(claimed.len(), 1);
+    let (id, token): (i64, uuid::Uuid) = (claimed[0].get(0), claimed[0].get(1));
+    worker
+        .execute(
+            "SELECT inbox.fail($1, $2, 'try later', '1 second')",
+            &[&id, &token],
+        )
+        .await?;
+    worker
+        .batch_execute(
+            "SELECT inbox.purge('billing'); SELECT inbox.forget_topic('billing', 'orders');",
+        )
+        .await?;
+    Ok(())
+}
+
+/// README: the relay, `check`, `status` and `setup` say the same thing when the slot is gone. As
+/// `outbox_relay` (the SQL edition's `_slot_lost` called a helper that role may not run: "permission
+/// denied for function _setting").
+#[tokio::test]
+async fn the_relay_role_is_told_that_the_slot_is_lost() -> Result<()> {
+    let db = TestDb::create("ib_slot_lost_as_relay", port()).await?;
+    db.create_slot().await?;
+    db.client
+        .batch_execute(&format!(
+            "DROP ROLE IF EXISTS ib_relay; CREATE ROLE ib_relay LOGIN REPLICATION IN ROLE outbox_relay;
+             SELECT pg_drop_replication_slot('{}');",
+            db.name
+        ))
+        .await?;
+    let relay = db.session_as("ib_relay").await?;
+    let (code, message, hint) = expect_error(&relay, "SELECT * FROM outbox.create_slot()").await?;
+    assert_eq!(code, "55000", "{message}");
+    assert!(
+        message.contains("was dropped") && message.contains("may never have been published"),
+        "{message}"
+    );
+    assert!(
+        hint.unwrap_or_default().contains("outbox.recreate_slot"),
+        "the way out"
+    );
+    Ok(())
+}
+
+/// README, "Roles": the ingest needs nothing but `inbox_ingest` (and never sees the outbox side).
+#[tokio::test]
+async fn the_ingest_runs_as_a_login_with_only_inbox_ingest() -> Result<()> {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let db = TestDb::create("ib_ingest_role", port()).await?;
+    db.client
+        .batch_execute(
+            "DROP ROLE IF EXISTS ib_ingest; CREATE ROLE ib_ingest LOGIN IN ROLE inbox_ingest",
+        )
+        .await?;
+    let broker = pg_outbox_tests::Broker::start()?;
+    broker.create_topic("events", 1).await?;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .create()?;
+    for i in 0..3 {
+        let id = format!("m{i}");
+        producer
+            .send(
+                FutureRecord::<str, str>::to("events")
+                    .key("k")
+                    .payload("{}")
+                    .headers(OwnedHeaders::new().insert(Header {
+                        key: "pg_outbox-id",
+                        value: Some(&id),
+                    })),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(e, _)| e)?;
+    }
+    let _ingest = pg_outbox_tests::Relay::ingest(
+        db.port,
+        &db.name,
+        &broker.bootstrap(),
+        "billing",
+        "events",
+        &["--pg-user", "ib_ingest"],
+    )?;
+    let c = &db.client;
+    wait_for(
+        "3 messages and their offset",
+        Duration::from_secs(60),
+        || async {
+            let n: i64 = c
+                .query_one("SELECT count(*) FROM inbox.messages", &[])
+                .await?
+                .get(0);
+            let offset: Option<i64> = c
+                .query_opt(
+                    "SELECT next_offset FROM inbox.offsets WHERE consumer = 'billing'",
+                    &[],
+                )
+                .await?
+                .map(|r| r.get(0));
+            Ok(n == 3 && offset == Some(3))
+        },
+    )
+    .await
 }

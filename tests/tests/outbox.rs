@@ -560,3 +560,76 @@ async fn event_ids_of_a_session_increase() -> Result<()> {
     assert!(single > ids[1999]);
     Ok(())
 }
+
+/// DROP and CREATE EXTENSION make a new sealing key. A session that sealed with the old key must
+/// seal its next event with the new one (it cached the old key, and the relay dead-letters what does
+/// not open, telling the writer nothing).
+#[tokio::test]
+async fn a_session_seals_with_the_new_key_after_the_extension_is_created_again() -> Result<()> {
+    let db = TestDb::create("ob_key_change", port()).await?;
+    if edition() == Edition::Sql {
+        // the SQL edition reads the key on every call; re-installing it is not DROP EXTENSION
+        return Ok(());
+    }
+    db.create_slot().await?;
+    let writer = db.session().await?;
+    enqueue(&writer, "orders", "k", r#"{"n": 1}"#).await?;
+    db.client
+        .batch_execute("DROP EXTENSION pg_outbox CASCADE; CREATE EXTENSION pg_outbox")
+        .await?;
+    pg_outbox_tests::setup(&db.client).await?;
+    enqueue(&writer, "orders", "k", r#"{"n": 2}"#).await?;
+    let key: Vec<u8> = db
+        .client
+        .query_one("SELECT key FROM outbox.auth_key", &[])
+        .await?
+        .get(0);
+    let messages = pg_outbox_tests::peek_wal_messages(&db.client, &db.name).await?;
+    assert_eq!(messages.len(), 2);
+    let (xid, last) = &messages[1];
+    pg_outbox_envelope::open(last, &key, *xid)
+        .map_err(|e| anyhow::anyhow!("the second event does not open with the new key: {e:?}"))?;
+    let (xid, first) = &messages[0];
+    assert!(
+        pg_outbox_envelope::open(first, &key, *xid).is_err(),
+        "the first event was sealed with the old key"
+    );
+    Ok(())
+}
+
+/// README, "Managed PostgreSQL": the SQL edition's owner (no superuser) cannot set a database
+/// default for a `pg_outbox.*` setting (PostgreSQL refuses ALTER DATABASE ... SET for a setting no
+/// library defines), and the way README gives instead, the connection's options, works.
+#[tokio::test]
+async fn the_sql_editions_owner_sets_defaults_per_connection() -> Result<()> {
+    if edition() != Edition::Sql {
+        return Ok(());
+    }
+    let db = TestDb::create("ob_owner_settings", port()).await?;
+    let owner = db.session_as(pg_outbox_tests::SQL_EDITION_OWNER).await?;
+    let (code, _, _) = expect_error(
+        &owner,
+        &format!("ALTER DATABASE {} SET pg_outbox.mode = 'table'", db.name),
+    )
+    .await?;
+    assert_eq!(code, "42501", "README says this needs a superuser");
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user={} dbname={} options='-c pg_outbox.mode=table'",
+        db.port,
+        pg_outbox_tests::SQL_EDITION_OWNER,
+        db.name
+    );
+    let (client, connection) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    enqueue(&client, "orders", "k", "{}").await?;
+    let rows: i64 = db
+        .client
+        .query_one("SELECT count(*) FROM outbox.events", &[])
+        .await?
+        .get(0);
+    assert_eq!(
+        rows, 1,
+        "the event went to the table, as the connection said"
+    );
+    Ok(())
+}

@@ -263,3 +263,63 @@ async fn a_record_the_broker_refuses_mid_stream_is_dead_lettered_and_leaves_no_h
     let _ = std::fs::remove_dir_all(&registry);
     Ok(())
 }
+
+/// One limit (issue: an event of 1,040,000 bytes was accepted by enqueue and dead-lettered by the
+/// relay): with every default, the largest event that enqueue accepts (payload, key, headers and
+/// trace context adding up to `pg_outbox.max_payload_bytes`) is published, and one byte more is
+/// refused at enqueue with 54000.
+#[tokio::test]
+async fn the_largest_event_enqueue_accepts_is_published_with_the_defaults() -> Result<()> {
+    let db = TestDb::create("po_one_limit", port()).await?;
+    let broker = Broker::start()?;
+    broker.create_topic("orders", 1).await?;
+    let c = &db.client;
+    // the default of pg_outbox.max_payload_bytes, in either edition
+    let max = pg_outbox_envelope::DEFAULT_MAX_EVENT_BYTES;
+    let trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let key = "order-1";
+    let header = ("h", "v".repeat(100));
+    // payload bytes so that the event is exactly the limit: "traceparent" + trace, key, header
+    let fixed = "traceparent".len() + trace.len() + key.len() + header.0.len() + header.1.len();
+    let payload = |len: usize| format!("\"{}\"", "x".repeat(len - 2));
+    let headers = format!(r#"{{"{}": "{}"}}"#, header.0, header.1);
+    db.create_slot().await?;
+    c.batch_execute(&format!("SET pg_outbox.trace_context = '{trace}'"))
+        .await?;
+    let too_big = payload(max - fixed + 1);
+    let err = c
+        .execute(
+            "SELECT outbox.enqueue('orders', $1, $2::text::jsonb, $3::text::jsonb)",
+            &[&key, &too_big, &headers],
+        )
+        .await
+        .expect_err("one byte over the limit");
+    assert_eq!(pg_outbox_tests::sqlstate(&err), "54000");
+    let largest = payload(max - fixed);
+    c.execute(
+        "SELECT outbox.enqueue('orders', $1, $2::text::jsonb, $3::text::jsonb)",
+        &[&key, &largest, &headers],
+    )
+    .await?;
+    c.execute("SELECT outbox.enqueue('orders', 'after', '{}')", &[])
+        .await?;
+    let _relay = Relay::start(db.port, &db.name, &broker.bootstrap(), &[])?;
+    let records = read_all(
+        &broker.bootstrap(),
+        &[("orders", 1)],
+        2,
+        Duration::from_secs(60),
+    )?;
+    assert_eq!(records.len(), 2);
+    assert_eq!(
+        records[0].payload,
+        largest.as_bytes(),
+        "the largest event, whole"
+    );
+    let dead: i64 = c
+        .query_one("SELECT count(*) FROM outbox.dead_letters", &[])
+        .await?
+        .get(0);
+    assert_eq!(dead, 0, "nothing dead-lettered");
+    Ok(())
+}

@@ -46,7 +46,9 @@ pub struct Record<'a> {
 }
 
 impl Record<'_> {
-    /// Bytes the record takes on the wire, roughly: key, value, headers and a fixed overhead.
+    /// Bytes the record counts against `max_record_bytes`: the event as enqueue counted it
+    /// (payload, key, headers and the trace context) plus the reserve for the relay's own headers
+    /// and Kafka's framing ([`pg_outbox_envelope::RECORD_RESERVE`]), so that the two limits agree.
     pub fn size(&self) -> usize {
         self.payload.len()
             + self.key.map_or(0, <[u8]>::len)
@@ -55,7 +57,8 @@ impl Record<'_> {
                 .iter()
                 .map(|(n, v)| n.len() + v.len())
                 .sum::<usize>()
-            + 128
+            + self.trace.map_or(0, |t| HEADER_TRACE.len() + t.len())
+            + pg_outbox_envelope::RECORD_RESERVE
     }
 }
 

@@ -65,6 +65,9 @@ pub struct WalSource {
     metrics: Arc<Metrics>,
     /// The key every message must be sealed with.
     key: [u8; AUTH_KEY_LEN],
+    /// A full transaction id of the server, read at the start and now and then: what a Begin's 32-bit
+    /// xid is widened against, for the seal that binds the full id ([`pg_outbox_envelope::widen_xid`]).
+    next_xid: u64,
     /// The transaction being received.
     current: Option<Txn>,
     /// The server's wal_sender_timeout for this connection: how long after this relay's last word
@@ -79,6 +82,18 @@ struct Txn {
     /// Unix µs.
     commit_time: i64,
     index: u64,
+}
+
+/// The server's next full transaction id (epoch and xid), assigning none.
+async fn next_full_xid(pg: &Client) -> Result<u64, RelayError> {
+    let next: i64 = pg
+        .query_one(
+            "SELECT pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())::text::bigint",
+            &[],
+        )
+        .await?
+        .get(0);
+    Ok(next as u64)
 }
 
 /// Which relay streams from `slot` (see [`postgres::HOLDER_SQL`]), if any.
@@ -110,6 +125,7 @@ impl WalSource {
         }
         prepare_slot(&pg, config, *first).await?;
         let key = auth_key(&pg).await?;
+        let next_xid = next_full_xid(&pg).await?;
         // in ms; 0 turns the timeout off (the slot is then held until the connection closes)
         let sender_timeout: i64 = pg
             .query_one(
@@ -165,6 +181,7 @@ impl WalSource {
             identity,
             metrics,
             key,
+            next_xid,
             current: None,
             sender_timeout,
         })
@@ -201,7 +218,8 @@ impl WalSource {
                     Some(txn) => {
                         let position = Position::new(txn.commit_lsn, txn.index);
                         txn.index += 1;
-                        let body = match pg_outbox_envelope::open(&content, &self.key, txn.xid) {
+                        let xid = pg_outbox_envelope::widen_xid(self.next_xid, txn.xid);
+                        let body = match pg_outbox_envelope::open(&content, &self.key, xid) {
                             Ok(envelope) => Body::Envelope(content.slice(..envelope.len())),
                             Err(e) => Body::Invalid {
                                 reason: e.to_string(),
@@ -347,6 +365,7 @@ impl Source for WalSource {
             // what the server has confirmed (it lags the update above by a status interval)
             self.remembered = Instant::now();
             remember_confirmed(&self.pg, &self.slot).await?;
+            self.next_xid = next_full_xid(&self.pg).await?;
         }
         Ok(())
     }
