@@ -51,7 +51,8 @@ port = $port
 unix_socket_directories = '$dir'
 wal_level = $wal_level
 max_wal_senders = 40
-max_replication_slots = 40
+# each test database keeps its slot until the next run: room for every test of a run
+max_replication_slots = 200
 fsync = $durability
 synchronous_commit = on
 full_page_writes = $durability

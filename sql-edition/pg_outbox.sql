@@ -124,7 +124,9 @@ CREATE TABLE inbox.topics (
     PRIMARY KEY (consumer, topic)
 );
 
--- Messages ingested from Kafka, waiting for a worker. (consumer, message_id) is the dedup key.
+-- Messages ingested from Kafka, waiting for a worker. (consumer, topic, message_id) is the dedup key:
+-- scoped by topic, so that a record another producer wrote to another ingested topic with a copied
+-- `pg_outbox-id` cannot take the place of the real event (the relay writes an event to one topic).
 CREATE TABLE inbox.messages (
     id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     consumer     text        NOT NULL,
@@ -144,7 +146,7 @@ CREATE TABLE inbox.messages (
     visible_at   timestamptz NOT NULL DEFAULT pg_catalog.now(),
     received_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
     completed_at timestamptz,
-    UNIQUE (consumer, message_id)
+    UNIQUE (consumer, topic, message_id)
 );
 -- Events the relay could never publish (oversized, undecodable), with the reason; exactly one row per
 -- source position, so a replay after a crash does not add a second.
@@ -179,7 +181,15 @@ CREATE TABLE outbox.sources (
     -- the slot's first position, and the last position the relay confirmed that we know of
     created_lsn pg_lsn,
     seen_lsn    pg_lsn,
-    seen_at     timestamptz
+    seen_at     timestamptz,
+    -- poll sources: the key of the advisory lock a polling relay holds (outbox._poll_lock_key)
+    lock_key    bigint,
+    -- the relay found Kafka ahead of the database (records of this incarnation at positions the
+    -- database has not reached): why, and when. Every relay refuses this incarnation from then on,
+    -- however far the database has moved since, until an operator gives the source a new one
+    -- (outbox.recreate_slot, outbox.new_poll_incarnation), which clears it.
+    stopped     text,
+    stopped_at  timestamptz
 );
 COMMENT ON TABLE outbox.sources IS
     'pg_outbox: slots and poll sources the relay publishes for, with their incarnation';
@@ -410,11 +420,14 @@ $$;
 --
 -- wal mode: the envelope (version 1, envelope/src/lib.rs) of each event, sealed: flag bit 3 set
 -- and the tag appended, HMAC-SHA256 (RFC 2104, with PostgreSQL's sha256: no pgcrypto) under
--- outbox.auth_key of the top-level transaction id (4 bytes) and the envelope.
+-- outbox.auth_key of the full top-level transaction id (8 bytes: epoch and xid) and the envelope.
 --
 -- Event ids are UUIDv7 (RFC 9562): the Unix time in milliseconds, then 74 random bits; within one
 -- millisecond (or if the clock steps back) the session's previous id is counted up instead, so a
--- session's ids increase, as the C extension's do. The last id is kept in pg_outbox.last_event_id.
+-- session's ids increase, as the C extension's do. The last id is kept in pg_outbox.last_event_id,
+-- which the writer can set: so it is counted up only while its time is at most one second ahead of
+-- the clock (a clock that stepped back). Any other value is ignored, so a writer can never make
+-- an id that exists already (every existing id is older than the clock) nor run its ids ahead.
 CREATE FUNCTION outbox._enqueue(topic text, keys text[], payloads bytea[], payload_is_json boolean,
                                 headers jsonb) RETURNS uuid[]
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
@@ -489,7 +502,8 @@ BEGIN
     FOR i IN 1 .. n LOOP
         at := clock_timestamp();
         ms := floor(extract(epoch FROM at) * 1000)::bigint;
-        IF last IS NOT NULL AND ('x' || encode(substr(last, 1, 6), 'hex'))::bit(48)::bigint >= ms THEN
+        IF octet_length(last) = 16
+           AND ('x' || encode(substr(last, 1, 6), 'hex'))::bit(48)::bigint BETWEEN ms AND ms + 1000 THEN
             id := overlay(last placing
                           substr(int8send(('x' || encode(substr(last, 13, 4), 'hex'))::bit(32)::bigint + 1), 5, 4)
                           from 13 for 4);
@@ -882,7 +896,8 @@ BEGIN
     VALUES ('slot:' || sn, fresh, to_lsn, to_lsn, pg_catalog.now())
     ON CONFLICT (source) DO UPDATE
         SET incarnation = excluded.incarnation, created_at = pg_catalog.now(),
-            created_lsn = excluded.created_lsn, seen_lsn = excluded.seen_lsn, seen_at = excluded.seen_at;
+            created_lsn = excluded.created_lsn, seen_lsn = excluded.seen_lsn, seen_at = excluded.seen_at,
+            stopped = NULL, stopped_at = NULL;
     INSERT INTO outbox.gaps (source, old_incarnation, new_incarnation, from_lsn, to_lsn, reason)
     VALUES ('slot:' || sn, known.incarnation, fresh, from_lsn, CASE WHEN act = 'recreated' THEN to_lsn END, reason);
     RETURN QUERY SELECT sn, act, fresh, from_lsn, CASE WHEN act = 'recreated' THEN to_lsn END;
@@ -890,6 +905,31 @@ END
 $$;
 COMMENT ON FUNCTION outbox.recreate_slot(text, text) IS
     'Operator action: re-create a lost pg_outbox slot (or keep a working one) under a new incarnation; records the gap in outbox.gaps';
+
+-- The key of the session-level advisory lock that makes one relay the poller of a source
+-- (relay/src/source/poll.rs). It is random and kept in outbox.sources, which only outbox_relay reads:
+-- a role without grants cannot compute it, as it could a hash of a name README gives. While a relay
+-- holds it, it shows in pg_locks, so a role that saw it can take it while no relay runs; a relay that
+-- finds it held by a role that is no member of outbox_relay calls this again with rotate_from = the
+-- key it found taken, and only the first such call (of several relays) makes a new key.
+CREATE FUNCTION outbox._poll_lock_key(source_id text, rotate_from bigint DEFAULT NULL) RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_variable
+DECLARE
+    src text := 'poll:' || source_id;
+    k bigint;
+BEGIN
+    INSERT INTO outbox.sources AS o (source) VALUES (src) ON CONFLICT (source) DO NOTHING;
+    UPDATE outbox.sources o
+       SET lock_key = ('x' || pg_catalog.encode(pg_catalog.substr(
+                          pg_catalog.uuid_send(pg_catalog.gen_random_uuid()), 9, 8), 'hex'))::bit(64)::bigint
+     WHERE o.source = src AND (o.lock_key IS NULL OR o.lock_key = rotate_from);
+    SELECT o.lock_key INTO k FROM outbox.sources o WHERE o.source = src;
+    RETURN k;
+END
+$$;
 
 -- The same way out for the poll source (table mode), whose incarnation the relay makes on its first
 -- poll: after a restore, Kafka may hold records of this source beyond the database's transactions.
@@ -907,14 +947,15 @@ DECLARE
 BEGIN
     PERFORM outbox._check_reason(reason);
     -- the lock a polling relay holds (relay/src/source/poll.rs)
-    IF NOT pg_catalog.pg_try_advisory_xact_lock(pg_catalog.hashtextextended('pg_outbox.poll:' || sid, 0)) THEN
+    IF NOT pg_catalog.pg_try_advisory_xact_lock(outbox._poll_lock_key(sid)) THEN
         RAISE EXCEPTION 'pg_outbox: a relay polls as "%"', sid
             USING ERRCODE = 'object_in_use',
                   HINT = 'Stop the relay first, then call outbox.new_poll_incarnation again.';
     END IF;
     SELECT o.incarnation INTO old FROM outbox.sources o WHERE o.source = src;
     INSERT INTO outbox.sources AS o (source, incarnation) VALUES (src, fresh)
-    ON CONFLICT (source) DO UPDATE SET incarnation = excluded.incarnation, created_at = pg_catalog.now();
+    ON CONFLICT (source) DO UPDATE SET incarnation = excluded.incarnation, created_at = pg_catalog.now(),
+                                       stopped = NULL, stopped_at = NULL;
     INSERT INTO outbox.gaps (source, old_incarnation, new_incarnation, reason) VALUES (src, old, fresh, reason);
     RETURN fresh;
 END
@@ -1096,8 +1137,8 @@ $$;
 
 -- The one rule for putting Kafka messages into a consumer's queue, behind inbox.deliver (one message)
 -- and inbox.deliver_batch (many). The arrays are matched by position; keys, headers, payloads and
--- dead_reasons may be NULL, meaning NULL for every message. A message whose (consumer, message id) is
--- already queued, also earlier in the same arrays, is skipped; one with a dead reason goes straight
+-- dead_reasons may be NULL, meaning NULL for every message. A message whose (consumer, topic, message
+-- id) is already queued, also earlier in the same arrays, is skipped; one with a dead reason goes straight
 -- into the dead-letter state with that reason as last_error. Returns how many messages were new.
 CREATE FUNCTION inbox._queue_messages(consumer text, message_ids text[], topics text[],
                                       partitions integer[], offsets bigint[], keys text[],
@@ -1149,7 +1190,7 @@ BEGIN
                           _queue_messages.offsets, _queue_messages.keys, _queue_messages.headers,
                           _queue_messages.payloads, _queue_messages.dead_reasons)
                    AS u(id, topic, partition, off, key, headers, payload, reason)) AS m
-    ON CONFLICT (consumer, message_id) DO NOTHING;
+    ON CONFLICT (consumer, topic, message_id) DO NOTHING;
     GET DIAGNOSTICS queued = ROW_COUNT;
     RETURN queued;
 END
@@ -1372,7 +1413,8 @@ GRANT SELECT, INSERT, UPDATE ON outbox.sources TO outbox_relay;
 GRANT SELECT, INSERT ON outbox.gaps TO outbox_relay;
 GRANT EXECUTE ON FUNCTION outbox._slot_lost(text, text), outbox._foreign_slot(text), outbox._check_reason(text),
                           outbox._new_slot(text),
-                          outbox.recreate_slot(text, text), outbox.new_poll_incarnation(text, text)
+                          outbox.recreate_slot(text, text), outbox.new_poll_incarnation(text, text),
+                          outbox._poll_lock_key(text, bigint)
       TO outbox_relay;
 
 GRANT USAGE ON SCHEMA inbox TO inbox_ingest, inbox_consumer;

@@ -30,6 +30,8 @@
 //! unknown version or an unknown flag bit reports it (it never guesses), so a relay older than the
 //! extension stops or dead-letters instead of publishing garbage.
 
+pub mod record;
+
 use std::fmt;
 
 /// The format version this crate writes.

@@ -94,7 +94,9 @@ CREATE TABLE inbox.topics (
     PRIMARY KEY (consumer, topic)
 );
 
--- Messages ingested from Kafka, waiting for a worker. (consumer, message_id) is the dedup key.
+-- Messages ingested from Kafka, waiting for a worker. (consumer, topic, message_id) is the dedup key:
+-- scoped by topic, so that a record another producer wrote to another ingested topic with a copied
+-- `pg_outbox-id` cannot take the place of the real event (the relay writes an event to one topic).
 CREATE TABLE inbox.messages (
     id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     consumer     text        NOT NULL,
@@ -114,7 +116,7 @@ CREATE TABLE inbox.messages (
     visible_at   timestamptz NOT NULL DEFAULT pg_catalog.now(),
     received_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
     completed_at timestamptz,
-    UNIQUE (consumer, message_id)
+    UNIQUE (consumer, topic, message_id)
 );
 -- Events the relay could never publish (oversized, undecodable), with the reason; exactly one row per
 -- source position, so a replay after a crash does not add a second.
@@ -149,7 +151,15 @@ CREATE TABLE outbox.sources (
     -- the slot's first position, and the last position the relay confirmed that we know of
     created_lsn pg_lsn,
     seen_lsn    pg_lsn,
-    seen_at     timestamptz
+    seen_at     timestamptz,
+    -- poll sources: the key of the advisory lock a polling relay holds (outbox._poll_lock_key)
+    lock_key    bigint,
+    -- the relay found Kafka ahead of the database (records of this incarnation at positions the
+    -- database has not reached): why, and when. Every relay refuses this incarnation from then on,
+    -- however far the database has moved since, until an operator gives the source a new one
+    -- (outbox.recreate_slot, outbox.new_poll_incarnation), which clears it.
+    stopped     text,
+    stopped_at  timestamptz
 );
 COMMENT ON TABLE outbox.sources IS
     'pg_outbox: slots and poll sources the relay publishes for, with their incarnation';

@@ -208,11 +208,14 @@ $$;
 --
 -- wal mode: the envelope (version 1, envelope/src/lib.rs) of each event, sealed: flag bit 3 set
 -- and the tag appended, HMAC-SHA256 (RFC 2104, with PostgreSQL's sha256: no pgcrypto) under
--- outbox.auth_key of the top-level transaction id (4 bytes) and the envelope.
+-- outbox.auth_key of the full top-level transaction id (8 bytes: epoch and xid) and the envelope.
 --
 -- Event ids are UUIDv7 (RFC 9562): the Unix time in milliseconds, then 74 random bits; within one
 -- millisecond (or if the clock steps back) the session's previous id is counted up instead, so a
--- session's ids increase, as the C extension's do. The last id is kept in pg_outbox.last_event_id.
+-- session's ids increase, as the C extension's do. The last id is kept in pg_outbox.last_event_id,
+-- which the writer can set: so it is counted up only while its time is at most one second ahead of
+-- the clock (a clock that stepped back). Any other value is ignored, so a writer can never make
+-- an id that exists already (every existing id is older than the clock) nor run its ids ahead.
 CREATE FUNCTION outbox._enqueue(topic text, keys text[], payloads bytea[], payload_is_json boolean,
                                 headers jsonb) RETURNS uuid[]
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
@@ -287,7 +290,8 @@ BEGIN
     FOR i IN 1 .. n LOOP
         at := clock_timestamp();
         ms := floor(extract(epoch FROM at) * 1000)::bigint;
-        IF last IS NOT NULL AND ('x' || encode(substr(last, 1, 6), 'hex'))::bit(48)::bigint >= ms THEN
+        IF octet_length(last) = 16
+           AND ('x' || encode(substr(last, 1, 6), 'hex'))::bit(48)::bigint BETWEEN ms AND ms + 1000 THEN
             id := overlay(last placing
                           substr(int8send(('x' || encode(substr(last, 13, 4), 'hex'))::bit(32)::bigint + 1), 5, 4)
                           from 13 for 4);

@@ -29,7 +29,8 @@ GRANT SELECT, INSERT, UPDATE ON outbox.sources TO outbox_relay;
 GRANT SELECT, INSERT ON outbox.gaps TO outbox_relay;
 GRANT EXECUTE ON FUNCTION outbox._slot_lost(text, text), outbox._foreign_slot(text), outbox._check_reason(text),
                           outbox._new_slot(text),
-                          outbox.recreate_slot(text, text), outbox.new_poll_incarnation(text, text)
+                          outbox.recreate_slot(text, text), outbox.new_poll_incarnation(text, text),
+                          outbox._poll_lock_key(text, bigint)
       TO outbox_relay;
 
 GRANT USAGE ON SCHEMA inbox TO inbox_ingest, inbox_consumer;

@@ -152,8 +152,8 @@ $$;
 
 -- The one rule for putting Kafka messages into a consumer's queue, behind inbox.deliver (one message)
 -- and inbox.deliver_batch (many). The arrays are matched by position; keys, headers, payloads and
--- dead_reasons may be NULL, meaning NULL for every message. A message whose (consumer, message id) is
--- already queued, also earlier in the same arrays, is skipped; one with a dead reason goes straight
+-- dead_reasons may be NULL, meaning NULL for every message. A message whose (consumer, topic, message
+-- id) is already queued, also earlier in the same arrays, is skipped; one with a dead reason goes straight
 -- into the dead-letter state with that reason as last_error. Returns how many messages were new.
 CREATE FUNCTION inbox._queue_messages(consumer text, message_ids text[], topics text[],
                                       partitions integer[], offsets bigint[], keys text[],
@@ -205,7 +205,7 @@ BEGIN
                           _queue_messages.offsets, _queue_messages.keys, _queue_messages.headers,
                           _queue_messages.payloads, _queue_messages.dead_reasons)
                    AS u(id, topic, partition, off, key, headers, payload, reason)) AS m
-    ON CONFLICT (consumer, message_id) DO NOTHING;
+    ON CONFLICT (consumer, topic, message_id) DO NOTHING;
     GET DIAGNOSTICS queued = ROW_COUNT;
     RETURN queued;
 END

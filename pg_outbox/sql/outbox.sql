@@ -284,7 +284,8 @@ BEGIN
     VALUES ('slot:' || sn, fresh, to_lsn, to_lsn, pg_catalog.now())
     ON CONFLICT (source) DO UPDATE
         SET incarnation = excluded.incarnation, created_at = pg_catalog.now(),
-            created_lsn = excluded.created_lsn, seen_lsn = excluded.seen_lsn, seen_at = excluded.seen_at;
+            created_lsn = excluded.created_lsn, seen_lsn = excluded.seen_lsn, seen_at = excluded.seen_at,
+            stopped = NULL, stopped_at = NULL;
     INSERT INTO outbox.gaps (source, old_incarnation, new_incarnation, from_lsn, to_lsn, reason)
     VALUES ('slot:' || sn, known.incarnation, fresh, from_lsn, CASE WHEN act = 'recreated' THEN to_lsn END, reason);
     RETURN QUERY SELECT sn, act, fresh, from_lsn, CASE WHEN act = 'recreated' THEN to_lsn END;
@@ -292,6 +293,31 @@ END
 $$;
 COMMENT ON FUNCTION outbox.recreate_slot(text, text) IS
     'Operator action: re-create a lost pg_outbox slot (or keep a working one) under a new incarnation; records the gap in outbox.gaps';
+
+-- The key of the session-level advisory lock that makes one relay the poller of a source
+-- (relay/src/source/poll.rs). It is random and kept in outbox.sources, which only outbox_relay reads:
+-- a role without grants cannot compute it, as it could a hash of a name README gives. While a relay
+-- holds it, it shows in pg_locks, so a role that saw it can take it while no relay runs; a relay that
+-- finds it held by a role that is no member of outbox_relay calls this again with rotate_from = the
+-- key it found taken, and only the first such call (of several relays) makes a new key.
+CREATE FUNCTION outbox._poll_lock_key(source_id text, rotate_from bigint DEFAULT NULL) RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_variable
+DECLARE
+    src text := 'poll:' || source_id;
+    k bigint;
+BEGIN
+    INSERT INTO outbox.sources AS o (source) VALUES (src) ON CONFLICT (source) DO NOTHING;
+    UPDATE outbox.sources o
+       SET lock_key = ('x' || pg_catalog.encode(pg_catalog.substr(
+                          pg_catalog.uuid_send(pg_catalog.gen_random_uuid()), 9, 8), 'hex'))::bit(64)::bigint
+     WHERE o.source = src AND (o.lock_key IS NULL OR o.lock_key = rotate_from);
+    SELECT o.lock_key INTO k FROM outbox.sources o WHERE o.source = src;
+    RETURN k;
+END
+$$;
 
 -- The same way out for the poll source (table mode), whose incarnation the relay makes on its first
 -- poll: after a restore, Kafka may hold records of this source beyond the database's transactions.
@@ -309,14 +335,15 @@ DECLARE
 BEGIN
     PERFORM outbox._check_reason(reason);
     -- the lock a polling relay holds (relay/src/source/poll.rs)
-    IF NOT pg_catalog.pg_try_advisory_xact_lock(pg_catalog.hashtextextended('pg_outbox.poll:' || sid, 0)) THEN
+    IF NOT pg_catalog.pg_try_advisory_xact_lock(outbox._poll_lock_key(sid)) THEN
         RAISE EXCEPTION 'pg_outbox: a relay polls as "%"', sid
             USING ERRCODE = 'object_in_use',
                   HINT = 'Stop the relay first, then call outbox.new_poll_incarnation again.';
     END IF;
     SELECT o.incarnation INTO old FROM outbox.sources o WHERE o.source = src;
     INSERT INTO outbox.sources AS o (source, incarnation) VALUES (src, fresh)
-    ON CONFLICT (source) DO UPDATE SET incarnation = excluded.incarnation, created_at = pg_catalog.now();
+    ON CONFLICT (source) DO UPDATE SET incarnation = excluded.incarnation, created_at = pg_catalog.now(),
+                                       stopped = NULL, stopped_at = NULL;
     INSERT INTO outbox.gaps (source, old_incarnation, new_incarnation, reason) VALUES (src, old, fresh, reason);
     RETURN fresh;
 END

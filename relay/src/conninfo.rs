@@ -94,7 +94,19 @@ fn parse_pairs(text: &str) -> Result<BTreeMap<String, String>, RelayError> {
 }
 
 /// `[user[:password]@][host[:port][,...]][/dbname][?key=value&...]`, percent-encoded.
+///
+/// A `/` or `?` ends the part before `@`, so a raw one in a password would cut it in two and put
+/// the rest of it in the host, database or options, and from there in error messages: an `@`
+/// after the first `/` or `?` is refused with a message that quotes nothing of the URL.
 fn parse_url(rest: &str) -> Result<BTreeMap<String, String>, RelayError> {
+    if let (Some(at), Some(end)) = (rest.find('@'), rest.find(['/', '?'])) {
+        if at > end {
+            return Err(bad(
+                "an `@` follows a `/` or `?`: percent-encode `/`, `?` and `@` in the user name \
+                 and password (%2F, %3F, %40), and `@` anywhere after the host",
+            ));
+        }
+    }
     let mut map = BTreeMap::new();
     let (rest, query) = match rest.split_once('?') {
         Some((r, q)) => (r, Some(q)),
@@ -233,5 +245,28 @@ mod tests {
         assert!(e.contains("has no `=`"), "{e}");
         let e = parse("postgres://u:%zz@h").unwrap_err().to_string();
         assert!(e.contains("two hex digits"), "{e}");
+    }
+
+    #[test]
+    fn a_raw_slash_or_question_mark_in_a_password_is_refused_without_quoting_it() {
+        for url in [
+            "postgres://relay:sec?ret-pw@db1/shop",
+            "postgres://relay:sec/ret-pw@db1/shop",
+            "postgresql://relay:a/b?c@db1:5432,db2/shop?sslmode=require",
+            "postgres://relay:sec?ret=pw@db1",
+        ] {
+            let e = parse(url).unwrap_err().to_string();
+            assert!(e.contains("percent-encode"), "{url}: {e}");
+            for piece in ["sec", "ret", "pw", "db1", "shop", "a/b", "relay"] {
+                assert!(!e.contains(piece), "{url}: {e:?} quotes {piece:?}");
+            }
+        }
+        // encoded, the same passwords work
+        let m = parse("postgres://relay:sec%3Fret%2Fpw@db1/shop").unwrap();
+        assert_eq!(get(&m, "password"), "sec?ret/pw");
+        assert_eq!((get(&m, "host"), get(&m, "dbname")), ("db1", "shop"));
+        // an `@` in the password itself still works (the last one ends the user info)
+        let m = parse("postgres://relay:p@ss@db1/shop").unwrap();
+        assert_eq!(get(&m, "password"), "p@ss");
     }
 }

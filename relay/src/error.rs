@@ -28,6 +28,8 @@ pub struct RelayError {
     source: Option<Cause>,
     /// Another relay holds the source (its slot or its lock): this one stands by.
     standby: Option<String>,
+    /// The row of `outbox.sources` whose incarnation must stay stopped (see [`RelayError::verdict`]).
+    verdict: Option<String>,
 }
 
 /// The context, then every cause in the chain (a client library's error often says only "db
@@ -62,7 +64,22 @@ impl RelayError {
             context: context.into(),
             source: None,
             standby: None,
+            verdict: None,
         }
+    }
+
+    /// Permanent, and a verdict about the source `source` (a row of `outbox.sources`): the relay
+    /// records it there before it stops, and every relay refuses that incarnation from then on.
+    pub fn verdict(source: impl Into<String>, context: impl Into<String>) -> RelayError {
+        RelayError {
+            verdict: Some(source.into()),
+            ..RelayError::permanent(context)
+        }
+    }
+
+    /// The source this error is a stored verdict about, if it is one.
+    pub fn verdict_source(&self) -> Option<&str> {
+        self.verdict.as_deref()
     }
 
     /// Another relay holds the source; `holder` says which (for logs, `/healthz` and `status`).

@@ -67,9 +67,10 @@ pub enum Body {
     Envelope(Bytes),
     /// A row of `outbox.events`, already split into fields.
     Row(Box<OwnedEvent>),
-    /// Something the source already knows can never be published (e.g. a non-transactional
-    /// pg_outbox message): dead-lettered with the reason and the raw content.
-    Invalid { reason: String, content: Bytes },
+    /// A message that nothing proves `outbox.enqueue` wrote (no valid seal, or not transactional):
+    /// any role may write one with `pg_logical_emit_message`, so it is counted and passed over,
+    /// never published and never stored (a flood of them costs a counter, not a row each).
+    Unproven { reason: String },
 }
 
 /// An event whose fields are owned (the poll source builds it from a row).

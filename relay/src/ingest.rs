@@ -5,10 +5,17 @@
 //!   assigned at the offset stored in `inbox.offsets` (or the beginning), and a batch's messages
 //!   and its new offsets commit together. A crash anywhere re-reads exactly the uncommitted tail.
 //! - A message is identified by its `pg_outbox-id` header, or else by `topic/partition/offset`;
-//!   `(consumer, message_id)` is unique, so a duplicate already in Kafka is recorded once.
-//! - Poison input (payload over `max_record_bytes`, a key or header that is not UTF-8) is recorded
-//!   in the `dead` state with the reason; its offset is stored like any other, so the partition
-//!   keeps flowing and nothing is silently skipped.
+//!   `(consumer, topic, message_id)` is unique, so a duplicate already in Kafka is recorded once.
+//! - Poison input (payload over `max_record_bytes`, a key or header that is not UTF-8 or holds a
+//!   NUL byte, which PostgreSQL text and jsonb cannot store) is recorded in the `dead` state with
+//!   the reason, without the part that could not be stored; its offset is stored like any other, so
+//!   the partition keeps flowing and nothing is silently skipped.
+//! - PostgreSQL refusing a batch for its content (SQLSTATE class 22, 23 or 54: a value, a
+//!   constraint, a limit) is about one message, not the connection: the batch is written again one
+//!   message at a time, and a message refused alone is recorded `dead` under its coordinates with
+//!   only the SQLSTATE and PostgreSQL's message as its reason (key, headers and payload stay in
+//!   Kafka at those coordinates). If even that is refused, the ingest stops: the database, not the
+//!   message, is what needs fixing.
 
 use crate::config::{Config, IngestConfig};
 use crate::error::RelayError;
@@ -52,10 +59,56 @@ struct Row {
     topic: String,
     partition: i32,
     offset: i64,
+    /// The record's timestamp (Unix ms), part of the id of a message without one of the relay's.
+    timestamp_ms: Option<i64>,
     key: Option<String>,
     headers: serde_json::Value,
     payload: Option<Vec<u8>>,
     dead_reason: Option<String>,
+}
+
+impl Row {
+    /// The id of a message without one of the relay's: the coordinates and the record's
+    /// timestamp, so that a topic re-created (offsets from 0 again) does not collide with what was
+    /// received before.
+    fn coordinates_id(
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        timestamp_ms: Option<i64>,
+    ) -> String {
+        let at = timestamp_ms.map(|ms| format!("@{ms}")).unwrap_or_default();
+        format!("{topic}/{partition}/{offset}{at}")
+    }
+
+    /// What is kept of a message PostgreSQL refused to store: its coordinates and why, dead.
+    fn refused(&self, code: &str, message: &str) -> Row {
+        Row {
+            message_id: Row::coordinates_id(
+                &self.topic,
+                self.partition,
+                self.offset,
+                self.timestamp_ms,
+            ),
+            topic: self.topic.clone(),
+            partition: self.partition,
+            offset: self.offset,
+            timestamp_ms: self.timestamp_ms,
+            key: None,
+            headers: serde_json::Value::Object(serde_json::Map::new()),
+            payload: None,
+            dead_reason: Some(format!(
+                "PostgreSQL refused the message (SQLSTATE {code}: {message}); key, headers and \
+                 payload are in Kafka at {}[{}] offset {}",
+                self.topic, self.partition, self.offset
+            )),
+        }
+    }
+}
+
+/// Text PostgreSQL cannot store: a NUL byte (text refuses it with 22021, jsonb with 22P05).
+fn has_nul(text: &str) -> bool {
+    text.contains('\0')
 }
 
 fn to_row(msg: &BorrowedMessage<'_>, max_bytes: usize) -> Row {
@@ -63,6 +116,7 @@ fn to_row(msg: &BorrowedMessage<'_>, max_bytes: usize) -> Row {
     let mut message_id = None;
     let mut headers = serde_json::Map::new();
     for (i, (name, value)) in raw_headers(msg).into_iter().enumerate() {
+        // (a name comes NUL-terminated from librdkafka: it holds no NUL)
         let Ok(name) = std::str::from_utf8(name) else {
             dead_reason = Some(format!(
                 "header name {:?} is not valid UTF-8",
@@ -71,6 +125,11 @@ fn to_row(msg: &BorrowedMessage<'_>, max_bytes: usize) -> Row {
             continue;
         };
         match std::str::from_utf8(value.unwrap_or_default()) {
+            Ok(v) if has_nul(v) => {
+                dead_reason = Some(format!(
+                    "header {name:?} contains a NUL byte, which PostgreSQL cannot store"
+                ));
+            }
             Ok(v) => {
                 // the relay writes the id as the first header; one further on is the writer's
                 if i == 0 && name == HEADER_ID && !v.is_empty() && v.len() <= 200 {
@@ -85,6 +144,10 @@ fn to_row(msg: &BorrowedMessage<'_>, max_bytes: usize) -> Row {
     }
     let key = match msg.key().map(std::str::from_utf8) {
         None => None,
+        Some(Ok(k)) if has_nul(k) => {
+            dead_reason = Some("key contains a NUL byte, which PostgreSQL cannot store".into());
+            None
+        }
         Some(Ok(k)) => Some(k.to_string()),
         Some(Err(_)) => {
             dead_reason = Some("key is not valid UTF-8".into());
@@ -101,20 +164,15 @@ fn to_row(msg: &BorrowedMessage<'_>, max_bytes: usize) -> Row {
     } else {
         payload
     };
+    let timestamp_ms = msg.timestamp().to_millis();
     Row {
-        // without an id of the relay's: the coordinates and the record's timestamp, so that a
-        // topic re-created (offsets from 0 again) does not collide with what was received before
         message_id: message_id.unwrap_or_else(|| {
-            let at = msg
-                .timestamp()
-                .to_millis()
-                .map(|ms| format!("@{ms}"))
-                .unwrap_or_default();
-            format!("{}/{}/{}{at}", msg.topic(), msg.partition(), msg.offset())
+            Row::coordinates_id(msg.topic(), msg.partition(), msg.offset(), timestamp_ms)
         }),
         topic: msg.topic().to_string(),
         partition: msg.partition(),
         offset: msg.offset(),
+        timestamp_ms,
         key,
         headers: serde_json::Value::Object(headers),
         payload,
@@ -130,7 +188,7 @@ async fn session(
 ) -> Result<(), RelayError> {
     let consumer = ingest.consumer.as_str();
     let max_bytes = config.kafka.max_record_bytes;
-    let mut pg = postgres::connect(&config.postgres).await?;
+    let pg = postgres::connect(&config.postgres).await?;
     let mut cc = config.kafka.client_config();
     cc.set("group.id", format!("pg_outbox-ingest-{consumer}"))
         .set("enable.auto.commit", "false")
@@ -203,7 +261,7 @@ async fn session(
         if batch.is_empty() {
             continue;
         }
-        write_batch(&mut pg, consumer, &batch).await?;
+        deliver(&pg, consumer, &batch).await?;
         metrics
             .ingested
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -510,8 +568,76 @@ impl Cursor {
     }
 }
 
+/// Writes a batch ([`write_batch`]). When PostgreSQL refuses it for the content of a message
+/// ([`refuses_content`]), the messages are written again one at a time, in order, and a message
+/// refused alone is written in the dead state as [`Row::refused`]; if PostgreSQL refuses that
+/// too, the fault is not the message's and the ingest stops.
+async fn deliver(pg: &Client, consumer: &str, batch: &[Row]) -> Result<(), RelayError> {
+    match write_batch(pg, consumer, batch).await {
+        Err(e) if batch.len() > 1 && refuses_content(&e) => {}
+        Err(e) if refuses_content(&e) => return refused(pg, consumer, &batch[0], &e).await,
+        result => return Ok(result?),
+    }
+    for row in batch {
+        match write_batch(pg, consumer, std::slice::from_ref(row)).await {
+            Err(e) if refuses_content(&e) => refused(pg, consumer, row, &e).await?,
+            result => result?,
+        }
+    }
+    Ok(())
+}
+
+/// Writes what is kept of a message PostgreSQL refused ([`Row::refused`]).
+async fn refused(
+    pg: &Client,
+    consumer: &str,
+    row: &Row,
+    e: &tokio_postgres::Error,
+) -> Result<(), RelayError> {
+    let (code, message) = e
+        .as_db_error()
+        .map(|d| (d.code().code(), d.message()))
+        .unwrap_or_default();
+    // the coordinates and the code only: PostgreSQL's message may quote the message's bytes
+    warn!(
+        topic = row.topic,
+        partition = row.partition,
+        offset = row.offset,
+        sqlstate = code,
+        "postgresql refused a message; it is kept in the dead state"
+    );
+    write_batch(pg, consumer, &[row.refused(code, message)])
+        .await
+        .map_err(|again| {
+            RelayError::permanent(format!(
+                "PostgreSQL refuses even the dead-state record of {}[{}] offset {} (first refusal: \
+                 SQLSTATE {code}), so the database, not the message, is at fault: check \
+                 inbox.messages' constraints and triggers and the consumer name",
+                row.topic, row.partition, row.offset
+            ))
+            .caused_by(again)
+        })
+}
+
+/// SQLSTATE classes that mean "this data", not "this connection" or "this server": 22 (data
+/// exception, e.g. 22021 a NUL byte in text, 22P05 in jsonb), 23 (integrity constraint), 54
+/// (program limit exceeded). Retrying the same batch can never help.
+fn refuses_content(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|c| content_class(c.code()))
+}
+
+fn content_class(code: &str) -> bool {
+    ["22", "23", "54"]
+        .iter()
+        .any(|class| code.starts_with(class))
+}
+
 /// Messages and the partitions' next offsets, in one transaction.
-async fn write_batch(pg: &mut Client, consumer: &str, batch: &[Row]) -> Result<(), RelayError> {
+async fn write_batch(
+    pg: &Client,
+    consumer: &str,
+    batch: &[Row],
+) -> Result<(), tokio_postgres::Error> {
     let ids: Vec<&str> = batch.iter().map(|r| r.message_id.as_str()).collect();
     let topics: Vec<&str> = batch.iter().map(|r| r.topic.as_str()).collect();
     let partitions: Vec<i32> = batch.iter().map(|r| r.partition).collect();
@@ -630,6 +756,44 @@ mod tests {
         // reaching the stored offset ends the suspicion
         assert!(matches!(c.judge(499), Verdict::Skip));
         assert!(matches!(c.idle(last + SHORT * 10), Idle::Wait));
+    }
+
+    #[test]
+    fn only_data_integrity_and_limit_errors_are_a_messages_own() {
+        for code in ["22021", "22P05", "22001", "23505", "23514", "54000"] {
+            assert!(content_class(code), "{code}");
+        }
+        // the connection, the server, the role, a conflict worth retrying
+        for code in [
+            "08006", "57P01", "53300", "42501", "40001", "40P01", "XX000",
+        ] {
+            assert!(!content_class(code), "{code}");
+        }
+    }
+
+    #[test]
+    fn a_refused_message_is_kept_by_its_coordinates_only() {
+        let row = Row {
+            message_id: "id".into(),
+            topic: "t".into(),
+            partition: 2,
+            offset: 7,
+            timestamp_ms: Some(1000),
+            key: Some("k".into()),
+            headers: serde_json::json!({"h": "v"}),
+            payload: Some(b"secret".to_vec()),
+            dead_reason: None,
+        };
+        let dead = row.refused("23514", "new row violates check constraint");
+        assert_eq!(dead.message_id, "t/2/7@1000");
+        assert_eq!((dead.key, dead.payload), (None, None));
+        assert_eq!(dead.headers, serde_json::json!({}));
+        let reason = dead.dead_reason.unwrap();
+        assert!(
+            reason.contains("SQLSTATE 23514") && reason.contains("t[2] offset 7"),
+            "{reason}"
+        );
+        assert!(!reason.contains("secret"));
     }
 
     #[test]

@@ -27,6 +27,32 @@ fn finding(ok: bool, what: impl Into<String>, fix: impl Into<String>) -> Finding
     }
 }
 
+/// Whether PUBLIC may execute `pg_logical_emit_message` (PostgreSQL's default): then any role can
+/// write `pg_outbox` messages into the slot. None is published (nothing proves enqueue wrote it) and
+/// each costs the relay a counter, but a flood of them still costs decoding; a note, not a failure.
+async fn public_emit(pg: &Client) -> Option<Finding> {
+    let open: bool = pg
+        .query_one(
+            "SELECT pg_catalog.bool_or(pg_catalog.has_function_privilege('public', p.oid, 'EXECUTE')) \
+               FROM pg_catalog.pg_proc p \
+              WHERE p.proname = 'pg_logical_emit_message' \
+                AND p.pronamespace = 'pg_catalog'::pg_catalog.regnamespace",
+            &[],
+        )
+        .await
+        .ok()?
+        .get::<_, Option<bool>>(0)?;
+    open.then(|| {
+        finding(
+            true,
+            "PUBLIC may execute pg_logical_emit_message: any role can write pg_outbox messages into \
+             the slot (never published, counted in pg_outbox_relay_unproven_messages_total); a \
+             superuser may revoke it (README, \"Messages anyone can write\")",
+            "",
+        )
+    })
+}
+
 /// Verifies everything `run` needs; returns one finding per check.
 pub async fn check(config: &Config) -> Vec<Finding> {
     let mut out = Vec::new();
@@ -56,7 +82,8 @@ pub async fn check(config: &Config) -> Vec<Finding> {
             let wal = config.source.kind == SourceKind::Wal;
             if wal {
                 let wal_level =
-                    q("SELECT current_setting('wal_level') WHERE $1::text IS NOT NULL").await;
+                    q("SELECT pg_catalog.current_setting('wal_level') WHERE $1::text IS NOT NULL")
+                        .await;
                 out.push(finding(
                     wal_level == "logical",
                     format!("wal_level = {wal_level}"),
@@ -65,8 +92,10 @@ pub async fn check(config: &Config) -> Vec<Finding> {
             }
             // the C extension has its row in pg_extension; the SQL edition marks itself with
             // outbox._edition() (scripts/sql-edition.sh)
-            let ext = q("SELECT coalesce((SELECT 'extension ' || extversion FROM pg_extension WHERE extname = 'pg_outbox'), \
-                                          (SELECT obj_description(p, 'pg_proc') FROM to_regprocedure('outbox._edition()') p \
+            let ext = q("SELECT coalesce((SELECT 'extension ' || extversion FROM pg_catalog.pg_extension \
+                                            WHERE extname = 'pg_outbox'), \
+                                          (SELECT pg_catalog.obj_description(p, 'pg_proc') \
+                                             FROM pg_catalog.to_regprocedure('outbox._edition()') p \
                                             WHERE p IS NOT NULL)) \
                           WHERE $1::text IS NOT NULL").await;
             out.push(finding(
@@ -124,13 +153,17 @@ pub async fn check(config: &Config) -> Vec<Finding> {
             if wal {
                 out.extend(failover(&pg, &config.source.slot).await);
                 out.extend(idle_timeout(&pg).await);
+                out.extend(public_emit(&pg).await);
             }
             if let Some(f) = unserved(&pg, config).await {
                 out.push(f);
             }
             let (grants, fix) = if wal {
                 (
-                    q("SELECT CASE WHEN rolsuper THEN 'superuser' WHEN rolreplication AND pg_has_role(current_user, 'outbox_relay', 'member') THEN 'replication + outbox_relay' ELSE 'missing' END FROM pg_roles WHERE rolname = current_user AND $1::text IS NOT NULL").await,
+                    q("SELECT CASE WHEN rolsuper THEN 'superuser' \
+                             WHEN rolreplication AND pg_catalog.pg_has_role(current_user, 'outbox_relay', 'member') \
+                             THEN 'replication + outbox_relay' ELSE 'missing' END \
+                        FROM pg_catalog.pg_roles WHERE rolname = current_user AND $1::text IS NOT NULL").await,
                     format!(
                         "ALTER ROLE {} REPLICATION; GRANT outbox_relay TO {}",
                         config.postgres.user, config.postgres.user
@@ -139,7 +172,10 @@ pub async fn check(config: &Config) -> Vec<Finding> {
             } else {
                 // the poll source reads and deletes outbox.events: no replication needed
                 (
-                    q("SELECT CASE WHEN rolsuper THEN 'superuser' WHEN pg_has_role(current_user, 'outbox_relay', 'member') THEN 'outbox_relay' ELSE 'missing' END FROM pg_roles WHERE rolname = current_user AND $1::text IS NOT NULL").await,
+                    q("SELECT CASE WHEN rolsuper THEN 'superuser' \
+                             WHEN pg_catalog.pg_has_role(current_user, 'outbox_relay', 'member') \
+                             THEN 'outbox_relay' ELSE 'missing' END \
+                        FROM pg_catalog.pg_roles WHERE rolname = current_user AND $1::text IS NOT NULL").await,
                     format!("GRANT outbox_relay TO {}", config.postgres.user),
                 )
             };
@@ -225,7 +261,7 @@ impl ProducerContext for Refusals {
 async fn idle_timeout(pg: &Client) -> Option<Finding> {
     let timeout: String = pg
         .query_one(
-            "SELECT setting FROM pg_settings WHERE name = 'idle_replication_slot_timeout'",
+            "SELECT setting FROM pg_catalog.pg_settings WHERE name = 'idle_replication_slot_timeout'",
             &[],
         )
         .await
@@ -249,11 +285,12 @@ async fn idle_timeout(pg: &Client) -> Option<Finding> {
 async fn failover(pg: &Client, slot: &str) -> Vec<Finding> {
     let row = pg
         .query_one(
-            "SELECT current_setting('server_version_num')::int, \
-                    (SELECT count(*) FROM pg_stat_replication r WHERE r.pid NOT IN \
-                       (SELECT active_pid FROM pg_replication_slots WHERE slot_type = 'logical' AND active)), \
-                    (SELECT string_agg(slot_name, ',' ORDER BY slot_name) FROM pg_replication_slots \
-                      WHERE slot_type = 'physical' AND active)",
+            "SELECT pg_catalog.current_setting('server_version_num')::int, \
+                    (SELECT pg_catalog.count(*) FROM pg_catalog.pg_stat_replication r WHERE r.pid NOT IN \
+                       (SELECT active_pid FROM pg_catalog.pg_replication_slots \
+                         WHERE slot_type = 'logical' AND active)), \
+                    (SELECT pg_catalog.string_agg(slot_name::text, ',' ORDER BY slot_name) \
+                       FROM pg_catalog.pg_replication_slots WHERE slot_type = 'physical' AND active)",
             &[],
         )
         .await;
@@ -276,8 +313,8 @@ async fn failover(pg: &Client, slot: &str) -> Vec<Finding> {
     // the version-specific columns and settings are read only on 17+
     let flags = pg
         .query_opt(
-            "SELECT s.failover, current_setting('synchronized_standby_slots') \
-             FROM pg_replication_slots s WHERE s.slot_name = $1",
+            "SELECT s.failover, pg_catalog.current_setting('synchronized_standby_slots') \
+             FROM pg_catalog.pg_replication_slots s WHERE s.slot_name = $1",
             &[&slot],
         )
         .await;
@@ -323,14 +360,15 @@ async fn failover(pg: &Client, slot: &str) -> Vec<Finding> {
 async fn unserved(pg: &Client, config: &Config) -> Option<Finding> {
     let (sql, what, fix) = match config.source.kind {
         SourceKind::Wal => (
-            "SELECT count(*) FROM outbox.events",
+            "SELECT pg_catalog.count(*) FROM outbox.events",
             "event(s) wait in outbox.events (table mode); this relay reads the slot (source = wal)",
             "run a relay with source = poll for this database too, or enqueue in wal mode only \
              (ALTER ROLE/DATABASE ... SET pg_outbox.mode = 'wal')",
         ),
         SourceKind::Poll => (
-            "SELECT count(*) FROM pg_replication_slots s JOIN outbox.sources o ON o.source = 'slot:' || s.slot_name \
-              WHERE s.database = current_database() AND NOT s.active",
+            "SELECT pg_catalog.count(*) FROM pg_catalog.pg_replication_slots s \
+               JOIN outbox.sources o ON o.source = 'slot:' || s.slot_name \
+              WHERE s.database = pg_catalog.current_database() AND NOT s.active",
             "pg_outbox slot(s) of this database hold wal-mode events and nobody streams them; this relay \
              reads outbox.events (source = poll)",
             "run a relay with source = wal for this database too, or enqueue in table mode only \
@@ -365,11 +403,12 @@ pub async fn status(config: &Config) -> Result<Vec<(String, String)>, RelayError
     let row = pg
         .query_opt(
             "SELECT s.active, coalesce(s.active_pid::text, '-'), coalesce(s.confirmed_flush_lsn::text, '-'), \
-                    coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint, 0), \
-                    coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint, 0), \
+                    coalesce(pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint, 0), \
+                    coalesce(pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), s.restart_lsn)::bigint, 0), \
                     coalesce(s.wal_status, '-'), \
-                    coalesce((SELECT extract(epoch FROM r.flush_lag)::float8 FROM pg_stat_replication r WHERE r.pid = s.active_pid), 0) \
-             FROM pg_replication_slots s WHERE s.slot_name = $1",
+                    coalesce((SELECT extract(epoch FROM r.flush_lag)::float8 \
+                                FROM pg_catalog.pg_stat_replication r WHERE r.pid = s.active_pid), 0) \
+             FROM pg_catalog.pg_replication_slots s WHERE s.slot_name = $1",
             &[&config.source.slot],
         )
         .await?
@@ -403,14 +442,17 @@ pub async fn status(config: &Config) -> Result<Vec<(String, String)>, RelayError
     // what PostgreSQL 17 added to pg_replication_slots: since when nobody streams, and why a slot
     // was invalidated
     let version: i32 = pg
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .query_one(
+            "SELECT pg_catalog.current_setting('server_version_num')::int",
+            &[],
+        )
         .await?
         .get(0);
     if version >= 170000 {
         let more = pg
             .query_one(
                 "SELECT coalesce(inactive_since::text, '-'), coalesce(invalidation_reason, '-'), \
-                        failover::text FROM pg_replication_slots WHERE slot_name = $1",
+                        failover::text FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
                 &[&config.source.slot],
             )
             .await?;
@@ -425,17 +467,21 @@ pub async fn status(config: &Config) -> Result<Vec<(String, String)>, RelayError
         let source = pg
             .query_one(
                 "SELECT coalesce((SELECT incarnation::text FROM outbox.sources WHERE source = 'slot:' || $1), '-'), \
-                        (SELECT count(*) FROM outbox.gaps WHERE source = 'slot:' || $1)",
+                        (SELECT pg_catalog.count(*) FROM outbox.gaps WHERE source = 'slot:' || $1), \
+                        (SELECT stopped FROM outbox.sources WHERE source = 'slot:' || $1)",
                 &[&config.source.slot],
             )
             .await?;
         out.push(("incarnation".into(), source.get(0)));
+        if let Some(why) = source.get::<_, Option<String>>(2) {
+            out.push(("stopped".into(), why));
+        }
         out.push(("recorded_gaps".into(), source.get::<_, i64>(1).to_string()));
     }
     let oldest = pg
         .query_one(
-            "SELECT coalesce((SELECT min(created_at)::text FROM outbox.events), 'none'), \
-                    (SELECT count(*) FROM outbox.dead_letters)",
+            "SELECT coalesce((SELECT pg_catalog.min(created_at)::text FROM outbox.events), 'none'), \
+                    (SELECT pg_catalog.count(*) FROM outbox.dead_letters)",
             &[],
         )
         .await?;
@@ -454,9 +500,9 @@ async fn poll_status(pg: &Client, config: &Config) -> Result<Vec<(String, String
     let row = pg
         .query_one(
             "SELECT coalesce((SELECT incarnation::text FROM outbox.sources WHERE source = 'poll:' || $1), '-'), \
-                    (SELECT count(*) FROM outbox.events), \
-                    coalesce((SELECT min(created_at)::text FROM outbox.events), 'none'), \
-                    (SELECT count(*) FROM outbox.dead_letters)",
+                    (SELECT pg_catalog.count(*) FROM outbox.events), \
+                    coalesce((SELECT pg_catalog.min(created_at)::text FROM outbox.events), 'none'), \
+                    (SELECT pg_catalog.count(*) FROM outbox.dead_letters)",
             &[id],
         )
         .await?;
@@ -464,7 +510,16 @@ async fn poll_status(pg: &Client, config: &Config) -> Result<Vec<(String, String
         ("source".to_string(), format!("poll:{id}")),
         (
             "active_relay".into(),
-            active.unwrap_or_else(|| "none: no relay polls this source".into()),
+            match active {
+                Some(h) if h.relay => h.who,
+                // a session that took the lock key is no relay: a relay that starts takes a new key
+                Some(h) => format!(
+                    "none: the lock is held by {}, whose role is no member of outbox_relay \
+                     (a relay that starts takes a new lock key)",
+                    h.who
+                ),
+                None => "none: no relay polls this source".into(),
+            },
         ),
         ("incarnation".into(), row.get(0)),
         (

@@ -24,7 +24,7 @@ use crate::retry::Retry;
 use crate::sink::dedup::Dedup;
 use crate::sink::kafka::KafkaSink;
 use crate::sink::partition::partition_for;
-use crate::sink::{Delivered, Delivery, Record, Sink};
+use crate::sink::{mac_fields, Delivered, Delivery, Record, Sink};
 use crate::source::poll::PollSource;
 use crate::source::wal::WalSource;
 use crate::source::{Identity, Source, Step};
@@ -72,9 +72,33 @@ pub async fn run(
             &mut first,
         )
         .await;
+        if let Err(e) = &result {
+            if let Some(source) = e.verdict_source() {
+                record_verdict(config, source, &e.to_string()).await;
+            }
+        }
         if !retry.after(result, started, &shutdown, &metrics).await? {
             return Ok(());
         }
+    }
+}
+
+/// Stores a stop verdict in `outbox.sources`, so that every later start (of this relay or another,
+/// however far the database has moved meanwhile) refuses the incarnation until an operator acts.
+/// The first verdict is kept.
+async fn record_verdict(config: &Config, source: &str, why: &str) {
+    let stored = async {
+        let pg = postgres::connect(&config.postgres).await?;
+        pg.execute(
+            "UPDATE outbox.sources SET stopped = $2, stopped_at = pg_catalog.now() \
+              WHERE source = $1 AND stopped IS NULL",
+            &[&source, &why],
+        )
+        .await?;
+        Ok::<_, RelayError>(())
+    };
+    if let Err(e) = stored.await {
+        warn!(%source, error = %e, "could not record the stop in outbox.sources");
     }
 }
 
@@ -151,7 +175,12 @@ pub struct Pipeline<'a, K: Sink, D: DeadLetters> {
     alone_until: Option<Position>,
     /// The highest position handed to the sink (this session).
     sent_max: Option<Position>,
+    /// Unproven messages passed over since the last log line about them, and when that was.
+    unproven: (u64, Option<tokio::time::Instant>),
 }
+
+/// At most one log line about unproven messages in this long, whatever their number.
+const UNPROVEN_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// A record in flight: its checkpoint unit, its start time (Unix µs), and its outcome.
 async fn track(
@@ -186,6 +215,7 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
             frontier,
             alone_until: None,
             sent_max: None,
+            unproven: (0, None),
         }
     }
 
@@ -377,6 +407,28 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
         Ok(())
     }
 
+    /// Passes over a message that nothing proves `outbox.enqueue` wrote: a counter, and a log line
+    /// at most every [`UNPROVEN_LOG_EVERY`], so that a flood of them (any role can write them) costs
+    /// neither a row nor a line each, and the real events behind them flow.
+    fn unproven(&mut self, reason: &str) {
+        self.metrics
+            .unproven_messages
+            .fetch_add(1, Ordering::Relaxed);
+        let (count, logged) = &mut self.unproven;
+        *count += 1;
+        if logged.is_none_or(|at| at.elapsed() >= UNPROVEN_LOG_EVERY) {
+            warn!(
+                messages = *count,
+                last_reason = %reason,
+                "passed over pg_outbox messages that outbox.enqueue did not write (any role can \
+                 write them with pg_logical_emit_message); never published, counted in \
+                 pg_outbox_relay_unproven_messages_total"
+            );
+            *count = 0;
+            *logged = Some(tokio::time::Instant::now());
+        }
+    }
+
     /// Records an event that can never be published, or stops the relay if the operator chose so.
     async fn dead_letter(&mut self, letter: DeadLetter) -> Result<(), RelayError> {
         if self.source.on_poison == OnPoison::Stop {
@@ -413,9 +465,8 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
                 decoded = row.as_event();
                 decoded
             }
-            Body::Invalid { reason, content } => {
-                self.dead_letter(DeadLetter::raw(position, content, reason.as_str()))
-                    .await?;
+            Body::Unproven { reason } => {
+                self.unproven(reason);
                 return Ok(None);
             }
         };
@@ -445,6 +496,7 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
             .already_published(
                 &*self.sink,
                 &self.identity,
+                self.metrics,
                 &topic,
                 partitions,
                 partition,
@@ -466,6 +518,14 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
             None => false,
         };
         let id = event.id_string();
+        // the proof that this relay wrote the record: the restart dedup believes nothing else
+        let mac = self.identity.key.sign(&mac_fields(
+            source_id,
+            &topic,
+            partition,
+            position,
+            id.as_bytes(),
+        ));
         let record = Record {
             topic: &topic,
             partition,
@@ -478,6 +538,7 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
             event_id: &id,
             position,
             source_id,
+            mac: &mac,
             headers: &event.headers,
             trace: event.trace_context,
             alone,
@@ -693,10 +754,12 @@ mod tests {
         on_poison: OnPoison,
     ) -> Outcome {
         let log: Log = Arc::default();
+        // every event must be acknowledged or dead-lettered before its unit is confirmed; a
+        // message nothing proves is an event is only counted
         let positions: Vec<Position> = steps
             .iter()
             .filter_map(|s| match s {
-                Step::Event(e) => Some(e.position),
+                Step::Event(e) if !matches!(e.body, Body::Unproven { .. }) => Some(e.position),
                 _ => None,
             })
             .collect();
@@ -823,16 +886,15 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn dead_lettered_events_between_acknowledged_ones_count_as_done() {
         let mut steps = script(6, 1);
-        // an undecodable envelope and an event the source already knows is invalid, in unit 6
+        // an undecodable envelope and a message nothing proves is an event, in unit 6
         steps.push(event(
             Position::new(6, 0),
             Some(Body::Envelope(Bytes::from_static(b"\xff junk"))),
         ));
         steps.push(event(
             Position::new(6, 1),
-            Some(Body::Invalid {
+            Some(Body::Unproven {
                 reason: "non-transactional".into(),
-                content: Bytes::from_static(b"x"),
             }),
         ));
         steps.push(Step::Close(6));
@@ -849,22 +911,17 @@ mod tests {
         out.result.expect("graceful");
         assert_eq!(out.confirmed.last(), Some(&7));
         let dead: Vec<Position> = out.dead.iter().map(|d| d.position).collect();
-        assert_eq!(
-            dead,
-            [
-                Position::new(6, 0),
-                Position::new(6, 1),
-                Position::new(2, 0)
-            ]
-        );
+        // the unproven message is counted, not dead-lettered
+        assert_eq!(dead, [Position::new(6, 0), Position::new(2, 0)]);
+        assert_eq!(out.metrics.unproven_messages.load(Ordering::Relaxed), 1);
         assert!(
             out.dead[0].reason.contains("undecodable"),
             "{:?}",
             out.dead[0]
         );
-        assert_eq!(out.dead[2].topic.as_deref(), Some("t"));
+        assert_eq!(out.dead[1].topic.as_deref(), Some("t"));
         assert_eq!(out.metrics.published.load(Ordering::Relaxed), 6);
-        assert_eq!(out.metrics.dead_lettered.load(Ordering::Relaxed), 3);
+        assert_eq!(out.metrics.dead_lettered.load(Ordering::Relaxed), 2);
     }
 
     #[tokio::test(start_paused = true)]

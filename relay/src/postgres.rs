@@ -3,9 +3,13 @@
 
 use crate::config::{PgConfig, PgEndpoint};
 use crate::error::RelayError;
+use crate::tls::SslMode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use tokio_postgres::config::TargetSessionAttrs;
-use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::{Client, Connection, Socket};
+use tokio_postgres_rustls::MakeRustlsConnect;
 use tracing::warn;
 
 /// What this process's sessions call themselves (`application_name`), so that `status` and a
@@ -26,8 +30,16 @@ pub fn application_name() -> &'static str {
 }
 
 /// Who holds this source's slot or lock, as `application_name (pid N from addr)`.
-pub const HOLDER_SQL: &str = "format('%s (pid %s%s)', coalesce(nullif(a.application_name, ''), \
-     'a client'), a.pid, coalesce(' from ' || host(a.client_addr), ''))";
+pub const HOLDER_SQL: &str = "pg_catalog.format('%s (pid %s%s)', \
+     coalesce(nullif(a.application_name, ''), 'a client'), a.pid, \
+     coalesce(' from ' || pg_catalog.host(a.client_addr), ''))";
+
+/// What every session of the relay and the ingest resolves names with, whatever the login's or
+/// the database's `search_path` says: a role that may create objects in a schema of that path
+/// (`public`, often) could otherwise define a function or operator that matches a call better than
+/// the built-in one, and have it run as the relay's role (CVE-2018-1058). `pg_temp` last, so that
+/// no temporary object wins either. The relay's SQL names built-ins with `pg_catalog.` as well.
+pub const SEARCH_PATH: &str = "pg_catalog, pg_temp";
 
 /// The connection, not yet driven: for a caller that reads its notifications itself.
 pub type Driver = Connection<
@@ -72,14 +84,83 @@ async fn open_one(config: &PgConfig, at: &PgEndpoint) -> Result<(Client, Driver)
     pg.ssl_mode(config.tls.session_mode());
     pg.connect_timeout(config.connect_timeout);
     // a daemon's sessions are idle for long: the server must not end them (the poll source's lock
-    // is held by one of them; see fence.rs)
-    pg.options("-c idle_session_timeout=0");
+    // is held by one of them; see fence.rs). A setting sent at connect outranks ALTER ROLE and
+    // ALTER DATABASE, so the pinned search_path holds from the session's first statement.
+    pg.options(format!(
+        "-c idle_session_timeout=0 -c search_path={}",
+        SEARCH_PATH.replace(' ', "")
+    ));
     if config.read_write {
         pg.target_session_attrs(TargetSessionAttrs::ReadWrite);
     }
-    pg.connect(config.tls.connector())
+    let tls = Arc::new(AtomicBool::new(false));
+    let connector = Tracked {
+        inner: config.tls.connector(),
+        tls: tls.clone(),
+    };
+    let session = pg
+        .connect(connector)
         .await
-        .map_err(|e| connect_error(config, at, e))
+        .map_err(|e| connect_error(config, at, e))?;
+    if config.tls.mode == SslMode::Prefer && !at.password.is_empty() && !tls.load(Ordering::Relaxed)
+    {
+        warn_cleartext_password(at);
+    }
+    Ok(session)
+}
+
+/// With `sslmode=prefer` (the default, as in libpq) a server, or whoever answers at its address,
+/// may decline TLS; a configured password then goes out unencrypted whenever that server asks for
+/// it (in the clear, or as an exchange that can be attacked offline). Said once per process: every
+/// session of a relay goes to the same servers.
+fn warn_cleartext_password(at: &PgEndpoint) {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if !WARNED.swap(true, Ordering::Relaxed) {
+        warn!(
+            server = %format!("{}:{}", at.host, at.port),
+            "postgres session without TLS (pg_sslmode = prefer and the server offered none) for a \
+             login with a password: the password goes unencrypted to whoever answers at that \
+             address. Set pg_sslmode = verify-full (with pg_sslrootcert) in production"
+        );
+    }
+}
+
+/// The rustls connector, noting whether the server took TLS: tokio-postgres hands the socket to
+/// the TLS connector only after the server accepted TLS.
+struct Tracked {
+    inner: MakeRustlsConnect,
+    tls: Arc<AtomicBool>,
+}
+
+type RustlsConnect = <MakeRustlsConnect as MakeTlsConnect<Socket>>::TlsConnect;
+
+struct TrackedConnect {
+    inner: RustlsConnect,
+    tls: Arc<AtomicBool>,
+}
+
+impl MakeTlsConnect<Socket> for Tracked {
+    type Stream = <MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream;
+    type TlsConnect = TrackedConnect;
+    type Error = <MakeRustlsConnect as MakeTlsConnect<Socket>>::Error;
+
+    fn make_tls_connect(&mut self, domain: &str) -> Result<TrackedConnect, Self::Error> {
+        Ok(TrackedConnect {
+            inner: MakeTlsConnect::<Socket>::make_tls_connect(&mut self.inner, domain)?,
+            tls: self.tls.clone(),
+        })
+    }
+}
+
+impl TlsConnect<Socket> for TrackedConnect {
+    type Stream = <RustlsConnect as TlsConnect<Socket>>::Stream;
+    type Error = <RustlsConnect as TlsConnect<Socket>>::Error;
+    type Future = <RustlsConnect as TlsConnect<Socket>>::Future;
+
+    fn connect(self, stream: Socket) -> Self::Future {
+        self.tls.store(true, Ordering::Relaxed);
+        self.inner.connect(stream)
+    }
 }
 
 /// A refused login or a missing database will not fix itself: the relay stops and names the

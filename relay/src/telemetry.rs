@@ -1,17 +1,27 @@
 //! Logs (`tracing`, text or JSON), counters, and the `/metrics` (Prometheus text) and `/healthz`
 //! endpoints. Payloads and credentials are never logged.
+//!
+//! The endpoints answer anyone who can reach them: at most [`MAX_CONNECTIONS`] at a time, each
+//! for at most [`REQUEST_TIMEOUT`]; a failed `accept()` (out of file descriptors, a connection
+//! reset before it was taken) is logged and the endpoint goes on; and `/healthz` names no host or
+//! address.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub published: AtomicU64,
     pub skipped: AtomicU64,
+    /// Records read back by the restart dedup that claim this source without proof (sink/dedup.rs).
+    pub foreign_records: AtomicU64,
+    /// pg_outbox messages in the WAL that nothing proves `outbox.enqueue` wrote (pipeline.rs).
+    pub unproven_messages: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub restarts: AtomicU64,
     pub ingested: AtomicU64,
@@ -95,6 +105,18 @@ impl Metrics {
                 "pg_outbox_relay_events_skipped_total",
                 "Replayed events found already in Kafka and skipped.",
                 &self.skipped,
+            ),
+            (
+                "pg_outbox_relay_foreign_records_total",
+                "Records read back after a restart that carry this source's headers without a valid \
+                 pg_outbox-mac: ignored by the dedup.",
+                &self.foreign_records,
+            ),
+            (
+                "pg_outbox_relay_unproven_messages_total",
+                "pg_outbox messages in the WAL without a valid seal (written with \
+                 pg_logical_emit_message, or copied): passed over, never published.",
+                &self.unproven_messages,
             ),
             (
                 "pg_outbox_relay_events_dead_lettered_total",
@@ -204,11 +226,23 @@ impl Metrics {
             ("200 OK", "ok: active\n".into())
         } else if let Some(holder) = self.standby_holder() {
             // waiting is this relay's job while another is active
-            ("200 OK", format!("standby: {holder}\n"))
+            ("200 OK", format!("standby: {}\n", without_host(&holder)))
         } else {
             (DOWN, "not streaming\n".into())
         }
     }
+}
+
+/// Who holds the source, without where it runs: `status` (which needs a database login) and the
+/// log say that; an endpoint anyone can reach does not. A holder reads `<application_name> (pid N
+/// from <address>)`, and a relay's application name is `pg_outbox_relay <pid>@<host>`.
+fn without_host(holder: &str) -> &str {
+    let end = [holder.find('@'), holder.find(" (pid ")]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(holder.len());
+    &holder[..end]
 }
 
 fn now_ms() -> u64 {
@@ -217,6 +251,12 @@ fn now_ms() -> u64 {
 
 /// A client gets this long to send its request and take the answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connections served at once; more wait in the listen backlog until one ends.
+const MAX_CONNECTIONS: usize = 32;
+
+/// The pause after a failed `accept()`: an error such as "too many open files" repeats at once.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 pub fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -240,13 +280,55 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     info!(%addr, "serving /metrics and /healthz");
+    answer(listener, metrics, shutdown, stall).await;
+    Ok(())
+}
+
+/// Where connections come from: a TCP listener, or a test's.
+trait Incoming {
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn accept(&mut self) -> impl Future<Output = std::io::Result<Self::Stream>> + Send;
+}
+
+impl Incoming for tokio::net::TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn accept(&mut self) -> std::io::Result<tokio::net::TcpStream> {
+        tokio::net::TcpListener::accept(self)
+            .await
+            .map(|(stream, _)| stream)
+    }
+}
+
+/// Answers connections until shutdown, [`MAX_CONNECTIONS`] at a time.
+async fn answer<I: Incoming>(
+    mut incoming: I,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    stall: Duration,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (mut stream, _) = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            accepted = listener.accept() => accepted?,
+        // a slot first: beyond the limit, connections wait in the backlog, not in this process
+        let slot = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+        };
+        let mut stream = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = incoming.accept() => match accepted {
+                Ok(stream) => stream,
+                Err(e) => {
+                    warn!(error = %e, "metrics endpoint: accept failed; going on");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
+                    }
+                }
+            },
         };
         let metrics = metrics.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             // a client that sends nothing (or reads nothing) is dropped, never kept forever
             let answered = tokio::time::timeout(REQUEST_TIMEOUT, async {
                 let mut buf = [0u8; 1024];
@@ -265,10 +347,11 @@ pub async fn serve(
                 stream.write_all(response.as_bytes()).await
             })
             .await;
+            // (debug: anyone who can connect could otherwise fill the log)
             match answered {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => warn!(error = %e, "metrics response failed"),
-                Err(_) => warn!("metrics request timed out"),
+                Ok(Err(e)) => debug!(error = %e, "metrics response failed"),
+                Err(_) => debug!("metrics request timed out"),
             }
         });
     }
@@ -298,6 +381,113 @@ mod tests {
             "200 OK",
             "idle is not stalled"
         );
+    }
+
+    #[test]
+    fn healthz_names_the_holder_but_not_its_host_or_address() {
+        let m = Metrics::default();
+        for (holder, shown) in [
+            (
+                "slot \"s\" is streamed by pg_outbox_relay 4711@relay-host (pid 42 from 10.1.2.3)",
+                "standby: slot \"s\" is streamed by pg_outbox_relay 4711\n",
+            ),
+            (
+                "source \"s\" is polled by a client (pid 42 from 10.1.2.3)",
+                "standby: source \"s\" is polled by a client\n",
+            ),
+            (
+                "the slot is in use (PID 7)",
+                "standby: the slot is in use (PID 7)\n",
+            ),
+        ] {
+            m.set_standby(Some(holder.to_string()));
+            assert_eq!(
+                m.health(Duration::from_secs(60)),
+                ("200 OK", shown.to_string())
+            );
+        }
+    }
+
+    /// Connections from a test: first `errors` failed accepts, then idle connections whose
+    /// client ends are kept (or one that asks for `/healthz`), counting what was accepted.
+    struct Scripted {
+        errors: usize,
+        accepted: Arc<AtomicU64>,
+        clients: Arc<std::sync::Mutex<Vec<tokio::io::DuplexStream>>>,
+    }
+
+    impl Incoming for Scripted {
+        type Stream = tokio::io::DuplexStream;
+        async fn accept(&mut self) -> std::io::Result<tokio::io::DuplexStream> {
+            if self.errors > 0 {
+                self.errors -= 1;
+                return Err(std::io::Error::from_raw_os_error(24)); // EMFILE
+            }
+            self.accepted.fetch_add(1, Ordering::SeqCst);
+            let (client, server) = tokio::io::duplex(4096);
+            self.clients.lock().unwrap().push(client);
+            Ok(server)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_accept_does_not_end_the_endpoint() {
+        let accepted = Arc::new(AtomicU64::new(0));
+        let clients = Arc::default();
+        let incoming = Scripted {
+            errors: 5,
+            accepted: accepted.clone(),
+            clients: Arc::clone(&clients),
+        };
+        let m = Arc::new(Metrics::default());
+        m.healthy.store(true, Ordering::Relaxed);
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(answer(
+            incoming,
+            m,
+            shutdown.clone(),
+            Duration::from_secs(60),
+        ));
+        while accepted.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut client = clients.lock().unwrap().remove(0);
+        client
+            .write_all(b"GET /healthz HTTP/1.0\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.0 200 OK"), "{answer}");
+        assert!(answer.ends_with("ok: active\n"), "{answer}");
+        shutdown.cancel();
+        server.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_most_max_connections_are_served_at_once() {
+        let accepted = Arc::new(AtomicU64::new(0));
+        let clients = Arc::default();
+        let incoming = Scripted {
+            errors: 0,
+            accepted: accepted.clone(),
+            clients: Arc::clone(&clients),
+        };
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(answer(
+            incoming,
+            Arc::default(),
+            shutdown.clone(),
+            Duration::from_secs(60),
+        ));
+        // clients that connect and send nothing: the limit, and no more, are taken
+        tokio::time::sleep(REQUEST_TIMEOUT / 2).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), MAX_CONNECTIONS as u64);
+        // each is dropped after the request timeout, which frees its place
+        tokio::time::sleep(REQUEST_TIMEOUT).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2 * MAX_CONNECTIONS as u64);
+        shutdown.cancel();
+        server.await.unwrap();
     }
 
     #[test]

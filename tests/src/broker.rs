@@ -7,7 +7,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::{Message, OwnedHeaders};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
@@ -461,13 +461,37 @@ fn to_record(msg: &rdkafka::message::BorrowedMessage<'_>) -> Record {
         key: msg.key().map(<[u8]>::to_vec),
         payload: msg.payload().unwrap_or_default().to_vec(),
         timestamp_ms: msg.timestamp().to_millis(),
-        headers: msg
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
-                    .collect()
+        // raw: rdkafka's own accessor panics on a header name that is not UTF-8, and the tests
+        // write such records
+        headers: pg_outbox_relay::sink::kafka::raw_headers(msg)
+            .into_iter()
+            .map(|(name, value)| {
+                (
+                    String::from_utf8_lossy(name).into_owned(),
+                    value.unwrap_or_default().to_vec(),
+                )
             })
-            .unwrap_or_default(),
+            .collect(),
     }
+}
+
+/// `headers` with one more header named `name`, whatever bytes (rdkafka's safe API takes only
+/// `&str` names, so through librdkafka directly).
+pub fn with_raw_header(headers: OwnedHeaders, name: &[u8], value: &[u8]) -> OwnedHeaders {
+    use rdkafka::bindings as rd;
+    use rdkafka::message::BorrowedHeaders;
+    let native = headers.as_borrowed() as *const BorrowedHeaders as *mut rd::rd_kafka_headers_t;
+    // SAFETY: `native` is the header list `headers` owns (BorrowedHeaders is that list, and nothing
+    // else refers to it); librdkafka copies name and value.
+    let err = unsafe {
+        rd::rd_kafka_header_add(
+            native,
+            name.as_ptr().cast(),
+            name.len() as isize,
+            value.as_ptr().cast(),
+            value.len() as isize,
+        )
+    };
+    assert_eq!(err, rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR);
+    headers
 }

@@ -7,7 +7,7 @@ pub mod broker;
 pub mod postgres;
 pub mod relay;
 
-pub use broker::{read_all, read_all_with, Broker, Record};
+pub use broker::{read_all, read_all_with, with_raw_header, Broker, Record};
 pub use postgres::{
     backend_pid, connect, connect_as, conninfo, edition, expect_error, install_sql_edition,
     peek_wal_events, peek_wal_messages, pgoutput_message, port, replica_port, resilient_writer,

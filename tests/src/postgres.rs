@@ -210,6 +210,18 @@ impl TestDb {
         Ok(())
     }
 
+    /// The key this database's relay signs its records with (`pg_outbox-mac`), derived from the
+    /// sealing key (read as a superuser): what a test needs to write a record exactly as this
+    /// database's relay would have, e.g. before the database was restored to an earlier point.
+    pub async fn record_key(&self) -> Result<pg_outbox_envelope::record::RecordKey> {
+        let key: Vec<u8> = self
+            .client
+            .query_one("SELECT key FROM outbox.auth_key", &[])
+            .await?
+            .get(0);
+        Ok(pg_outbox_envelope::record::RecordKey::derive(&key))
+    }
+
     /// Creates the publication and the slot through the extension's own setup procedure.
     pub async fn create_slot(&self) -> Result<()> {
         setup(&self.client).await

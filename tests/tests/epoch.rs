@@ -9,7 +9,10 @@
 
 use anyhow::{ensure, Context, Result};
 use pg_outbox_envelope::Event;
-use pg_outbox_tests::{port, read_all, wait_for, Broker, Edition, Relay, TestDb};
+use pg_outbox_tests::{
+    free_port, metric, port, read_all, scrape_metrics, wait_for_metric, Broker, Edition, Relay,
+    TestDb,
+};
 use std::process::Command;
 use std::time::Duration;
 
@@ -130,7 +133,13 @@ async fn run(cluster_port: u16, edition: Edition) -> Result<usize> {
          SELECT outbox.enqueue('orders', 'k', '{\"n\": 3}')",
     )
     .await?;
-    let _relay = Relay::start(db.port, &db.name, &broker.bootstrap(), &[])?;
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let _relay = Relay::start(
+        db.port,
+        &db.name,
+        &broker.bootstrap(),
+        &["--metrics-addr", &metrics],
+    )?;
     let records = read_all(
         &broker.bootstrap(),
         &[("orders", 1)],
@@ -146,24 +155,19 @@ async fn run(cluster_port: u16, edition: Edition) -> Result<usize> {
         vec![r#"{"n": 1}"#, r#"{"n": 2}"#, r#"{"n": 3}"#],
         "{edition:?}: the real events, in epoch 1, and not the replay"
     );
-    // the replay is not published: it is dead-lettered with the reason, as every message that does
-    // not verify
-    wait_for(
-        "the replay's dead letter",
+    // the replay is passed over and counted, as every message that does not verify
+    wait_for_metric(
+        &metrics,
+        "pg_outbox_relay_unproven_messages_total",
+        1.0,
         Duration::from_secs(30),
-        || async {
-            let reasons: Vec<String> = c
-                .query("SELECT reason FROM outbox.dead_letters", &[])
-                .await?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
-            ensure!(reasons.len() <= 1, "{reasons:?}");
-            Ok(reasons
-                .first()
-                .is_some_and(|r| r.contains("does not verify")))
-        },
     )
     .await?;
+    let text = scrape_metrics(&metrics)?;
+    assert_eq!(
+        metric(&text, "pg_outbox_relay_unproven_messages_total"),
+        Some(1.0),
+        "{edition:?}: exactly the replay"
+    );
     Ok(records.len())
 }

@@ -1062,3 +1062,39 @@ async fn the_ingest_runs_as_a_login_with_only_inbox_ingest() -> Result<()> {
     )
     .await
 }
+
+/// The inbox deduplicates per consumer and topic: a record that another producer wrote with a copied
+/// `pg_outbox-id` to another ingested topic, read first, does not make the real event a duplicate.
+/// Within a topic a redelivery is still recorded once.
+#[tokio::test]
+async fn a_copied_id_on_another_topic_does_not_drop_the_real_event() -> Result<()> {
+    let db = TestDb::create("ib_copied_id", port()).await?;
+    let c = &db.client;
+    let deliver = |topic: &'static str, offset: i64| async move {
+        let new: bool = c
+            .query_one(
+                "SELECT inbox.deliver('billing', 'evt-1', $1, 0, $2, 'k', '\\x01'::bytea)",
+                &[&topic, &offset],
+            )
+            .await?
+            .get(0);
+        anyhow::Ok(new)
+    };
+    assert!(deliver("scratch", 0).await?, "the forged copy, read first");
+    assert!(deliver("orders", 0).await?, "the real event is queued too");
+    assert!(
+        !deliver("orders", 1).await?,
+        "a redelivery on its topic is a duplicate"
+    );
+    let topics: Vec<String> = c
+        .query(
+            "SELECT topic FROM inbox.messages WHERE message_id = 'evt-1' ORDER BY topic",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(topics, vec!["orders", "scratch"]);
+    Ok(())
+}

@@ -633,3 +633,39 @@ async fn the_sql_editions_owner_sets_defaults_per_connection() -> Result<()> {
     );
     Ok(())
 }
+
+/// The SQL edition keeps a session's last event id in a setting the writer can change
+/// (`pg_outbox.last_event_id`): that must not let a writer make an id that exists already, nor move
+/// its ids ahead of the clock.
+#[tokio::test]
+async fn a_writer_cannot_choose_its_event_ids() -> Result<()> {
+    let db = TestDb::create("ob_chosen_ids", port()).await?;
+    db.create_slot().await?;
+    let existing = enqueue(&db.client, "orders", "k", "{}").await?;
+    let writer = db.session().await?;
+    // the id just before an existing one: counting up would make the existing id again
+    let mut before = *existing.as_bytes();
+    let low = u32::from_be_bytes([before[12], before[13], before[14], before[15]]);
+    before[12..].copy_from_slice(&low.wrapping_sub(1).to_be_bytes());
+    let far_ahead = uuid::Uuid::from_u128((u128::from(u64::MAX >> 16) << 80) | 7);
+    for chosen in [Uuid::from_bytes(before), far_ahead] {
+        writer
+            .batch_execute(&format!(
+                "SET pg_outbox.last_event_id = '{}'",
+                chosen.simple()
+            ))
+            .await?;
+        let id = enqueue(&writer, "orders", "k", "{}").await?;
+        assert_ne!(id, existing, "a writer made an existing id again");
+        let ms = |u: &Uuid| u128::from_be_bytes(*u.as_bytes()) >> 80;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis();
+        assert!(
+            ms(&id) <= now + 1000,
+            "an id {} ms ahead of the clock",
+            ms(&id) - now
+        );
+    }
+    Ok(())
+}

@@ -885,8 +885,13 @@ async fn standby_run(db: &TestDb, relay_args: &[&str]) -> Result<()> {
         "relay B standing by behind A",
         Duration::from_secs(60),
         || async {
-            Ok(healthz(&b_addr)
-                .is_ok_and(|(ok, text)| ok && text.contains("standby: ") && text.contains(&a_name)))
+            // A by its name and pid, not where it runs: /healthz names no host or address
+            Ok(healthz(&b_addr).is_ok_and(|(ok, text)| {
+                ok && text.contains("standby: ")
+                    && text.contains(&format!("pg_outbox_relay {}\n", a.pid()))
+                    && !text.contains('@')
+                    && !text.contains("127.0.0.1")
+            }))
         },
     )
     .await?;

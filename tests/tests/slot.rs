@@ -30,6 +30,23 @@ async fn enqueue(db: &TestDb, key: &str, from: i64, to: i64) -> Result<()> {
     Ok(())
 }
 
+/// The headers the relay writes first, as a record of this source would carry them.
+fn relay_headers(id: &str, position: &str, source: &str, mac: &[u8]) -> OwnedHeaders {
+    [
+        ("pg_outbox-id", id.as_bytes()),
+        ("pg_outbox-position", position.as_bytes()),
+        ("pg_outbox-source", source.as_bytes()),
+        ("pg_outbox-mac", mac),
+    ]
+    .into_iter()
+    .fold(OwnedHeaders::new(), |headers, (key, value)| {
+        headers.insert(Header {
+            key,
+            value: Some(value),
+        })
+    })
+}
+
 /// `pg-outbox-relay <command>` for `db`: exit success, stdout and stderr.
 fn relay_command(command: &str, db: &TestDb, brokers: &str) -> Result<(bool, String)> {
     pg_outbox_tests::relay_command(command, db.port, &db.name, brokers, &[])
@@ -306,24 +323,24 @@ async fn records_beyond_what_the_database_committed_stop_the_relay() -> Result<(
     let (db, broker) = published_then_stopped("sl_rewound", port(), 5).await?;
 
     // what a relay of this very source wrote before the database was restored to an earlier point
-    // in time: a position the database has not reached
+    // in time: a position the database has not reached, signed with the database's record key
+    // (restored with it), as only that relay could
     let source = db.source_identity().await?;
+    let id = "0193b2f0-0000-7000-8000-000000000000";
+    let mac = db
+        .record_key()
+        .await?
+        .sign(&pg_outbox_envelope::record::RecordFields {
+            source: &source,
+            topic: "orders",
+            partition: 0,
+            position: (0x0000_0FFF_FFFF_FFFF, 0),
+            event_id: id.as_bytes(),
+        });
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", broker.bootstrap())
         .create()?;
-    let headers = OwnedHeaders::new()
-        .insert(Header {
-            key: "pg_outbox-id",
-            value: Some("0193b2f0-0000-7000-8000-000000000000"),
-        })
-        .insert(Header {
-            key: "pg_outbox-position",
-            value: Some("00000FFFFFFFFFFF:0000000000000000"),
-        })
-        .insert(Header {
-            key: "pg_outbox-source",
-            value: Some(source.as_str()),
-        });
+    let headers = relay_headers(id, "00000FFFFFFFFFFF:0000000000000000", &source, &mac);
     producer
         .send(
             FutureRecord::to("orders")
@@ -413,5 +430,108 @@ async fn a_second_cluster_with_the_same_settings_skips_nothing_in_table_mode() -
         records[49].header("pg_outbox-source"),
         Some(source_b.as_str())
     );
+    Ok(())
+}
+
+/// A stop because Kafka is ahead of the database lasts until an operator acts (issue: the verdict
+/// was checked once per session and stored nowhere; once the database passed the old high-water
+/// mark, a restarted relay skipped the real events below it without a word, as after a PG 17
+/// failover without `synchronized_standby_slots`). Here Kafka holds 256 records of this very
+/// source beyond the database (the ghosts a lost primary published: signed, as its relay signed
+/// them), five real events are committed below them, and the database then moves past them.
+#[tokio::test]
+async fn a_stop_for_kafka_ahead_of_the_database_lasts_until_an_operator_acts() -> Result<()> {
+    let (db, broker) = published_then_stopped("sl_stop_lasts", port(), 5).await?;
+    let source = db.source_identity().await?;
+    let key = db.record_key().await?;
+    let now: String = db
+        .client
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await?
+        .get(0);
+    let (hi, lo) = now.split_once('/').context("an LSN")?;
+    let now = (u64::from_str_radix(hi, 16)? << 32) | u64::from_str_radix(lo, 16)?;
+    let ghosts_at = now + (64 << 20);
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .set("linger.ms", "0")
+        .create()?;
+    for i in 0..256u64 {
+        let id = format!("0193b2f0-0000-7000-8000-{i:012x}");
+        let position = format!("{ghosts_at:016X}:{i:016X}");
+        let mac = key.sign(&pg_outbox_envelope::record::RecordFields {
+            source: &source,
+            topic: "orders",
+            partition: 0,
+            position: (ghosts_at, i),
+            event_id: id.as_bytes(),
+        });
+        let headers = relay_headers(&id, &position, &source, &mac);
+        let payload = format!(r#"{{"ghost": {i}}}"#);
+        producer
+            .send(
+                FutureRecord::to("orders")
+                    .partition(0)
+                    .key("a")
+                    .payload(&payload)
+                    .headers(headers),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(e, _)| e)?;
+    }
+    // committed on the surviving timeline, below the ghosts
+    enqueue(&db, "a", 6, 10).await?;
+    let log = relay_refuses(&db, &broker.bootstrap()).await?;
+    assert!(
+        log.contains("beyond anything this database has committed"),
+        "{log}"
+    );
+
+    // the database moves past the ghosts (five WAL segments of 16 MB)
+    for _ in 0..5 {
+        db.client
+            .batch_execute(
+                "SELECT pg_logical_emit_message(false, 'filler', 'x'); SELECT pg_switch_wal()",
+            )
+            .await?;
+    }
+    let past: bool = db
+        .client
+        .query_one(
+            "SELECT pg_current_wal_insert_lsn() > $1::text::pg_lsn",
+            &[&format!(
+                "{:X}/{:X}",
+                ghosts_at >> 32,
+                ghosts_at & 0xffff_ffff
+            )],
+        )
+        .await?
+        .get(0);
+    assert!(past, "the database is past the ghosts");
+    let log = relay_refuses(&db, &broker.bootstrap()).await?;
+    assert!(log.contains("was stopped at"), "{log}");
+    assert!(log.contains("outbox.recreate_slot"), "{log}");
+    let (_, status) = relay_command("status", &db, &broker.bootstrap())?;
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("stopped") && l.contains("beyond anything")),
+        "{status}"
+    );
+
+    // the operator checked Kafka and goes on under a new incarnation
+    db.client
+        .batch_execute("SELECT * FROM outbox.recreate_slot('ghosts of the lost primary')")
+        .await?;
+    let _relay = Relay::start(db.port, &db.name, &broker.bootstrap(), &[])?;
+    let records = read_all(&broker.bootstrap(), &[("orders", 1)], 266, READ_TIMEOUT)?;
+    let real: Vec<String> = records
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.payload).into_owned())
+        .filter(|p| !p.contains("ghost"))
+        .collect();
+    let expected: Vec<String> = (1..=10).map(|n| format!(r#"{{"n": {n}}}"#)).collect();
+    assert_eq!(real, expected, "every real event once, in order");
     Ok(())
 }

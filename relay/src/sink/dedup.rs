@@ -6,18 +6,36 @@
 //! ([`read_back`]); an event at or before what was found is already in Kafka and is skipped. That
 //! makes the at-least-once replay from the source exactly-once in Kafka without broker
 //! transactions.
+//!
+//! Invariants:
+//! - Only the relay's own records count. A record is this source's when its first headers are the
+//!   relay's (`pg_outbox-id`, `pg_outbox-position`, `pg_outbox-source` = this identity,
+//!   `pg_outbox-mac`) and the MAC verifies under the source's record key for this topic,
+//!   partition, position and id ([`crate::sink::mac_fields`]). The key is derived from the
+//!   database's sealing key, which no producer on the topic has; the identity, which every record
+//!   shows, proves nothing by itself.
+//! - A record that claims this identity without a MAC that verifies (another producer's copy of the
+//!   headers, a made-up position, a record of a relay older than the MAC) is ignored: it moves no
+//!   floor, is no "last position", and cannot make the relay stop as "ahead of the database". It
+//!   is counted (`pg_outbox_relay_foreign_records_total`) and reported in one log line per topic
+//!   and session, without its content.
+//! - A copy of a real record proves only what the real one does: the MAC binds topic and
+//!   partition, so a copy elsewhere does not verify.
 
 use crate::error::RelayError;
 use crate::event::Position;
-use crate::sink::{Sink, HEADER_ID, HEADER_POSITION, HEADER_SOURCE};
+use crate::sink::kafka::raw_headers;
+use crate::sink::{mac_fields, Sink, HEADER_ID, HEADER_MAC, HEADER_POSITION, HEADER_SOURCE};
 use crate::source::Identity;
+use crate::telemetry::Metrics;
 use futures_util::StreamExt;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use tracing::info;
+use tracing::{info, warn};
 
 /// Partitions read back at once on a topic's first touch. Each read is a consumer of its own (a
 /// librdkafka client with its threads and connection): a topic of thousands of partitions read all
@@ -39,6 +57,9 @@ pub struct Tail {
     pub seen: HashSet<Position>,
     /// The first position this session sent; everything from it up to `last` is in Kafka.
     first_sent: Option<Position>,
+    /// Records read back that claim this source but do not prove it (see the module's invariants):
+    /// ignored, and counted here.
+    pub foreign: u64,
 }
 
 impl Tail {
@@ -82,10 +103,12 @@ impl Dedup {
     ///
     /// A partition that holds records of this identity at or beyond its ceiling (positions the
     /// database has not reached) stops the relay: skipping by them would lose every new event.
+    #[allow(clippy::too_many_arguments)]
     pub async fn already_published<S: Sink>(
         &mut self,
         sink: &S,
         identity: &Identity,
+        metrics: &Metrics,
         topic: &str,
         partitions: i32,
         partition: i32,
@@ -96,16 +119,18 @@ impl Dedup {
             .get(topic)
             .is_none_or(|t| t.partitions.len() != partitions as usize)
         {
-            let reads = (0..partitions).map(|p| sink.read_tail(topic, p, &identity.name));
+            let reads = (0..partitions).map(|p| sink.read_tail(topic, p, identity));
             let read: Vec<_> = futures_util::stream::iter(reads)
                 .buffered(READ_BACK_CONCURRENCY)
                 .collect()
                 .await;
             let mut tails = Vec::with_capacity(partitions as usize);
+            let mut foreign = 0;
             for (p, tail) in read.into_iter().enumerate() {
                 let tail = tail?;
+                foreign += tail.foreign;
                 if let Some(last) = tail.last.filter(|last| *last >= identity.ceiling) {
-                    return Err(RelayError::permanent(format!(
+                    return Err(RelayError::verdict(&identity.source, format!(
                         "{topic}[{p}] holds records of source {} up to position {last}, beyond \
                          anything this database has committed ({}): the database was restored to an \
                          earlier point, or Kafka holds another database's records under this \
@@ -117,6 +142,20 @@ impl Dedup {
                     info!(%topic, partition = p, last_position = %last, "resuming after the last record of this source");
                 }
                 tails.push(tail);
+            }
+            if foreign > 0 {
+                metrics
+                    .foreign_records
+                    .fetch_add(foreign, Ordering::Relaxed);
+                // one line per topic and session, whatever the number of records
+                warn!(
+                    %topic,
+                    records = foreign,
+                    source = %identity.name,
+                    "records carry this source's headers but do not prove they are its own (no valid \
+                     pg_outbox-mac): written by another producer, or by a relay older than the MAC; \
+                     the restart dedup ignores them"
+                );
             }
             let read_last = tails.iter().filter_map(|t| t.last).max();
             self.tails.insert(
@@ -149,12 +188,13 @@ impl Dedup {
 /// Records of one partition are read back in windows of this many when looking for our last one.
 const TAIL_WINDOW: i64 = 256;
 
-/// Reads back what `topic`/`partition` holds of `source` (blocking: run it off the runtime).
+/// Reads back what `topic`/`partition` holds of the source `identity`: its own records, proven by
+/// their MAC (blocking: run it off the runtime).
 pub fn read_back(
     reader: &BaseConsumer,
     topic: &str,
     partition: i32,
-    source: &str,
+    identity: &Identity,
     timeout: Duration,
 ) -> Result<Tail, RelayError> {
     let (low, high) = reader.fetch_watermarks(topic, partition, timeout)?;
@@ -171,6 +211,8 @@ pub fn read_back(
     // windows double going back, so a partition full of other producers' records takes a few
     // reads, not one per 256 records
     let mut span = TAIL_WINDOW;
+    // over every window read (windows do not overlap)
+    let mut foreign = 0;
     loop {
         let start = (window_end - span).max(low);
         span = span.saturating_mul(2);
@@ -199,11 +241,15 @@ pub fn read_back(
             };
             let msg = msg?;
             next = msg.offset() + 1;
-            if let Some(p) = own_position(&msg, source) {
-                quiet_since = Instant::now();
-                tail.last = tail.last.max(Some(p));
-                tail.floor = Some(tail.floor.map_or(p, |f| f.min(p)));
-                tail.seen.insert(p);
+            match claim(&raw_headers(&msg), topic, partition, identity) {
+                Claim::Own(p) => {
+                    quiet_since = Instant::now();
+                    tail.last = tail.last.max(Some(p));
+                    tail.floor = Some(tail.floor.map_or(p, |f| f.min(p)));
+                    tail.seen.insert(p);
+                }
+                Claim::Unproven => foreign += 1,
+                Claim::None => {}
             }
         }
         if tail.last.is_some() || start <= low {
@@ -211,6 +257,7 @@ pub fn read_back(
                 // the whole partition was read: nothing older is present
                 tail.floor = None;
             }
+            tail.foreign = foreign;
             return Ok(tail);
         }
         found_end = Some(start);
@@ -221,30 +268,61 @@ pub fn read_back(
 /// How long a partition must stay quiet before its end is taken as reached.
 const TAIL_QUIET: Duration = Duration::from_millis(300);
 
-/// The position of a record written by the relay for `source`, if it is one. The relay writes its
-/// own headers first, in a fixed order (id, position, source), so only those places are trusted:
-/// a header of the same name further on came from the event's writer and is ignored.
-fn own_position(msg: &rdkafka::message::BorrowedMessage<'_>, source: &str) -> Option<Position> {
-    let headers = msg.headers()?;
-    let at = |i| headers.try_get(i).map(|h| (h.key, h.value));
-    relay_position(&[at(0)?, at(1)?, at(2)?], source)
+/// What a record read back is to the source being read back for.
+#[derive(Debug, PartialEq, Eq)]
+enum Claim {
+    /// Not a record of this source: another source's, or no relay headers in the relay's places.
+    None,
+    /// Written by this source's relay, at this position: its MAC verifies.
+    Own(Position),
+    /// Claims this source (the relay's headers in the relay's places, this identity) without
+    /// proof: ignored and counted.
+    Unproven,
 }
 
-/// [`own_position`] on the first three headers of a record.
-fn relay_position(first: &[(&str, Option<&[u8]>); 3], source: &str) -> Option<Position> {
-    match first {
-        [(HEADER_ID, _), (HEADER_POSITION, Some(position)), (HEADER_SOURCE, Some(s))]
-            if *s == source.as_bytes() =>
-        {
-            std::str::from_utf8(position).ok().and_then(Position::parse)
-        }
-        _ => None,
+/// [`Claim`] of a record with `headers` (names and values as bytes, in the record's order) in
+/// `topic`/`partition`. The relay writes its own headers first, in a fixed order (id, position,
+/// source, MAC), so only those places are looked at: a header of the same name further on came
+/// from the event's writer. Any producer may write the topic, so the headers are read raw
+/// ([`raw_headers`]: rdkafka's own accessor panics on a name that is not UTF-8) and nothing in
+/// them is trusted until the MAC over them verifies.
+fn claim(
+    headers: &[(&[u8], Option<&[u8]>)],
+    topic: &str,
+    partition: i32,
+    identity: &Identity,
+) -> Claim {
+    let [(id_name, id), (position_name, Some(position)), (source_name, Some(source)), rest @ ..] =
+        headers
+    else {
+        return Claim::None;
+    };
+    if *id_name != HEADER_ID.as_bytes()
+        || *position_name != HEADER_POSITION.as_bytes()
+        || *source_name != HEADER_SOURCE.as_bytes()
+        || *source != identity.name.as_bytes()
+    {
+        return Claim::None;
     }
+    let proven = || {
+        let position = Position::parse(std::str::from_utf8(position).ok()?)?;
+        let (mac_name, Some(mac)) = rest.first()? else {
+            return None;
+        };
+        if *mac_name != HEADER_MAC.as_bytes() {
+            return None;
+        }
+        let id = id.unwrap_or_default();
+        let fields = mac_fields(&identity.name, topic, partition, position, id);
+        identity.key.verify(&fields, mac).then_some(position)
+    };
+    proven().map_or(Claim::Unproven, Claim::Own)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pg_outbox_envelope::record::RecordKey;
 
     fn p(major: u64, minor: u64) -> Position {
         Position { major, minor }
@@ -257,6 +335,7 @@ mod tests {
             floor: Some(p(10, 0)),
             seen: [p(10, 0), p(10, 1), p(10, 3)].into_iter().collect(),
             first_sent: None,
+            foreign: 0,
         };
         assert!(tail.has(p(9, 7)), "below the window");
         assert!(tail.has(p(10, 1)));
@@ -281,6 +360,7 @@ mod tests {
             floor: None,
             seen: [p(2, 0), p(4, 0)].into_iter().collect(),
             first_sent: None,
+            foreign: 0,
         };
         assert!(!tail.has(p(1, 0)) && tail.has(p(2, 0)) && !tail.has(p(3, 0)));
     }
@@ -295,14 +375,21 @@ mod tests {
             .push(("t".into(), 0, p(9, 0)));
         let identity = Identity {
             name: "s".into(),
+            source: "slot:s".into(),
             ceiling: p(5, 0),
             recover: "do this".into(),
+            key: Default::default(),
         };
         let err = Dedup::default()
-            .already_published(&sink, &identity, "t", 1, 0, p(3, 0))
+            .already_published(&sink, &identity, &Metrics::default(), "t", 1, 0, p(3, 0))
             .await
             .unwrap_err();
         assert!(err.is_permanent(), "{err}");
+        assert_eq!(
+            err.verdict_source(),
+            Some("slot:s"),
+            "a verdict the relay stores before it stops"
+        );
         assert!(err.to_string().contains("do this"), "{err}");
         // below the ceiling the same record is a floor, as always
         let identity = Identity {
@@ -311,11 +398,11 @@ mod tests {
         };
         let mut dedup = Dedup::default();
         assert!(dedup
-            .already_published(&sink, &identity, "t", 1, 0, p(9, 0))
+            .already_published(&sink, &identity, &Metrics::default(), "t", 1, 0, p(9, 0))
             .await
             .unwrap());
         assert!(!dedup
-            .already_published(&sink, &identity, "t", 1, 0, p(9, 1))
+            .already_published(&sink, &identity, &Metrics::default(), "t", 1, 0, p(9, 1))
             .await
             .unwrap());
     }
@@ -331,43 +418,135 @@ mod tests {
         ]);
         let identity = Identity {
             name: "s".into(),
+            source: "slot:s".into(),
             ceiling: p(100, 0),
             recover: String::new(),
+            key: Default::default(),
         };
         let mut dedup = Dedup::default();
         // replayed, (5,0) now goes to partition 2, whose last record is later
         assert!(dedup
-            .already_published(&sink, &identity, "t", 3, 2, p(5, 0))
+            .already_published(&sink, &identity, &Metrics::default(), "t", 3, 2, p(5, 0))
             .await
             .unwrap());
         // (5,2) is nowhere: it is sent, even below what partition 2 holds
         assert!(!dedup
-            .already_published(&sink, &identity, "t", 3, 2, p(5, 2))
+            .already_published(&sink, &identity, &Metrics::default(), "t", 3, 2, p(5, 2))
             .await
             .unwrap());
         // a new event is never looked for elsewhere
         assert!(!dedup
-            .already_published(&sink, &identity, "t", 3, 1, p(7, 0))
+            .already_published(&sink, &identity, &Metrics::default(), "t", 3, 1, p(7, 0))
             .await
             .unwrap());
     }
 
+    fn identity(name: &str, auth_key: u8) -> Identity {
+        Identity {
+            name: name.into(),
+            key: RecordKey::derive(&[auth_key; 32]),
+            ..Identity::default()
+        }
+    }
+
+    /// The first headers of a record as the relay writes them for `identity`.
+    fn relay_headers(
+        identity: &Identity,
+        topic: &str,
+        partition: i32,
+        at: Position,
+    ) -> Vec<Vec<u8>> {
+        let id = b"0193b2f0-0000-7000-8000-000000000001";
+        let mac = identity
+            .key
+            .sign(&mac_fields(&identity.name, topic, partition, at, id));
+        vec![
+            id.to_vec(),
+            at.encode().to_vec(),
+            identity.name.as_bytes().to_vec(),
+            mac.to_vec(),
+        ]
+    }
+
+    fn named<'a>(names: &[&'a [u8]], values: &'a [Vec<u8>]) -> Vec<(&'a [u8], Option<&'a [u8]>)> {
+        names
+            .iter()
+            .zip(values)
+            .map(|(n, v)| (*n, Some(v.as_slice())))
+            .collect()
+    }
+
+    const NAMES: [&[u8]; 4] = [
+        HEADER_ID.as_bytes(),
+        HEADER_POSITION.as_bytes(),
+        HEADER_SOURCE.as_bytes(),
+        HEADER_MAC.as_bytes(),
+    ];
+
     #[test]
-    fn only_the_relays_own_headers_give_a_position() {
-        let pos = Position::new(7, 1).encode();
-        let ours = [
-            (HEADER_ID, Some(b"id".as_slice())),
-            (HEADER_POSITION, Some(pos.as_slice())),
-            (HEADER_SOURCE, Some(b"s".as_slice())),
-        ];
-        assert_eq!(relay_position(&ours, "s"), Some(Position::new(7, 1)));
-        assert_eq!(relay_position(&ours, "other"), None, "another source");
-        // a writer's header of the same name, anywhere but the relay's places, is not trusted
-        let forged = [
-            ("x", Some(b"1".as_slice())),
-            (HEADER_POSITION, Some(pos.as_slice())),
-            (HEADER_SOURCE, Some(b"s".as_slice())),
-        ];
-        assert_eq!(relay_position(&forged, "s"), None);
+    fn only_the_relays_own_proven_records_give_a_position() {
+        let me = identity("s", 9);
+        let at = Position::new(7, 1);
+        let values = relay_headers(&me, "t", 0, at);
+        let ours = named(&NAMES, &values);
+        assert_eq!(claim(&ours, "t", 0, &me), Claim::Own(at));
+        // the same record read back for another source is none of its business
+        assert_eq!(claim(&ours, "t", 0, &identity("other", 9)), Claim::None);
+        // the same bytes anywhere else, or under another database's key: not proven
+        assert_eq!(
+            claim(&ours, "t", 1, &me),
+            Claim::Unproven,
+            "another partition"
+        );
+        assert_eq!(claim(&ours, "u", 0, &me), Claim::Unproven, "another topic");
+        assert_eq!(claim(&ours, "t", 0, &identity("s", 8)), Claim::Unproven);
+        // a copied record with another position or id
+        let mut moved = values.clone();
+        moved[1] = Position::new(8, 0).encode().to_vec();
+        assert_eq!(claim(&named(&NAMES, &moved), "t", 0, &me), Claim::Unproven);
+        let mut renamed = values.clone();
+        renamed[0] = b"0193b2f0-0000-7000-8000-000000000002".to_vec();
+        assert_eq!(
+            claim(&named(&NAMES, &renamed), "t", 0, &me),
+            Claim::Unproven
+        );
+        // no MAC (a relay older than the MAC), a made-up one, a MAC header out of place
+        assert_eq!(claim(&ours[..3], "t", 0, &me), Claim::Unproven);
+        let mut made_up = values.clone();
+        made_up[3] = "ab".repeat(32).into_bytes();
+        assert_eq!(
+            claim(&named(&NAMES, &made_up), "t", 0, &me),
+            Claim::Unproven
+        );
+        let mut late = ours[..3].to_vec();
+        late.push((b"x".as_slice(), Some(b"1".as_slice())));
+        late.push(ours[3]);
+        assert_eq!(claim(&late, "t", 0, &me), Claim::Unproven);
+        // a garbled position
+        let mut garbled = values.clone();
+        garbled[1] = b"zz".to_vec();
+        assert_eq!(
+            claim(&named(&NAMES, &garbled), "t", 0, &me),
+            Claim::Unproven
+        );
+    }
+
+    #[test]
+    fn a_writers_header_of_the_same_name_out_of_place_is_not_a_claim() {
+        let me = identity("s", 9);
+        let values = relay_headers(&me, "t", 0, Position::new(7, 1));
+        let mut forged = named(&NAMES, &values);
+        forged[0].0 = b"x";
+        assert_eq!(claim(&forged, "t", 0, &me), Claim::None);
+        // a name that is not UTF-8 is just another name
+        let mut odd = named(&NAMES, &values);
+        odd[0].0 = &[0xff, 0xfe, b'x'];
+        assert_eq!(claim(&odd, "t", 0, &me), Claim::None);
+        assert_eq!(
+            claim(&named(&NAMES, &values)[..2], "t", 0, &me),
+            Claim::None,
+            "too few headers"
+        );
+        assert_eq!(claim(&[], "t", 0, &me), Claim::None);
     }
 }

@@ -11,7 +11,8 @@ use crate::error::{Kind, RelayError};
 use crate::event::Position;
 use crate::sink::dedup::{self, Tail};
 use crate::sink::{Delivered, Delivery, Record, Sink};
-use crate::sink::{HEADER_ID, HEADER_POSITION, HEADER_SOURCE, HEADER_TRACE};
+use crate::sink::{HEADER_ID, HEADER_MAC, HEADER_POSITION, HEADER_SOURCE, HEADER_TRACE};
+use crate::source::Identity;
 use rdkafka::client::{Client, ClientContext};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::BaseConsumer;
@@ -216,14 +217,14 @@ impl Sink for KafkaSink {
         &self,
         topic: &str,
         partition: i32,
-        source_id: &str,
+        identity: &Identity,
     ) -> Result<Tail, RelayError> {
         let reader: BaseConsumer = self.reader_config.create()?;
         let topic = topic.to_string();
-        let source = source_id.to_string();
+        let identity = identity.clone();
         let timeout = self.timeout;
         off_runtime("tail reader task", move || {
-            dedup::read_back(&reader, &topic, partition, &source, timeout)
+            dedup::read_back(&reader, &topic, partition, &identity, timeout)
         })
         .await
     }
@@ -346,7 +347,7 @@ fn judge_failure(e: KafkaError, msg: &OwnedMessage, alone: bool) -> Delivered {
 
 /// The relay's headers, then the user's.
 fn record_headers(record: &Record<'_>, position: &[u8; 33]) -> OwnedHeaders {
-    let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 4)
+    let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 5)
         .insert(Header {
             key: HEADER_ID,
             value: Some(record.event_id.as_bytes()),
@@ -358,6 +359,10 @@ fn record_headers(record: &Record<'_>, position: &[u8; 33]) -> OwnedHeaders {
         .insert(Header {
             key: HEADER_SOURCE,
             value: Some(record.source_id.as_bytes()),
+        })
+        .insert(Header {
+            key: HEADER_MAC,
+            value: Some(record.mac),
         });
     if let Some(trace) = record.trace {
         headers = headers.insert(Header {

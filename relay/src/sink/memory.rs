@@ -7,6 +7,7 @@ use crate::error::{Kind, RelayError};
 use crate::event::Position;
 use crate::sink::dedup::Tail;
 use crate::sink::{Delivered, Delivery, Record, Sink};
+use crate::source::Identity;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -117,7 +118,7 @@ impl Sink for MemorySink {
         &self,
         topic: &str,
         partition: i32,
-        _source_id: &str,
+        _identity: &Identity,
     ) -> Result<Tail, RelayError> {
         let log = self.log.lock().unwrap();
         let mut tail = Tail::default();

@@ -14,16 +14,39 @@ pub mod partition;
 use crate::deadletter::DeadLetter;
 use crate::error::RelayError;
 use crate::event::Position;
+use crate::source::Identity;
 use dedup::Tail;
+use pg_outbox_envelope::record::RecordFields;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-/// Header names the relay writes into every record.
+/// Header names the relay writes into every record, first and in this order (the trace context
+/// only when the event has one).
 pub const HEADER_ID: &str = "pg_outbox-id";
 pub const HEADER_POSITION: &str = "pg_outbox-position";
 pub const HEADER_SOURCE: &str = "pg_outbox-source";
+/// The proof that the relay wrote the record: see [`mac_fields`] and `pg_outbox_envelope::record`.
+pub const HEADER_MAC: &str = "pg_outbox-mac";
 pub const HEADER_TRACE: &str = "traceparent";
+
+/// What a record's [`HEADER_MAC`] binds: the source identity, where the record is (topic,
+/// partition), its position and its event id, as the relay writes them.
+pub fn mac_fields<'a>(
+    source: &'a str,
+    topic: &'a str,
+    partition: i32,
+    position: Position,
+    event_id: &'a [u8],
+) -> RecordFields<'a> {
+    RecordFields {
+        source,
+        topic,
+        partition,
+        position: (position.major, position.minor),
+        event_id,
+    }
+}
 
 /// One record to send, borrowed from the decoded event.
 #[derive(Debug, Clone, Copy)]
@@ -37,6 +60,8 @@ pub struct Record<'a> {
     pub event_id: &'a str,
     pub position: Position,
     pub source_id: &'a str,
+    /// The [`HEADER_MAC`] value: the hex tag of [`mac_fields`] under the source's record key.
+    pub mac: &'a [u8],
     /// The user's headers, written after the relay's own.
     pub headers: &'a [(&'a str, &'a [u8])],
     pub trace: Option<&'a str>,
@@ -83,12 +108,13 @@ pub trait Sink {
     /// the source and is retried).
     async fn partition_count(&mut self, topic: &str) -> Result<i32, RelayError>;
 
-    /// What `topic`/`partition` already holds of the source `source_id` (see [`Tail`]).
+    /// What `topic`/`partition` already holds of the source `identity`: only records whose
+    /// [`HEADER_MAC`] verifies under its key count (see [`Tail`]).
     async fn read_tail(
         &self,
         topic: &str,
         partition: i32,
-        source_id: &str,
+        identity: &Identity,
     ) -> Result<Tail, RelayError>;
 
     /// The partition counts asked for since they were last forgotten, asked again: those that

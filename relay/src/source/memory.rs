@@ -30,8 +30,10 @@ impl MemorySource {
             closed: Arc::default(),
             identity: Identity {
                 name: "test".into(),
+                source: "slot:test".into(),
                 ceiling: Position::new(u64::MAX, 0),
                 recover: "start over".into(),
+                key: Default::default(),
             },
             pace: None,
         }

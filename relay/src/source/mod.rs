@@ -14,6 +14,8 @@ pub mod wal;
 
 use crate::error::RelayError;
 use crate::event::{Position, SourceEvent};
+use pg_outbox_envelope::record::RecordKey;
+use pg_outbox_envelope::AUTH_KEY_LEN;
 use std::time::Duration;
 use tokio_postgres::Client;
 
@@ -21,9 +23,17 @@ use tokio_postgres::Client;
 /// compared by the restart dedup: `<source_id>/<system identifier>.<database oid>.<incarnation>`.
 /// Records of another cluster, another database or an earlier incarnation of the slot (or poll
 /// source) never match, so they never make the relay skip an event.
+///
+/// The name is public (every record carries it); what proves a record is this relay's is its
+/// `pg_outbox-mac` under [`Identity::key`], derived from the database's sealing key, which only the
+/// relay's role (and the extension) can read.
 #[derive(Debug, Clone, Default)]
 pub struct Identity {
     pub name: String,
+    /// Its row in `outbox.sources`: `slot:<name>` or `poll:<source_id>`.
+    pub source: String,
+    /// Signs every record the relay writes and verifies what the restart dedup reads back.
+    pub key: RecordKey,
     /// Above every position the database has committed when the session opened: a record of this
     /// identity at or beyond it means the database went back in time (a point-in-time recovery),
     /// and skipping by it would lose events.
@@ -41,11 +51,12 @@ impl Identity {
         source: &str,
         ceiling_sql: &str,
         recover: String,
+        auth_key: &[u8; AUTH_KEY_LEN],
     ) -> Result<Identity, RelayError> {
         let sql = format!(
             "SELECT (SELECT system_identifier FROM pg_catalog.pg_control_system())::text, \
-                    (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())::text, \
-                    o.incarnation::text, ({ceiling_sql})::text \
+                    (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database())::text, \
+                    o.incarnation::text, ({ceiling_sql})::text, o.stopped, o.stopped_at::text \
                FROM outbox.sources o WHERE o.source = $1"
         );
         let row = pg.query_opt(&sql, &[&source]).await?.ok_or_else(|| {
@@ -55,6 +66,14 @@ impl Identity {
         })?;
         let (system, database, incarnation, ceiling): (String, String, String, String) =
             (row.get(0), row.get(1), row.get(2), row.get(3));
+        if let Some(why) = row.get::<_, Option<String>>(4) {
+            let at: Option<String> = row.get(5);
+            return Err(RelayError::permanent(format!(
+                "source {source:?} was stopped at {}: {why}. This incarnation stays stopped \
+                 whatever the database does since; {recover}",
+                at.as_deref().unwrap_or("?")
+            )));
+        }
         let ceiling = parse_major(&ceiling).ok_or_else(|| {
             RelayError::permanent(format!("unexpected ceiling {ceiling:?} for {source:?}"))
         })?;
@@ -63,10 +82,33 @@ impl Identity {
                 "{source_id}/{system}.{database}.{}",
                 incarnation.replace('-', "")
             ),
+            source: source.to_string(),
+            key: RecordKey::derive(auth_key),
             ceiling: Position::new(ceiling, 0),
             recover,
         })
     }
+}
+
+/// The database's sealing key: `outbox.enqueue` seals wal-mode messages with it, and the record key
+/// is derived from it (the relay's role needs EXECUTE on `outbox.relay_auth_key()`, which
+/// `outbox_relay` has).
+pub async fn auth_key(pg: &Client) -> Result<[u8; AUTH_KEY_LEN], RelayError> {
+    let key: Vec<u8> = pg
+        .query_one("SELECT outbox.relay_auth_key()", &[])
+        .await
+        .map_err(|e| match e.code().map(|c| c.code()) {
+            // permission denied, no such function: retrying cannot help
+            Some("42501") | Some("42883") => RelayError::permanent(
+                "cannot read the sealing key with outbox.relay_auth_key(): grant outbox_relay to \
+                 the relay's role (pg_user), or update the pg_outbox extension",
+            )
+            .caused_by(e),
+            _ => RelayError::from(e),
+        })?
+        .get(0);
+    key.try_into()
+        .map_err(|_| RelayError::permanent("outbox.relay_auth_key() did not return 32 bytes"))
 }
 
 /// The extension in `database` has no `outbox.sources`: it is older than this relay.

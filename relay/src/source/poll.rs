@@ -42,13 +42,13 @@ const SET_IDLE_SQL: &str = "INSERT INTO outbox.poller (id, idle) VALUES (1, $1) 
        ON CONFLICT (id) DO UPDATE SET idle = excluded.idle";
 
 const POLL_SQL: &str = "SELECT seq, id, xid::text::bigint, topic, key, \
-            ARRAY(SELECT h.key FROM jsonb_each_text(headers) h ORDER BY h.key COLLATE \"C\"), \
+            ARRAY(SELECT h.key FROM pg_catalog.jsonb_each_text(headers) h ORDER BY h.key COLLATE pg_catalog.\"C\"), \
             payload, payload_is_json, trace_context, \
             (extract(epoch FROM created_at) * 1000000)::bigint, \
-            ARRAY(SELECT h.value FROM jsonb_each_text(headers) h ORDER BY h.key COLLATE \"C\") \
+            ARRAY(SELECT h.value FROM pg_catalog.jsonb_each_text(headers) h ORDER BY h.key COLLATE pg_catalog.\"C\") \
        FROM outbox.events \
       WHERE (xid, seq) > ($1::text::xid8, $2) \
-        AND xid < pg_snapshot_xmin(pg_current_snapshot()) \
+        AND xid < pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot()) \
       ORDER BY xid, seq \
       LIMIT $3";
 
@@ -118,7 +118,8 @@ impl PollSource {
         let pg = postgres::connect(&config.postgres).await?;
         let tables = pg
             .query_one(
-                "SELECT to_regclass('outbox.events') IS NOT NULL, to_regclass('outbox.sources') IS NOT NULL",
+                "SELECT pg_catalog.to_regclass('outbox.events') IS NOT NULL, \
+                        pg_catalog.to_regclass('outbox.sources') IS NOT NULL",
                 &[],
             )
             .await?;
@@ -132,22 +133,7 @@ impl PollSource {
         if !tables.get::<_, bool>(1) {
             return Err(super::extension_predates_relay(&config.postgres.database));
         }
-        let locked: bool = pg
-            .query_one(
-                "SELECT pg_try_advisory_lock(hashtextextended('pg_outbox.poll:' || $1, 0))",
-                &[&config.source.source_id],
-            )
-            .await?
-            .get(0);
-        if !locked {
-            let who = lock_holder(&pg, &config.source.source_id)
-                .await?
-                .unwrap_or_else(|| "another session".to_string());
-            return Err(RelayError::standby(format!(
-                "source \"{}\" is polled by {who}",
-                config.source.source_id
-            )));
-        }
+        take_poll_lock(&pg, &config.source.source_id).await?;
         // the source's incarnation, made on its first poll
         let source = format!("poll:{}", config.source.source_id);
         pg.execute(
@@ -155,15 +141,18 @@ impl PollSource {
             &[&source],
         )
         .await?;
+        // the record key: the dedup believes only records signed with it
+        let key = super::auth_key(&pg).await?;
         let identity = Identity::read(
             &pg,
             &config.source.source_id,
             &source,
-            "pg_snapshot_xmax(pg_current_snapshot())",
+            "pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())",
             format!(
                 "SELECT outbox.new_poll_incarnation('<why>', '{}') to go on under a new incarnation",
                 config.source.source_id
             ),
+            &key,
         )
         .await?;
         info!(source = %identity.name, "polling outbox.events");
@@ -185,17 +174,90 @@ impl PollSource {
     }
 }
 
-/// Which relay holds the poll lock of `source_id` (see [`postgres::HOLDER_SQL`]), if any.
-pub async fn lock_holder(pg: &Client, source_id: &str) -> Result<Option<String>, RelayError> {
+/// Takes the advisory lock that makes this relay the poller of `source_id`, or says who holds it.
+///
+/// The lock's key is random and kept in `outbox.sources` (`outbox._poll_lock_key`), which only
+/// `outbox_relay` reads, so that a role without grants cannot take it first. A key shows in
+/// `pg_locks` while it is held, though: a session whose role is no member of `outbox_relay` that
+/// holds it (having seen it there) is not a relay, and the relay asks for a new key instead of
+/// standing by behind it. Of several relays that find the same impostor, only the first changes the
+/// key; the others then find that relay holding the new one and stand by.
+async fn take_poll_lock(pg: &Client, source_id: &str) -> Result<(), RelayError> {
+    let mut key: i64 = pg
+        .query_one("SELECT outbox._poll_lock_key($1)", &[&source_id])
+        .await?
+        .get(0);
+    for _ in 0..3 {
+        let locked: bool = pg
+            .query_one("SELECT pg_catalog.pg_try_advisory_lock($1)", &[&key])
+            .await?
+            .get(0);
+        if locked {
+            return Ok(());
+        }
+        match holder_of(pg, key).await? {
+            Some(holder) if !holder.relay => {
+                warn!(
+                    holder = %holder.who,
+                    "the poll lock of this source is held by a session whose role is no member of \
+                     outbox_relay: taking a new lock key instead of standing by"
+                );
+                key = pg
+                    .query_one("SELECT outbox._poll_lock_key($1, $2)", &[&source_id, &key])
+                    .await?
+                    .get(0);
+            }
+            holder => {
+                let who = holder.map_or_else(|| "another session".to_string(), |h| h.who);
+                return Err(RelayError::standby(format!(
+                    "source \"{source_id}\" is polled by {who}"
+                )));
+            }
+        }
+    }
+    Err(RelayError::standby(format!(
+        "source \"{source_id}\" is polled by another session"
+    )))
+}
+
+/// The session that holds an advisory lock, and whether its role may be a relay.
+pub struct Holder {
+    /// See [`postgres::HOLDER_SQL`].
+    pub who: String,
+    /// Its role is a member of `outbox_relay` (or a superuser).
+    pub relay: bool,
+}
+
+/// Which session holds the poll lock of `source_id`, if any; for `status` (reads, changes nothing).
+pub async fn lock_holder(pg: &Client, source_id: &str) -> Result<Option<Holder>, RelayError> {
+    let key: Option<i64> = pg
+        .query_opt(
+            "SELECT o.lock_key FROM outbox.sources o WHERE o.source = 'poll:' || $1",
+            &[&source_id],
+        )
+        .await?
+        .and_then(|r| r.get(0));
+    match key {
+        Some(key) => holder_of(pg, key).await,
+        None => Ok(None),
+    }
+}
+
+async fn holder_of(pg: &Client, key: i64) -> Result<Option<Holder>, RelayError> {
     let sql = format!(
-        "SELECT {} FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid, \
-         hashtextextended('pg_outbox.poll:' || $1, 0) k \
+        "SELECT {}, pg_catalog.pg_has_role(a.usesysid, 'outbox_relay', 'MEMBER') \
+           FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid, \
+                (SELECT $1::bigint) AS key(k) \
          WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
-           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+           AND l.database = (SELECT oid FROM pg_catalog.pg_database \
+                              WHERE datname = pg_catalog.current_database()) \
            AND l.classid = ((k >> 32) & 4294967295)::oid AND l.objid = (k & 4294967295)::oid",
         postgres::HOLDER_SQL
     );
-    Ok(pg.query_opt(&sql, &[&source_id]).await?.map(|r| r.get(0)))
+    Ok(pg.query_opt(&sql, &[&key]).await?.map(|r| Holder {
+        who: r.get(0),
+        relay: r.get(1),
+    }))
 }
 
 impl Source for PollSource {

@@ -26,7 +26,10 @@ pub struct SlotState {
 impl SlotState {
     pub async fn read(pg: &Client, name: &str) -> Result<SlotState, RelayError> {
         let tracked: bool = pg
-            .query_one("SELECT to_regclass('outbox.sources') IS NOT NULL", &[])
+            .query_one(
+                "SELECT pg_catalog.to_regclass('outbox.sources') IS NOT NULL",
+                &[],
+            )
             .await?
             .get(0);
         let known = if tracked {
@@ -41,13 +44,17 @@ impl SlotState {
         };
         let slot = pg
             .query_opt(
-                "SELECT database::text, plugin::text, wal_status FROM pg_replication_slots WHERE slot_name = $1",
+                "SELECT database::text, plugin::text, wal_status FROM pg_catalog.pg_replication_slots \
+                  WHERE slot_name = $1",
                 &[&name],
             )
             .await?
             .map(|r| (r.get(0), r.get(1), r.get(2)));
         let publication = pg
-            .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name])
+            .query_opt(
+                "SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1",
+                &[&name],
+            )
             .await?
             .is_some();
         Ok(SlotState {

@@ -9,7 +9,7 @@
 //! Only messages sealed by `outbox.enqueue` in the transaction that carries them are events: the
 //! key is read once per session (`outbox.relay_auth_key()`), and a message that does not verify
 //! (written with `pg_logical_emit_message` by any role, or copied from another transaction) is
-//! handed over as [`Body::Invalid`] and dead-lettered with the reason, never published.
+//! handed over as [`Body::Unproven`], without its bytes: counted, never published, never stored.
 
 use crate::config::Config;
 use crate::error::RelayError;
@@ -99,7 +99,8 @@ async fn next_full_xid(pg: &Client) -> Result<u64, RelayError> {
 /// Which relay streams from `slot` (see [`postgres::HOLDER_SQL`]), if any.
 pub async fn slot_holder(pg: &Client, slot: &str) -> Result<Option<String>, RelayError> {
     let sql = format!(
-        "SELECT {} FROM pg_replication_slots s JOIN pg_stat_activity a ON a.pid = s.active_pid \
+        "SELECT {} FROM pg_catalog.pg_replication_slots s \
+           JOIN pg_catalog.pg_stat_activity a ON a.pid = s.active_pid \
          WHERE s.slot_name = $1 AND s.active",
         postgres::HOLDER_SQL
     );
@@ -124,12 +125,12 @@ impl WalSource {
             )));
         }
         prepare_slot(&pg, config, *first).await?;
-        let key = auth_key(&pg).await?;
+        let key = super::auth_key(&pg).await?;
         let next_xid = next_full_xid(&pg).await?;
         // in ms; 0 turns the timeout off (the slot is then held until the connection closes)
         let sender_timeout: i64 = pg
             .query_one(
-                "SELECT setting::bigint FROM pg_settings WHERE name = 'wal_sender_timeout'",
+                "SELECT setting::bigint FROM pg_catalog.pg_settings WHERE name = 'wal_sender_timeout'",
                 &[],
             )
             .await?
@@ -146,6 +147,7 @@ impl WalSource {
                 "SELECT * FROM outbox.recreate_slot('<why>', '{slot}') to go on under a new \
                  incarnation (the slot is kept)"
             ),
+            &key,
         )
         .await?;
         info!(source = %identity.name, "source identity");
@@ -221,9 +223,8 @@ impl WalSource {
                         let xid = pg_outbox_envelope::widen_xid(self.next_xid, txn.xid);
                         let body = match pg_outbox_envelope::open(&content, &self.key, xid) {
                             Ok(envelope) => Body::Envelope(content.slice(..envelope.len())),
-                            Err(e) => Body::Invalid {
+                            Err(e) => Body::Unproven {
                                 reason: e.to_string(),
-                                content,
                             },
                         };
                         SourceEvent {
@@ -233,15 +234,14 @@ impl WalSource {
                         }
                     }
                     // not written by outbox.enqueue (which is always transactional): nothing
-                    // ties it to a commit, so it is kept as a dead letter rather than published
+                    // ties it to a commit
                     None => SourceEvent {
                         position: Position::new(lsn.as_u64(), 0),
                         since_micros: 0,
-                        body: Body::Invalid {
+                        body: Body::Unproven {
                             reason: format!(
                                 "non-transactional pg_outbox message (transactional = {transactional})"
                             ),
-                            content,
                         },
                     },
                 };
@@ -266,26 +266,6 @@ impl WalSource {
         }
         Ok(false)
     }
-}
-
-/// The key `outbox.enqueue` seals messages with (the relay's role needs EXECUTE on
-/// `outbox.relay_auth_key()`, which `outbox_relay` has).
-async fn auth_key(pg: &Client) -> Result<[u8; AUTH_KEY_LEN], RelayError> {
-    let key: Vec<u8> = pg
-        .query_one("SELECT outbox.relay_auth_key()", &[])
-        .await
-        .map_err(|e| match e.code().map(|c| c.code()) {
-            // permission denied, no such function: retrying cannot help
-            Some("42501") | Some("42883") => RelayError::permanent(
-                "cannot read the sealing key with outbox.relay_auth_key(): grant outbox_relay to \
-                 the relay's role (pg_user), or update the pg_outbox extension",
-            )
-            .caused_by(e),
-            _ => RelayError::from(e),
-        })?
-        .get(0);
-    key.try_into()
-        .map_err(|_| RelayError::permanent("outbox.relay_auth_key() did not return 32 bytes"))
 }
 
 /// Makes sure the slot can stream, creating it (publication first, committed, then the slot) only
@@ -326,8 +306,8 @@ async fn prepare_slot(pg: &Client, config: &Config, first: bool) -> Result<(), R
 /// lost starts there.
 async fn remember_confirmed(pg: &Client, slot: &str) -> Result<(), RelayError> {
     pg.execute(
-        "UPDATE outbox.sources o SET seen_lsn = s.confirmed_flush_lsn, seen_at = now() \
-           FROM pg_replication_slots s \
+        "UPDATE outbox.sources o SET seen_lsn = s.confirmed_flush_lsn, seen_at = pg_catalog.now() \
+           FROM pg_catalog.pg_replication_slots s \
           WHERE o.source = 'slot:' || $1 AND s.slot_name = $1 AND s.confirmed_flush_lsn IS NOT NULL",
         &[&slot],
     )
