@@ -39,7 +39,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/stage.sh
 PGBIN=$($PG_CONFIG --bindir)
-PORT=${PG_OUTBOX_BENCH_PORT:-55462}            # the durable cluster
+PORT=${PG_OUTBOX_BENCH_PORT:-25462}            # the durable cluster
 FAST_PORT=${PG_OUTBOX_BENCH_FAST_PORT:-57010}  # the fast cluster (enqueue and latency)
 KAFKA_PORT=${PG_OUTBOX_BENCH_KAFKA_PORT:-19412}
 METRICS_PORT=${PG_OUTBOX_BENCH_METRICS_PORT:-19413}

@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/stage.sh
-PORT=${PG_OUTBOX_DEMO_PORT:-55452}
+PORT=${PG_OUTBOX_DEMO_PORT:-25452}
 KAFKA_PORT=${PG_OUTBOX_DEMO_KAFKA_PORT:-19402}
 BROKERS=127.0.0.1:$KAFKA_PORT
 N=${ORDERS:-500}

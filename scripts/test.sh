@@ -73,9 +73,10 @@ run_version() {
     echo "test: PostgreSQL $v: installing the extension into $($config --sharedir)/extension"
     local sudo=; [ "$(id -u)" = 0 ] || sudo=--sudo
     (cd pg_outbox && cargo pgrx install $sudo --pg-config "$config" >/dev/null)
-    # the fixtures' defaults (tests/src/postgres.rs) for 15, other ports for the others
-    local base=55432
-    [ "$v" = 15 ] || base=$((55002 + v * 10))
+    # the fixtures' defaults (tests/src/postgres.rs) for 15, other ports for the others; all below
+    # the kernel's ephemeral range (32768-60999), where an outgoing connection can hold a port
+    local base=25432
+    [ "$v" = 15 ] || base=$((25002 + v * 10))
     export PG_OUTBOX_TEST_PORT=$base
     export PG_OUTBOX_TEST_REPLICA_PORT=$((base + 1))
     export PG_OUTBOX_TEST_RESTART_PORT=$((base + 2))

@@ -142,6 +142,11 @@ settings_group! {
         /// boundary, and the next one routes keys with the new count.
         #[arg(long, env = "PG_OUTBOX_PARTITION_CHECK_MS")]
         pub partition_check_ms: Option<u64>,
+        /// The Kafka topics this source may publish to, comma-separated: names, or prefixes
+        /// ending in `*` (`orders,billing.*`). An event for another topic is dead-lettered. Unset:
+        /// any topic (writers choose the topic of their events).
+        #[arg(long, env = "PG_OUTBOX_ALLOWED_TOPICS")]
+        pub allowed_topics: Option<String>,
     }
 }
 
@@ -337,6 +342,8 @@ pub struct KafkaConfig {
     pub partition_check: Duration,
     /// librdkafka settings given by the operator, applied over ours.
     pub settings: BTreeMap<String, String>,
+    /// Topics the source may publish to (names, or prefixes ending in `*`); empty: any.
+    pub allowed_topics: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -650,6 +657,7 @@ fn resolve_kafka(
             "fence_timeout_ms {fence_timeout} is too small (at least 1000; PG_OUTBOX_FENCE_TIMEOUT_MS)"
         )));
     }
+    let allowed_topics = parse_allowed_topics(s.allowed_topics.as_deref().unwrap_or(""))?;
     let partition_check = s.partition_check_ms.unwrap_or(10_000);
     if partition_check < 100 {
         return Err(RelayError::config(format!(
@@ -664,7 +672,32 @@ fn resolve_kafka(
         max_record_bytes,
         record_timestamp,
         settings,
+        allowed_topics,
     })
+}
+
+/// `allowed_topics`: comma-separated topic names, or prefixes ending in `*`.
+fn parse_allowed_topics(list: &str) -> Result<Vec<String>, RelayError> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            let name = t.strip_suffix('*').unwrap_or(t);
+            // a prefix may be empty (`*`: any topic) or end in a separator
+            let probe = if name.is_empty() || t.ends_with('*') {
+                format!("{name}x")
+            } else {
+                name.to_string()
+            };
+            pg_outbox_envelope::validate_topic(&probe).map_err(|e| {
+                RelayError::config(format!(
+                    "allowed_topics entry {t:?} is not a topic name or a prefix ending in '*': {e} \
+                     (PG_OUTBOX_ALLOWED_TOPICS)"
+                ))
+            })?;
+            Ok(t.to_string())
+        })
+        .collect()
 }
 
 fn resolve_source(
@@ -760,6 +793,18 @@ fn resolve_ingest(s: IngestSettings) -> Result<IngestConfig, RelayError> {
 }
 
 impl KafkaConfig {
+    /// Whether `allowed_topics` lets the source publish to Kafka topic `topic`.
+    pub fn allows(&self, topic: &str) -> bool {
+        self.allowed_topics.is_empty()
+            || self
+                .allowed_topics
+                .iter()
+                .any(|rule| match rule.strip_suffix('*') {
+                    Some(prefix) => topic.starts_with(prefix),
+                    None => topic == rule,
+                })
+    }
+
     /// The Kafka topic an event with `topic` is published to.
     pub fn topic_for<'t>(&self, topic: &'t str) -> std::borrow::Cow<'t, str> {
         if self.topic_template == "{topic}" {
@@ -848,6 +893,34 @@ mod tests {
         assert_eq!(c.kafka.topic_for("orders"), "orders");
         assert!(c.source.create_slot);
         assert!(c.ingest.is_none(), "ingest settings belong to ingest only");
+    }
+
+    #[test]
+    fn allowed_topics_are_names_or_prefixes() {
+        let rules = parse_allowed_topics(" orders, billing.* ,").unwrap();
+        let kafka = KafkaConfig {
+            brokers: String::new(),
+            fence_timeout: Duration::from_secs(30),
+            topic_template: "{topic}".into(),
+            max_record_bytes: 1_000_000,
+            record_timestamp: RecordTimestamp::Enqueue,
+            partition_check: Duration::from_secs(10),
+            settings: Default::default(),
+            allowed_topics: rules,
+        };
+        assert!(kafka.allows("orders"));
+        assert!(kafka.allows("billing.invoices"));
+        assert!(!kafka.allows("orders2"), "a name is exact");
+        assert!(!kafka.allows("secrets"));
+        let open = KafkaConfig {
+            allowed_topics: Vec::new(),
+            ..kafka
+        };
+        assert!(open.allows("secrets"), "unset: any topic");
+        let err = parse_allowed_topics("orders,bad topic")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("allowed_topics"), "{err}");
     }
 
     #[test]

@@ -485,6 +485,13 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
                 .await?;
             return Ok(None);
         }
+        // writers choose their events' topics: only those the operator allowed are written
+        if !self.kafka.allows(&topic) {
+            let reason = format!("topic {topic:?} is not in allowed_topics");
+            self.dead_letter(DeadLetter::of_event(position, event, reason))
+                .await?;
+            return Ok(None);
+        }
         let Some(partitions) = self.partition_count(&topic, position, event).await? else {
             return Ok(None);
         };
@@ -707,6 +714,7 @@ mod tests {
             record_timestamp: crate::config::RecordTimestamp::Enqueue,
             partition_check: Duration::from_secs(10),
             settings: Default::default(),
+            allowed_topics: Vec::new(),
         };
         let source_config = SourceConfig {
             kind: SourceKind::Wal,

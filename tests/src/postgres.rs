@@ -16,9 +16,9 @@ use std::time::Duration;
 use tokio_postgres::{Client, NoTls};
 
 /// The clusters' ports when the environment names none: the same as scripts/test.sh's defaults.
-const DEFAULT_PORT: u16 = 55432;
-const DEFAULT_REPLICA_PORT: u16 = 55433;
-const DEFAULT_RESTART_PORT: u16 = 55434;
+const DEFAULT_PORT: u16 = 25432;
+const DEFAULT_REPLICA_PORT: u16 = 25433;
+const DEFAULT_RESTART_PORT: u16 = 25434;
 
 /// The `wal_level=logical` cluster.
 pub fn port() -> u16 {

@@ -323,3 +323,65 @@ async fn the_largest_event_enqueue_accepts_is_published_with_the_defaults() -> R
     assert_eq!(dead, 0, "nothing dead-lettered");
     Ok(())
 }
+
+/// Writers choose their events' topics; `allowed_topics` limits where this source publishes. An
+/// event for a topic outside the list is dead-lettered with the reason (even when the topic exists),
+/// and the rest flows.
+#[tokio::test]
+async fn an_event_for_a_topic_outside_allowed_topics_is_dead_lettered() -> Result<()> {
+    let db = TestDb::create("po_allowed_topics", port()).await?;
+    let broker = Broker::start()?;
+    broker.create_topic("orders", 1).await?;
+    broker.create_topic("billing.invoices", 1).await?;
+    broker.create_topic("secrets", 1).await?;
+    db.create_slot().await?;
+    db.client
+        .batch_execute(
+            "SELECT outbox.enqueue('orders', 'k', '{\"n\": 1}'); \
+             SELECT outbox.enqueue('secrets', 'k', '{\"n\": 2}'); \
+             SELECT outbox.enqueue('billing.invoices', 'k', '{\"n\": 3}'); \
+             SELECT outbox.enqueue('orders', 'k', '{\"n\": 4}')",
+        )
+        .await?;
+    let _relay = Relay::start(
+        db.port,
+        &db.name,
+        &broker.bootstrap(),
+        &["--allowed-topics", "orders,billing.*"],
+    )?;
+    let records = read_all(
+        &broker.bootstrap(),
+        &[("orders", 1), ("billing.invoices", 1)],
+        3,
+        Duration::from_secs(60),
+    )?;
+    assert_eq!(records.len(), 3);
+    let c = &db.client;
+    wait_for("the dead letter", Duration::from_secs(30), || async {
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM outbox.dead_letters", &[])
+            .await?
+            .get(0);
+        Ok(n == 1)
+    })
+    .await?;
+    let (topic, reason): (String, String) = {
+        let row = c
+            .query_one("SELECT topic, reason FROM outbox.dead_letters", &[])
+            .await?;
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(topic, "secrets");
+    assert!(reason.contains("allowed_topics"), "{reason}");
+    let secrets = read_all(
+        &broker.bootstrap(),
+        &[("secrets", 1)],
+        0,
+        Duration::from_secs(2),
+    )?;
+    assert!(
+        secrets.is_empty(),
+        "nothing reached the topic outside the list"
+    );
+    Ok(())
+}

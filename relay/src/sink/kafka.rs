@@ -36,6 +36,8 @@ pub fn producer_config(brokers: &str) -> ClientConfig {
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("partitioner", "murmur2_random")
+        // a topic an event names is never created by asking for it (a writer chooses the name)
+        .set("allow.auto.create.topics", "false")
         .set("linger.ms", "5");
     producer
 }
