@@ -29,12 +29,11 @@ fn owner() -> pg_sys::Oid {
     if cached != pg_sys::InvalidOid {
         return cached;
     }
-    let owner = with_pinned_search_path(|| {
-        Spi::get_one::<pg_sys::Oid>(
-            "SELECT c.relowner FROM pg_catalog.pg_class c \
-              WHERE c.oid OPERATOR(pg_catalog.=) 'outbox.events'::pg_catalog.regclass",
-        )
-    })
+    // called only inside as_owner's pinned search_path, before the switch
+    let owner = Spi::get_one::<pg_sys::Oid>(
+        "SELECT c.relowner FROM pg_catalog.pg_class c \
+          WHERE c.oid OPERATOR(pg_catalog.=) 'outbox.events'::pg_catalog.regclass",
+    )
     .unwrap_or_else(|e| error!("pg_outbox: cannot find the owner of outbox.events: {e}"))
     .unwrap_or_else(|| error!("pg_outbox: outbox.events has no owner"));
     OWNER.set(owner);
@@ -72,7 +71,7 @@ impl Drop for PinnedPath {
 
 /// Runs `f` with `search_path = pg_catalog, pg_temp` (pg_temp last: nothing temporary shadows a
 /// catalog type or relation, and functions and operators are never looked up there).
-pub fn with_pinned_search_path<R>(f: impl FnOnce() -> R) -> R {
+fn with_pinned_search_path<R>(f: impl FnOnce() -> R) -> R {
     // SAFETY: the same calls as fmgr_security_definer's for a function's SET clause; the value is
     // a constant that is always valid, and `_pin` restores the previous value.
     let _pin = unsafe {

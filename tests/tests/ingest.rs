@@ -2,7 +2,7 @@
 //! exactly once with its offset, whatever is killed when, and a worker's side effects happen once.
 
 use anyhow::Result;
-use pg_outbox_tests::{port, wait_for, Broker, Relay, TestDb};
+use pg_outbox_tests::{port, wait_for, with_raw_header, Broker, Relay, TestDb};
 use rand::{Rng, SeedableRng};
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -378,30 +378,13 @@ async fn an_offset_stored_inside_the_last_batch_is_resumed_from_exactly_there() 
     Ok(())
 }
 
-/// Headers with a name that is not UTF-8 (rdkafka's safe API cannot write one, so through
-/// librdkafka directly) and an id.
+/// Headers with a name that is not UTF-8 (rdkafka's safe API cannot write one) and an id.
 fn headers_with_raw_name(name: &[u8], id: &str) -> OwnedHeaders {
-    use rdkafka::bindings as rd;
-    use rdkafka::message::BorrowedHeaders;
     let headers = OwnedHeaders::new().insert(Header {
         key: "pg_outbox-id",
         value: Some(id),
     });
-    let native = headers.as_borrowed() as *const BorrowedHeaders as *mut rd::rd_kafka_headers_t;
-    let value = b"v";
-    // SAFETY: `native` is the header list `headers` owns (BorrowedHeaders is that list); librdkafka
-    // copies name and value.
-    let err = unsafe {
-        rd::rd_kafka_header_add(
-            native,
-            name.as_ptr().cast(),
-            name.len() as isize,
-            value.as_ptr().cast(),
-            value.len() as isize,
-        )
-    };
-    assert_eq!(err, rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR);
-    headers
+    with_raw_header(headers, name, b"v")
 }
 
 #[tokio::test]

@@ -30,13 +30,27 @@ async fn enqueue(db: &TestDb, key: &str, from: i64, to: i64) -> Result<()> {
     Ok(())
 }
 
-/// The headers the relay writes first, as a record of this source would carry them.
-fn relay_headers(id: &str, position: &str, source: &str, mac: &[u8]) -> OwnedHeaders {
+/// The headers the relay writes first, as this source's relay would write them into partition 0
+/// of `orders` for event `id` at `position`: signed with the database's record key.
+fn signed_headers(
+    key: &pg_outbox_envelope::record::RecordKey,
+    source: &str,
+    id: &str,
+    position: (u64, u64),
+) -> OwnedHeaders {
+    let mac = key.sign(&pg_outbox_envelope::record::RecordFields {
+        source,
+        topic: "orders",
+        partition: 0,
+        position,
+        event_id: id.as_bytes(),
+    });
+    let position = format!("{:016X}:{:016X}", position.0, position.1);
     [
         ("pg_outbox-id", id.as_bytes()),
         ("pg_outbox-position", position.as_bytes()),
         ("pg_outbox-source", source.as_bytes()),
-        ("pg_outbox-mac", mac),
+        ("pg_outbox-mac", &mac[..]),
     ]
     .into_iter()
     .fold(OwnedHeaders::new(), |headers, (key, value)| {
@@ -327,20 +341,11 @@ async fn records_beyond_what_the_database_committed_stop_the_relay() -> Result<(
     // (restored with it), as only that relay could
     let source = db.source_identity().await?;
     let id = "0193b2f0-0000-7000-8000-000000000000";
-    let mac = db
-        .record_key()
-        .await?
-        .sign(&pg_outbox_envelope::record::RecordFields {
-            source: &source,
-            topic: "orders",
-            partition: 0,
-            position: (0x0000_0FFF_FFFF_FFFF, 0),
-            event_id: id.as_bytes(),
-        });
+    let key = db.record_key().await?;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", broker.bootstrap())
         .create()?;
-    let headers = relay_headers(id, "00000FFFFFFFFFFF:0000000000000000", &source, &mac);
+    let headers = signed_headers(&key, &source, id, (0x0000_0FFF_FFFF_FFFF, 0));
     producer
         .send(
             FutureRecord::to("orders")
@@ -458,15 +463,7 @@ async fn a_stop_for_kafka_ahead_of_the_database_lasts_until_an_operator_acts() -
         .create()?;
     for i in 0..256u64 {
         let id = format!("0193b2f0-0000-7000-8000-{i:012x}");
-        let position = format!("{ghosts_at:016X}:{i:016X}");
-        let mac = key.sign(&pg_outbox_envelope::record::RecordFields {
-            source: &source,
-            topic: "orders",
-            partition: 0,
-            position: (ghosts_at, i),
-            event_id: id.as_bytes(),
-        });
-        let headers = relay_headers(&id, &position, &source, &mac);
+        let headers = signed_headers(&key, &source, &id, (ghosts_at, i));
         let payload = format!(r#"{{"ghost": {i}}}"#);
         producer
             .send(

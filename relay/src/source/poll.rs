@@ -133,14 +133,9 @@ impl PollSource {
         if !tables.get::<_, bool>(1) {
             return Err(super::extension_predates_relay(&config.postgres.database));
         }
+        // the source's row (its incarnation, made on its first poll) is made with its lock key
         take_poll_lock(&pg, &config.source.source_id).await?;
-        // the source's incarnation, made on its first poll
         let source = format!("poll:{}", config.source.source_id);
-        pg.execute(
-            "INSERT INTO outbox.sources (source) VALUES ($1) ON CONFLICT (source) DO NOTHING",
-            &[&source],
-        )
-        .await?;
         // the record key: the dedup believes only records signed with it
         let key = super::auth_key(&pg).await?;
         let identity = Identity::read(
