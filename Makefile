@@ -10,9 +10,10 @@ test-all:
 
 # the chaos test at 100,000 events (make test runs it at 20,000): random kills of the relay and
 # ingest, PostgreSQL immediate restarts and broker pauses under load, and here also a relay paused
-# while another takes over (see README, "A paused relay is fenced"); prints what was lost or doubled
+# while another takes over (see README, "A paused relay is fenced"); prints what was lost or doubled;
+# then a live relay whose sessions are terminated while a standby takes over (tests/tests/takeover.rs)
 chaos:
-	PG_FULL=15 TESTS="--test chaos" PG_OUTBOX_CHAOS_PAUSE=1 \
+	PG_FULL=15 TESTS="--test chaos --test takeover" PG_OUTBOX_CHAOS_PAUSE=1 \
 	    PG_OUTBOX_CHAOS_EVENTS=$${PG_OUTBOX_CHAOS_EVENTS:-100000} scripts/test.sh
 
 demo:

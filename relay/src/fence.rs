@@ -17,16 +17,30 @@
 //!   (it runs at most once a second, and a retry waits `retry.backoff.ms` more); the relay loop
 //!   checks again before each record it hands over.
 //!
+//! A relay that is not paused but lost its source (its walsender or lock session terminated,
+//! PostgreSQL restarted, any error that ends a session) is live: its producer would go on
+//! delivering what it held (for up to `linger.ms`, retries, `fence_timeout_ms`) while a standby
+//! takes the source within a second or two. So every session that ends in an error withdraws what
+//! its producer holds and destroys the producer at once, which closes its broker connections (a
+//! request half written to a socket is never completed); the next session, of this relay or a
+//! successor, waits `restart_grace_ms` for what was already whole in the sockets to land before it
+//! reads the partitions back (`tests/tests/takeover.rs`).
+//!
 //! The poll source's lock is held by a session of the paused relay, which the kernel keeps alive
 //! (the relay turns `idle_session_timeout` off for its sessions): no one takes over while it is
 //! paused, and it goes on when it resumes.
 //!
-//! What is left: a pause that falls between the pause check and the hand-over of that one record
-//! to the producer (microseconds); librdkafka's threads winning the race against the ticker after
-//! a resume (they would need to notice a dead connection, reconnect and send within the ticker's
-//! first run); a poll relay whose lock session is ended by an operator
-//! (`pg_terminate_backend`) or by the network while it is paused, and that resumes within
-//! `fence_timeout_ms`.
+//! What is left: a produce request partly written to its socket when the pause began, which
+//! librdkafka's thread completes the moment the process resumes, before the ticker runs (a socket
+//! cannot take half a request back; seen once, under a full test run's load); a pause that falls
+//! between the pause check and the hand-over of that one record to the producer (microseconds);
+//! librdkafka's threads winning the race against the ticker after a resume in other ways (they
+//! would need to notice a dead connection, reconnect and send within the ticker's first run); a
+//! poll relay whose lock session is ended by an operator (`pg_terminate_backend`) or by the network
+//! while it is paused, and that resumes within `fence_timeout_ms`; a live relay cut off from
+//! PostgreSQL by the network (not told its session ended) that hands records it had already read
+//! to its producer more than a status interval (0.5 s) after its last word reached the server.
+//!
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -103,6 +117,12 @@ impl PauseClock {
     /// long before the relay loop checks [`PauseClock::paused`] at its next record.
     pub fn arm(&self, limit: Duration, on_pause: OnPause) {
         *self.armed.lock().unwrap_or_else(|e| e.into_inner()) = Some((limit, on_pause));
+    }
+
+    /// Forgets what [`PauseClock::arm`] set: the session ended, and the withdrawal it armed holds
+    /// its producer, which must be free to close.
+    pub fn disarm(&self) {
+        *self.armed.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// Forgets the pauses seen so far (a new session starts).

@@ -32,7 +32,7 @@ use crate::telemetry::{micros_since, unix_micros_now, Metrics};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
 use pg_outbox_envelope::Event;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,8 +51,6 @@ pub async fn run(
 ) -> Result<(), RelayError> {
     let mut retry = Retry::new(config.source.backoff_max);
     crate::fence::PauseClock::start(metrics.pause.clone());
-    // One producer for the life of the process: records of a failed session that are still in
-    // flight are delivered (or fail) before the next session reads the partitions back.
     let mut sink = KafkaSink::new(&config.kafka, &config.source.source_id)?;
     let mut frontier = Frontier::default();
     let mut first = true;
@@ -72,6 +70,23 @@ pub async fn run(
             &mut first,
         )
         .await;
+        if result.is_err() {
+            metrics.pause.disarm();
+            if sink.has_sent() {
+                // A session that ends in an error gives up what its producer still holds, at once,
+                // and closes the producer's connections: once it lost its source a successor may
+                // hold the slot or lock within a second, and a record of this session landing
+                // after the successor read the partitions back would be a duplicate. What it
+                // withdrew is unacknowledged, so whichever relay streams next replays it; what
+                // already reached the broker is found by that relay's read-back.
+                let old = std::mem::replace(
+                    &mut sink,
+                    KafkaSink::new(&config.kafka, &config.source.source_id)?,
+                );
+                old.close().await;
+                info!("the session ended: what its producer held is withdrawn and its broker connections closed");
+            }
+        }
         if let Err(e) = &result {
             if let Some(source) = e.verdict_source() {
                 record_verdict(config, source, &e.to_string()).await;
@@ -166,8 +181,9 @@ pub struct Pipeline<'a, K: Sink, D: DeadLetters> {
     /// The source's, taken when the loop starts.
     identity: Identity,
     shutdown: CancellationToken,
-    /// Topics that could not be written to, since when (this session).
-    unwritable: HashMap<String, tokio::time::Instant>,
+    /// Events to topics that cannot be written to yet (missing, or not authorized), per topic in
+    /// order: they wait, each at most `poison_retry`, while the rest of the stream flows.
+    parked: HashMap<String, VecDeque<Parked>>,
     /// A pause of the relay this long ends the session (see fence.rs).
     pause_limit: Duration,
     frontier: &'a mut Frontier,
@@ -181,6 +197,52 @@ pub struct Pipeline<'a, K: Sink, D: DeadLetters> {
 
 /// At most one log line about unproven messages in this long, whatever their number.
 const UNPROVEN_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// How often a topic that could not be written to is looked up again while events wait for it.
+const PARKED_RETRY: Duration = Duration::from_millis(500);
+
+/// Where one event goes.
+enum Route {
+    /// Handed to the sink: the delivery to wait for, and the record's size.
+    Sent(Delivery, usize),
+    /// Nothing to wait for: Kafka already has it, it was dead-lettered, or it is no event.
+    Done,
+    /// Its topic cannot be written to yet (named): the event waits, and events to other topics
+    /// go on.
+    Park(String),
+}
+
+/// An event waiting for its topic: its checkpoint unit, the bytes it holds, and when it stops
+/// waiting and is dead-lettered.
+struct Parked {
+    event: SourceEvent,
+    unit: UnitId,
+    size: usize,
+    deadline: tokio::time::Instant,
+}
+
+/// The bytes an event holds while it waits.
+fn body_size(event: &SourceEvent) -> usize {
+    match &event.body {
+        Body::Envelope(content) => content.len(),
+        Body::Row(row) => {
+            row.payload.len() + row.topic.len() + row.key.as_ref().map_or(0, String::len)
+        }
+        Body::Unproven { reason } => reason.len(),
+    }
+}
+
+/// The dead letter of an event that was decoded once already.
+fn letter_of(event: &SourceEvent, reason: String) -> DeadLetter {
+    match &event.body {
+        Body::Envelope(content) => match Event::decode(content) {
+            Ok(e) => DeadLetter::of_event(event.position, &e, reason),
+            Err(_) => DeadLetter::raw(event.position, content, reason),
+        },
+        Body::Row(row) => DeadLetter::of_event(event.position, &row.as_event(), reason),
+        Body::Unproven { .. } => DeadLetter::raw(event.position, &[], reason),
+    }
+}
 
 /// A record in flight: its checkpoint unit, its start time (Unix µs), and its outcome.
 async fn track(
@@ -210,7 +272,7 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
             dedup: Dedup::default(),
             identity: Identity::default(),
             shutdown: CancellationToken::new(),
-            unwritable: HashMap::new(),
+            parked: HashMap::new(),
             pause_limit: Duration::MAX,
             frontier,
             alone_until: None,
@@ -235,10 +297,11 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
         }
         self.metrics.in_flight.store(0, Ordering::Relaxed);
         self.metrics.degraded.store(false, Ordering::Relaxed);
-        // Whatever an earlier session of this process sent is settled first, so the dedup sees it
-        // in Kafka. Holding the source (slot, lock) fences out any other relay from now on, but a
-        // relay that was just killed may have left produce requests in its socket that the broker
-        // still appends: give them time to land before the dedup reads the partitions back.
+        // Whatever an earlier session of this process sent was settled or withdrawn when it ended
+        // (see `run`). Holding the source (slot, lock) fences out any other relay from now on, but
+        // a relay that was just killed, or that withdrew, may have left whole produce requests in
+        // its sockets that the broker still appends: give them time to land before the dedup reads
+        // the partitions back.
         self.sink.flush(Duration::from_secs(60)).await?;
         // A paused predecessor's records live fence_timeout: wait out what the server's timeout
         // does not already cover (see fence.rs).
@@ -276,16 +339,19 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
         let mut ended = false;
         // whether events of a unit not closed yet were read
         let mut open_unit = false;
+        let mut parked_retry = tokio::time::interval(PARKED_RETRY);
+        parked_retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if ended && inflight.is_empty() {
+            if ended && inflight.is_empty() && self.parked.is_empty() {
                 break;
             }
+            let waiting = self.parked.values().map(VecDeque::len).sum::<usize>();
             let room = if ended || bytes >= self.source.max_in_flight_bytes {
                 0
             } else if self.alone_until.is_some() {
-                usize::from(inflight.is_empty())
+                usize::from(inflight.is_empty() && waiting == 0)
             } else {
-                max_in_flight.saturating_sub(inflight.len())
+                max_in_flight.saturating_sub(inflight.len() + waiting)
             };
             tokio::select! {
                 biased;
@@ -299,6 +365,12 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
                         self.delivered(&mut checkpoint, unit, since, outcome).await?;
                     }
                     self.metrics.progress();
+                }
+                _ = parked_retry.tick(), if !self.parked.is_empty() => {
+                    for (unit, since, size, delivery) in self.retry_parked(&mut checkpoint, &mut bytes).await? {
+                        bytes += size;
+                        inflight.push(track(unit, since, size, delivery));
+                    }
                 }
                 _ = partition_check.tick(), if ending.is_none() => {
                     if let Some((topic, was, now)) =
@@ -324,13 +396,22 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
                             Step::Event(event) => {
                                 open_unit = true;
                                 let since = event.since_micros;
-                                if let Some((delivery, size)) = self.publish(event).await? {
-                                    if inflight.is_empty() {
-                                        // a new flight: the stall clock starts now
-                                        self.metrics.progress();
+                                match self.publish(&event).await? {
+                                    Route::Sent(delivery, size) => {
+                                        if inflight.is_empty() {
+                                            // a new flight: the stall clock starts now
+                                            self.metrics.progress();
+                                        }
+                                        bytes += size;
+                                        inflight.push(track(checkpoint.sent(), since, size, delivery));
                                     }
-                                    bytes += size;
-                                    inflight.push(track(checkpoint.sent(), since, size, delivery));
+                                    Route::Done => {}
+                                    Route::Park(topic) => {
+                                        let size = body_size(&event);
+                                        bytes += size;
+                                        let unit = checkpoint.sent();
+                                        self.park(topic, event, unit, size);
+                                    }
                                 }
                             }
                             Step::Close(ack) => {
@@ -443,12 +524,8 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
         Ok(())
     }
 
-    /// Sends one event unless Kafka already has it. Returns the delivery to wait for and the
-    /// record's size, or None when there is nothing to wait for (found in Kafka, or dead-lettered).
-    async fn publish(
-        &mut self,
-        event: SourceEvent,
-    ) -> Result<Option<(Delivery, usize)>, RelayError> {
+    /// Sends one event unless Kafka already has it: where it went (see [`Route`]).
+    async fn publish(&mut self, event: &SourceEvent) -> Result<Route, RelayError> {
         let position = event.position;
         let decoded;
         let event = match &event.body {
@@ -458,7 +535,7 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
                     let reason = format!("undecodable envelope: {e}");
                     self.dead_letter(DeadLetter::raw(position, content, reason))
                         .await?;
-                    return Ok(None);
+                    return Ok(Route::Done);
                 }
             },
             Body::Row(row) => {
@@ -467,33 +544,39 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
             }
             Body::Unproven { reason } => {
                 self.unproven(reason);
-                return Ok(None);
+                return Ok(Route::Done);
             }
         };
         self.send(position, &event).await
     }
 
-    async fn send(
-        &mut self,
-        position: Position,
-        event: &Event<'_>,
-    ) -> Result<Option<(Delivery, usize)>, RelayError> {
+    async fn send(&mut self, position: Position, event: &Event<'_>) -> Result<Route, RelayError> {
         let topic = self.kafka.topic_for(event.topic);
         if let Err(e) = pg_outbox_envelope::validate_topic(&topic) {
             let reason = format!("topic_template gives an invalid Kafka topic {topic:?}: {e}");
             self.dead_letter(DeadLetter::of_event(position, event, reason))
                 .await?;
-            return Ok(None);
+            return Ok(Route::Done);
         }
         // writers choose their events' topics: only those the operator allowed are written
         if !self.kafka.allows(&topic) {
             let reason = format!("topic {topic:?} is not in allowed_topics");
             self.dead_letter(DeadLetter::of_event(position, event, reason))
                 .await?;
-            return Ok(None);
+            return Ok(Route::Done);
         }
-        let Some(partitions) = self.partition_count(&topic, position, event).await? else {
-            return Ok(None);
+        // a topic whose earlier events wait keeps them ahead of this one
+        if self.parked.contains_key(topic.as_ref()) {
+            return Ok(Route::Park(topic.into_owned()));
+        }
+        let partitions = match self.sink.partition_count(&topic).await {
+            Ok(n) => n,
+            Err(e) if e.kind() == Kind::Event => {
+                warn!(%topic, %position, error = %e, "events to this topic cannot be published yet: they wait (at most \
+                      poison_retry_ms each) while events to other topics go on");
+                return Ok(Route::Park(topic.into_owned()));
+            }
+            Err(e) => return Err(e),
         };
         let key = event.key.map(str::as_bytes);
         let partition = partition_for(key, &event.id, partitions);
@@ -512,7 +595,7 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
             .await?
         {
             self.metrics.skipped.fetch_add(1, Ordering::Relaxed);
-            return Ok(None);
+            return Ok(Route::Done);
         }
         let alone = match self.alone_until {
             Some(until) if position <= until => true,
@@ -558,7 +641,7 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
             );
             self.dead_letter(DeadLetter::of_event(position, event, reason))
                 .await?;
-            return Ok(None);
+            return Ok(Route::Done);
         }
         // a relay that was paused long enough to be replaced sends nothing more
         let paused = self.metrics.pause.paused();
@@ -573,7 +656,7 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
         }
         self.sent_max = self.sent_max.max(Some(position));
         match self.sink.send(record).await {
-            Ok(delivery) => Ok(Some((delivery, size))),
+            Ok(delivery) => Ok(Route::Sent(delivery, size)),
             Err(e) => {
                 // a producer stopped by a refused batch refuses everything from then on
                 self.frontier.lost(&self.identity.name, self.sent_max);
@@ -582,53 +665,76 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
         }
     }
 
-    /// The topic's partition count. A topic that does not exist or may not be written holds the
-    /// stream for at most `poison_retry` (per topic and session, `/healthz` says degraded
-    /// meanwhile); then its events are dead-lettered (None) and the stream goes on.
-    async fn partition_count(
+    /// An event waits for its topic (see [`Route::Park`]); `/healthz` says degraded meanwhile.
+    fn park(&mut self, topic: String, event: SourceEvent, unit: UnitId, size: usize) {
+        self.metrics.degraded.store(true, Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + self.source.poison_retry;
+        self.parked.entry(topic).or_default().push_back(Parked {
+            event,
+            unit,
+            size,
+            deadline,
+        });
+    }
+
+    /// Looks each waiting topic up again: a topic that can be written to now gets its events, in
+    /// order (returned as deliveries to wait for); of one that still cannot, the events that waited
+    /// `poison_retry` are dead-lettered, oldest first. Only what waited its whole time is given
+    /// up, so a topic missing or forbidden for a moment (an authorization error while ACLs
+    /// change) costs a wait, not the events of that moment.
+    async fn retry_parked<A: Copy>(
         &mut self,
-        topic: &str,
-        position: Position,
-        event: &Event<'_>,
-    ) -> Result<Option<i32>, RelayError> {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            let error = match self.sink.partition_count(topic).await {
-                Ok(n) => {
-                    self.unwritable.remove(topic);
-                    self.metrics.degraded.store(false, Ordering::Relaxed);
-                    return Ok(Some(n));
-                }
-                Err(e) if e.kind() == Kind::Event => e,
+        checkpoint: &mut Checkpoint<A>,
+        bytes: &mut usize,
+    ) -> Result<Vec<(UnitId, i64, usize, Delivery)>, RelayError> {
+        let mut sent = Vec::new();
+        let topics: Vec<String> = self.parked.keys().cloned().collect();
+        for topic in topics {
+            let mut queue = self.parked.remove(&topic).unwrap_or_default();
+            let error = match self.sink.partition_count(&topic).await {
+                Ok(_) => None,
+                Err(e) if e.kind() == Kind::Event => Some(e),
                 Err(e) => return Err(e),
             };
-            let since = *self
-                .unwritable
-                .entry(topic.to_string())
-                .or_insert_with(tokio::time::Instant::now);
-            if since.elapsed() >= self.source.poison_retry {
-                self.metrics.degraded.store(false, Ordering::Relaxed);
-                let reason = format!(
-                    "{error} (retried for {} ms)",
-                    self.source.poison_retry.as_millis()
-                );
-                self.dead_letter(DeadLetter::of_event(position, event, reason))
-                    .await?;
-                return Ok(None);
-            }
-            if !self.metrics.degraded.swap(true, Ordering::Relaxed) {
-                warn!(%topic, %position, error = %error, "an event cannot be published yet; retrying");
-            }
-            tokio::select! {
-                _ = self.shutdown.cancelled() => {
-                    return Err(RelayError::transient(
-                        "shut down while retrying an event that cannot be published yet",
-                    ))
+            while let Some(waiting) = queue.pop_front() {
+                match &error {
+                    None => match self.publish(&waiting.event).await? {
+                        Route::Sent(delivery, size) => {
+                            *bytes -= waiting.size;
+                            sent.push((waiting.unit, waiting.event.since_micros, size, delivery));
+                        }
+                        Route::Done => {
+                            *bytes -= waiting.size;
+                            checkpoint.acked(waiting.unit);
+                        }
+                        Route::Park(_) => {
+                            queue.push_front(waiting);
+                            break;
+                        }
+                    },
+                    Some(e) if waiting.deadline <= tokio::time::Instant::now() => {
+                        let reason = format!(
+                            "{e} (retried for {} ms)",
+                            self.source.poison_retry.as_millis()
+                        );
+                        self.dead_letter(letter_of(&waiting.event, reason)).await?;
+                        *bytes -= waiting.size;
+                        checkpoint.acked(waiting.unit);
+                    }
+                    Some(_) => {
+                        queue.push_front(waiting);
+                        break;
+                    }
                 }
-                _ = tokio::time::sleep(backoff) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(2));
+            if !queue.is_empty() {
+                self.parked.insert(topic, queue);
+            }
         }
+        self.metrics
+            .degraded
+            .store(!self.parked.is_empty(), Ordering::Relaxed);
+        Ok(sent)
     }
 }
 
@@ -997,6 +1103,42 @@ mod tests {
             !out.metrics.degraded.load(Ordering::Relaxed),
             "healthy again"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn events_to_a_missing_topic_wait_while_the_rest_of_the_stream_flows() {
+        // unit 2 goes to "gone", then eight more units to "t": they must not wait behind it
+        let mut steps = script_with_missing_topic();
+        for u in 5..10 {
+            steps.extend([event(Position::new(u, 0), None), Step::Close(u)]);
+        }
+        let plan: Plan = Box::new(|_, _| Fate::Ack(ms(1)));
+        let out = run(steps, plan, 100, Some(9), None).await;
+        out.result.expect("graceful");
+        assert_eq!(out.confirmed.last(), Some(&9));
+        let dead_at = out
+            .log
+            .iter()
+            .position(|e| *e == Entry::Dead(Position::new(2, 0)))
+            .expect("dead-lettered");
+        let last_ack = out
+            .log
+            .iter()
+            .rposition(|e| *e == Entry::Acked(Position::new(9, 0)))
+            .expect("acknowledged");
+        assert!(
+            last_ack < dead_at,
+            "every later event was published while the one to the missing topic waited: {:?}",
+            out.log
+        );
+        // nothing after the waiting event is confirmed before it is done
+        let first_confirm_past = out
+            .log
+            .iter()
+            .position(|e| matches!(e, Entry::Confirmed(c) if *c >= 2))
+            .expect("confirmed");
+        assert!(first_confirm_past > dead_at, "{:?}", out.log);
+        assert_eq!(out.metrics.published.load(Ordering::Relaxed), 9);
     }
 
     #[tokio::test(start_paused = true)]

@@ -19,7 +19,7 @@ async fn one_event_to_a_missing_topic_among_1000_is_dead_lettered_and_the_rest_f
         db.port,
         &db.name,
         &broker.bootstrap(),
-        &["--poison-retry-ms", "4000", "--metrics-addr", &metrics],
+        &["--poison-retry-ms", "20000", "--metrics-addr", &metrics],
     )?;
     db.wait_for_active_slot().await?;
     let c = &db.client;
@@ -61,6 +61,15 @@ async fn one_event_to_a_missing_topic_among_1000_is_dead_lettered_and_the_rest_f
         Duration::from_secs(120),
     )?;
     assert_eq!(records.len(), 999, "every other event, once");
+    // the events behind the one to the missing topic did not wait for it: it still waits
+    let waiting: i64 = c
+        .query_one("SELECT count(*) FROM outbox.dead_letters", &[])
+        .await?
+        .get(0);
+    assert_eq!(
+        waiting, 0,
+        "the other 999 were published while the event to the missing topic waited (20 s)"
+    );
     // per key, in commit order
     let mut next: HashMap<Vec<u8>, i64> = HashMap::new();
     for r in &records {
@@ -71,6 +80,13 @@ async fn one_event_to_a_missing_topic_among_1000_is_dead_lettered_and_the_rest_f
         assert_eq!(n, *want, "key {:?}", r.key);
         *want += 1;
     }
+    wait_for("the dead letter", Duration::from_secs(60), || async {
+        Ok(c.query_one("SELECT count(*) FROM outbox.dead_letters", &[])
+            .await?
+            .get::<_, i64>(0)
+            > 0)
+    })
+    .await?;
     let rows = c
         .query("SELECT topic, key, reason FROM outbox.dead_letters", &[])
         .await?;
@@ -89,6 +105,62 @@ async fn one_event_to_a_missing_topic_among_1000_is_dead_lettered_and_the_rest_f
     .await?;
     let (ok, text) = healthz(&metrics)?;
     assert!(ok, "healthy again: {text}");
+    Ok(())
+}
+
+/// A topic that appears while its events wait (created late, or a writer's authorization that
+/// comes back) gets them, in order; nothing is dead-lettered, and the other topics never waited.
+#[tokio::test]
+async fn events_to_a_topic_that_appears_while_they_wait_are_published_not_dead_lettered(
+) -> Result<()> {
+    let db = TestDb::create("po_late_topic", port()).await?;
+    let broker = Broker::start()?;
+    broker.create_topic("orders", 1).await?;
+    let _relay = Relay::start(
+        db.port,
+        &db.name,
+        &broker.bootstrap(),
+        &["--poison-retry-ms", "60000"],
+    )?;
+    db.wait_for_active_slot().await?;
+    let c = &db.client;
+    for n in 1..=5 {
+        c.execute(
+            "SELECT outbox.enqueue('late_topic', 'k', $1::text::jsonb)",
+            &[&format!(r#"{{"n": {n}}}"#)],
+        )
+        .await?;
+        c.execute(
+            "SELECT outbox.enqueue('orders', 'k', $1::text::jsonb)",
+            &[&format!(r#"{{"n": {n}}}"#)],
+        )
+        .await?;
+    }
+    // the events to the existing topic flow while the others wait for theirs
+    let orders = read_all(
+        &broker.bootstrap(),
+        &[("orders", 1)],
+        5,
+        Duration::from_secs(60),
+    )?;
+    assert_eq!(orders.len(), 5);
+    broker.create_topic("late_topic", 1).await?;
+    let late = read_all(
+        &broker.bootstrap(),
+        &[("late_topic", 1)],
+        5,
+        Duration::from_secs(60),
+    )?;
+    let ns: Vec<i64> = late
+        .iter()
+        .map(|r| pg_outbox_tests::payload_n(&r.payload))
+        .collect();
+    assert_eq!(ns, [1, 2, 3, 4, 5], "every waiting event once, in order");
+    let dead: i64 = c
+        .query_one("SELECT count(*) FROM outbox.dead_letters", &[])
+        .await?
+        .get(0);
+    assert_eq!(dead, 0, "nothing dead-lettered");
     Ok(())
 }
 

@@ -20,6 +20,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -100,6 +101,9 @@ pub struct KafkaSink {
     reader_config: ClientConfig,
     partitions: HashMap<String, i32>,
     timeout: Duration,
+    /// Whether a record was handed to a producer: a sink that sent nothing holds nothing, and a
+    /// standby relay keeps its producer (and connections) across its one-second retries.
+    sent: AtomicBool,
 }
 
 impl KafkaSink {
@@ -145,7 +149,26 @@ impl KafkaSink {
             reader_config,
             partitions: HashMap::new(),
             timeout: Duration::from_secs(10),
+            sent: AtomicBool::new(false),
         })
+    }
+
+    /// Whether a record was ever handed to this sink's producers.
+    pub fn has_sent(&self) -> bool {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Ends this sink for good: withdraws what its producers hold (queued, and in flight, which
+    /// librdkafka will not retry) and destroys them, which closes their broker connections, so a
+    /// produce request half written to a socket is never completed. What was already whole in
+    /// the kernel's socket buffers reaches the broker within the network's round trip.
+    pub async fn close(self) {
+        self.withdraw();
+        let _ = off_runtime("closing the producer", move || {
+            drop(self);
+            Ok(())
+        })
+        .await;
     }
 }
 
@@ -232,6 +255,7 @@ impl Sink for KafkaSink {
     }
 
     async fn send(&self, record: Record<'_>) -> Result<Delivery, RelayError> {
+        self.sent.store(true, Ordering::Relaxed);
         let position = record.position.encode();
         let headers = record_headers(&record, &position);
         let mut future = FutureRecord::<[u8], [u8]>::to(record.topic)
