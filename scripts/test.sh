@@ -4,7 +4,10 @@
 # restarts), run the tests against them, clean up.
 #
 # Every version also runs the SQL tests and one end-to-end relay test per source against the SQL
-# edition (sql-edition/pg_outbox.sql, PG_OUTBOX_EDITION=sql), unless TESTS picks tests.
+# edition (sql-edition/pg_outbox.sql, PG_OUTBOX_EDITION=sql), unless TESTS picks tests, and the
+# upgrade from 0.1.0 of both editions (tests/tests/upgrade.rs, in clusters of its own on the
+# version's base port + 3 and + 4). scripts/releases.sh fails the run when an install script
+# changed without a new version and its upgrade scripts.
 #
 #   PG_FULL   versions that run every test (default "15 17"; `PG_FULL=16 make test` runs all on 16)
 #   PG_SMOKE  versions that run the SQL tests and one end-to-end relay test per source
@@ -25,6 +28,8 @@ echo "test: cargo fmt --check"
 cargo fmt --all --check
 echo "test: sql-edition/pg_outbox.sql is what scripts/sql-edition.sh writes"
 scripts/sql-edition.sh --check
+echo "test: the install scripts are the frozen release, and every step between releases has its upgrade scripts"
+scripts/releases.sh check
 echo "test: cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
@@ -73,6 +78,10 @@ run_version() {
     echo "test: PostgreSQL $v: installing the extension into $($config --sharedir)/extension"
     local sudo=; [ "$(id -u)" = 0 ] || sudo=--sudo
     (cd pg_outbox && cargo pgrx install $sudo --pg-config "$config" >/dev/null)
+    # the generated install script is the frozen one, the library exports every symbol a release
+    # names, and the earlier releases' install scripts are there for tests/tests/upgrade.rs
+    scripts/releases.sh check-extension "$config"
+    scripts/releases.sh install "$config"
     # the fixtures' defaults (tests/src/postgres.rs) for 15, other ports for the others; all below
     # the kernel's ephemeral range (32768-60999), where an outgoing connection can hold a port
     local base=25432
@@ -96,7 +105,7 @@ run_version() {
     else
         echo "test: PostgreSQL $v: cargo test (SQL tests, one relay test per source)"
         cargo test -p pg_outbox_tests --test outbox --test inbox --test trust --test hijack --test backup \
-            -- --show-output
+            --test upgrade -- --show-output
         relay_smoke
     fi
     if [ -z "${TESTS:-}" ]; then

@@ -52,5 +52,8 @@ GRANT USAGE ON SCHEMA outbox TO outbox_owner;
 ALTER TABLE outbox.events OWNER TO outbox_owner;
 ALTER TABLE outbox.auth_key OWNER TO outbox_owner;
 ALTER FUNCTION outbox.relay_auth_key() OWNER TO outbox_owner;
+-- ALTER OWNER leaves the key's initial privileges (pg_init_privs, from bootstrap.sql's REVOKE) naming
+-- the old owner, and pg_dump would then carry a REVOKE and GRANT for it: record them again
+REVOKE ALL ON outbox.auth_key FROM PUBLIC;
 -- the events trigger runs as the inserting role and reads whether the poll source is busy
 GRANT SELECT ON outbox.poller TO outbox_owner;

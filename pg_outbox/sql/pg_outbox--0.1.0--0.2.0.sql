@@ -1,0 +1,283 @@
+-- pg_outbox 0.1.0 -> 0.2.0 (CHANGELOG.md, 0.2.0): ALTER EXTENSION pg_outbox UPDATE.
+-- Released: never edited again. tests/tests/upgrade.rs checks that a 0.1.0 database with data in
+-- every table, updated by this script, has exactly the schema of a fresh 0.2.0 install.
+\echo Use "ALTER EXTENSION pg_outbox UPDATE TO '0.2.0'" to load this file. \quit
+
+-- ---------------------------------------------------------------- roles (sql/bootstrap.sql)
+-- the ingest's own role: outbox_relay keeps no right on the inbox
+DO $roles$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'inbox_ingest') THEN
+        BEGIN
+            CREATE ROLE inbox_ingest NOLOGIN;
+        EXCEPTION WHEN duplicate_object OR unique_violation THEN
+            NULL;
+        END;
+    END IF;
+END
+$roles$;
+
+-- ---------------------------------------------------------------- tables (sql/bootstrap.sql)
+-- the sealing key: row security without a policy hides it from pg_read_all_data and publications
+ALTER TABLE outbox.auth_key ENABLE ROW LEVEL SECURITY;
+
+-- the inbox's dedup key is scoped by topic; every row that was unique by (consumer, message_id) is
+-- unique by (consumer, topic, message_id)
+ALTER TABLE inbox.messages DROP CONSTRAINT messages_consumer_message_id_key;
+ALTER TABLE inbox.messages ADD CONSTRAINT messages_consumer_topic_message_id_key UNIQUE (consumer, topic, message_id);
+
+-- poll sources' lock key (outbox._poll_lock_key), and an incarnation stopped because Kafka was ahead
+ALTER TABLE outbox.sources ADD COLUMN lock_key bigint;
+ALTER TABLE outbox.sources ADD COLUMN stopped text;
+ALTER TABLE outbox.sources ADD COLUMN stopped_at timestamptz;
+
+-- ---------------------------------------------------------------- functions (sql/outbox.sql, sql/inbox.sql)
+CREATE OR REPLACE FUNCTION outbox.recreate_slot(reason text, slot_name text DEFAULT NULL)
+RETURNS TABLE (slot text, action text, incarnation uuid, lost_from pg_lsn, lost_to pg_lsn)
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_variable
+DECLARE
+    sn text := coalesce(slot_name, outbox._slot_name());
+    existing record;
+    has_slot boolean;
+    known outbox.sources;
+    fresh uuid := pg_catalog.gen_random_uuid();
+    from_lsn pg_lsn;
+    to_lsn pg_lsn;
+    act text;
+BEGIN
+    PERFORM outbox._check_slot_name(sn);
+    PERFORM outbox._check_reason(reason);
+    SELECT s.database, s.plugin, s.slot_type, s.wal_status, s.confirmed_flush_lsn, s.active, s.active_pid
+      INTO existing
+      FROM pg_catalog.pg_replication_slots s WHERE s.slot_name = sn;
+    has_slot := FOUND;
+    IF has_slot AND existing.active THEN
+        -- a relay streaming meanwhile would go on writing under the old incarnation
+        RAISE EXCEPTION 'pg_outbox: slot "%" is in use (pid %)', sn, existing.active_pid
+            USING ERRCODE = 'object_in_use',
+                  HINT = 'Stop the relay first, then call outbox.recreate_slot again.';
+    END IF;
+    SELECT * INTO known FROM outbox.sources o WHERE o.source = 'slot:' || sn;
+    IF has_slot AND (existing.slot_type <> 'logical' OR existing.plugin <> 'pgoutput'
+                     OR existing.database <> current_database()) THEN
+        PERFORM outbox._foreign_slot(sn);
+    END IF;
+    IF has_slot AND existing.wal_status IS DISTINCT FROM 'lost' THEN
+        act := 'kept';
+        to_lsn := existing.confirmed_flush_lsn;
+    ELSE
+        IF NOT EXISTS (SELECT FROM pg_catalog.pg_publication p WHERE p.pubname = sn) THEN
+            RAISE EXCEPTION 'pg_outbox: publication "%" must exist before the slot is created', sn
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      HINT = 'SELECT * FROM outbox.create_publication(); then call outbox.recreate_slot again.';
+        END IF;
+        IF has_slot THEN
+            PERFORM pg_catalog.pg_drop_replication_slot(sn);
+        END IF;
+        to_lsn := outbox._new_slot(sn);
+        from_lsn := coalesce(known.seen_lsn, known.created_lsn, '0/0'::pg_lsn);
+        act := 'recreated';
+    END IF;
+    INSERT INTO outbox.sources AS o (source, incarnation, created_lsn, seen_lsn, seen_at)
+    VALUES ('slot:' || sn, fresh, to_lsn, to_lsn, pg_catalog.now())
+    ON CONFLICT (source) DO UPDATE
+        SET incarnation = excluded.incarnation, created_at = pg_catalog.now(),
+            created_lsn = excluded.created_lsn, seen_lsn = excluded.seen_lsn, seen_at = excluded.seen_at,
+            stopped = NULL, stopped_at = NULL;
+    INSERT INTO outbox.gaps (source, old_incarnation, new_incarnation, from_lsn, to_lsn, reason)
+    VALUES ('slot:' || sn, known.incarnation, fresh, from_lsn, CASE WHEN act = 'recreated' THEN to_lsn END, reason);
+    RETURN QUERY SELECT sn, act, fresh, from_lsn, CASE WHEN act = 'recreated' THEN to_lsn END;
+END
+$$;
+
+CREATE FUNCTION outbox._poll_lock_key(source_id text, rotate_from bigint DEFAULT NULL) RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_variable
+DECLARE
+    src text := 'poll:' || source_id;
+    k bigint;
+BEGIN
+    INSERT INTO outbox.sources AS o (source) VALUES (src) ON CONFLICT (source) DO NOTHING;
+    UPDATE outbox.sources o
+       SET lock_key = ('x' || pg_catalog.encode(pg_catalog.substr(
+                          pg_catalog.uuid_send(pg_catalog.gen_random_uuid()), 9, 8), 'hex'))::bit(64)::bigint
+     WHERE o.source = src AND (o.lock_key IS NULL OR o.lock_key = rotate_from);
+    SELECT o.lock_key INTO k FROM outbox.sources o WHERE o.source = src;
+    RETURN k;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION outbox.new_poll_incarnation(reason text, source_id text DEFAULT NULL)
+RETURNS uuid
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_variable
+DECLARE
+    sid text := coalesce(source_id, 'poll.' || current_database());
+    src text := 'poll:' || sid;
+    old uuid;
+    fresh uuid := pg_catalog.gen_random_uuid();
+BEGIN
+    PERFORM outbox._check_reason(reason);
+    -- the lock a polling relay holds (relay/src/source/poll.rs)
+    IF NOT pg_catalog.pg_try_advisory_xact_lock(outbox._poll_lock_key(sid)) THEN
+        RAISE EXCEPTION 'pg_outbox: a relay polls as "%"', sid
+            USING ERRCODE = 'object_in_use',
+                  HINT = 'Stop the relay first, then call outbox.new_poll_incarnation again.';
+    END IF;
+    SELECT o.incarnation INTO old FROM outbox.sources o WHERE o.source = src;
+    INSERT INTO outbox.sources AS o (source, incarnation) VALUES (src, fresh)
+    ON CONFLICT (source) DO UPDATE SET incarnation = excluded.incarnation, created_at = pg_catalog.now(),
+                                       stopped = NULL, stopped_at = NULL;
+    INSERT INTO outbox.gaps (source, old_incarnation, new_incarnation, reason) VALUES (src, old, fresh, reason);
+    RETURN fresh;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION inbox._queue_messages(consumer text, message_ids text[], topics text[],
+                                      partitions integer[], offsets bigint[], keys text[],
+                                      headers jsonb[], payloads bytea[], dead_reasons text[])
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    n integer := cardinality(message_ids);
+    queued bigint;
+BEGIN
+    PERFORM inbox._check_consumer(consumer);
+    IF message_ids IS NULL OR topics IS NULL THEN
+        RAISE EXCEPTION 'pg_outbox: message_ids and topics must not be NULL'
+            USING ERRCODE = 'null_value_not_allowed',
+                  HINT = 'Pass one message id and one topic per message.';
+    END IF;
+    IF cardinality(topics) <> n
+       OR cardinality(partitions) <> n OR cardinality(offsets) <> n OR cardinality(keys) <> n
+       OR cardinality(headers) <> n OR cardinality(payloads) <> n OR cardinality(dead_reasons) <> n THEN
+        RAISE EXCEPTION 'pg_outbox: the arrays differ in length (message_ids %, topics %, partitions %, offsets %, keys %, headers %, payloads %, dead_reasons %)',
+                        n, cardinality(topics), cardinality(partitions), cardinality(offsets),
+                        cardinality(keys), cardinality(headers), cardinality(payloads),
+                        cardinality(dead_reasons)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'The arrays are matched by position: pass one element per message in each (a NULL element where a message has no key, payload or dead reason).';
+    END IF;
+    IF EXISTS (SELECT FROM unnest(message_ids, topics) AS m(id, topic)
+                WHERE m.id IS NULL OR m.id = '' OR m.topic IS NULL) THEN
+        RAISE EXCEPTION 'pg_outbox: message_id and topic must be given'
+            USING ERRCODE = 'null_value_not_allowed', HINT = 'Use topic/partition/offset as the id when the message has none.';
+    END IF;
+    INSERT INTO inbox.messages (consumer, message_id, topic, partition, "offset", key, headers, payload,
+                                status, last_error)
+    -- a key longer than the key index can hold (see inbox.messages' messages_key_idx) would fail
+    -- the whole batch, again and again: such a message is kept in the dead state without its key
+    SELECT _queue_messages.consumer, m.id, m.topic, m.partition, m.off,
+           CASE WHEN m.key_too_long THEN NULL ELSE m.key END,
+           coalesce(m.headers, '{}'), m.payload,
+           CASE WHEN m.reason IS NULL AND NOT m.key_too_long THEN 'pending' ELSE 'dead' END,
+           coalesce(m.reason,
+                    CASE WHEN m.key_too_long
+                         THEN format('key of %s bytes exceeds the inbox''s limit of 2048 bytes', octet_length(m.key))
+                    END)
+      FROM (SELECT u.*, coalesce(octet_length(u.key) > 2048, false) AS key_too_long
+              FROM unnest(_queue_messages.message_ids, _queue_messages.topics, _queue_messages.partitions,
+                          _queue_messages.offsets, _queue_messages.keys, _queue_messages.headers,
+                          _queue_messages.payloads, _queue_messages.dead_reasons)
+                   AS u(id, topic, partition, off, key, headers, payload, reason)) AS m
+    ON CONFLICT (consumer, topic, message_id) DO NOTHING;
+    GET DIAGNOSTICS queued = ROW_COUNT;
+    RETURN queued;
+END
+$$;
+
+
+-- ---------------------------------------------------------------- dump marks and owner (sql/extension.sql)
+-- pg_dump keeps the state tables and their identity sequences, not the sealing key
+-- (one statement each: each call updates the extension's catalog row)
+SELECT pg_catalog.pg_extension_config_dump('outbox.events', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.dead_letters', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.sources', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.gaps', '');
+SELECT pg_catalog.pg_extension_config_dump('inbox.received', '');
+SELECT pg_catalog.pg_extension_config_dump('inbox.offsets', '');
+SELECT pg_catalog.pg_extension_config_dump('inbox.topics', '');
+SELECT pg_catalog.pg_extension_config_dump('inbox.messages', '');
+SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('outbox.events', 'seq')::pg_catalog.regclass, '');
+SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('inbox.messages', 'id')::pg_catalog.regclass, '');
+
+DO $owner$
+DECLARE
+    r pg_catalog.pg_roles;
+BEGIN
+    SELECT * INTO r FROM pg_catalog.pg_roles WHERE rolname = 'outbox_owner';
+    IF NOT FOUND THEN
+        BEGIN
+            CREATE ROLE outbox_owner NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS;
+        EXCEPTION WHEN duplicate_object OR unique_violation THEN
+            NULL;
+        END;
+        SELECT * INTO r FROM pg_catalog.pg_roles WHERE rolname = 'outbox_owner';
+    END IF;
+    IF r.rolcanlogin OR r.rolsuper OR r.rolcreaterole OR r.rolreplication OR r.rolbypassrls
+       OR EXISTS (SELECT FROM pg_catalog.pg_auth_members m WHERE m.roleid OPERATOR(pg_catalog.=) r.oid) THEN
+        RAISE EXCEPTION 'pg_outbox: role outbox_owner exists and can log in, has members or has attributes'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'outbox_owner owns the sealing key: it must be NOLOGIN, without members and without '
+                         'SUPERUSER, CREATEROLE, REPLICATION or BYPASSRLS. Fix or drop that role, then ALTER EXTENSION pg_outbox UPDATE again.';
+    END IF;
+END
+$owner$;
+
+-- The grants below are made again in the order of a fresh install (sql/extension.sql, then
+-- sql/grants.sql): the same ACLs item for item, and recorded as the extension's initial privileges
+-- under the new owner (ALTER OWNER does not rewrite pg_init_privs). Transactional: nobody sees the gap.
+REVOKE ALL ON SCHEMA outbox FROM outbox_writer, outbox_relay;
+REVOKE ALL ON outbox.poller FROM outbox_relay;
+GRANT USAGE ON SCHEMA outbox TO outbox_owner;
+ALTER TABLE outbox.events OWNER TO outbox_owner;
+ALTER TABLE outbox.auth_key OWNER TO outbox_owner;
+ALTER FUNCTION outbox.relay_auth_key() OWNER TO outbox_owner;
+-- the events trigger runs as the inserting role and reads whether the poll source is busy
+GRANT SELECT ON outbox.poller TO outbox_owner;
+
+-- ---------------------------------------------------------------- grants (sql/grants.sql)
+GRANT USAGE ON SCHEMA outbox TO outbox_writer, outbox_relay;
+GRANT SELECT, INSERT, UPDATE ON outbox.poller TO outbox_relay;
+REVOKE ALL ON outbox.events FROM outbox_relay;
+GRANT SELECT, DELETE ON outbox.events TO outbox_relay;
+REVOKE ALL ON outbox.auth_key FROM PUBLIC;
+REVOKE ALL ON FUNCTION outbox.relay_auth_key() FROM outbox_relay;
+GRANT EXECUTE ON FUNCTION outbox.relay_auth_key() TO outbox_relay;
+
+-- outbox.setup was executable by PUBLIC (procedures are not in ALL FUNCTIONS)
+REVOKE ALL ON ALL PROCEDURES IN SCHEMA outbox FROM PUBLIC;
+REVOKE ALL ON ALL PROCEDURES IN SCHEMA inbox FROM PUBLIC;
+REVOKE ALL ON FUNCTION outbox._poll_lock_key(text, bigint) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION outbox._poll_lock_key(text, bigint) TO outbox_relay;
+
+-- the ingest's rights move from outbox_relay to inbox_ingest
+REVOKE ALL ON SCHEMA inbox FROM outbox_relay, inbox_consumer;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA inbox FROM outbox_relay;
+REVOKE ALL ON ALL TABLES IN SCHEMA inbox FROM outbox_relay;
+GRANT USAGE ON SCHEMA inbox TO inbox_ingest, inbox_consumer;
+GRANT EXECUTE ON FUNCTION inbox._check_consumer(text),
+                          inbox.deliver(text, text, text, integer, bigint, text, bytea, jsonb, text),
+                          inbox.deliver_batch(text, text[], text[], integer[], bigint[], text[], jsonb[],
+                                              bytea[], text[]),
+                          inbox._queue_messages(text, text[], text[], integer[], bigint[], text[], jsonb[],
+                                                bytea[], text[]),
+                          inbox.store_offset(text, text, integer, bigint, boolean),
+                          inbox.get_offset(text, text, integer),
+                          inbox.get_offsets(text, text)
+      TO inbox_ingest;
+GRANT SELECT, INSERT ON inbox.messages TO inbox_ingest;
+GRANT SELECT, INSERT, UPDATE ON inbox.offsets TO inbox_ingest;
+GRANT SELECT, INSERT ON inbox.topics TO inbox_ingest;
+-- inbox.forget_topic
+GRANT DELETE ON inbox.offsets TO inbox_consumer;
