@@ -42,7 +42,7 @@ sql-edition:
 	scripts/sql-edition.sh
 
 install:
-	cd pg_outbox && cargo pgrx install --pg-config $${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
+	cd pg_outbox && cargo pgrx install --pg-config $${PG_CONFIG:-$$(. ../scripts/pgversions.sh && pg_config_of 15)}
 
 clean:
 	cargo clean

