@@ -11,7 +11,7 @@
 //! librdkafka option stays usable.
 
 use crate::error::RelayError;
-use crate::tls::{PgTls, SslMode};
+use crate::postgres::{Given, PgConfig};
 use clap::{Args, Parser, Subcommand};
 use rdkafka::config::ClientConfig;
 use serde::Deserialize;
@@ -298,28 +298,6 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
 }
 
-#[derive(Debug, Clone)]
-pub struct PgConfig {
-    /// The servers, tried in order (libpq's multiple hosts).
-    pub endpoints: Vec<PgEndpoint>,
-    pub user: String,
-    pub database: String,
-    pub tls: PgTls,
-    /// Only a server that accepts writes will do (target_session_attrs read-write, the default):
-    /// a standby is passed over.
-    pub read_write: bool,
-    /// How long one server may take to accept a session (connect_timeout, default 10 s).
-    pub connect_timeout: Duration,
-}
-
-/// One server of [`PgConfig::endpoints`], with the password for it.
-#[derive(Debug, Clone)]
-pub struct PgEndpoint {
-    pub host: String,
-    pub port: u16,
-    pub password: String,
-}
-
 /// Which time a Kafka record carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RecordTimestamp {
@@ -383,7 +361,7 @@ impl Settings {
             Some(path) => read_file(path)?,
             None => FileSettings::default(),
         };
-        let postgres = resolve_pg(self.pg.over(file.pg))?;
+        let postgres = PgConfig::resolve(self.pg.over(file.pg).into())?;
         let source = self.source.over(file.source);
         let kind = match source.source.as_deref() {
             None | Some("wal") => SourceKind::Wal,
@@ -430,6 +408,23 @@ impl Settings {
     }
 }
 
+impl From<PgSettings> for Given {
+    fn from(s: PgSettings) -> Given {
+        Given {
+            url: s.pg_url,
+            host: s.pg_host,
+            port: s.pg_port,
+            user: s.pg_user,
+            password: s.pg_password,
+            database: s.pg_database,
+            sslmode: s.pg_sslmode,
+            sslrootcert: s.pg_sslrootcert,
+            sslcert: s.pg_sslcert,
+            sslkey: s.pg_sslkey,
+        }
+    }
+}
+
 /// librdkafka settings from the environment, between the file and `--kafka`:
 /// `PG_OUTBOX_KAFKA_SASL_PASSWORD=…` is `sasl.password` (the name upper-cased, dots as
 /// underscores), so that credentials need neither a command line nor a file.
@@ -454,128 +449,6 @@ fn read_file(path: &std::path::Path) -> Result<FileSettings, RelayError> {
         )));
     }
     Ok(file)
-}
-
-fn resolve_pg(s: PgSettings) -> Result<PgConfig, RelayError> {
-    resolve_pg_with(s, &|name| {
-        std::env::var(name).ok().filter(|v| !v.is_empty())
-    })
-}
-
-/// The relay's own settings first, then its connection string (`pg_url`), then what libpq would
-/// use (`PG*` variables, the password file), then the defaults.
-fn resolve_pg_with(
-    s: PgSettings,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<PgConfig, RelayError> {
-    let url = match &s.pg_url {
-        Some(text) => crate::conninfo::parse(text)?,
-        None => BTreeMap::new(),
-    };
-    let pick = |own: Option<String>, keyword: &str, var: &str| {
-        own.or_else(|| url.get(keyword).cloned().filter(|v| !v.is_empty()))
-            .or_else(|| env(var))
-    };
-    let mode = match pick(s.pg_sslmode, "sslmode", "PGSSLMODE") {
-        None => SslMode::Prefer,
-        Some(mode) => mode.parse()?,
-    };
-    let hosts = pick(s.pg_host, "host", "PGHOST").unwrap_or_else(|| "127.0.0.1".into());
-    let hosts: Vec<&str> = hosts.split(',').map(str::trim).collect();
-    if hosts.iter().any(|h| h.is_empty()) {
-        return Err(RelayError::config(format!(
-            "pg_host {:?} has an empty host name",
-            hosts.join(",")
-        )));
-    }
-    let ports = pick(s.pg_port.map(|p| p.to_string()), "port", "PGPORT");
-    let ports: Vec<u16> = match ports {
-        None => vec![5432],
-        Some(text) => text
-            .split(',')
-            .map(|p| match p.trim() {
-                "" => Ok(5432),
-                p => p.parse().map_err(|_| {
-                    RelayError::config(format!(
-                        "port {p:?} is not a port number (pg_port, pg_url or PGPORT)"
-                    ))
-                }),
-            })
-            .collect::<Result<_, _>>()?,
-    };
-    if ports.len() != 1 && ports.len() != hosts.len() {
-        return Err(RelayError::config(format!(
-            "{} ports for {} hosts: give one port for all hosts or one per host (pg_port, pg_url \
-             or PGPORT)",
-            ports.len(),
-            hosts.len()
-        )));
-    }
-    let user = pick(s.pg_user, "user", "PGUSER").unwrap_or_else(|| "postgres".into());
-    let database = pick(s.pg_database, "dbname", "PGDATABASE").unwrap_or_else(|| "postgres".into());
-    let password = pick(s.pg_password, "password", "PGPASSWORD");
-    let passfile = url
-        .get("passfile")
-        .map(PathBuf::from)
-        .or_else(|| crate::pgpass::path(env));
-    let endpoints = hosts
-        .iter()
-        .enumerate()
-        .map(|(i, host)| {
-            let port = ports[if ports.len() == 1 { 0 } else { i }];
-            let password = password
-                .clone()
-                .or_else(|| {
-                    passfile.as_deref().and_then(|file| {
-                        crate::pgpass::password(file, host, port, &database, &user)
-                    })
-                })
-                .unwrap_or_default();
-            PgEndpoint {
-                host: host.to_string(),
-                port,
-                password,
-            }
-        })
-        .collect();
-    let read_write = match pick(None, "target_session_attrs", "PGTARGETSESSIONATTRS").as_deref() {
-        None | Some("read-write") | Some("primary") => true,
-        Some("any") => false,
-        Some(other) => {
-            return Err(RelayError::config(format!(
-                "target_session_attrs {other:?} is not supported: use read-write (the default; \
-                 a standby is passed over) or any (pg_url or PGTARGETSESSIONATTRS)"
-            )))
-        }
-    };
-    let connect_timeout = match pick(None, "connect_timeout", "PGCONNECT_TIMEOUT") {
-        None => Duration::from_secs(10),
-        Some(t) => match t.trim().parse::<u64>() {
-            Ok(secs) if secs > 0 => Duration::from_secs(secs.max(2)),
-            _ => {
-                return Err(RelayError::config(format!(
-                    "connect_timeout {t:?} must be a number of seconds, at least 1 (pg_url or \
-                     PGCONNECT_TIMEOUT)"
-                )))
-            }
-        },
-    };
-    let path = |own: Option<PathBuf>, keyword: &str, var: &str| {
-        pick(own.map(|p| p.display().to_string()), keyword, var).map(PathBuf::from)
-    };
-    Ok(PgConfig {
-        tls: PgTls::new(
-            mode,
-            path(s.pg_sslrootcert, "sslrootcert", "PGSSLROOTCERT"),
-            path(s.pg_sslcert, "sslcert", "PGSSLCERT"),
-            path(s.pg_sslkey, "sslkey", "PGSSLKEY"),
-        )?,
-        endpoints,
-        user,
-        database,
-        read_write,
-        connect_timeout,
-    })
 }
 
 fn resolve_kafka(
@@ -828,37 +701,6 @@ impl KafkaConfig {
     }
 }
 
-impl PgConfig {
-    /// The servers as `host:port,host:port`, for messages.
-    pub fn servers(&self) -> String {
-        let all: Vec<String> = self
-            .endpoints
-            .iter()
-            .map(|e| format!("{}:{}", e.host, e.port))
-            .collect();
-        all.join(",")
-    }
-
-    /// A libpq-style connection string for one server, for tokio-postgres (the password is not
-    /// logged anywhere).
-    pub fn conninfo(&self, at: &PgEndpoint) -> String {
-        // every value quoted, with \ and ' escaped, as libpq's connection strings require
-        let quote = |v: &str| format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"));
-        let mut s = format!(
-            "host={} port={} user={} dbname={} application_name={}",
-            quote(&at.host),
-            at.port,
-            quote(&self.user),
-            quote(&self.database),
-            quote(crate::postgres::application_name())
-        );
-        if !at.password.is_empty() {
-            s.push_str(&format!(" password={}", quote(&at.password)));
-        }
-        s
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -998,42 +840,6 @@ mod tests {
     }
 
     #[test]
-    fn libpq_variables_fill_what_the_relay_settings_leave_unset() {
-        let env = |k: &str| {
-            match k {
-                "PGHOST" => Some("db.internal"),
-                "PGPORT" => Some("6543"),
-                "PGUSER" => Some("relay"),
-                "PGDATABASE" => Some("shop"),
-                "PGPASSWORD" => Some("from-env"),
-                "PGSSLMODE" => Some("require"),
-                _ => None,
-            }
-            .map(str::to_string)
-        };
-        let pg = resolve_pg_with(PgSettings::default(), &env).unwrap();
-        assert_eq!(
-            (pg.servers(), pg.user.as_str(), pg.database.as_str()),
-            ("db.internal:6543".to_string(), "relay", "shop")
-        );
-        assert_eq!(pg.endpoints[0].password, "from-env");
-        assert_eq!(pg.tls.mode, SslMode::Require);
-        let own = PgSettings {
-            pg_host: Some("flag".into()),
-            pg_password: Some("flag-secret".into()),
-            ..Default::default()
-        };
-        let pg = resolve_pg_with(own, &env).unwrap();
-        assert_eq!(
-            (pg.servers(), pg.endpoints[0].password.as_str()),
-            ("flag:6543".to_string(), "flag-secret")
-        );
-        let bad = |k: &str| (k == "PGPORT").then(|| "x".to_string());
-        let err = resolve_pg_with(PgSettings::default(), &bad).unwrap_err();
-        assert!(err.to_string().contains("PGPORT"), "{err}");
-    }
-
-    #[test]
     fn kafka_settings_from_the_environment() {
         let vars = [
             ("PG_OUTBOX_KAFKA_SASL_PASSWORD", "s3cret"),
@@ -1050,100 +856,6 @@ mod tests {
                 ("security.protocol".to_string(), "SASL_SSL".to_string())
             ]
         );
-    }
-
-    #[test]
-    fn url_then_settings_then_libpq_variables() {
-        let env = |k: &str| {
-            match k {
-                "PGUSER" => Some("env-user"),
-                "PGDATABASE" => Some("env-db"),
-                "PGPORT" => Some("7000"),
-                _ => None,
-            }
-            .map(str::to_string)
-        };
-        let own = PgSettings {
-            pg_url: Some(
-                "postgres://url-user:url%20pw@a:5433,b:5434/url-db?sslmode=require\
-                 &target_session_attrs=any&connect_timeout=3"
-                    .into(),
-            ),
-            pg_database: Some("own-db".into()),
-            ..Default::default()
-        };
-        let pg = resolve_pg_with(own, &env).unwrap();
-        assert_eq!(pg.servers(), "a:5433,b:5434");
-        assert_eq!(
-            (pg.user.as_str(), pg.database.as_str()),
-            ("url-user", "own-db")
-        );
-        assert!(pg.endpoints.iter().all(|e| e.password == "url pw"));
-        assert_eq!(pg.tls.mode, SslMode::Require);
-        assert!(!pg.read_write);
-        assert_eq!(pg.connect_timeout, Duration::from_secs(3));
-        // key-value form; one port for every host; the default session is read-write
-        let own = PgSettings {
-            pg_url: Some("host=x,y,z port=6000".into()),
-            ..Default::default()
-        };
-        let pg = resolve_pg_with(own, &env).unwrap();
-        assert_eq!(pg.servers(), "x:6000,y:6000,z:6000");
-        assert_eq!(pg.user, "env-user");
-        assert!(pg.read_write);
-        // PGHOST may list hosts too
-        let hosts = |k: &str| (k == "PGHOST").then(|| "p,q".to_string());
-        let pg = resolve_pg_with(PgSettings::default(), &hosts).unwrap();
-        assert_eq!(pg.servers(), "p:5432,q:5432");
-        for (url, says) in [
-            ("host=a,b port=1,2,3", "3 ports for 2 hosts"),
-            ("host=a,,b", "empty host name"),
-            (
-                "host=a target_session_attrs=standby",
-                "target_session_attrs",
-            ),
-            ("host=a connect_timeout=soon", "connect_timeout"),
-            ("host=a options=-cfoo", "\"options\" is not supported"),
-        ] {
-            let own = PgSettings {
-                pg_url: Some(url.into()),
-                ..Default::default()
-            };
-            let err = resolve_pg_with(own, &|_: &str| None)
-                .unwrap_err()
-                .to_string();
-            assert!(err.contains(says), "{url}: {err}");
-        }
-    }
-
-    #[test]
-    fn password_file_per_host() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join(format!("relay-pgpass-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("pgpass");
-        std::fs::write(&file, "a:5432:*:relay:pw-a\nb:5432:*:relay:pw-b\n").unwrap();
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let own = PgSettings {
-            pg_url: Some(format!("host=a,b user=relay passfile='{}'", file.display())),
-            ..Default::default()
-        };
-        let pg = resolve_pg_with(own, &|_: &str| None).unwrap();
-        let pws: Vec<&str> = pg.endpoints.iter().map(|e| e.password.as_str()).collect();
-        assert_eq!(pws, ["pw-a", "pw-b"]);
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn conninfo_quotes_every_value() {
-        let mut s = settings();
-        s.pg.pg_password = Some(r"it's a \secret".into());
-        s.pg.pg_database = Some("my db".into());
-        let c = s.resolve(Mode::Run).unwrap();
-        let info = c.postgres.conninfo(&c.postgres.endpoints[0]);
-        assert!(info.contains(r"password='it\'s a \\secret'"), "{info}");
-        assert!(info.contains("dbname='my db'"), "{info}");
-        info.parse::<tokio_postgres::Config>().unwrap();
     }
 
     #[test]

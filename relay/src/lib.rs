@@ -16,14 +16,12 @@
 
 pub mod checkpoint;
 pub mod config;
-pub mod conninfo;
 pub mod deadletter;
 pub mod error;
 pub mod event;
 pub mod fence;
 pub mod ingest;
 pub mod ops;
-pub mod pgpass;
 pub mod pipeline;
 pub mod postgres;
 pub mod retry;
@@ -31,7 +29,6 @@ pub mod shutdown;
 pub mod sink;
 pub mod source;
 pub mod telemetry;
-pub mod tls;
 pub mod topic_id;
 
 use config::{Cli, Config, Mode};

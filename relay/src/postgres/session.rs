@@ -1,9 +1,10 @@
-//! The relay's PostgreSQL connections: one way to open a session, used by the sources, the dead
-//! letters, ingest and `check`/`status`. (The WAL source's replication connection is separate.)
+//! The relay's PostgreSQL sessions: one way to open one, used by the sources, the dead letters,
+//! ingest and `check`/`status`. (The WAL source's replication connection is pgwire-replication's;
+//! it takes the same servers, credentials and TLS settings from [`PgConfig`].)
 
-use crate::config::{PgConfig, PgEndpoint};
+use super::config::{PgConfig, PgEndpoint};
+use super::tls::{tls_failure, SslMode};
 use crate::error::RelayError;
-use crate::tls::SslMode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio_postgres::config::TargetSessionAttrs;
@@ -76,13 +77,21 @@ pub async fn open_at(config: &PgConfig) -> Result<(Client, Driver, &PgEndpoint),
     })
 }
 
-async fn open_one(config: &PgConfig, at: &PgEndpoint) -> Result<(Client, Driver), RelayError> {
-    let mut pg: tokio_postgres::Config = config
-        .conninfo(at)
-        .parse()
-        .map_err(|e| RelayError::config("PostgreSQL connection settings").caused_by(e))?;
-    pg.ssl_mode(config.tls.session_mode());
-    pg.connect_timeout(config.connect_timeout);
+/// The settings of a session with server `at`, built directly from the resolved ones (nothing is
+/// rendered to a connection string and parsed again).
+pub fn session_config(config: &PgConfig, at: &PgEndpoint) -> tokio_postgres::Config {
+    let mut pg = tokio_postgres::Config::new();
+    // a host that starts with `/` is a Unix socket directory, as in libpq
+    pg.host(&at.host)
+        .port(at.port)
+        .user(&config.user)
+        .dbname(&config.database)
+        .application_name(application_name())
+        .ssl_mode(config.tls.session_mode())
+        .connect_timeout(config.connect_timeout);
+    if !at.password.is_empty() {
+        pg.password(&at.password);
+    }
     // a daemon's sessions are idle for long: the server must not end them (the poll source's lock
     // is held by one of them; see fence.rs). A setting sent at connect outranks ALTER ROLE and
     // ALTER DATABASE, so the pinned search_path holds from the session's first statement.
@@ -93,6 +102,11 @@ async fn open_one(config: &PgConfig, at: &PgEndpoint) -> Result<(Client, Driver)
     if config.read_write {
         pg.target_session_attrs(TargetSessionAttrs::ReadWrite);
     }
+    pg
+}
+
+async fn open_one(config: &PgConfig, at: &PgEndpoint) -> Result<(Client, Driver), RelayError> {
+    let pg = session_config(config, at);
     let tls = Arc::new(AtomicBool::new(false));
     let connector = Tracked {
         inner: config.tls.connector(),
@@ -168,7 +182,7 @@ impl TlsConnect<Socket> for TrackedConnect {
 fn connect_error(config: &PgConfig, at: &PgEndpoint, e: tokio_postgres::Error) -> RelayError {
     let code = e.code().map(|c| c.code().to_string()).unwrap_or_default();
     let server = format!("postgres {}:{}", at.host, at.port);
-    if let Some(tls) = crate::tls::tls_failure(&e) {
+    if let Some(tls) = tls_failure(&e) {
         return RelayError::permanent(format!(
             "{server}: TLS failed ({tls}): check pg_sslmode, pg_sslrootcert and pg_host \
              (verify-full checks pg_host against the server's certificate)"
@@ -225,4 +239,61 @@ pub async fn connect_at(config: &PgConfig) -> Result<(Client, &PgEndpoint), Rela
         }
     });
     Ok((client, at))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::postgres::config::Given;
+    use tokio_postgres::config::{Host, SslMode as S};
+
+    #[test]
+    fn session_settings_are_taken_as_given() {
+        let given = Given {
+            url: Some(
+                "postgres://a:5433,b:5434/x?target_session_attrs=read-write&connect_timeout=3"
+                    .into(),
+            ),
+            user: Some("o'neil \\ relay".into()),
+            password: Some(r"it's a \secret".into()),
+            database: Some("my db".into()),
+            sslmode: Some("require".into()),
+            ..Default::default()
+        };
+        let pg = PgConfig::resolve_with(given, &|_: &str| None).unwrap();
+        let second = session_config(&pg, &pg.endpoints[1]);
+        assert_eq!(second.get_hosts(), [Host::Tcp("b".into())]);
+        assert_eq!(second.get_ports(), [5434]);
+        assert_eq!(second.get_user(), Some("o'neil \\ relay"));
+        assert_eq!(second.get_password(), Some(&br"it's a \secret"[..]));
+        assert_eq!(second.get_dbname(), Some("my db"));
+        assert_eq!(second.get_application_name(), Some(application_name()));
+        assert_eq!(second.get_ssl_mode(), S::Require);
+        assert_eq!(
+            second.get_connect_timeout(),
+            Some(&std::time::Duration::from_secs(3))
+        );
+        assert_eq!(
+            second.get_options(),
+            Some("-c idle_session_timeout=0 -c search_path=pg_catalog,pg_temp")
+        );
+        assert_eq!(
+            second.get_target_session_attrs(),
+            TargetSessionAttrs::ReadWrite
+        );
+        // no password: none sent (the server may not ask); a Unix socket directory is a path
+        let given = Given {
+            host: Some("/run/postgresql".into()),
+            ..Default::default()
+        };
+        let pg = PgConfig::resolve_with(given, &|_: &str| None).unwrap();
+        let one = session_config(&pg, &pg.endpoints[0]);
+        assert_eq!(one.get_password(), None);
+        assert_eq!(one.get_hosts(), [Host::Unix("/run/postgresql".into())]);
+        assert_eq!(one.get_ssl_mode(), S::Prefer);
+        assert_eq!(
+            one.get_target_session_attrs(),
+            TargetSessionAttrs::ReadWrite
+        );
+    }
 }

@@ -1,0 +1,313 @@
+//! A PostgreSQL connection's settings, resolved once, as libpq users know them: the relay's own
+//! settings first, then its connection string (`pg_url`, [`super::conninfo`]), then libpq's
+//! variables (`PGHOST`, `PGSSLMODE`, ...) and password file ([`super::pgpass`]), then the defaults.
+//! The result is typed ([`PgConfig`]); each session's `tokio_postgres::Config` is built from it
+//! directly ([`super::session`]).
+
+use super::conninfo;
+use super::pgpass;
+use super::tls::{PgTls, SslMode};
+use crate::error::RelayError;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The relay's own connection settings (flags, environment, file), each set or not; what they
+/// leave unset comes from `url`, then libpq's variables, then the defaults.
+#[derive(Debug, Default, Clone)]
+pub struct Given {
+    /// A libpq connection string: a URL or key-value pairs.
+    pub url: Option<String>,
+    /// Host names, comma-separated.
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub database: Option<String>,
+    pub sslmode: Option<String>,
+    pub sslrootcert: Option<PathBuf>,
+    pub sslcert: Option<PathBuf>,
+    pub sslkey: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PgConfig {
+    /// The servers, tried in order (libpq's multiple hosts).
+    pub endpoints: Vec<PgEndpoint>,
+    pub user: String,
+    pub database: String,
+    pub tls: PgTls,
+    /// Only a server that accepts writes will do (target_session_attrs read-write, the default):
+    /// a standby is passed over.
+    pub read_write: bool,
+    /// How long one server may take to accept a session (connect_timeout, default 10 s).
+    pub connect_timeout: Duration,
+}
+
+/// One server of [`PgConfig::endpoints`], with the password for it.
+#[derive(Debug, Clone)]
+pub struct PgEndpoint {
+    pub host: String,
+    pub port: u16,
+    pub password: String,
+}
+
+impl PgConfig {
+    /// The connection settings from `given`, then libpq's variables of this process.
+    pub fn resolve(given: Given) -> Result<PgConfig, RelayError> {
+        PgConfig::resolve_with(given, &|name| {
+            std::env::var(name).ok().filter(|v| !v.is_empty())
+        })
+    }
+
+    /// The relay's own settings first, then its connection string (`pg_url`), then what libpq would
+    /// use (`PG*` variables, the password file), then the defaults.
+    pub fn resolve_with(
+        s: Given,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<PgConfig, RelayError> {
+        let url = match &s.url {
+            Some(text) => conninfo::parse(text)?,
+            None => BTreeMap::new(),
+        };
+        let pick = |own: Option<String>, keyword: &str, var: &str| {
+            own.or_else(|| url.get(keyword).cloned().filter(|v| !v.is_empty()))
+                .or_else(|| env(var))
+        };
+        let mode = match pick(s.sslmode, "sslmode", "PGSSLMODE") {
+            None => SslMode::Prefer,
+            Some(mode) => mode.parse()?,
+        };
+        let hosts = pick(s.host, "host", "PGHOST").unwrap_or_else(|| "127.0.0.1".into());
+        let hosts: Vec<&str> = hosts.split(',').map(str::trim).collect();
+        if hosts.iter().any(|h| h.is_empty()) {
+            return Err(RelayError::config(format!(
+                "pg_host {:?} has an empty host name",
+                hosts.join(",")
+            )));
+        }
+        let ports = pick(s.port.map(|p| p.to_string()), "port", "PGPORT");
+        let ports: Vec<u16> = match ports {
+            None => vec![5432],
+            Some(text) => text
+                .split(',')
+                .map(|p| match p.trim() {
+                    "" => Ok(5432),
+                    p => p.parse().map_err(|_| {
+                        RelayError::config(format!(
+                            "port {p:?} is not a port number (pg_port, pg_url or PGPORT)"
+                        ))
+                    }),
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        if ports.len() != 1 && ports.len() != hosts.len() {
+            return Err(RelayError::config(format!(
+                "{} ports for {} hosts: give one port for all hosts or one per host (pg_port, pg_url \
+                 or PGPORT)",
+                ports.len(),
+                hosts.len()
+            )));
+        }
+        let user = pick(s.user, "user", "PGUSER").unwrap_or_else(|| "postgres".into());
+        let database =
+            pick(s.database, "dbname", "PGDATABASE").unwrap_or_else(|| "postgres".into());
+        let password = pick(s.password, "password", "PGPASSWORD");
+        let passfile = url
+            .get("passfile")
+            .map(PathBuf::from)
+            .or_else(|| pgpass::path(env));
+        let endpoints = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, host)| {
+                let port = ports[if ports.len() == 1 { 0 } else { i }];
+                let password = password
+                    .clone()
+                    .or_else(|| {
+                        passfile
+                            .as_deref()
+                            .and_then(|file| pgpass::password(file, host, port, &database, &user))
+                    })
+                    .unwrap_or_default();
+                PgEndpoint {
+                    host: host.to_string(),
+                    port,
+                    password,
+                }
+            })
+            .collect();
+        let read_write = match pick(None, "target_session_attrs", "PGTARGETSESSIONATTRS").as_deref()
+        {
+            None | Some("read-write") | Some("primary") => true,
+            Some("any") => false,
+            Some(other) => {
+                return Err(RelayError::config(format!(
+                    "target_session_attrs {other:?} is not supported: use read-write (the default; \
+                     a standby is passed over) or any (pg_url or PGTARGETSESSIONATTRS)"
+                )))
+            }
+        };
+        let connect_timeout = match pick(None, "connect_timeout", "PGCONNECT_TIMEOUT") {
+            None => Duration::from_secs(10),
+            Some(t) => match t.trim().parse::<u64>() {
+                Ok(secs) if secs > 0 => Duration::from_secs(secs.max(2)),
+                _ => {
+                    return Err(RelayError::config(format!(
+                        "connect_timeout {t:?} must be a number of seconds, at least 1 (pg_url or \
+                         PGCONNECT_TIMEOUT)"
+                    )))
+                }
+            },
+        };
+        let path = |own: Option<PathBuf>, keyword: &str, var: &str| {
+            pick(own.map(|p| p.display().to_string()), keyword, var).map(PathBuf::from)
+        };
+        Ok(PgConfig {
+            tls: PgTls::new(
+                mode,
+                path(s.sslrootcert, "sslrootcert", "PGSSLROOTCERT"),
+                path(s.sslcert, "sslcert", "PGSSLCERT"),
+                path(s.sslkey, "sslkey", "PGSSLKEY"),
+            )?,
+            endpoints,
+            user,
+            database,
+            read_write,
+            connect_timeout,
+        })
+    }
+
+    /// The servers as `host:port,host:port`, for messages.
+    pub fn servers(&self) -> String {
+        let all: Vec<String> = self
+            .endpoints
+            .iter()
+            .map(|e| format!("{}:{}", e.host, e.port))
+            .collect();
+        all.join(",")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libpq_variables_fill_what_the_relay_settings_leave_unset() {
+        let env = |k: &str| {
+            match k {
+                "PGHOST" => Some("db.internal"),
+                "PGPORT" => Some("6543"),
+                "PGUSER" => Some("relay"),
+                "PGDATABASE" => Some("shop"),
+                "PGPASSWORD" => Some("from-env"),
+                "PGSSLMODE" => Some("require"),
+                _ => None,
+            }
+            .map(str::to_string)
+        };
+        let pg = PgConfig::resolve_with(Given::default(), &env).unwrap();
+        assert_eq!(
+            (pg.servers(), pg.user.as_str(), pg.database.as_str()),
+            ("db.internal:6543".to_string(), "relay", "shop")
+        );
+        assert_eq!(pg.endpoints[0].password, "from-env");
+        assert_eq!(pg.tls.mode, SslMode::Require);
+        let own = Given {
+            host: Some("flag".into()),
+            password: Some("flag-secret".into()),
+            ..Default::default()
+        };
+        let pg = PgConfig::resolve_with(own, &env).unwrap();
+        assert_eq!(
+            (pg.servers(), pg.endpoints[0].password.as_str()),
+            ("flag:6543".to_string(), "flag-secret")
+        );
+        let bad = |k: &str| (k == "PGPORT").then(|| "x".to_string());
+        let err = PgConfig::resolve_with(Given::default(), &bad).unwrap_err();
+        assert!(err.to_string().contains("PGPORT"), "{err}");
+    }
+
+    #[test]
+    fn url_then_settings_then_libpq_variables() {
+        let env = |k: &str| {
+            match k {
+                "PGUSER" => Some("env-user"),
+                "PGDATABASE" => Some("env-db"),
+                "PGPORT" => Some("7000"),
+                _ => None,
+            }
+            .map(str::to_string)
+        };
+        let own = Given {
+            url: Some(
+                "postgres://url-user:url%20pw@a:5433,b:5434/url-db?sslmode=require\
+                 &target_session_attrs=any&connect_timeout=3"
+                    .into(),
+            ),
+            database: Some("own-db".into()),
+            ..Default::default()
+        };
+        let pg = PgConfig::resolve_with(own, &env).unwrap();
+        assert_eq!(pg.servers(), "a:5433,b:5434");
+        assert_eq!(
+            (pg.user.as_str(), pg.database.as_str()),
+            ("url-user", "own-db")
+        );
+        assert!(pg.endpoints.iter().all(|e| e.password == "url pw"));
+        assert_eq!(pg.tls.mode, SslMode::Require);
+        assert!(!pg.read_write);
+        assert_eq!(pg.connect_timeout, Duration::from_secs(3));
+        // key-value form; one port for every host; the default session is read-write
+        let own = Given {
+            url: Some("host=x,y,z port=6000".into()),
+            ..Default::default()
+        };
+        let pg = PgConfig::resolve_with(own, &env).unwrap();
+        assert_eq!(pg.servers(), "x:6000,y:6000,z:6000");
+        assert_eq!(pg.user, "env-user");
+        assert!(pg.read_write);
+        // PGHOST may list hosts too
+        let hosts = |k: &str| (k == "PGHOST").then(|| "p,q".to_string());
+        let pg = PgConfig::resolve_with(Given::default(), &hosts).unwrap();
+        assert_eq!(pg.servers(), "p:5432,q:5432");
+        for (url, says) in [
+            ("host=a,b port=1,2,3", "3 ports for 2 hosts"),
+            ("host=a,,b", "empty host name"),
+            (
+                "host=a target_session_attrs=standby",
+                "target_session_attrs",
+            ),
+            ("host=a connect_timeout=soon", "connect_timeout"),
+            ("host=a options=-cfoo", "\"options\" is not supported"),
+        ] {
+            let own = Given {
+                url: Some(url.into()),
+                ..Default::default()
+            };
+            let err = PgConfig::resolve_with(own, &|_: &str| None)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(says), "{url}: {err}");
+        }
+    }
+
+    #[test]
+    fn password_file_per_host() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("relay-pgpass-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("pgpass");
+        std::fs::write(&file, "a:5432:*:relay:pw-a\nb:5432:*:relay:pw-b\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let own = Given {
+            url: Some(format!("host=a,b user=relay passfile='{}'", file.display())),
+            ..Default::default()
+        };
+        let pg = PgConfig::resolve_with(own, &|_: &str| None).unwrap();
+        let pws: Vec<&str> = pg.endpoints.iter().map(|e| e.password.as_str()).collect();
+        assert_eq!(pws, ["pw-a", "pw-b"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
