@@ -19,12 +19,11 @@
 
 use crate::config::{Config, IngestConfig};
 use crate::error::RelayError;
+use crate::kafka::{fetch_partition_count, fetch_topic_id, off_runtime, raw_headers};
 use crate::postgres;
 use crate::retry::Retry;
-use crate::sink::kafka::{fetch_partition_count, off_runtime, raw_headers};
 use crate::sink::HEADER_ID;
 use crate::telemetry::Metrics;
-use crate::topic_id::fetch_topic_id;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};

@@ -11,8 +11,11 @@
 //! - [`deadletter`]: events that can never be published, kept with their reason
 //! - [`event`]: positions and what a source hands over
 //! - [`ingest`]: the consumer side, Kafka -> `inbox.messages` + `inbox.offsets`
-//! - [`config`], [`error`], [`postgres`], [`retry`]; [`ops`]: `check` and `status`;
-//!   [`telemetry`]: logs and metrics; [`shutdown`]: signals
+//! - [`postgres`], [`kafka`]: the client plumbing (connection settings, TLS, sessions; librdkafka
+//!   settings, metadata, headers), which knows nothing of the loop
+//! - [`config`]: the command line, the environment and the file, layered and validated once
+//! - [`error`], [`retry`]; [`ops`]: `check` and `status`; [`telemetry`]: logs and metrics;
+//!   [`shutdown`]: signals
 
 pub mod checkpoint;
 pub mod config;
@@ -21,6 +24,7 @@ pub mod error;
 pub mod event;
 pub mod fence;
 pub mod ingest;
+pub mod kafka;
 pub mod ops;
 pub mod pipeline;
 pub mod postgres;
@@ -29,7 +33,6 @@ pub mod shutdown;
 pub mod sink;
 pub mod source;
 pub mod telemetry;
-pub mod topic_id;
 
 use config::{Cli, Config, Mode};
 use std::process::ExitCode;

@@ -3,13 +3,7 @@
 use crate::config::{Config, SourceKind};
 use crate::error::RelayError;
 use crate::postgres::connect;
-use crate::sink::kafka::off_runtime;
 use crate::source::slot::SlotState;
-use rdkafka::client::ClientContext;
-use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
-use std::time::Duration;
 use tokio_postgres::Client;
 
 /// One line of `check` output.
@@ -186,23 +180,7 @@ pub async fn check(config: &Config) -> Vec<Finding> {
             ));
         }
     }
-    let cc = config.kafka.client_config();
-    let reachable = off_runtime("metadata task", move || {
-        let producer: BaseProducer<Refusals> = cc.create_with_context(Refusals::default())?;
-        let md = producer
-            .client()
-            .fetch_metadata(None, Duration::from_secs(5));
-        // errors reach the context only when the producer's queue is served
-        producer.poll(Duration::from_millis(100));
-        let refused = producer.context().first();
-        match (md, refused) {
-            (Ok(md), _) => Ok(Ok(md.brokers().len())),
-            // the broker's own reason says more than "transport failure"
-            (Err(_), Some(reason)) => Ok(Err(reason)),
-            (Err(e), None) => Err(e.into()),
-        }
-    })
-    .await;
+    let reachable = crate::kafka::probe::reachable(&config.kafka).await;
     out.push(match reachable {
         Ok(Ok(n)) => finding(
             true,
@@ -222,38 +200,6 @@ pub async fn check(config: &Config) -> Vec<Finding> {
         ),
     });
     out
-}
-
-/// Keeps the first authentication or TLS refusal librdkafka reports (a failed metadata request
-/// says only "transport failure"); the rest of its chatter is dropped, as `check` prints findings.
-#[derive(Default)]
-struct Refusals(std::sync::Mutex<Option<String>>);
-
-impl Refusals {
-    fn first(&self) -> Option<String> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-}
-
-impl ClientContext for Refusals {
-    fn log(&self, _: RDKafkaLogLevel, _: &str, _: &str) {}
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        let what = match error.rdkafka_error_code() {
-            Some(RDKafkaErrorCode::Authentication) => "authentication failed",
-            Some(RDKafkaErrorCode::SSL) => "TLS failed",
-            _ if reason.contains("SASL") => "authentication failed",
-            _ if reason.contains("SSL") => "TLS failed",
-            _ => return,
-        };
-        let mut first = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        first.get_or_insert_with(|| format!("{what}: {reason}"));
-    }
-}
-
-impl ProducerContext for Refusals {
-    type DeliveryOpaque = ();
-    fn delivery(&self, _: &DeliveryResult<'_>, _: ()) {}
 }
 
 /// PostgreSQL 18 invalidates a slot nobody streams from for `idle_replication_slot_timeout`: with

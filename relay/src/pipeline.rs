@@ -15,10 +15,11 @@
 //! - Shutdown: stop reading, flush, wait for what is in flight (bounded), confirm, close.
 
 use crate::checkpoint::{Checkpoint, UnitId};
-use crate::config::{Config, KafkaConfig, OnPoison, RecordTimestamp, SourceConfig, SourceKind};
+use crate::config::{Config, OnPoison, SourceConfig, SourceKind};
 use crate::deadletter::{DeadLetter, DeadLetters, PgDeadLetters};
 use crate::error::{Kind, RelayError};
 use crate::event::{Body, Position, SourceEvent};
+use crate::kafka::{KafkaConfig, RecordTimestamp};
 use crate::postgres;
 use crate::retry::Retry;
 use crate::sink::dedup::Dedup;
@@ -817,7 +818,7 @@ mod tests {
             fence_timeout: Duration::from_secs(30),
             topic_template: "{topic}".into(),
             max_record_bytes: 1_000_000,
-            record_timestamp: crate::config::RecordTimestamp::Enqueue,
+            record_timestamp: RecordTimestamp::Enqueue,
             partition_check: Duration::from_secs(10),
             settings: Default::default(),
             allowed_topics: Vec::new(),

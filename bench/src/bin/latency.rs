@@ -118,7 +118,7 @@ async fn main() -> Result<()> {
     };
 
     let producer: Option<FutureProducer> = match mode.as_str() {
-        "raw" => Some(pg_outbox_relay::sink::kafka::producer_config(brokers).create()?),
+        "raw" => Some(pg_outbox_relay::kafka::producer_config(brokers).create()?),
         "wal" | "table" => None,
         other => bail!("MODE must be wal, table or raw, not {other:?}"),
     };

@@ -19,8 +19,7 @@ async fn main() -> Result<()> {
     let n: usize = n.parse().context("N")?;
     let size: usize = size.parse().context("PAYLOAD_BYTES")?;
     let keys: usize = keys.parse().context("KEYS")?;
-    let producer: FutureProducer =
-        pg_outbox_relay::sink::kafka::producer_config(brokers).create()?;
+    let producer: FutureProducer = pg_outbox_relay::kafka::producer_config(brokers).create()?;
     let payload = vec![b'x'; size];
     let started = Instant::now();
     let mut pending = std::collections::VecDeque::new();

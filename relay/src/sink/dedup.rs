@@ -24,7 +24,7 @@
 
 use crate::error::RelayError;
 use crate::event::Position;
-use crate::sink::kafka::raw_headers;
+use crate::kafka::raw_headers;
 use crate::sink::{mac_fields, Sink, HEADER_ID, HEADER_MAC, HEADER_POSITION, HEADER_SOURCE};
 use crate::source::Identity;
 use crate::telemetry::Metrics;

@@ -5,15 +5,15 @@
 //! No librdkafka call that blocks runs on a runtime thread: metadata requests, flushes and the
 //! read-back go through `spawn_blocking`, and a full producer queue is waited out asynchronously.
 
-use crate::config::KafkaConfig;
 use crate::deadletter::DeadLetter;
-use crate::error::{Kind, RelayError};
+use crate::error::RelayError;
 use crate::event::Position;
+use crate::kafka::RETRY_BACKOFF_MS;
+use crate::kafka::{fetch_partition_count, off_runtime, producer_config, KafkaConfig};
 use crate::sink::dedup::{self, Tail};
 use crate::sink::{Delivered, Delivery, Record, Sink};
 use crate::sink::{HEADER_ID, HEADER_MAC, HEADER_POSITION, HEADER_SOURCE, HEADER_TRACE};
 use crate::source::Identity;
-use rdkafka::client::{Client, ClientContext};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -24,72 +24,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// How long librdkafka waits before it sends a failed request again (its `retry.backoff.ms`).
-pub const RETRY_BACKOFF_MS: &str = "1000";
-
-/// The producer settings the relay sends every record with, before `message.max.bytes`, the
-/// `[kafka]` settings and the record lifetime ([`KafkaSink::new`]). (`make bench` produces its raw
-/// baseline with these too.)
-pub fn producer_config(brokers: &str) -> ClientConfig {
-    let mut producer = ClientConfig::new();
-    producer
-        .set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("partitioner", "murmur2_random")
-        // a topic an event names is never created by asking for it (a writer chooses the name)
-        .set("allow.auto.create.topics", "false")
-        .set("linger.ms", "5");
-    producer
-}
-
-/// Number of partitions of `topic`, from a metadata request (blocking: run it off the runtime).
-pub fn fetch_partition_count<C: ClientContext>(
-    client: &Client<C>,
-    topic: &str,
-    timeout: Duration,
-) -> Result<i32, RelayError> {
-    let md = client
-        .fetch_metadata(Some(topic), timeout)
-        .map_err(|e| RelayError::transient(format!("metadata for topic {topic}")).caused_by(e))?;
-    let t = md
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic)
-        .ok_or_else(|| RelayError::transient(format!("topic {topic} not in metadata")))?;
-    if let Some(err) = t.error() {
-        // the topic does not exist, or may not be written: retrying helps only if someone acts
-        let kind = match RDKafkaErrorCode::from(err) {
-            RDKafkaErrorCode::UnknownTopicOrPartition
-            | RDKafkaErrorCode::TopicAuthorizationFailed
-            | RDKafkaErrorCode::InvalidTopic => Kind::Event,
-            _ => Kind::Transient,
-        };
-        return Err(RelayError::new(
-            kind,
-            format!(
-                "topic {topic}: {}; create the topic (or enable auto-creation) or grant the relay access",
-                RDKafkaErrorCode::from(err)
-            ),
-        ));
-    }
-    if t.partitions().is_empty() {
-        return Err(RelayError::transient(format!(
-            "topic {topic} has no partitions yet"
-        )));
-    }
-    Ok(t.partitions().len() as i32)
-}
-
-/// Runs a blocking librdkafka call on the blocking pool.
-pub async fn off_runtime<T: Send + 'static>(
-    what: &'static str,
-    f: impl FnOnce() -> Result<T, RelayError> + Send + 'static,
-) -> Result<T, RelayError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| RelayError::transient(what).caused_by(e))?
-}
+/// Where the tests' fixtures read consumed headers from (the function lives in [`crate::kafka`]).
+pub use crate::kafka::raw_headers;
 
 pub struct KafkaSink {
     producer: FutureProducer,
@@ -435,43 +371,4 @@ fn dead_letter_of(msg: &OwnedMessage, reason: &str) -> Option<DeadLetter> {
         payload: msg.payload().unwrap_or_default().to_vec(),
         reason: reason.to_string(),
     })
-}
-
-/// The headers of a consumed record, names and values as raw bytes, in the record's order.
-///
-/// rdkafka's own accessor panics on a header name that is not UTF-8; a record from any producer
-/// may carry one, so whatever reads other producers' records (the read-back, ingest) reads them
-/// through this.
-pub fn raw_headers<'m>(
-    msg: &'m rdkafka::message::BorrowedMessage<'_>,
-) -> Vec<(&'m [u8], Option<&'m [u8]>)> {
-    use rdkafka::bindings as rd;
-    let mut out = Vec::new();
-    let mut headers: *mut rd::rd_kafka_headers_t = std::ptr::null_mut();
-    // SAFETY: `msg.ptr()` is a live message for the lifetime 'm; librdkafka returns a pointer to
-    // headers owned by that message (not to be freed), or an error when there are none.
-    let err = unsafe { rd::rd_kafka_message_headers(msg.ptr(), &mut headers) };
-    if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || headers.is_null() {
-        return out;
-    }
-    // SAFETY: `headers` belongs to the message, which outlives 'm.
-    let count = unsafe { rd::rd_kafka_header_cnt(headers) };
-    for idx in 0..count {
-        let mut name: *const std::os::raw::c_char = std::ptr::null();
-        let mut value: *const std::os::raw::c_void = std::ptr::null();
-        let mut size = 0usize;
-        // SAFETY: idx < count; the out pointers point at locals.
-        let err =
-            unsafe { rd::rd_kafka_header_get_all(headers, idx, &mut name, &mut value, &mut size) };
-        if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || name.is_null() {
-            continue;
-        }
-        // SAFETY: librdkafka keeps a NUL-terminated name and `size` value bytes in the message's
-        // header list, alive as long as the message.
-        let name = unsafe { std::ffi::CStr::from_ptr(name) }.to_bytes();
-        let value = (!value.is_null())
-            .then(|| unsafe { std::slice::from_raw_parts(value.cast::<u8>(), size) });
-        out.push((name, value));
-    }
-    out
 }
