@@ -4,7 +4,10 @@
 //!
 //! - [`source`]: where events come from, behind the [`source::Source`] seam ([`source::wal`],
 //!   [`source::poll`])
-//! - [`pipeline`]: the one loop: route, dedup, send, acknowledge, confirm, drain
+//! - [`relay`]: the wiring: the configured source, the Kafka sink and the dead letters, session
+//!   after session
+//! - [`pipeline`]: the one loop, for any source, sink and dead letters: route, dedup, send,
+//!   acknowledge, confirm, drain
 //! - [`checkpoint`]: which source position may be confirmed (a fully acknowledged prefix)
 //! - [`sink`]: where events go, behind the [`sink::Sink`] seam ([`sink::kafka`]), the restart
 //!   dedup ([`sink::dedup`]) and the partitioner ([`sink::partition`])
@@ -28,6 +31,7 @@ pub mod kafka;
 pub mod ops;
 pub mod pipeline;
 pub mod postgres;
+pub mod relay;
 pub mod retry;
 pub mod shutdown;
 pub mod sink;
@@ -110,7 +114,7 @@ async fn serve(config: &Config, mode: Mode) -> ExitCode {
     }
     let result = match (mode, &config.ingest) {
         (Mode::Ingest, Some(ingest)) => ingest::run(config, ingest, shutdown, metrics).await,
-        _ => pipeline::run(config, shutdown, metrics).await,
+        _ => relay::run(config, shutdown, metrics).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -15,19 +15,14 @@
 //! - Shutdown: stop reading, flush, wait for what is in flight (bounded), confirm, close.
 
 use crate::checkpoint::{Checkpoint, UnitId};
-use crate::config::{Config, OnPoison, SourceConfig, SourceKind};
-use crate::deadletter::{DeadLetter, DeadLetters, PgDeadLetters};
+use crate::config::{OnPoison, SourceConfig};
+use crate::deadletter::{DeadLetter, DeadLetters};
 use crate::error::{Kind, RelayError};
 use crate::event::{Body, Position, SourceEvent};
 use crate::kafka::{KafkaConfig, RecordTimestamp};
-use crate::postgres;
-use crate::retry::Retry;
 use crate::sink::dedup::Dedup;
-use crate::sink::kafka::KafkaSink;
 use crate::sink::partition::partition_for;
 use crate::sink::{mac_fields, Delivered, Delivery, Record, Sink};
-use crate::source::poll::PollSource;
-use crate::source::wal::WalSource;
 use crate::source::{Identity, Source, Step};
 use crate::telemetry::{micros_since, unix_micros_now, Metrics};
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -35,114 +30,13 @@ use futures_util::FutureExt;
 use pg_outbox_envelope::Event;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 /// How long a graceful shutdown waits for records in flight; what is still unacknowledged then
 /// is not confirmed, and is replayed by the next session.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Runs sessions until shutdown or a permanent error, reconnecting with backoff in between.
-pub async fn run(
-    config: &Config,
-    shutdown: CancellationToken,
-    metrics: Arc<Metrics>,
-) -> Result<(), RelayError> {
-    let mut retry = Retry::new(config.source.backoff_max);
-    crate::fence::PauseClock::start(metrics.pause.clone());
-    let mut sink = KafkaSink::new(&config.kafka, &config.source.source_id)?;
-    let mut frontier = Frontier::default();
-    let mut first = true;
-    loop {
-        if let Some(fatal) = sink.fatal_error() {
-            // an idempotent producer that hit a fatal error can send nothing more
-            warn!(error = %fatal, "kafka producer failed fatally; building a new one");
-            sink = KafkaSink::new(&config.kafka, &config.source.source_id)?;
-        }
-        let started = Instant::now();
-        let result = session(
-            config,
-            &shutdown,
-            &metrics,
-            &mut sink,
-            &mut frontier,
-            &mut first,
-        )
-        .await;
-        if result.is_err() {
-            metrics.pause.disarm();
-            if sink.has_sent() {
-                // A session that ends in an error gives up what its producer still holds, at once,
-                // and closes the producer's connections: once it lost its source a successor may
-                // hold the slot or lock within a second, and a record of this session landing
-                // after the successor read the partitions back would be a duplicate. What it
-                // withdrew is unacknowledged, so whichever relay streams next replays it; what
-                // already reached the broker is found by that relay's read-back.
-                let old = std::mem::replace(
-                    &mut sink,
-                    KafkaSink::new(&config.kafka, &config.source.source_id)?,
-                );
-                old.close().await;
-                info!("the session ended: what its producer held is withdrawn and its broker connections closed");
-            }
-        }
-        if let Err(e) = &result {
-            if let Some(source) = e.verdict_source() {
-                record_verdict(config, source, &e.to_string()).await;
-            }
-        }
-        if !retry.after(result, started, &shutdown, &metrics).await? {
-            return Ok(());
-        }
-    }
-}
-
-/// Stores a stop verdict in `outbox.sources`, so that every later start (of this relay or another,
-/// however far the database has moved meanwhile) refuses the incarnation until an operator acts.
-/// The first verdict is kept.
-async fn record_verdict(config: &Config, source: &str, why: &str) {
-    let stored = async {
-        let pg = postgres::connect(&config.postgres).await?;
-        pg.execute(
-            "UPDATE outbox.sources SET stopped = $2, stopped_at = pg_catalog.now() \
-              WHERE source = $1 AND stopped IS NULL",
-            &[&source, &why],
-        )
-        .await?;
-        Ok::<_, RelayError>(())
-    };
-    if let Err(e) = stored.await {
-        warn!(%source, error = %e, "could not record the stop in outbox.sources");
-    }
-}
-
-/// One session: open the configured source, then run the loop until it ends.
-async fn session(
-    config: &Config,
-    shutdown: &CancellationToken,
-    metrics: &Arc<Metrics>,
-    sink: &mut KafkaSink,
-    frontier: &mut Frontier,
-    first: &mut bool,
-) -> Result<(), RelayError> {
-    let dead = PgDeadLetters::new(
-        postgres::connect(&config.postgres).await?,
-        &config.source.source_id,
-    );
-    let pipeline = Pipeline::new(&config.kafka, &config.source, metrics, sink, dead, frontier);
-    match config.source.kind {
-        SourceKind::Wal => {
-            let source = WalSource::open(config, first, metrics.clone()).await?;
-            pipeline.run(source, shutdown).await
-        }
-        SourceKind::Poll => {
-            let source = PollSource::open(config).await?;
-            pipeline.run(source, shutdown).await
-        }
-    }
-}
 
 /// How far a session that lost a delivery had sent, kept across the sessions of the process.
 ///
@@ -245,14 +139,26 @@ fn letter_of(event: &SourceEvent, reason: String) -> DeadLetter {
     }
 }
 
-/// A record in flight: its checkpoint unit, its start time (Unix µs), and its outcome.
-async fn track(
+/// A record handed to the sink: its checkpoint unit, when its event started (Unix µs, for the
+/// latency), its size in bytes, and its delivery: the future to wait for ([`Delivery`]), then the
+/// outcome ([`Delivered`]).
+struct InFlight<T> {
     unit: UnitId,
     since: i64,
-    bytes: usize,
-    delivery: Delivery,
-) -> (UnitId, i64, usize, Delivered) {
-    (unit, since, bytes, delivery.await)
+    size: usize,
+    delivery: T,
+}
+
+impl InFlight<Delivery> {
+    /// The same record once its delivery has an outcome.
+    async fn landed(self) -> InFlight<Delivered> {
+        InFlight {
+            unit: self.unit,
+            since: self.since,
+            size: self.size,
+            delivery: self.delivery.await,
+        }
+    }
 }
 
 impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
@@ -357,20 +263,20 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                Some((unit, since, size, outcome)) = inflight.next(), if !inflight.is_empty() => {
-                    bytes -= size;
-                    self.delivered(&mut checkpoint, unit, since, outcome).await?;
+                Some(landed @ InFlight { .. }) = inflight.next(), if !inflight.is_empty() => {
+                    bytes -= landed.size;
+                    self.delivered(&mut checkpoint, landed).await?;
                     // take every other acknowledgement that is already there before confirming
-                    while let Some(Some((unit, since, size, outcome))) = inflight.next().now_or_never() {
-                        bytes -= size;
-                        self.delivered(&mut checkpoint, unit, since, outcome).await?;
+                    while let Some(Some(landed @ InFlight { .. })) = inflight.next().now_or_never() {
+                        bytes -= landed.size;
+                        self.delivered(&mut checkpoint, landed).await?;
                     }
                     self.metrics.progress();
                 }
                 _ = parked_retry.tick(), if !self.parked.is_empty() => {
-                    for (unit, since, size, delivery) in self.retry_parked(&mut checkpoint, &mut bytes).await? {
-                        bytes += size;
-                        inflight.push(track(unit, since, size, delivery));
+                    for flight in self.retry_parked(&mut checkpoint, &mut bytes).await? {
+                        bytes += flight.size;
+                        inflight.push(flight.landed());
                     }
                 }
                 _ = partition_check.tick(), if ending.is_none() => {
@@ -404,7 +310,8 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
                                             self.metrics.progress();
                                         }
                                         bytes += size;
-                                        inflight.push(track(checkpoint.sent(), since, size, delivery));
+                                        let unit = checkpoint.sent();
+                                        inflight.push(InFlight { unit, since, size, delivery }.landed());
                                     }
                                     Route::Done => {}
                                     Route::Park(topic) => {
@@ -445,8 +352,8 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
         }
         while !inflight.is_empty() {
             tokio::select! {
-                Some((unit, since, _, outcome)) = inflight.next() => {
-                    self.delivered(&mut checkpoint, unit, since, outcome).await?;
+                Some(landed @ InFlight { .. }) = inflight.next() => {
+                    self.delivered(&mut checkpoint, landed).await?;
                 }
                 _ = &mut deadline => {
                     warn!(in_flight = inflight.len(), "records still unacknowledged at shutdown; the next session replays them");
@@ -468,14 +375,12 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
     async fn delivered<A: Copy>(
         &mut self,
         checkpoint: &mut Checkpoint<A>,
-        unit: UnitId,
-        since: i64,
-        outcome: Delivered,
+        landed: InFlight<Delivered>,
     ) -> Result<(), RelayError> {
-        match outcome {
+        match landed.delivery {
             Delivered::Acked => {
                 self.metrics.published.fetch_add(1, Ordering::Relaxed);
-                self.metrics.latency.observe(micros_since(since));
+                self.metrics.latency.observe(micros_since(landed.since));
             }
             Delivered::Rejected(letter) => self.dead_letter(*letter).await?,
             Delivered::Failed(e) => {
@@ -485,7 +390,7 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
                 return Err(e);
             }
         }
-        checkpoint.acked(unit);
+        checkpoint.acked(landed.unit);
         Ok(())
     }
 
@@ -687,7 +592,7 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
         &mut self,
         checkpoint: &mut Checkpoint<A>,
         bytes: &mut usize,
-    ) -> Result<Vec<(UnitId, i64, usize, Delivery)>, RelayError> {
+    ) -> Result<Vec<InFlight<Delivery>>, RelayError> {
         let mut sent = Vec::new();
         let topics: Vec<String> = self.parked.keys().cloned().collect();
         for topic in topics {
@@ -702,7 +607,12 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
                     None => match self.publish(&waiting.event).await? {
                         Route::Sent(delivery, size) => {
                             *bytes -= waiting.size;
-                            sent.push((waiting.unit, waiting.event.since_micros, size, delivery));
+                            sent.push(InFlight {
+                                unit: waiting.unit,
+                                since: waiting.event.since_micros,
+                                size,
+                                delivery,
+                            });
                         }
                         Route::Done => {
                             *bytes -= waiting.size;
@@ -745,11 +655,12 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::SourceKind;
     use crate::deadletter::memory::MemoryDeadLetters;
     use crate::sink::memory::{Fate, MemorySink, Plan};
     use crate::source::memory::MemorySource;
     use bytes::Bytes;
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
 
     #[derive(Debug, Clone, PartialEq)]
     enum Entry {
