@@ -44,7 +44,10 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+// tokio's clock is the monotonic clock (which runs on while the process is stopped); in unit tests
+// it can be paused and moved forward, which is how they make a pause without sleeping
+use tokio::time::Instant;
 
 /// How often the clock ticks.
 const TICK: Duration = Duration::from_millis(100);
@@ -158,40 +161,40 @@ pub fn takeover_wait(
 mod tests {
     use super::*;
 
-    #[tokio::test]
+    /// The process stopped for `d`: the clock moves on, and no task ran meanwhile.
+    async fn pause(d: Duration) {
+        tokio::time::advance(d).await;
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_stalled_thread_shows_as_a_pause() {
         let clock = Arc::new(PauseClock::default());
         assert_eq!(clock.paused(), Duration::ZERO, "no ticker: no pause");
         PauseClock::start(clock.clone());
         tokio::time::sleep(Duration::from_millis(350)).await;
+        assert_eq!(clock.paused(), Duration::ZERO, "ticks on time");
+        pause(Duration::from_millis(800)).await;
         assert!(
-            clock.paused() < Duration::from_millis(200),
-            "{:?}",
-            clock.paused()
-        );
-        // block the only runtime thread: the ticker cannot tick
-        std::thread::sleep(Duration::from_millis(800));
-        assert!(
-            clock.paused() >= Duration::from_millis(600),
+            clock.paused() >= Duration::from_millis(650),
             "{:?}",
             clock.paused()
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
         // the ticker ran again, but remembers the gap until a reset
         assert!(
-            clock.paused() >= Duration::from_millis(600),
+            clock.paused() >= Duration::from_millis(650),
             "{:?}",
             clock.paused()
         );
         clock.reset();
         assert!(
-            clock.paused() < Duration::from_millis(200),
+            clock.paused() < Duration::from_millis(100),
             "{:?}",
             clock.paused()
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn the_ticker_withdraws_the_moment_it_sees_a_pause_beyond_the_limit() {
         use std::sync::atomic::AtomicUsize;
         let clock = Arc::new(PauseClock::default());
@@ -206,8 +209,8 @@ mod tests {
         PauseClock::start(clock.clone());
         tokio::time::sleep(Duration::from_millis(350)).await;
         assert_eq!(withdrawn.load(Ordering::Relaxed), 0, "no pause yet");
-        // a stall shorter than the limit: nothing
-        std::thread::sleep(Duration::from_millis(300));
+        // a pause shorter than the limit: nothing
+        pause(Duration::from_millis(300)).await;
         tokio::time::sleep(Duration::from_millis(250)).await;
         assert_eq!(
             withdrawn.load(Ordering::Relaxed),
@@ -215,8 +218,8 @@ mod tests {
             "300 ms is below the limit"
         );
         // one beyond it: withdrawn once, by the first tick after it
-        std::thread::sleep(Duration::from_millis(900));
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        pause(Duration::from_millis(900)).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
         assert_eq!(withdrawn.load(Ordering::Relaxed), 1);
         tokio::time::sleep(Duration::from_millis(350)).await;
         assert_eq!(
