@@ -60,6 +60,19 @@ impl Scenario {
         }
     }
 
+    /// `pg-outbox-relay ingest` into this database's inbox: `consumer` reads `topics`
+    /// (comma-separated) from this broker, with `args`.
+    pub fn ingest(&self, consumer: &str, topics: &str, args: &[&str]) -> Result<Relay> {
+        Relay::ingest(
+            self.db.port,
+            &self.db.name,
+            &self.brokers(),
+            consumer,
+            topics,
+            args,
+        )
+    }
+
     /// Every record of the scenario's topics once at least `expected` arrived and every partition
     /// is read to its end, or after [`READ_TIMEOUT`] (see [`crate::read_all`]).
     pub fn read(&self, expected: usize) -> Result<Vec<Record>> {
