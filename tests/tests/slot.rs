@@ -379,6 +379,64 @@ async fn records_beyond_what_the_database_committed_stop_the_relay() -> Result<(
     Ok(())
 }
 
+/// What this very source wrote before the database was restored to an earlier point: records
+/// signed with the (restored) key, at positions the database has since passed with other events.
+/// More of them than one read-back window used to hold made the floor rule skip every event below
+/// them; only an exact (position, event id) match may skip now.
+#[tokio::test]
+async fn signed_records_of_an_earlier_timeline_never_make_a_restart_skip_events() -> Result<()> {
+    let (db, broker) = published_then_stopped("sl_timeline", port(), 5).await?;
+    // committed while the relay is down
+    enqueue(&db, "a", 6, 10).await?;
+    let after: i64 = db
+        .client
+        .query_one(
+            "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint",
+            &[],
+        )
+        .await?
+        .get(0);
+    // the database moves on, so the earlier timeline's positions lie below what it has committed
+    db.client
+        .batch_execute("CREATE TABLE filler AS SELECT g FROM generate_series(1, 1000) g")
+        .await?;
+    let source = db.source_identity().await?;
+    let key = db.record_key().await?;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .create()?;
+    const EARLIER: u64 = 300;
+    for i in 0..EARLIER {
+        let id = format!("0193b2f0-0000-7000-8000-{i:012}");
+        let headers = signed_headers(&key, &source, &id, (after as u64, i));
+        producer
+            .send(
+                FutureRecord::to("orders")
+                    .partition(0)
+                    .key("z")
+                    .payload(&format!("{{\"n\": {}}}", 1000 + i))
+                    .headers(headers),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)?;
+    }
+    let _relay = Relay::start(db.port, &db.name, &broker.bootstrap(), &[])?;
+    let total = 5 + EARLIER as usize + 5;
+    let records = read_all(&broker.bootstrap(), &[("orders", 1)], total, READ_TIMEOUT)?;
+    let mine: Vec<String> = records
+        .iter()
+        .filter(|r| r.key.as_deref() == Some(b"a".as_slice()))
+        .map(|r| String::from_utf8_lossy(&r.payload).to_string())
+        .collect();
+    let want: Vec<String> = (1..=10).map(|n| format!(r#"{{"n": {n}}}"#)).collect();
+    assert_eq!(
+        mine, want,
+        "events 6 to 10, committed after the earlier timeline's positions, are published once"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_second_cluster_with_the_same_settings_skips_nothing_in_table_mode() -> Result<()> {
     let _one = RESTART_CLUSTER.lock().await;
