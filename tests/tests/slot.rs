@@ -387,7 +387,7 @@ async fn records_beyond_what_the_database_committed_stop_the_relay() -> Result<(
 async fn signed_records_of_an_earlier_timeline_never_make_a_restart_skip_events() -> Result<()> {
     let (db, broker) = published_then_stopped("sl_timeline", port(), 5).await?;
     // committed while the relay is down
-    enqueue(&db, "a", 6, 10).await?;
+    enqueue_numbered(&db.client, "orders", "a", 6..=10).await?;
     let after: i64 = db
         .client
         .query_one(
