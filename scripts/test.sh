@@ -62,9 +62,9 @@ openssl x509 -req -in "$tls/server.csr" -CA "$tls/ca.crt" -CAkey "$tls/ca.key" -
 chmod 644 "$tls/ca.crt"
 export PG_OUTBOX_TEST_TLS_DIR=$tls
 
-# one end-to-end relay test per source
+# one end-to-end relay test per source (tests/tests/relay_basics.rs: wal; relay_poll.rs: poll)
 relay_smoke() {
-    cargo test -p pg_outbox_tests --test relay -- --show-output --exact \
+    cargo test -p pg_outbox_tests --test relay_basics --test relay_poll -- --show-output --exact \
         committed_events_arrive_with_topic_key_headers_and_payload \
         table_mode_publishes_exactly_the_committed_rows_and_removes_them
 }

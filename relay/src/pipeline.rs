@@ -302,6 +302,7 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
                         match step {
                             Step::Event(event) => {
                                 open_unit = true;
+                                self.dedup.delivered(event.position);
                                 let since = event.since_micros;
                                 match self.publish(&event).await? {
                                     Route::Sent(delivery, size) => {
@@ -487,6 +488,7 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
         let key = event.key.map(str::as_bytes);
         let partition = partition_for(key, &event.id, partitions);
         let source_id = self.identity.name.as_str();
+        let id = event.id_string();
         if self
             .dedup
             .already_published(
@@ -497,6 +499,7 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
                 partitions,
                 partition,
                 position,
+                id.as_bytes(),
             )
             .await?
         {
@@ -513,7 +516,6 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
             }
             None => false,
         };
-        let id = event.id_string();
         // the proof that this relay wrote the record: the restart dedup believes nothing else
         let mac = self.identity.key.sign(&mac_fields(
             source_id,

@@ -237,22 +237,27 @@ c.execute("COMMIT")
             .stderr(log)
             .spawn()
             .context("starting tansu (scripts/setup.sh installs it)")?;
-        let listening = wait_for_port(port);
-        // a Tansu that could not bind exits at once, while the port may answer for another process
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        if let Some(status) = child.try_wait()? {
-            let log =
-                std::fs::read_to_string(std::env::temp_dir().join(format!("tansu-{port}.log")))
-                    .unwrap_or_default();
-            let last = log.lines().last().unwrap_or_default();
-            anyhow::bail!("tansu on port {port} exited at start ({status}): {last}");
+        // something answering on the port is not enough: it may be another process (then this
+        // Tansu could not bind and exits), so wait until this very process holds the listener
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                let log =
+                    std::fs::read_to_string(std::env::temp_dir().join(format!("tansu-{port}.log")))
+                        .unwrap_or_default();
+                let last = log.lines().last().unwrap_or_default();
+                bail!("tansu on port {port} exited at start ({status}): {last}");
+            }
+            if listens(child.id(), port) {
+                return Ok(child);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("tansu (pid {}) does not listen on {port}", child.id());
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        if let Err(e) = listening {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(e);
-        }
-        Ok(child)
     }
 
     pub fn bootstrap(&self) -> String {
@@ -320,6 +325,42 @@ fn wait_for_port(port: u16) -> Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
+}
+
+/// Whether process `pid` holds the socket that listens on TCP `port` (Linux: /proc/net/tcp names
+/// the listening socket's inode, and /proc/PID/fd links to the sockets the process holds).
+fn listens(pid: u32, port: u16) -> bool {
+    let inodes: Vec<String> = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(table).ok())
+        .flat_map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .filter_map(|line| {
+                    // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    let local_port = fields.get(1)?.rsplit(':').next()?;
+                    let (state, inode) = (*fields.get(3)?, *fields.get(9)?);
+                    (state == "0A" && u16::from_str_radix(local_port, 16).ok()? == port)
+                        .then(|| format!("socket:[{inode}]"))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    if inodes.is_empty() {
+        return false;
+    }
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path()).is_ok_and(|link| {
+            inodes
+                .iter()
+                .any(|inode| link.as_os_str() == inode.as_str())
+        })
+    })
 }
 
 /// One record read back from Kafka.

@@ -164,6 +164,17 @@ impl TestDb {
         })
     }
 
+    /// Sessions of this database enqueue in table mode from now on, this fixture's session too.
+    pub async fn set_table_mode(&self) -> Result<()> {
+        self.client
+            .batch_execute(&format!(
+                "ALTER DATABASE {} SET pg_outbox.mode = 'table'; SET pg_outbox.mode = 'table'",
+                self.name
+            ))
+            .await?;
+        Ok(())
+    }
+
     /// A second session on the same database.
     pub async fn session(&self) -> Result<Client> {
         connect(self.port, &self.name).await
@@ -523,6 +534,43 @@ pub fn conninfo(ports: &[u16], db: &str) -> String {
          connect_timeout=2",
         ports.join(",")
     )
+}
+
+/// Runs scripts/pgcluster.sh with `args` (`restart DIR`, `crash DIR`, `standby ...`) and fails
+/// unless it succeeds.
+pub fn pgcluster(args: &[&str]) -> Result<()> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/pgcluster.sh");
+    let status = std::process::Command::new(script).args(args).status()?;
+    anyhow::ensure!(status.success(), "pgcluster.sh {args:?}");
+    Ok(())
+}
+
+/// Writes events 1..=n for the key `k` to `orders` in `db` on `port`, one per transaction, riding
+/// out connection loss ([`resilient_writer`]; the caller creates `written (n bigint PRIMARY KEY)`).
+pub async fn one_key_writer(port: u16, db: String, n: i64) -> Result<()> {
+    resilient_writer(
+        conninfo(&[port], &db),
+        1..n + 1,
+        |i| (vec!["k".into()], vec![crate::numbered(i)]),
+        |_, _| {},
+    )
+    .await
+}
+
+/// Waits until the table `written` of `db` on `port` has more than `n` rows: the writer is under
+/// way.
+pub async fn written_at_least(port: u16, db: &str, n: i64) -> Result<()> {
+    let c = connect(port, db).await?;
+    wait_for("the writer under way", Duration::from_secs(60), || {
+        let c = &c;
+        async move {
+            Ok(c.query_one("SELECT count(*) FROM written", &[])
+                .await?
+                .get::<_, i64>(0)
+                > n)
+        }
+    })
+    .await
 }
 
 /// Commits transactions `ts` in order, each enqueueing the events `events(t)` gives (keys and JSON

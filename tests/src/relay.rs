@@ -20,6 +20,9 @@ pub fn relay_bin() -> PathBuf {
 pub struct Relay {
     child: Child,
     pub log: PathBuf,
+    /// Where it serves `/metrics` and `/healthz`, if it was started with `--metrics-addr` by
+    /// [`crate::Scenario::relay`]`.metrics()`.
+    pub metrics: Option<String>,
 }
 
 impl Relay {
@@ -83,11 +86,22 @@ impl Relay {
             .stderr(file)
             .spawn()
             .with_context(|| format!("starting {}", relay_bin().display()))?;
-        Ok(Relay { child, log })
+        Ok(Relay {
+            child,
+            log,
+            metrics: None,
+        })
     }
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Its `/metrics` and `/healthz` address (host:port); panics for a relay started without one.
+    pub fn metrics_addr(&self) -> &str {
+        self.metrics
+            .as_deref()
+            .expect("a relay started with Scenario::relay().metrics()")
     }
 
     pub fn kill9(&mut self) -> Result<()> {

@@ -11,8 +11,8 @@
 
 use anyhow::{ensure, Result};
 use pg_outbox_tests::{
-    order_violations, payload_n, read_all, record_order_violations, restart_cluster, signal,
-    wait_for, Broker, Relay, TestDb,
+    order_violations, payload_n, pgcluster, read_all, record_order_violations, restart_cluster,
+    signal, wait_for, Broker, Relay, TestDb,
 };
 use rand::Rng;
 use std::collections::{HashMap, HashSet};
@@ -22,13 +22,6 @@ const KEYS: i64 = 16;
 /// Events per transaction.
 const BATCH: i64 = 10;
 const PARTITIONS: i32 = 3;
-
-fn pgcluster(args: &[&str]) -> Result<()> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/pgcluster.sh");
-    let status = std::process::Command::new(script).args(args).status()?;
-    ensure!(status.success(), "pgcluster.sh {args:?}");
-    Ok(())
-}
 
 /// Writes transactions 0..txns of BATCH events each (event n = t * BATCH + i, key n % KEYS),
 /// riding out restarts.

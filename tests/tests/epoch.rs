@@ -10,18 +10,11 @@
 use anyhow::{ensure, Context, Result};
 use pg_outbox_envelope::Event;
 use pg_outbox_tests::{
-    free_port, metric, port, read_all, scrape_metrics, wait_for_metric, Broker, Edition, Relay,
-    TestDb,
+    free_port, metric, pgcluster, port, read_all, scrape_metrics, wait_for_metric, Broker, Edition,
+    Relay, TestDb,
 };
 use std::process::Command;
 use std::time::Duration;
-
-fn pgcluster(args: &[&str]) -> Result<()> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/pgcluster.sh");
-    let status = Command::new(script).args(args).status()?;
-    ensure!(status.success(), "pgcluster.sh {args:?}");
-    Ok(())
-}
 
 /// `pg_resetwal -e epoch` on the stopped cluster in `dir`, as its owner.
 fn set_epoch(dir: &str, epoch: u32) -> Result<()> {

@@ -4,7 +4,9 @@
 //! (`make test` runs this file only on PostgreSQL 17 and later: the slot cannot fail over before.)
 
 use anyhow::{ensure, Context, Result};
-use pg_outbox_tests::{port, read_all, relay_bin, relay_command, wait_for, Broker, Relay};
+use pg_outbox_tests::{
+    pgcluster, port, read_all, relay_bin, relay_command, wait_for, Broker, Relay,
+};
 use std::collections::HashSet;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -12,13 +14,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const DB: &str = "tl_failover";
-
-fn pgcluster(args: &[&str]) -> Result<()> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/pgcluster.sh");
-    let status = Command::new(script).args(args).status()?;
-    ensure!(status.success(), "pgcluster.sh {args:?}");
-    Ok(())
-}
 
 fn unix_ms() -> i64 {
     SystemTime::now()

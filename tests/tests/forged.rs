@@ -5,7 +5,8 @@
 
 use anyhow::{ensure, Result};
 use pg_outbox_tests::{
-    free_port, metric, port, read_all, scrape_metrics, wait_for, Broker, Record, Relay, TestDb,
+    enqueue, free_port, metric, numbered, read_all, scrape_metrics, wait_for, Broker, Record,
+    Relay, Scenario, TestDb,
 };
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -35,30 +36,12 @@ impl Mode {
 }
 
 /// A database of its own (sessions enqueue in `mode`) and a broker with a one-partition `orders`.
-async fn setup(name: &str, mode: Mode) -> Result<(TestDb, Broker)> {
-    let db = TestDb::create(name, port()).await?;
-    if mode == Mode::Table {
-        db.client
-            .batch_execute(&format!(
-                "ALTER DATABASE {name} SET pg_outbox.mode = 'table'; SET pg_outbox.mode = 'table'"
-            ))
-            .await?;
+async fn setup(name: &str, mode: Mode) -> Result<Scenario> {
+    let scenario = Scenario::builder(name).topic("orders", 1);
+    match mode {
+        Mode::Wal => scenario.start().await,
+        Mode::Table => scenario.table_mode().start().await,
     }
-    let broker = Broker::start()?;
-    broker.create_topic("orders", 1).await?;
-    Ok((db, broker))
-}
-
-async fn enqueue(c: &Client, key: &str, n: usize) -> Result<String> {
-    let payload = format!(r#"{{"n": {n}}}"#);
-    let id: uuid::Uuid = c
-        .query_one(
-            "SELECT outbox.enqueue('orders', $1, $2::text::jsonb)",
-            &[&key, &payload],
-        )
-        .await?
-        .get(0);
-    Ok(id.to_string())
 }
 
 /// A relay publishes one real event and stops cleanly; returns the source identity its record
@@ -68,7 +51,9 @@ async fn first_session(db: &TestDb, broker: &Broker, mode: Mode) -> Result<Strin
     if mode == Mode::Wal {
         db.wait_for_active_slot().await?;
     }
-    let e0 = enqueue(&db.client, "first", 0).await?;
+    let e0 = enqueue(&db.client, "orders", "first", &numbered(0))
+        .await?
+        .to_string();
     let records = read_all(&broker.bootstrap(), &[("orders", 1)], 1, READ_TIMEOUT)?;
     ensure!(records.len() == 1 && records[0].id() == e0, "{records:?}");
     let source = records[0]
@@ -158,12 +143,17 @@ fn counter(addr: &str, name: &str) -> Result<f64> {
 /// 256 records that claim position P (above e1..e5) of the real source identity, more WAL is
 /// written. On restart the forged records must not become the dedup's floor: e1..e5 arrive, once.
 async fn forged_floor_run(name: &str, mode: Mode) -> Result<()> {
-    let (db, broker) = setup(name, mode).await?;
+    let s = setup(name, mode).await?;
+    let (db, broker) = (&s.db, &s.broker);
     let brokers = broker.bootstrap();
-    let source = first_session(&db, &broker, mode).await?;
+    let source = first_session(db, broker, mode).await?;
     let mut honest = Vec::new();
     for n in 1..=5 {
-        honest.push(enqueue(&db.client, "honest", n).await?);
+        honest.push(
+            enqueue(&db.client, "orders", "honest", &numbered(n))
+                .await?
+                .to_string(),
+        );
     }
     let p = position_now(&db.client, mode).await?;
     produce_forged(&brokers, &source, p, FORGED).await?;
@@ -222,14 +212,19 @@ async fn forged_records_at_a_later_position_never_make_a_poll_restart_skip_event
 /// beyond anything the database has committed. Only the relay's own records can say "Kafka is
 /// ahead of the database"; this one is ignored, and the relay publishes 10 real events once each.
 async fn forged_ceiling_run(name: &str, mode: Mode) -> Result<()> {
-    let (db, broker) = setup(name, mode).await?;
+    let s = setup(name, mode).await?;
+    let (db, broker) = (&s.db, &s.broker);
     let brokers = broker.bootstrap();
-    let source = first_session(&db, &broker, mode).await?;
+    let source = first_session(db, broker, mode).await?;
     let beyond = position_now(&db.client, mode).await? + (1 << 32);
     produce_forged(&brokers, &source, beyond, 1).await?;
     let mut honest = Vec::new();
     for n in 1..=10 {
-        honest.push(enqueue(&db.client, "honest", n).await?);
+        honest.push(
+            enqueue(&db.client, "orders", "honest", &numbered(n))
+                .await?
+                .to_string(),
+        );
     }
 
     let metrics = format!("127.0.0.1:{}", free_port());

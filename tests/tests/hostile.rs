@@ -4,7 +4,9 @@
 //! code before its fix.
 
 use anyhow::Result;
-use pg_outbox_tests::{port, read_all, wait_for, with_raw_header, Broker, Relay, TestDb};
+use pg_outbox_tests::{
+    enqueue_numbered, port, read_all, wait_for, with_raw_header, Broker, Relay, Scenario, TestDb,
+};
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -41,23 +43,6 @@ async fn produce(
     Ok(d.offset)
 }
 
-/// Enqueues `{"n": n}` for each n in `ns` to topic `orders` under `key`; returns the event ids.
-async fn enqueue(c: &Client, key: &str, ns: std::ops::RangeInclusive<i64>) -> Result<Vec<String>> {
-    let mut ids = Vec::new();
-    for n in ns {
-        let payload = format!(r#"{{"n": {n}}}"#);
-        let id: uuid::Uuid = c
-            .query_one(
-                "SELECT outbox.enqueue('orders', $1, $2::text::jsonb)",
-                &[&key, &payload],
-            )
-            .await?
-            .get(0);
-        ids.push(id.to_string());
-    }
-    Ok(ids)
-}
-
 /// How often each relay id occurs among `records`.
 fn id_counts(records: &[pg_outbox_tests::Record]) -> HashMap<String, usize> {
     let mut counts = HashMap::new();
@@ -77,15 +62,17 @@ fn id_counts(records: &[pg_outbox_tests::Record]) -> HashMap<String, usize> {
 #[tokio::test]
 async fn a_header_name_that_is_not_utf8_in_the_relays_topic_does_not_stop_the_restart() -> Result<()>
 {
-    let db = TestDb::create("ho_header_name", port()).await?;
-    let broker = Broker::start()?;
-    broker.create_topic("orders", 1).await?;
+    let s = Scenario::builder("ho_header_name")
+        .topic("orders", 1)
+        .start()
+        .await?;
+    let (db, broker) = (&s.db, &s.broker);
     let brokers = broker.bootstrap();
     let writer = db.session().await?;
     writer.batch_execute("SET pg_outbox.mode = 'table'").await?;
     let poll = ["--source", "poll"];
     let mut relay = Relay::start(db.port, &db.name, &brokers, &poll)?;
-    let mut ids = enqueue(&writer, "before", 1..=5).await?;
+    let mut ids = enqueue_numbered(&writer, "orders", "before", 1..=5).await?;
     assert_eq!(read_all(&brokers, &[("orders", 1)], 5, TIMEOUT)?.len(), 5);
     let status = relay.terminate(Duration::from_secs(30))?;
     assert!(status.success(), "exit status {status}");
@@ -96,14 +83,18 @@ async fn a_header_name_that_is_not_utf8_in_the_relays_topic_does_not_stop_the_re
         value: Some("stranger"),
     });
     produce(&producer(&brokers)?, "orders", b"k", headers, b"{}").await?;
-    ids.extend(enqueue(&writer, "after", 1..=10).await?);
+    ids.extend(enqueue_numbered(&writer, "orders", "after", 1..=10).await?);
 
     let relay = Relay::start(db.port, &db.name, &brokers, &poll)?;
     let records = read_all(&brokers, &[("orders", 1)], 16, TIMEOUT)?;
     assert_eq!(records.len(), 16, "5 + the stranger's + 10");
     let counts = id_counts(&records);
     for id in &ids {
-        assert_eq!(counts.get(id), Some(&1), "event {id} exactly once");
+        assert_eq!(
+            counts.get(&id.to_string()),
+            Some(&1),
+            "event {id} exactly once"
+        );
     }
     let mut relay = relay;
     assert!(relay.try_wait()?.is_none(), "the relay still runs");
@@ -323,13 +314,13 @@ async fn functions_a_writer_defines_in_public_never_run_as_the_relay() -> Result
     writer
         .batch_execute("SET search_path = pg_catalog, pg_temp; SET pg_outbox.mode = 'table'")
         .await?;
-    let ids = enqueue(&writer, "polled", 1..=5).await?;
+    let ids = enqueue_numbered(&writer, "orders", "polled", 1..=5).await?;
     let poll = Relay::start(db.port, &db.name, &brokers, &["--source", "poll"])?;
     let records = read_all(&brokers, &[("orders", 1)], 5, TIMEOUT)?;
     let counts = id_counts(&records);
     assert_eq!(records.len(), 5);
     assert!(
-        ids.iter().all(|id| counts.get(id) == Some(&1)),
+        ids.iter().all(|id| counts.get(&id.to_string()) == Some(&1)),
         "{counts:?}"
     );
     // while the poll relay holds its lock and a wal relay its slot, `status` names them (format)

@@ -2,7 +2,7 @@
 //! exactly once with its offset, whatever is killed when, and a worker's side effects happen once.
 
 use anyhow::Result;
-use pg_outbox_tests::{port, wait_for, with_raw_header, Broker, Relay, TestDb};
+use pg_outbox_tests::{port, wait_for, with_raw_header, Scenario, TestDb};
 use rand::{Rng, SeedableRng};
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -44,18 +44,6 @@ async fn produce(
     Ok((d.partition, d.offset))
 }
 
-/// `pg-outbox-relay ingest` of topic `events` for consumer `billing`, into `db`.
-fn billing_ingest(db: &TestDb, broker: &Broker) -> Result<Relay> {
-    Relay::ingest(
-        db.port,
-        &db.name,
-        &broker.bootstrap(),
-        "billing",
-        "events",
-        &[],
-    )
-}
-
 async fn inbox_count(c: &Client) -> Result<i64> {
     Ok(c.query_one("SELECT count(*) FROM inbox.messages", &[])
         .await?
@@ -76,12 +64,14 @@ async fn stored_offsets(c: &Client, consumer: &str) -> Result<BTreeMap<i32, i64>
 #[tokio::test]
 async fn ingest_killed_at_random_moments_records_every_message_once() -> Result<()> {
     const EVENTS: usize = 20_000;
-    let db = TestDb::create("in_crash", port()).await?;
-    let broker = Broker::start()?;
-    broker.create_topic("events", 3).await?;
+    let s = Scenario::builder("in_crash")
+        .topic("events", 3)
+        .start()
+        .await?;
+    let (db, broker) = (&s.db, &s.broker);
     let brokers = broker.bootstrap();
     let args = ["--ingest-batch", "200"];
-    let mut ingest = Relay::ingest(db.port, &db.name, &brokers, "billing", "events", &args)?;
+    let mut ingest = s.ingest("billing", "events", &args)?;
 
     // a stream of events, 10% of them produced twice (a producer retry upstream)
     let p = producer(&brokers)?;
@@ -135,7 +125,7 @@ async fn ingest_killed_at_random_moments_records_every_message_once() -> Result<
         tokio::time::sleep(Duration::from_millis(rand::rng().random_range(150..700))).await;
         ingest.kill9()?;
         kills += 1;
-        ingest = Relay::ingest(db.port, &db.name, &brokers, "billing", "events", &args)?;
+        ingest = s.ingest("billing", "events", &args)?;
     }
     let (ids, ends) = producing.await??;
     let c = &db.client;
@@ -169,18 +159,13 @@ async fn ingest_killed_at_random_moments_records_every_message_once() -> Result<
 
 #[tokio::test]
 async fn poison_and_id_less_messages_keep_the_partition_flowing() -> Result<()> {
-    let db = TestDb::create("in_poison", port()).await?;
-    let broker = Broker::start()?;
-    broker.create_topic("events", 1).await?;
+    let s = Scenario::builder("in_poison")
+        .topic("events", 1)
+        .start()
+        .await?;
+    let (db, broker) = (&s.db, &s.broker);
     let brokers = broker.bootstrap();
-    let _ingest = Relay::ingest(
-        db.port,
-        &db.name,
-        &brokers,
-        "billing",
-        "events",
-        &["--max-record-bytes", "2048"],
-    )?;
+    let _ingest = s.ingest("billing", "events", &["--max-record-bytes", "2048"])?;
     let p = producer(&brokers)?;
     produce(&p, "events", 0, b"k", Some("good-1"), b"{}").await?;
     produce(&p, "events", 0, b"k", Some("big"), &[b'x'; 4000]).await?;
@@ -332,9 +317,11 @@ async fn a_worker_killed_mid_transaction_changes_nothing_and_its_messages_are_pr
 /// *next* batch, and there is none yet: the ingest must still deliver the rest of that batch.
 #[tokio::test]
 async fn an_offset_stored_inside_the_last_batch_is_resumed_from_exactly_there() -> Result<()> {
-    let db = TestDb::create("in_midbatch", port()).await?;
-    let broker = Broker::start()?;
-    broker.create_topic("events", 1).await?;
+    let s = Scenario::builder("in_midbatch")
+        .topic("events", 1)
+        .start()
+        .await?;
+    let (db, broker) = (&s.db, &s.broker);
     let brokers = broker.bootstrap();
     // 100 records sent at once with a long linger: one batch
     let p: FutureProducer = ClientConfig::new()
@@ -360,7 +347,7 @@ async fn an_offset_stored_inside_the_last_batch_is_resumed_from_exactly_there() 
     let c = &db.client;
     c.execute("SELECT inbox.store_offset('billing', 'events', 0, 50)", &[])
         .await?;
-    let _ingest = Relay::ingest(db.port, &db.name, &brokers, "billing", "events", &[])?;
+    let _ingest = s.ingest("billing", "events", &[])?;
     wait_for("offset 100", Duration::from_secs(60), || async {
         Ok(stored_offsets(c, "billing").await?.get(&0) == Some(&100))
     })
@@ -389,11 +376,13 @@ fn headers_with_raw_name(name: &[u8], id: &str) -> OwnedHeaders {
 
 #[tokio::test]
 async fn a_header_name_that_is_not_utf8_or_a_huge_key_is_dead_lettered_not_a_crash() -> Result<()> {
-    let db = TestDb::create("in_poison_names", port()).await?;
-    let broker = Broker::start()?;
-    broker.create_topic("events", 1).await?;
+    let s = Scenario::builder("in_poison_names")
+        .topic("events", 1)
+        .start()
+        .await?;
+    let (db, broker) = (&s.db, &s.broker);
     let brokers = broker.bootstrap();
-    let mut ingest = Relay::ingest(db.port, &db.name, &brokers, "billing", "events", &[])?;
+    let mut ingest = s.ingest("billing", "events", &[])?;
     let p = producer(&brokers)?;
     produce(&p, "events", 0, b"k", Some("good-1"), b"{}").await?;
     let record = FutureRecord::<[u8], [u8]>::to("events")
@@ -459,9 +448,11 @@ async fn a_header_name_that_is_not_utf8_or_a_huge_key_is_dead_lettered_not_a_cra
 
 #[tokio::test]
 async fn a_stored_offset_beyond_the_end_of_the_partition_stops_the_ingest() -> Result<()> {
-    let db = TestDb::create("in_reset", port()).await?;
-    let broker = Broker::start()?;
-    broker.create_topic("events", 1).await?;
+    let s = Scenario::builder("in_reset")
+        .topic("events", 1)
+        .start()
+        .await?;
+    let (db, broker) = (&s.db, &s.broker);
     let p = producer(&broker.bootstrap())?;
     for n in 0..10 {
         produce(&p, "events", 0, b"k", Some(&format!("e{n}")), b"{}").await?;
@@ -474,7 +465,7 @@ async fn a_stored_offset_beyond_the_end_of_the_partition_stops_the_ingest() -> R
         &[],
     )
     .await?;
-    let mut ingest = billing_ingest(&db, &broker)?;
+    let mut ingest = s.ingest("billing", "events", &[])?;
     let status = ingest.wait_for_exit(Duration::from_secs(60)).await?;
     assert!(!status.success());
     let log = ingest.log_text();
@@ -489,7 +480,7 @@ async fn a_stored_offset_beyond_the_end_of_the_partition_stops_the_ingest() -> R
         &[],
     )
     .await?;
-    let _ingest = billing_ingest(&db, &broker)?;
+    let _ingest = s.ingest("billing", "events", &[])?;
     wait_for("ten messages", Duration::from_secs(60), || async {
         Ok(stored_offsets(c, "billing").await?.get(&0) == Some(&10))
     })
@@ -505,15 +496,17 @@ async fn a_stored_offset_beyond_the_end_of_the_partition_stops_the_ingest() -> R
 #[tokio::test]
 async fn a_topic_created_again_with_more_messages_than_the_stored_offset_stops_the_ingest(
 ) -> Result<()> {
-    let db = TestDb::create("in_topic_id", port()).await?;
-    let broker = Broker::start()?;
-    broker.create_topic("events", 1).await?;
+    let s = Scenario::builder("in_topic_id")
+        .topic("events", 1)
+        .start()
+        .await?;
+    let (db, broker) = (&s.db, &s.broker);
     let p = producer(&broker.bootstrap())?;
     for n in 0..10 {
         produce(&p, "events", 0, b"k", Some(&format!("old-{n}")), b"{}").await?;
     }
     let c = &db.client;
-    let mut ingest = billing_ingest(&db, &broker)?;
+    let mut ingest = s.ingest("billing", "events", &[])?;
     wait_for("ten messages", Duration::from_secs(60), || async {
         Ok(stored_offsets(c, "billing").await?.get(&0) == Some(&10))
     })
@@ -526,7 +519,7 @@ async fn a_topic_created_again_with_more_messages_than_the_stored_offset_stops_t
     for n in 0..25 {
         produce(&p, "events", 0, b"k", Some(&format!("new-{n}")), b"{}").await?;
     }
-    let mut ingest = billing_ingest(&db, &broker)?;
+    let mut ingest = s.ingest("billing", "events", &[])?;
     let status = ingest.wait_for_exit(Duration::from_secs(60)).await?;
     assert!(!status.success());
     let log = ingest.log_text();
@@ -543,7 +536,7 @@ async fn a_topic_created_again_with_more_messages_than_the_stored_offset_stops_t
         .await?
         .get(0);
     assert_eq!(forgotten, 1, "one partition's offset");
-    let _ingest = billing_ingest(&db, &broker)?;
+    let _ingest = s.ingest("billing", "events", &[])?;
     wait_for(
         "the new topic's 25 messages",
         Duration::from_secs(60),

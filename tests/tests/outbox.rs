@@ -2,23 +2,10 @@
 //! modes; bad input is refused with its documented SQLSTATE and leaves nothing behind.
 
 use anyhow::Result;
-use pg_outbox_tests::{edition, expect_error, port, replica_port, Edition, OwnedEvent, TestDb};
+use pg_outbox_tests::{
+    edition, enqueue, expect_error, port, replica_port, Edition, OwnedEvent, TestDb,
+};
 use uuid::Uuid;
-
-async fn enqueue(
-    client: &tokio_postgres::Client,
-    topic: &str,
-    key: &str,
-    payload: &str,
-) -> Result<Uuid> {
-    let row = client
-        .query_one(
-            "SELECT outbox.enqueue($1, $2, $3::text::jsonb)",
-            &[&topic, &key, &payload],
-        )
-        .await?;
-    Ok(row.get(0))
-}
 
 /// Commit, rollback and a rolled-back savepoint, in one mode; returns the ids that must exist.
 async fn commit_rollback_savepoint(db: &TestDb) -> Result<Vec<Uuid>> {

@@ -3,7 +3,9 @@
 //! other event flows, in order, while the slot advances. Real PostgreSQL, real broker.
 
 use anyhow::Result;
-use pg_outbox_tests::{free_port, healthz, port, read_all, wait_for, Broker, Relay, TestDb};
+use pg_outbox_tests::{
+    free_port, healthz, port, read_all, wait_for, Broker, Relay, Scenario, TestDb,
+};
 use std::collections::HashMap;
 use std::io::Read;
 use std::time::Duration;
@@ -11,17 +13,18 @@ use std::time::Duration;
 #[tokio::test]
 async fn one_event_to_a_missing_topic_among_1000_is_dead_lettered_and_the_rest_flows() -> Result<()>
 {
-    let db = TestDb::create("po_missing_topic", port()).await?;
-    let broker = Broker::start()?;
-    broker.create_topic("orders", 2).await?;
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let _relay = Relay::start(
-        db.port,
-        &db.name,
-        &broker.bootstrap(),
-        &["--poison-retry-ms", "20000", "--metrics-addr", &metrics],
-    )?;
-    db.wait_for_active_slot().await?;
+    let s = Scenario::builder("po_missing_topic")
+        .topic("orders", 2)
+        .start()
+        .await?;
+    let (db, broker) = (&s.db, &s.broker);
+    let relay = s
+        .relay()
+        .args(&["--poison-retry-ms", "20000"])
+        .metrics()
+        .running()
+        .await?;
+    let metrics = relay.metrics_addr().to_string();
     let c = &db.client;
     let mut sent: HashMap<String, i64> = HashMap::new();
     for i in 0..1000 {
@@ -113,16 +116,16 @@ async fn one_event_to_a_missing_topic_among_1000_is_dead_lettered_and_the_rest_f
 #[tokio::test]
 async fn events_to_a_topic_that_appears_while_they_wait_are_published_not_dead_lettered(
 ) -> Result<()> {
-    let db = TestDb::create("po_late_topic", port()).await?;
-    let broker = Broker::start()?;
-    broker.create_topic("orders", 1).await?;
-    let _relay = Relay::start(
-        db.port,
-        &db.name,
-        &broker.bootstrap(),
-        &["--poison-retry-ms", "60000"],
-    )?;
-    db.wait_for_active_slot().await?;
+    let s = Scenario::builder("po_late_topic")
+        .topic("orders", 1)
+        .start()
+        .await?;
+    let (db, broker) = (&s.db, &s.broker);
+    let _relay = s
+        .relay()
+        .args(&["--poison-retry-ms", "60000"])
+        .running()
+        .await?;
     let c = &db.client;
     for n in 1..=5 {
         c.execute(
@@ -166,17 +169,18 @@ async fn events_to_a_topic_that_appears_while_they_wait_are_published_not_dead_l
 
 #[tokio::test]
 async fn healthz_says_stalled_while_the_broker_acknowledges_nothing() -> Result<()> {
-    let db = TestDb::create("po_stalled", port()).await?;
-    let broker = Broker::start()?;
-    broker.create_topic("orders", 1).await?;
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let _relay = Relay::start(
-        db.port,
-        &db.name,
-        &broker.bootstrap(),
-        &["--stall-timeout-ms", "2000", "--metrics-addr", &metrics],
-    )?;
-    db.wait_for_active_slot().await?;
+    let s = Scenario::builder("po_stalled")
+        .topic("orders", 1)
+        .start()
+        .await?;
+    let (db, broker) = (&s.db, &s.broker);
+    let relay = s
+        .relay()
+        .args(&["--stall-timeout-ms", "2000"])
+        .metrics()
+        .running()
+        .await?;
+    let metrics = relay.metrics_addr().to_string();
     let c = &db.client;
     c.execute("SELECT outbox.enqueue('orders', 'k', '{\"n\": 1}')", &[])
         .await?;
@@ -342,10 +346,11 @@ async fn a_record_the_broker_refuses_mid_stream_is_dead_lettered_and_leaves_no_h
 /// refused at enqueue with 54000.
 #[tokio::test]
 async fn the_largest_event_enqueue_accepts_is_published_with_the_defaults() -> Result<()> {
-    let db = TestDb::create("po_one_limit", port()).await?;
-    let broker = Broker::start()?;
-    broker.create_topic("orders", 1).await?;
-    let c = &db.client;
+    let s = Scenario::builder("po_one_limit")
+        .topic("orders", 1)
+        .start()
+        .await?;
+    let (db, c) = (&s.db, &s.db.client);
     // the default of pg_outbox.max_payload_bytes, in either edition
     let max = pg_outbox_envelope::DEFAULT_MAX_EVENT_BYTES;
     let trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
@@ -375,13 +380,8 @@ async fn the_largest_event_enqueue_accepts_is_published_with_the_defaults() -> R
     .await?;
     c.execute("SELECT outbox.enqueue('orders', 'after', '{}')", &[])
         .await?;
-    let _relay = Relay::start(db.port, &db.name, &broker.bootstrap(), &[])?;
-    let records = read_all(
-        &broker.bootstrap(),
-        &[("orders", 1)],
-        2,
-        Duration::from_secs(60),
-    )?;
+    let _relay = s.relay().start()?;
+    let records = s.read_within(2, Duration::from_secs(60))?;
     assert_eq!(records.len(), 2);
     assert_eq!(
         records[0].payload,
@@ -401,11 +401,13 @@ async fn the_largest_event_enqueue_accepts_is_published_with_the_defaults() -> R
 /// and the rest flows.
 #[tokio::test]
 async fn an_event_for_a_topic_outside_allowed_topics_is_dead_lettered() -> Result<()> {
-    let db = TestDb::create("po_allowed_topics", port()).await?;
-    let broker = Broker::start()?;
-    broker.create_topic("orders", 1).await?;
-    broker.create_topic("billing.invoices", 1).await?;
-    broker.create_topic("secrets", 1).await?;
+    let s = Scenario::builder("po_allowed_topics")
+        .topic("orders", 1)
+        .topic("billing.invoices", 1)
+        .topic("secrets", 1)
+        .start()
+        .await?;
+    let (db, broker) = (&s.db, &s.broker);
     db.create_slot().await?;
     db.client
         .batch_execute(
@@ -415,12 +417,10 @@ async fn an_event_for_a_topic_outside_allowed_topics_is_dead_lettered() -> Resul
              SELECT outbox.enqueue('orders', 'k', '{\"n\": 4}')",
         )
         .await?;
-    let _relay = Relay::start(
-        db.port,
-        &db.name,
-        &broker.bootstrap(),
-        &["--allowed-topics", "orders,billing.*"],
-    )?;
+    let _relay = s
+        .relay()
+        .args(&["--allowed-topics", "orders,billing.*"])
+        .start()?;
     let records = read_all(
         &broker.bootstrap(),
         &[("orders", 1), ("billing.invoices", 1)],

@@ -4,7 +4,8 @@
 
 use anyhow::{Context, Result};
 use pg_outbox_tests::{
-    expect_error, port, read_all, restart_cluster, wait_for, Broker, Relay, TestDb,
+    enqueue_numbered, expect_error, port, read_all, restart_cluster, wait_for, Broker, Relay,
+    Scenario, TestDb,
 };
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -16,19 +17,6 @@ const READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Tests of this file that change or depend on the restart cluster's settings run one at a time.
 static RESTART_CLUSTER: Mutex<()> = Mutex::const_new(());
-
-async fn enqueue(db: &TestDb, key: &str, from: i64, to: i64) -> Result<()> {
-    for n in from..=to {
-        let payload = format!(r#"{{"n": {n}}}"#);
-        db.client
-            .execute(
-                "SELECT outbox.enqueue('orders', $1, $2::text::jsonb)",
-                &[&key, &payload],
-            )
-            .await?;
-    }
-    Ok(())
-}
 
 /// The headers the relay writes first, as this source's relay would write them into partition 0
 /// of `orders` for event `id` at `position`: signed with the database's record key.
@@ -80,12 +68,14 @@ async fn relay_refuses(db: &TestDb, brokers: &str) -> Result<String> {
 /// A database and a broker with one-partition topic `orders`, through which a relay published
 /// events 1..=n and stopped cleanly.
 async fn published_then_stopped(name: &str, port: u16, n: i64) -> Result<(TestDb, Broker)> {
-    let db = TestDb::create(name, port).await?;
-    let broker = Broker::start()?;
-    broker.create_topic("orders", 1).await?;
+    let Scenario { db, broker, .. } = Scenario::builder(name)
+        .port(port)
+        .topic("orders", 1)
+        .start()
+        .await?;
     let mut relay = Relay::start(db.port, &db.name, &broker.bootstrap(), &[])?;
     db.wait_for_active_slot().await?;
-    enqueue(&db, "a", 1, n).await?;
+    enqueue_numbered(&db.client, "orders", "a", 1..=n).await?;
     read_all(
         &broker.bootstrap(),
         &[("orders", 1)],
@@ -102,7 +92,7 @@ async fn a_dropped_slot_is_never_recreated_silently() -> Result<()> {
     let old_source = db.source_identity().await?;
 
     // committed while the relay is down, retained by the slot; then the slot is dropped
-    enqueue(&db, "a", 11, 110).await?;
+    enqueue_numbered(&db.client, "orders", "a", 11..=110).await?;
     db.client
         .execute("SELECT pg_drop_replication_slot($1)", &[&db.name])
         .await?;
@@ -160,7 +150,7 @@ async fn a_dropped_slot_is_never_recreated_silently() -> Result<()> {
     // the relay goes on under a new incarnation
     let _relay = Relay::start(db.port, &db.name, &broker.bootstrap(), &[])?;
     db.wait_for_active_slot().await?;
-    enqueue(&db, "a", 111, 115).await?;
+    enqueue_numbered(&db.client, "orders", "a", 111..=115).await?;
     let records = read_all(&broker.bootstrap(), &[("orders", 1)], 15, READ_TIMEOUT)?;
     assert_eq!(
         records.len(),
@@ -240,7 +230,7 @@ async fn an_invalidated_slot_stops_the_relay_with_the_range_and_the_way_out() ->
     assert_eq!(action, "recreated");
     let _relay = Relay::start(db.port, &db.name, &broker.bootstrap(), &[])?;
     db.wait_for_active_slot().await?;
-    enqueue(&db, "a", 6, 8).await?;
+    enqueue_numbered(&db.client, "orders", "a", 6..=8).await?;
     let records = read_all(&broker.bootstrap(), &[("orders", 1)], 8, READ_TIMEOUT)?;
     let last: Vec<&[u8]> = records
         .iter()
@@ -287,7 +277,7 @@ async fn a_then_b(
     if wal {
         a.wait_for_active_slot().await?;
     }
-    enqueue(a, "from-a", 1, 30).await?;
+    enqueue_numbered(&a.client, "orders", "from-a", 1..=30).await?;
     read_all(&broker.bootstrap(), &[("orders", 1)], 30, READ_TIMEOUT)?;
     assert!(relay_a.terminate(Duration::from_secs(30))?.success());
 
@@ -295,7 +285,7 @@ async fn a_then_b(
     if wal {
         b.wait_for_active_slot().await?;
     }
-    enqueue(b, "from-b", 1, 20).await?;
+    enqueue_numbered(&b.client, "orders", "from-b", 1..=20).await?;
     let records = read_all(&broker.bootstrap(), &[("orders", 1)], 50, READ_TIMEOUT)?;
     let from_b = records
         .iter()
@@ -357,7 +347,7 @@ async fn records_beyond_what_the_database_committed_stop_the_relay() -> Result<(
         )
         .await
         .map_err(|(e, _)| e)?;
-    enqueue(&db, "a", 6, 10).await?;
+    enqueue_numbered(&db.client, "orders", "a", 6..=10).await?;
 
     let log = relay_refuses(&db, &broker.bootstrap()).await?;
     assert!(
@@ -386,6 +376,64 @@ async fn records_beyond_what_the_database_committed_stop_the_relay() -> Result<(
         "the five events after the restore arrive once"
     );
     assert_eq!(records[10].payload, br#"{"n": 10}"#);
+    Ok(())
+}
+
+/// What this very source wrote before the database was restored to an earlier point: records
+/// signed with the (restored) key, at positions the database has since passed with other events.
+/// More of them than one read-back window used to hold made the floor rule skip every event below
+/// them; only an exact (position, event id) match may skip now.
+#[tokio::test]
+async fn signed_records_of_an_earlier_timeline_never_make_a_restart_skip_events() -> Result<()> {
+    let (db, broker) = published_then_stopped("sl_timeline", port(), 5).await?;
+    // committed while the relay is down
+    enqueue_numbered(&db.client, "orders", "a", 6..=10).await?;
+    let after: i64 = db
+        .client
+        .query_one(
+            "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint",
+            &[],
+        )
+        .await?
+        .get(0);
+    // the database moves on, so the earlier timeline's positions lie below what it has committed
+    db.client
+        .batch_execute("CREATE TABLE filler AS SELECT g FROM generate_series(1, 1000) g")
+        .await?;
+    let source = db.source_identity().await?;
+    let key = db.record_key().await?;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .create()?;
+    const EARLIER: u64 = 300;
+    for i in 0..EARLIER {
+        let id = format!("0193b2f0-0000-7000-8000-{i:012}");
+        let headers = signed_headers(&key, &source, &id, (after as u64, i));
+        producer
+            .send(
+                FutureRecord::to("orders")
+                    .partition(0)
+                    .key("z")
+                    .payload(&format!("{{\"n\": {}}}", 1000 + i))
+                    .headers(headers),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)?;
+    }
+    let _relay = Relay::start(db.port, &db.name, &broker.bootstrap(), &[])?;
+    let total = 5 + EARLIER as usize + 5;
+    let records = read_all(&broker.bootstrap(), &[("orders", 1)], total, READ_TIMEOUT)?;
+    let mine: Vec<String> = records
+        .iter()
+        .filter(|r| r.key.as_deref() == Some(b"a".as_slice()))
+        .map(|r| String::from_utf8_lossy(&r.payload).to_string())
+        .collect();
+    let want: Vec<String> = (1..=10).map(|n| format!(r#"{{"n": {n}}}"#)).collect();
+    assert_eq!(
+        mine, want,
+        "events 6 to 10, committed after the earlier timeline's positions, are published once"
+    );
     Ok(())
 }
 
@@ -478,7 +526,7 @@ async fn a_stop_for_kafka_ahead_of_the_database_lasts_until_an_operator_acts() -
             .map_err(|(e, _)| e)?;
     }
     // committed on the surviving timeline, below the ghosts
-    enqueue(&db, "a", 6, 10).await?;
+    enqueue_numbered(&db.client, "orders", "a", 6..=10).await?;
     let log = relay_refuses(&db, &broker.bootstrap()).await?;
     assert!(
         log.contains("beyond anything this database has committed"),

@@ -3,12 +3,13 @@
 
 use anyhow::Result;
 use pg_outbox_envelope::Event;
-use pg_outbox_tests::{expect_error, port, read_all, Broker, Relay, TestDb};
+use pg_outbox_tests::{
+    enqueue_with_headers, expect_error, numbered, port, read_all, Broker, Relay, Scenario, TestDb,
+};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::collections::HashSet;
 use std::time::Duration;
-use tokio_postgres::Client;
 
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
 const FORGED: i64 = 50;
@@ -50,16 +51,6 @@ async fn emit_forged(
     db.emit_sealed(&events).await
 }
 
-async fn enqueue(c: &Client, key: &str, n: i64, headers: &str) -> Result<()> {
-    let payload = format!(r#"{{"n": {n}}}"#);
-    c.execute(
-        "SELECT outbox.enqueue('orders', $1, $2::text::jsonb, $3::text::jsonb)",
-        &[&key, &payload, &headers],
-    )
-    .await?;
-    Ok(())
-}
-
 /// `n` records from a plain producer, each acknowledged before the next (one batch each).
 async fn fill(brokers: &str, topic: &str, n: usize) -> Result<()> {
     let producer: FutureProducer = ClientConfig::new()
@@ -81,9 +72,11 @@ async fn fill(brokers: &str, topic: &str, n: usize) -> Result<()> {
 
 #[tokio::test]
 async fn a_forged_position_header_never_makes_a_restart_skip_events() -> Result<()> {
-    let db = TestDb::create("tr_forged_position", port()).await?;
-    let broker = Broker::start()?;
-    broker.create_topic("orders", 1).await?;
+    let s = Scenario::builder("tr_forged_position")
+        .topic("orders", 1)
+        .start()
+        .await?;
+    let (db, broker) = (&s.db, &s.broker);
     // other producers' records first, one batch each, so the read-back's first window (256
     // offsets back from the end) does not reach the start of the partition
     fill(&broker.bootstrap(), "orders", 300).await?;
@@ -92,7 +85,7 @@ async fn a_forged_position_header_never_makes_a_restart_skip_events() -> Result<
     // events whose writer set the relay's header names, with this relay's source id: more than the
     // read-back's first window (256), so that a partial read would take the forged one as its floor
     let source = db.source_identity().await?;
-    emit_forged(&db, "forger", FORGED, &forged_headers(&source)).await?;
+    emit_forged(db, "forger", FORGED, &forged_headers(&source)).await?;
     let first = read_all(
         &broker.bootstrap(),
         &[("orders", 1)],
@@ -104,7 +97,7 @@ async fn a_forged_position_header_never_makes_a_restart_skip_events() -> Result<
     assert!(status.success(), "exit status {status}");
     // a restart reads the partition back: the forged position must not become the floor
     for n in 1..=5 {
-        enqueue(&db.client, "honest", n, "{}").await?;
+        enqueue_with_headers(&db.client, "orders", "honest", &numbered(n), "{}").await?;
     }
     let _relay = Relay::start(db.port, &db.name, &broker.bootstrap(), &[])?;
     let total = 300 + FORGED as usize + 5;
@@ -132,15 +125,17 @@ async fn a_forged_position_header_never_makes_a_restart_skip_events() -> Result<
 
 #[tokio::test]
 async fn ingest_trusts_only_the_id_the_relay_wrote() -> Result<()> {
-    let db = TestDb::create("tr_forged_id", port()).await?;
-    let broker = Broker::start()?;
-    broker.create_topic("orders", 1).await?;
+    let s = Scenario::builder("tr_forged_id")
+        .topic("orders", 1)
+        .start()
+        .await?;
+    let (db, broker) = (&s.db, &s.broker);
     let _relay = Relay::start(db.port, &db.name, &broker.bootstrap(), &[])?;
     db.wait_for_active_slot().await?;
     // two distinct events that carry the same copied pg_outbox-id header
     let forged = forged_headers("elsewhere");
-    emit_forged(&db, "a", 1, &forged).await?;
-    emit_forged(&db, "b", 1, &forged).await?;
+    emit_forged(db, "a", 1, &forged).await?;
+    emit_forged(db, "b", 1, &forged).await?;
     let records = read_all(&broker.bootstrap(), &[("orders", 1)], 2, READ_TIMEOUT)?;
     let ids: HashSet<String> = records.iter().map(|r| r.id()).collect();
     assert_eq!(ids.len(), 2, "two events, two relay ids");

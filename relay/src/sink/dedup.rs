@@ -1,11 +1,13 @@
 //! The restart dedup: what a partition already holds of this source.
 //!
-//! Every record carries its source position and source id. Per partition, records are written in
-//! position order (one producer; idempotence keeps the order through retries). After any restart,
-//! before the first write to a partition, the partition's last records of this source are read back
-//! ([`read_back`]); an event at or before what was found is already in Kafka and is skipped. That
-//! makes the at-least-once replay from the source exactly-once in Kafka without broker
-//! transactions.
+//! Every record carries its source position, event id and source id. Per partition, records are
+//! written in position order (one producer; idempotence keeps the order through retries). After
+//! any restart, before the first write to a partition, the partition's records of this source are
+//! read back ([`read_back`]) from the end until one older than the session's replay start (the
+//! first position the source delivers, everything before it was confirmed) or the partition's
+//! start; an event is skipped only when its exact (position, event id) was found, or this session
+//! sent it. That makes the at-least-once replay from the source exactly-once in Kafka without
+//! broker transactions, and no rule of "below what was found" can skip an event that is not there.
 //!
 //! Invariants:
 //! - Only the relay's own records count. A record is this source's when its first headers are the
@@ -21,6 +23,15 @@
 //!   and session, without its content.
 //! - A copy of a real record proves only what the real one does: the MAC binds topic and
 //!   partition, so a copy elsewhere does not verify.
+//! - A proven record at an event's position with another event id means the database is not the
+//!   one that wrote Kafka's records (restored to an earlier point, or a failover that lost
+//!   transactions, after which positions were used again): a stop, stored as a verdict, never a
+//!   skip.
+//! - The read-back is bounded: it gives up after [`READ_BACK_MAX_RECORDS`] records of a partition
+//!   without reaching the replay start (a partition full of other producers' records, or one this
+//!   source never wrote). What it did not read is taken as absent: an event there may be written
+//!   twice, never lost; the relay says so. A read that makes no progress for the client timeout
+//!   fails the session; one that makes progress is never cut off by a deadline.
 
 use crate::error::RelayError;
 use crate::event::Position;
@@ -32,7 +43,7 @@ use futures_util::StreamExt;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
@@ -42,37 +53,47 @@ use tracing::{info, warn};
 /// at once took thousands of threads and stalled the broker.
 const READ_BACK_CONCURRENCY: usize = 16;
 
+/// Records of one partition read back at most, looking for the replay start (see the module's
+/// invariants).
+pub const READ_BACK_MAX_RECORDS: i64 = 1_000_000;
+
 /// What one partition holds of this source, as read back after a restart.
 ///
 /// Records reach a partition in position order, except that a record can be missing in the middle
-/// (the broker refused it, and the records after it were acknowledged). So the read-back keeps the
-/// exact positions found in the last window rather than only the highest one: an event is known to
-/// be in Kafka if its position was seen, or lies below the window, or was sent by this session.
+/// (the broker refused it, and the records after it were acknowledged): so the read-back keeps
+/// every record of this source at or after the replay start, by position, with its event id.
 #[derive(Debug, Clone, Default)]
 pub struct Tail {
     /// The highest position of this source in the partition.
     pub last: Option<Position>,
-    /// The lowest position seen in the window that was read; older ones are taken as present.
-    pub floor: Option<Position>,
-    pub seen: HashSet<Position>,
+    /// This source's records read back at or after the replay start: position → event id.
+    pub seen: HashMap<Position, Vec<u8>>,
     /// The first position this session sent; everything from it up to `last` is in Kafka.
     first_sent: Option<Position>,
     /// Records read back that claim this source but do not prove it (see the module's invariants):
     /// ignored, and counted here.
     pub foreign: u64,
+    /// Records read back, and whether the read stopped at [`READ_BACK_MAX_RECORDS`] before it
+    /// reached the replay start.
+    pub read: i64,
+    pub cut_short: bool,
 }
 
 impl Tail {
-    /// Whether the record at `position` is already in the partition.
-    pub fn has(&self, position: Position) -> bool {
-        match self.last {
-            Some(last) if position <= last => {
-                self.seen.contains(&position)
-                    || self.floor.is_some_and(|floor| position < floor)
-                    || self.first_sent.is_some_and(|first| position >= first)
-            }
-            _ => false,
+    /// Whether the event `id` at `position` is already in the partition: its exact record was read
+    /// back, or this session sent it. `Err` with the id found when a record of this source holds
+    /// the position for another event (see the module's invariants).
+    pub fn has(&self, position: Position, id: &[u8]) -> Result<bool, Vec<u8>> {
+        if let Some(found) = self.seen.get(&position) {
+            return if found == id {
+                Ok(true)
+            } else {
+                Err(found.clone())
+            };
         }
+        Ok(self.first_sent.is_some_and(|first| {
+            position >= first && self.last.is_some_and(|last| position <= last)
+        }))
     }
 
     /// This session sent the record at `position` (positions are sent in increasing order).
@@ -87,6 +108,9 @@ impl Tail {
 #[derive(Debug, Default)]
 pub struct Dedup {
     tails: HashMap<String, TopicTails>,
+    /// The first position the source delivered this session: everything before it was
+    /// confirmed, so the read-back needs to reach only that far.
+    replay_from: Option<Position>,
 }
 
 #[derive(Debug)]
@@ -97,6 +121,12 @@ struct TopicTails {
 }
 
 impl Dedup {
+    /// The source delivered the event at `position`: the first one of the session is where the
+    /// replay starts.
+    pub fn delivered(&mut self, position: Position) {
+        self.replay_from.get_or_insert(position);
+    }
+
     /// Whether the event at `position` is already in `topic`/`partition`; if not, it is taken as
     /// sent from now on (the caller sends it or dead-letters it). A topic's partitions are read
     /// back on its first touch in the session, [`READ_BACK_CONCURRENCY`] at a time.
@@ -113,13 +143,15 @@ impl Dedup {
         partitions: i32,
         partition: i32,
         position: Position,
+        id: &[u8],
     ) -> Result<bool, RelayError> {
+        let replay_from = *self.replay_from.get_or_insert(position);
         if self
             .tails
             .get(topic)
             .is_none_or(|t| t.partitions.len() != partitions as usize)
         {
-            let reads = (0..partitions).map(|p| sink.read_tail(topic, p, identity));
+            let reads = (0..partitions).map(|p| sink.read_tail(topic, p, identity, replay_from));
             let read: Vec<_> = futures_util::stream::iter(reads)
                 .buffered(READ_BACK_CONCURRENCY)
                 .collect()
@@ -139,7 +171,13 @@ impl Dedup {
                     )));
                 }
                 if let Some(last) = tail.last {
-                    info!(%topic, partition = p, last_position = %last, "resuming after the last record of this source");
+                    info!(%topic, partition = p, last_position = %last, records_read = tail.read, "resuming after the last record of this source");
+                }
+                if tail.cut_short {
+                    warn!(%topic, partition = p, records_read = tail.read, %replay_from,
+                          "the restart dedup read this many records of the partition without reaching the replay \
+                           start: what it did not read is taken as absent, so an event replayed to this partition \
+                           may be written twice (never lost)");
                 }
                 tails.push(tail);
             }
@@ -173,10 +211,27 @@ impl Dedup {
         // for there.
         let elsewhere = |tails: &TopicTails| {
             tails.read_last.is_some_and(|last| position <= last)
-                && tails.partitions.iter().any(|t| t.seen.contains(&position))
+                && tails
+                    .partitions
+                    .iter()
+                    .any(|t| t.seen.get(&position).is_some_and(|found| found == id))
         };
-        if topic_tails.partitions[partition as usize].has(position) || elsewhere(topic_tails) {
-            return Ok(true);
+        match topic_tails.partitions[partition as usize].has(position, id) {
+            Ok(true) => return Ok(true),
+            Ok(false) if elsewhere(topic_tails) => return Ok(true),
+            Ok(false) => {}
+            Err(found) => {
+                return Err(RelayError::verdict(&identity.source, format!(
+                    "{topic}[{partition}] holds a record of source {} at position {position} for event {}, \
+                     but the database has event {} there: the database is not the one that wrote \
+                     Kafka's records (restored to an earlier point, or a failover that lost \
+                     transactions). Publishing would skip or reorder events. Check what Kafka holds, then {}",
+                    identity.name,
+                    String::from_utf8_lossy(&found),
+                    String::from_utf8_lossy(id),
+                    identity.recover
+                )));
+            }
         }
         let tail = &mut topic_tails.partitions[partition as usize];
         // a position the source delivers again (a replay from the confirmed one) is skipped above
@@ -189,12 +244,15 @@ impl Dedup {
 const TAIL_WINDOW: i64 = 256;
 
 /// Reads back what `topic`/`partition` holds of the source `identity`: its own records, proven by
-/// their MAC (blocking: run it off the runtime).
+/// their MAC, from the end back to one older than `replay_from` (or the partition's start, or
+/// [`READ_BACK_MAX_RECORDS`]); blocking: run it off the runtime. `timeout` bounds a read that
+/// makes no progress.
 pub fn read_back(
     reader: &BaseConsumer,
     topic: &str,
     partition: i32,
     identity: &Identity,
+    replay_from: Position,
     timeout: Duration,
 ) -> Result<Tail, RelayError> {
     let (low, high) = reader.fetch_watermarks(topic, partition, timeout)?;
@@ -203,30 +261,35 @@ pub fn read_back(
         return Ok(Tail::default());
     }
     // The reported high watermark is only a lower bound of the end: some brokers (Tansu 0.6)
-    // report the last batch's base offset + 1. So each window is read forward until the partition
-    // stays quiet, never just up to `high`. Nobody else writes this source's records meanwhile:
-    // the slot is held by this process.
+    // report the last batch's base offset + 1. So the newest window is read forward until the
+    // partition stays quiet, never just up to `high`. Nobody else writes this source's records
+    // meanwhile: the slot is held by this process.
     let mut window_end = high;
     let mut found_end: Option<i64> = None;
     // windows double going back, so a partition full of other producers' records takes a few
-    // reads, not one per 256 records
+    // reads, not one per 256 records; they do not overlap, and every one adds to the same tail
     let mut span = TAIL_WINDOW;
-    // over every window read (windows do not overlap)
-    let mut foreign = 0;
+    let mut tail = Tail::default();
     loop {
         let start = (window_end - span).max(low);
         span = span.saturating_mul(2);
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, partition, Offset::Offset(start))?;
         reader.assign(&tpl)?;
-        let mut tail = Tail::default();
         let mut next = start;
-        let deadline = Instant::now() + Duration::from_secs(60);
+        // the first offset this window delivered: a broker may answer a fetch from the middle of a
+        // batch with the next batch (Tansu 0.6 does), so the records between the window's start
+        // and this offset are read by the next window, which reads up to here
+        let mut first: Option<i64> = None;
+        let mut progress = Instant::now();
         let mut quiet_since = Instant::now();
+        // whether this window holds a record of this source from before the replay start
+        let mut reached = false;
         loop {
-            if Instant::now() > deadline {
+            if progress.elapsed() > timeout.max(Duration::from_secs(30)) {
                 return Err(RelayError::transient(format!(
-                    "timed out reading {topic}[{partition}] from offset {start} for the restart dedup"
+                    "reading {topic}[{partition}] back for the restart dedup made no progress at offset \
+                     {next}"
                 )));
             }
             // past the window (a later window was read already), or past the reported end with
@@ -240,27 +303,32 @@ pub fn read_back(
                 continue;
             };
             let msg = msg?;
+            progress = Instant::now();
+            first.get_or_insert(msg.offset());
             next = msg.offset() + 1;
+            tail.read += 1;
             match claim(&raw_headers(&msg), topic, partition, identity) {
-                Claim::Own(p) => {
+                Claim::Own(p, id) => {
                     quiet_since = Instant::now();
                     tail.last = tail.last.max(Some(p));
-                    tail.floor = Some(tail.floor.map_or(p, |f| f.min(p)));
-                    tail.seen.insert(p);
+                    if p >= replay_from {
+                        tail.seen.insert(p, id);
+                    } else {
+                        reached = true;
+                    }
                 }
-                Claim::Unproven => foreign += 1,
+                Claim::Unproven => tail.foreign += 1,
                 Claim::None => {}
             }
         }
-        if tail.last.is_some() || start <= low {
-            if start <= low {
-                // the whole partition was read: nothing older is present
-                tail.floor = None;
-            }
-            tail.foreign = foreign;
+        if reached || start <= low {
             return Ok(tail);
         }
-        found_end = Some(start);
+        if tail.read >= READ_BACK_MAX_RECORDS {
+            tail.cut_short = true;
+            return Ok(tail);
+        }
+        found_end = first.or(found_end).or(Some(start));
         window_end = start;
     }
 }
@@ -273,8 +341,8 @@ const TAIL_QUIET: Duration = Duration::from_millis(300);
 enum Claim {
     /// Not a record of this source: another source's, or no relay headers in the relay's places.
     None,
-    /// Written by this source's relay, at this position: its MAC verifies.
-    Own(Position),
+    /// Written by this source's relay, at this position, for this event id: its MAC verifies.
+    Own(Position, Vec<u8>),
     /// Claims this source (the relay's headers in the relay's places, this identity) without
     /// proof: ignored and counted.
     Unproven,
@@ -314,9 +382,12 @@ fn claim(
         }
         let id = id.unwrap_or_default();
         let fields = mac_fields(&identity.name, topic, partition, position, id);
-        identity.key.verify(&fields, mac).then_some(position)
+        identity
+            .key
+            .verify(&fields, mac)
+            .then(|| (position, id.to_vec()))
     };
-    proven().map_or(Claim::Unproven, Claim::Own)
+    proven().map_or(Claim::Unproven, |(p, id)| Claim::Own(p, id))
 }
 
 #[cfg(test)]
@@ -328,41 +399,99 @@ mod tests {
         Position { major, minor }
     }
 
+    const A: &[u8] = b"id-a";
+    const B: &[u8] = b"id-b";
+
     #[test]
-    fn a_hole_in_the_window_is_not_taken_as_present() {
+    fn only_an_exact_record_is_present() {
         let tail = Tail {
             last: Some(p(10, 3)),
-            floor: Some(p(10, 0)),
-            seen: [p(10, 0), p(10, 1), p(10, 3)].into_iter().collect(),
-            first_sent: None,
-            foreign: 0,
+            seen: [
+                (p(10, 0), A.to_vec()),
+                (p(10, 1), B.to_vec()),
+                (p(10, 3), A.to_vec()),
+            ]
+            .into_iter()
+            .collect(),
+            ..Tail::default()
         };
-        assert!(tail.has(p(9, 7)), "below the window");
-        assert!(tail.has(p(10, 1)));
-        assert!(!tail.has(p(10, 2)), "the hole is sent again");
-        assert!(!tail.has(p(10, 4)), "beyond the last");
+        assert_eq!(tail.has(p(10, 1), B), Ok(true));
+        // nothing below what was read is taken as present: there is no floor
+        assert_eq!(tail.has(p(9, 7), A), Ok(false), "not read back, so absent");
+        assert_eq!(tail.has(p(10, 2), A), Ok(false), "the hole is sent again");
+        assert_eq!(tail.has(p(10, 4), A), Ok(false), "beyond the last");
+        // the position of another event: the database is not the one that wrote Kafka's records
+        assert_eq!(tail.has(p(10, 0), B), Err(A.to_vec()));
     }
 
     #[test]
     fn what_this_session_sent_is_present() {
         let mut tail = Tail::default();
-        assert!(!tail.has(p(1, 0)));
+        assert_eq!(tail.has(p(1, 0), A), Ok(false));
         tail.sent(p(5, 0));
         tail.sent(p(6, 0));
-        assert!(tail.has(p(5, 0)) && tail.has(p(6, 0)));
-        assert!(!tail.has(p(7, 0)));
+        assert_eq!(tail.has(p(5, 0), A), Ok(true));
+        assert_eq!(tail.has(p(6, 0), A), Ok(true));
+        assert_eq!(tail.has(p(7, 0), A), Ok(false));
     }
 
-    #[test]
-    fn a_fully_read_partition_has_only_what_was_seen() {
-        let tail = Tail {
-            last: Some(p(4, 0)),
-            floor: None,
-            seen: [p(2, 0), p(4, 0)].into_iter().collect(),
-            first_sent: None,
-            foreign: 0,
+    fn stored(
+        topic: &str,
+        partition: i32,
+        at: Position,
+        id: &str,
+    ) -> (String, i32, Position, String) {
+        (topic.into(), partition, at, id.into())
+    }
+
+    #[tokio::test]
+    async fn a_record_of_this_source_for_another_event_at_the_position_is_a_stored_stop() {
+        let sink = crate::sink::memory::MemorySink::acking();
+        sink.log.lock().unwrap().stored.extend([
+            stored("t", 0, p(3, 0), "old-3"),
+            stored("t", 0, p(4, 0), "old-4"),
+        ]);
+        let identity = Identity {
+            name: "s".into(),
+            source: "slot:s".into(),
+            ceiling: p(10, 0),
+            recover: "do this".into(),
+            key: Default::default(),
         };
-        assert!(!tail.has(p(1, 0)) && tail.has(p(2, 0)) && !tail.has(p(3, 0)));
+        let mut dedup = Dedup::default();
+        dedup.delivered(p(3, 0));
+        assert!(dedup
+            .already_published(
+                &sink,
+                &identity,
+                &Metrics::default(),
+                "t",
+                1,
+                0,
+                p(3, 0),
+                b"old-3"
+            )
+            .await
+            .unwrap());
+        let err = dedup
+            .already_published(
+                &sink,
+                &identity,
+                &Metrics::default(),
+                "t",
+                1,
+                0,
+                p(4, 0),
+                b"new-4",
+            )
+            .await
+            .unwrap_err();
+        assert!(err.is_permanent(), "{err}");
+        assert_eq!(err.verdict_source(), Some("slot:s"));
+        assert!(
+            err.to_string().contains("old-4") && err.to_string().contains("new-4"),
+            "{err}"
+        );
     }
 
     #[tokio::test]
@@ -372,7 +501,7 @@ mod tests {
             .lock()
             .unwrap()
             .stored
-            .push(("t".into(), 0, p(9, 0)));
+            .push(stored("t", 0, p(9, 0), "e9"));
         let identity = Identity {
             name: "s".into(),
             source: "slot:s".into(),
@@ -381,7 +510,16 @@ mod tests {
             key: Default::default(),
         };
         let err = Dedup::default()
-            .already_published(&sink, &identity, &Metrics::default(), "t", 1, 0, p(3, 0))
+            .already_published(
+                &sink,
+                &identity,
+                &Metrics::default(),
+                "t",
+                1,
+                0,
+                p(3, 0),
+                b"e3",
+            )
             .await
             .unwrap_err();
         assert!(err.is_permanent(), "{err}");
@@ -391,18 +529,36 @@ mod tests {
             "a verdict the relay stores before it stops"
         );
         assert!(err.to_string().contains("do this"), "{err}");
-        // below the ceiling the same record is a floor, as always
+        // below the ceiling the same record is found again, exactly
         let identity = Identity {
             ceiling: p(10, 0),
             ..identity
         };
         let mut dedup = Dedup::default();
         assert!(dedup
-            .already_published(&sink, &identity, &Metrics::default(), "t", 1, 0, p(9, 0))
+            .already_published(
+                &sink,
+                &identity,
+                &Metrics::default(),
+                "t",
+                1,
+                0,
+                p(9, 0),
+                b"e9"
+            )
             .await
             .unwrap());
         assert!(!dedup
-            .already_published(&sink, &identity, &Metrics::default(), "t", 1, 0, p(9, 1))
+            .already_published(
+                &sink,
+                &identity,
+                &Metrics::default(),
+                "t",
+                1,
+                0,
+                p(9, 1),
+                b"e91"
+            )
             .await
             .unwrap());
     }
@@ -412,9 +568,9 @@ mod tests {
         // an earlier session wrote (5,0) to partition 0 of two, then the topic grew to three
         let sink = crate::sink::memory::MemorySink::acking();
         sink.log.lock().unwrap().stored.extend([
-            ("t".into(), 0, p(5, 0)),
-            ("t".into(), 1, p(5, 1)),
-            ("t".into(), 2, p(6, 0)),
+            stored("t", 0, p(5, 0), "e50"),
+            stored("t", 1, p(5, 1), "e51"),
+            stored("t", 2, p(6, 0), "e60"),
         ]);
         let identity = Identity {
             name: "s".into(),
@@ -424,19 +580,47 @@ mod tests {
             key: Default::default(),
         };
         let mut dedup = Dedup::default();
+        dedup.delivered(p(5, 0));
         // replayed, (5,0) now goes to partition 2, whose last record is later
         assert!(dedup
-            .already_published(&sink, &identity, &Metrics::default(), "t", 3, 2, p(5, 0))
+            .already_published(
+                &sink,
+                &identity,
+                &Metrics::default(),
+                "t",
+                3,
+                2,
+                p(5, 0),
+                b"e50"
+            )
             .await
             .unwrap());
         // (5,2) is nowhere: it is sent, even below what partition 2 holds
         assert!(!dedup
-            .already_published(&sink, &identity, &Metrics::default(), "t", 3, 2, p(5, 2))
+            .already_published(
+                &sink,
+                &identity,
+                &Metrics::default(),
+                "t",
+                3,
+                2,
+                p(5, 2),
+                b"e52"
+            )
             .await
             .unwrap());
         // a new event is never looked for elsewhere
         assert!(!dedup
-            .already_published(&sink, &identity, &Metrics::default(), "t", 3, 1, p(7, 0))
+            .already_published(
+                &sink,
+                &identity,
+                &Metrics::default(),
+                "t",
+                3,
+                1,
+                p(7, 0),
+                b"e70"
+            )
             .await
             .unwrap());
     }
@@ -489,7 +673,7 @@ mod tests {
         let at = Position::new(7, 1);
         let values = relay_headers(&me, "t", 0, at);
         let ours = named(&NAMES, &values);
-        assert_eq!(claim(&ours, "t", 0, &me), Claim::Own(at));
+        assert_eq!(claim(&ours, "t", 0, &me), Claim::Own(at, values[0].clone()));
         // the same record read back for another source is none of its business
         assert_eq!(claim(&ours, "t", 0, &identity("other", 9)), Claim::None);
         // the same bytes anywhere else, or under another database's key: not proven

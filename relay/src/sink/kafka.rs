@@ -179,13 +179,14 @@ impl Sink for KafkaSink {
         topic: &str,
         partition: i32,
         identity: &Identity,
+        replay_from: Position,
     ) -> Result<Tail, RelayError> {
         let reader: BaseConsumer = self.reader_config.create()?;
         let topic = topic.to_string();
         let identity = identity.clone();
         let timeout = self.timeout;
         off_runtime("tail reader task", move || {
-            dedup::read_back(&reader, &topic, partition, &identity, timeout)
+            dedup::read_back(&reader, &topic, partition, &identity, replay_from, timeout)
         })
         .await
     }

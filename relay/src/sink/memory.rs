@@ -30,8 +30,8 @@ pub type Plan = Box<dyn FnMut(usize, &Record<'_>) -> Fate + Send>;
 /// What the sink saw, shared with the test.
 #[derive(Debug, Default)]
 pub struct Log {
-    /// Positions stored in Kafka, in send order, with their (topic, partition).
-    pub stored: Vec<(String, i32, Position)>,
+    /// Positions stored in Kafka, in send order, with their (topic, partition) and event id.
+    pub stored: Vec<(String, i32, Position, String)>,
     /// Positions acknowledged, in the order the acknowledgements completed.
     pub acked: Vec<Position>,
 }
@@ -119,13 +119,16 @@ impl Sink for MemorySink {
         topic: &str,
         partition: i32,
         _identity: &Identity,
+        replay_from: Position,
     ) -> Result<Tail, RelayError> {
         let log = self.log.lock().unwrap();
         let mut tail = Tail::default();
-        for (t, p, position) in &log.stored {
+        for (t, p, position, id) in &log.stored {
             if t == topic && *p == partition {
                 tail.last = tail.last.max(Some(*position));
-                tail.seen.insert(*position);
+                if *position >= replay_from {
+                    tail.seen.insert(*position, id.as_bytes().to_vec());
+                }
             }
         }
         Ok(tail)
@@ -144,6 +147,7 @@ impl Sink for MemorySink {
                 record.topic.to_string(),
                 record.partition,
                 position,
+                record.event_id.to_string(),
             ));
         }
         let log = self.log.clone();

@@ -115,6 +115,7 @@ pub trait Sink {
         topic: &str,
         partition: i32,
         identity: &Identity,
+        replay_from: Position,
     ) -> Result<Tail, RelayError>;
 
     /// The partition counts asked for since they were last forgotten, asked again: those that
