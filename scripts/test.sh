@@ -104,14 +104,14 @@ run_version() {
         cargo test -p pg_outbox_tests ${TESTS:-} -- --show-output "${skip[@]}"
     else
         echo "test: PostgreSQL $v: cargo test (SQL tests, one relay test per source)"
-        cargo test -p pg_outbox_tests --test outbox --test inbox --test trust --test hijack --test backup \
+        cargo test -p pg_outbox_tests --test outbox --test inbox --test trust --test hijack --test backup --test observe \
             --test upgrade -- --show-output
         relay_smoke
     fi
     if [ -z "${TESTS:-}" ]; then
         echo "test: PostgreSQL $v: the SQL edition, installed by a role that is not a superuser"
         PG_OUTBOX_EDITION=sql cargo test -p pg_outbox_tests --test outbox --test inbox --test trust \
-            --test hijack --test backup -- --show-output
+            --test hijack --test backup --test observe -- --show-output
         PG_OUTBOX_EDITION=sql relay_smoke
     fi
     scripts/pgcluster.sh stop "$root/pg$v-logical"

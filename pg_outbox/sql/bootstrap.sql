@@ -13,7 +13,7 @@ DO $roles$
 DECLARE
     r text;
 BEGIN
-    FOREACH r IN ARRAY ARRAY['outbox_writer', 'outbox_relay', 'inbox_consumer', 'inbox_ingest'] LOOP
+    FOREACH r IN ARRAY ARRAY['outbox_writer', 'outbox_relay', 'inbox_consumer', 'inbox_ingest', 'outbox_monitor'] LOOP
         IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = r) THEN
             BEGIN
                 EXECUTE pg_catalog.format('CREATE ROLE %I NOLOGIN', r);

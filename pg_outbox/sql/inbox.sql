@@ -395,3 +395,21 @@ BEGIN
     RETURN removed + more;
 END
 $$;
+
+-- Monitoring views (README, "Observe it"), read by outbox_monitor: the ingest's stored offsets per
+-- partition, and the queue of each consumer.
+CREATE VIEW inbox.offset_status AS
+SELECT o.consumer, o.topic, o.partition, o.next_offset, o.updated_at,
+       pg_catalog.date_part('epoch', pg_catalog.now() OPERATOR(pg_catalog.-) o.updated_at) AS age_seconds
+  FROM inbox.offsets o;
+COMMENT ON VIEW inbox.offset_status IS
+    'pg_outbox: the next offset stored per consumer and partition, and how long ago it moved';
+
+CREATE VIEW inbox.queue_status AS
+SELECT m.consumer, m.status, pg_catalog.count(*) AS messages,
+       pg_catalog.min(m.received_at) AS oldest_received_at,
+       pg_catalog.max(m.attempts) AS max_attempts
+  FROM inbox.messages m
+ GROUP BY m.consumer, m.status;
+COMMENT ON VIEW inbox.queue_status IS
+    'pg_outbox: inbox messages per consumer and status (pending, processing, done, dead)';

@@ -43,7 +43,7 @@ DO $roles$
 DECLARE
     r text;
 BEGIN
-    FOREACH r IN ARRAY ARRAY['outbox_writer', 'outbox_relay', 'inbox_consumer', 'inbox_ingest'] LOOP
+    FOREACH r IN ARRAY ARRAY['outbox_writer', 'outbox_relay', 'inbox_consumer', 'inbox_ingest', 'outbox_monitor'] LOOP
         IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = r) THEN
             BEGIN
                 EXECUTE pg_catalog.format('CREATE ROLE %I NOLOGIN', r);
@@ -982,6 +982,66 @@ $$;
 COMMENT ON PROCEDURE outbox.setup(text) IS
     'Set up wal mode: the publication, committed, then the slot; idempotent (CALL it outside a transaction block)';
 
+-- Monitoring views (README, "Observe it"): the numbers of the relay's /metrics, for users without
+-- Prometheus, read by outbox_monitor. No payload, key, secret or host name. Function calls in a view
+-- run as the caller, so they use only functions PUBLIC may execute; tables and catalog views are read
+-- as the view's owner.
+
+-- One row per source a relay has used: its slot (wal) and how far behind it is, whether a relay
+-- holds it, the stored stop verdict, and the operator's gaps.
+CREATE VIEW outbox.source_status AS
+SELECT o.source,
+       CASE WHEN o.source LIKE 'slot:%' THEN 'wal' ELSE 'poll' END AS kind,
+       o.incarnation,
+       o.created_at,
+       s.slot_name,
+       CASE WHEN o.source LIKE 'slot:%' THEN s.slot_name IS NOT NULL END AS slot_exists,
+       COALESCE(s.active,
+                EXISTS (SELECT FROM pg_catalog.pg_locks l
+                         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+                           AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d
+                                              WHERE d.datname = pg_catalog.current_database())
+                           AND ((l.classid::bigint OPERATOR(pg_catalog.<<) 32)
+                                OPERATOR(pg_catalog.|) l.objid::bigint) OPERATOR(pg_catalog.=) o.lock_key))
+           AS relay_active,
+       s.active_pid AS relay_pid,
+       s.confirmed_flush_lsn,
+       pg_catalog.pg_wal_lsn_diff(w.lsn, s.confirmed_flush_lsn)::bigint AS lag_bytes,
+       pg_catalog.pg_wal_lsn_diff(w.lsn, s.restart_lsn)::bigint AS retained_wal_bytes,
+       s.wal_status,
+       o.seen_lsn,
+       o.seen_at,
+       o.stopped,
+       o.stopped_at,
+       (SELECT pg_catalog.count(*) FROM outbox.gaps g WHERE g.source OPERATOR(pg_catalog.=) o.source) AS gaps
+  FROM outbox.sources o
+  CROSS JOIN LATERAL (SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn()
+                                  ELSE pg_catalog.pg_current_wal_lsn() END AS lsn) w
+  LEFT JOIN pg_catalog.pg_replication_slots s
+         ON o.source OPERATOR(pg_catalog.=) ('slot:' OPERATOR(pg_catalog.||) s.slot_name)
+        AND s.database OPERATOR(pg_catalog.=) pg_catalog.current_database();
+COMMENT ON VIEW outbox.source_status IS
+    'pg_outbox: each source, its slot lag and retained WAL (wal), whether a relay holds it, its stop verdict and gaps';
+
+-- Table mode: the events not published yet, and how old the oldest is.
+CREATE VIEW outbox.table_backlog AS
+SELECT pg_catalog.count(*) AS events,
+       pg_catalog.min(e.created_at) AS oldest_at,
+       pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) pg_catalog.min(e.created_at))
+           AS oldest_age_seconds
+  FROM outbox.events e;
+COMMENT ON VIEW outbox.table_backlog IS
+    'pg_outbox: table-mode events waiting for the relay (a count: a scan of outbox.events)';
+
+-- Dead letters per source and topic: how many, the first and the last (their reasons are in
+-- outbox.dead_letters).
+CREATE VIEW outbox.dead_letter_summary AS
+SELECT d.source, d.topic, pg_catalog.count(*) AS dead_letters,
+       pg_catalog.min(d.created_at) AS first_at, pg_catalog.max(d.created_at) AS last_at
+  FROM outbox.dead_letters d
+ GROUP BY d.source, d.topic;
+COMMENT ON VIEW outbox.dead_letter_summary IS 'pg_outbox: dead letters per source and topic';
+
 -- ---------------------------------------------------------------- pg_outbox/sql/inbox.sql
 -- pg_outbox inbox: SQL functions of schema inbox (dedup, offsets, the ingest queue and its workers).
 -- Runs after outbox.sql (its NOTIFY trigger function) and the Rust settings functions it calls.
@@ -1381,6 +1441,24 @@ BEGIN
 END
 $$;
 
+-- Monitoring views (README, "Observe it"), read by outbox_monitor: the ingest's stored offsets per
+-- partition, and the queue of each consumer.
+CREATE VIEW inbox.offset_status AS
+SELECT o.consumer, o.topic, o.partition, o.next_offset, o.updated_at,
+       pg_catalog.date_part('epoch', pg_catalog.now() OPERATOR(pg_catalog.-) o.updated_at) AS age_seconds
+  FROM inbox.offsets o;
+COMMENT ON VIEW inbox.offset_status IS
+    'pg_outbox: the next offset stored per consumer and partition, and how long ago it moved';
+
+CREATE VIEW inbox.queue_status AS
+SELECT m.consumer, m.status, pg_catalog.count(*) AS messages,
+       pg_catalog.min(m.received_at) AS oldest_received_at,
+       pg_catalog.max(m.attempts) AS max_attempts
+  FROM inbox.messages m
+ GROUP BY m.consumer, m.status;
+COMMENT ON VIEW inbox.queue_status IS
+    'pg_outbox: inbox messages per consumer and status (pending, processing, done, dead)';
+
 -- ---------------------------------------------------------------- pg_outbox/sql/grants.sql
 -- pg_outbox grants: nothing for PUBLIC; each role gets exactly what its job needs.
 -- Runs last (finalize), after every function of both schemas exists: the ALL FUNCTIONS IN SCHEMA
@@ -1438,6 +1516,12 @@ GRANT EXECUTE ON FUNCTION inbox._check_consumer(text),
 GRANT SELECT, INSERT ON inbox.messages TO inbox_ingest;
 GRANT SELECT, INSERT, UPDATE ON inbox.offsets TO inbox_ingest;
 GRANT SELECT, INSERT ON inbox.topics TO inbox_ingest;
+
+-- Monitoring: the views only (README, "Observe it"); no table, payload or key.
+GRANT USAGE ON SCHEMA outbox, inbox TO outbox_monitor;
+GRANT SELECT ON outbox.source_status, outbox.table_backlog, outbox.dead_letter_summary,
+                inbox.offset_status, inbox.queue_status
+      TO outbox_monitor;
 
 -- ---------------------------------------------------------------- edition marker
 -- what the relay's `check` reports (the C extension has its row in pg_extension instead)
