@@ -51,7 +51,7 @@ use tracing::{info, warn};
 /// Partitions read back at once on a topic's first touch. Each read is a consumer of its own (a
 /// librdkafka client with its threads and connection): a topic of thousands of partitions read all
 /// at once took thousands of threads and stalled the broker.
-const READ_BACK_CONCURRENCY: usize = 16;
+pub const READ_BACK_CONCURRENCY: usize = 16;
 
 /// Records of one partition read back at most, looking for the replay start (see the module's
 /// invariants).
@@ -303,6 +303,10 @@ pub fn read_back(
                 continue;
             };
             let msg = msg?;
+            if msg.topic() != topic || msg.partition() != partition {
+                // a record of an earlier assignment of a reused consumer
+                continue;
+            }
             progress = Instant::now();
             first.get_or_insert(msg.offset());
             next = msg.offset() + 1;

@@ -15,7 +15,7 @@ use crate::sink::{Delivered, Delivery, Record, Sink};
 use crate::sink::{HEADER_ID, HEADER_MAC, HEADER_POSITION, HEADER_SOURCE, HEADER_TRACE};
 use crate::source::Identity;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::BaseConsumer;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
@@ -35,6 +35,9 @@ pub struct KafkaSink {
     lone: Arc<Mutex<Option<FutureProducer>>>,
     lone_config: ClientConfig,
     reader_config: ClientConfig,
+    /// Consumers of the restart read-back, kept for the next partition: a client per partition
+    /// (its threads, a connection, metadata) made the start-up over thousands of partitions slow.
+    readers: Arc<Mutex<Vec<BaseConsumer>>>,
     partitions: HashMap<String, i32>,
     timeout: Duration,
     /// Whether a record was handed to a producer: a sink that sent nothing holds nothing, and a
@@ -83,6 +86,7 @@ impl KafkaSink {
             lone: Arc::default(),
             lone_config,
             reader_config,
+            readers: Arc::default(),
             partitions: HashMap::new(),
             timeout: Duration::from_secs(10),
             sent: AtomicBool::new(false),
@@ -181,12 +185,27 @@ impl Sink for KafkaSink {
         identity: &Identity,
         replay_from: Position,
     ) -> Result<Tail, RelayError> {
-        let reader: BaseConsumer = self.reader_config.create()?;
+        let pooled = self.readers.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let reader: BaseConsumer = match pooled {
+            Some(reader) => reader,
+            None => self.reader_config.create()?,
+        };
+        let readers = self.readers.clone();
         let topic = topic.to_string();
         let identity = identity.clone();
         let timeout = self.timeout;
         off_runtime("tail reader task", move || {
-            dedup::read_back(&reader, &topic, partition, &identity, replay_from, timeout)
+            let tail =
+                dedup::read_back(&reader, &topic, partition, &identity, replay_from, timeout);
+            // kept for the next partition once its assignment is gone (read_back also ignores a
+            // record of another partition, should one still arrive)
+            if tail.is_ok() && reader.unassign().is_ok() {
+                let mut pool = readers.lock().unwrap_or_else(|e| e.into_inner());
+                if pool.len() < dedup::READ_BACK_CONCURRENCY {
+                    pool.push(reader);
+                }
+            }
+            tail
         })
         .await
     }
