@@ -963,4 +963,193 @@ mod tests {
         .to_string();
         assert!(err.contains("brokerz"), "{err}");
     }
+
+    fn example_path() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("pg-outbox-relay.example.toml")
+    }
+
+    #[test]
+    fn the_example_file_loads_with_production_values() {
+        let file = read_file(&example_path()).unwrap();
+        assert_eq!(file.pg.pg_user.as_deref(), Some("pg_outbox_relay"));
+        assert_eq!(file.pg.pg_sslmode.as_deref(), Some("verify-full"));
+        assert_eq!(file.pg.pg_port.as_deref(), Some("5432,5432"));
+        assert!(file.pg.pg_password.is_none(), "no secret in the file");
+        assert!(file.pg.pg_password_file.is_some());
+        assert_eq!(file.source.create_slot, Some(false));
+        assert_eq!(file.telemetry.log_json, Some(true));
+        assert!(file.kafka.contains_key("sasl.mechanism"));
+        assert!(!file.kafka.contains_key("sasl.password"), "no secret in the file");
+        // and it resolves, with the files it names replaced by this machine's
+        let dir = std::env::temp_dir().join(format!("relay-example-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret = dir.join("pg_password");
+        std::fs::write(&secret, "s3cret\n").unwrap();
+        let Ok(bundle) = super::super::postgres::config::system_bundle_for_tests() else {
+            return; // no CA bundle on this machine: the file was still parsed above
+        };
+        let c = Settings {
+            config: Some(example_path()),
+            pg: PgSettings {
+                pg_password_file: Some(secret),
+                pg_sslrootcert: Some(bundle),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+        .resolve(Mode::Run)
+        .unwrap();
+        assert_eq!(c.postgres.servers(), "db1.internal:5432,db2.internal:5432");
+        assert_eq!(c.postgres.endpoints[1].password, "s3cret");
+        assert_eq!(c.postgres.user, "pg_outbox_relay");
+        assert!(!c.source.create_slot);
+        assert_eq!(c.kafka.settings.get("linger.ms").unwrap(), "5");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn every_setting_of_the_command_line_is_in_the_example_file() {
+        use clap::CommandFactory;
+        let text = std::fs::read_to_string(example_path()).unwrap();
+        let cli = Cli::command();
+        let mut missing = Vec::new();
+        for sub in ["run", "ingest", "check", "status"] {
+            let sub = cli.find_subcommand(sub).unwrap();
+            for arg in sub.get_arguments() {
+                let Some(long) = arg.get_long() else { continue };
+                let name = long.replace('-', "_");
+                let found = match name.as_str() {
+                    "help" | "config" | "json" => true,
+                    "kafka" => text.contains("\n[kafka]\n"),
+                    _ => text
+                        .lines()
+                        .any(|l| l.trim_start_matches(['#', ' ']).starts_with(&format!("{name} = "))),
+                };
+                if !found && !missing.contains(&name) {
+                    missing.push(name);
+                }
+            }
+        }
+        assert!(missing.is_empty(), "not in the example file: {missing:?}");
+    }
+
+    #[test]
+    fn a_wrong_type_in_the_file_names_the_setting_and_its_line() {
+        let dir = std::env::temp_dir().join(format!("relay-types-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("relay.toml");
+        for (text, says) in [
+            (
+                "brokers = \"k:9092\"\nslot = \"s\"\npg_port = \"x\"\n",
+                "line 3: setting `pg_port`",
+            ),
+            (
+                "brokers = \"k:9092\"\n\n\nmax_in_flight = \"many\"\n",
+                "line 4: setting `max_in_flight`: invalid type: string \"many\"",
+            ),
+            ("# c\nlog_json = \"yes\"\n", "line 2: setting `log_json`"),
+            ("brokers = \"k\"\nbrokerz = \"x\"\n", "line 2: unknown setting `brokerz`"),
+            ("kafka = 1\n", "line 1: `kafka` must be a table"),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let err = Settings {
+                config: Some(path.clone()),
+                ..Default::default()
+            }
+            .resolve(Mode::Run)
+            .unwrap_err();
+            assert!(err.to_string().contains(says), "{text:?}: {err}");
+            assert_eq!(err.exit_code(), crate::error::CONFIG_ERROR);
+        }
+        // a port list, from the file as a string or one number
+        std::fs::write(&path, "brokers = \"k\"\npg_host = \"a,b\"\npg_port = \"5432,5433\"\n")
+            .unwrap();
+        let c = Settings {
+            config: Some(path.clone()),
+            ..Default::default()
+        }
+        .resolve(Mode::Run)
+        .unwrap();
+        assert_eq!(c.postgres.servers(), "a:5432,b:5433");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn ports_per_host_and_plain_boolean_flags_on_the_command_line() {
+        let cli = Cli::try_parse_from([
+            "pg-outbox-relay",
+            "run",
+            "--brokers",
+            "k:9092",
+            "--pg-host",
+            "a,b",
+            "--pg-port",
+            "5432,5433",
+            "--log-json",
+            "--create-slot",
+            "false",
+        ])
+        .unwrap();
+        let Job::Relay(mode, settings, _) = cli.command.into_job() else {
+            panic!("run is a relay job")
+        };
+        let c = settings.resolve(mode).unwrap();
+        assert_eq!(c.postgres.servers(), "a:5432,b:5433");
+        assert!(c.telemetry.log_json);
+        assert!(!c.source.create_slot);
+        let cli = Cli::try_parse_from(["pg-outbox-relay", "check", "--json", "--create-slot"]);
+        let Job::Relay(_, settings, json) = cli.unwrap().command.into_job() else {
+            panic!("check is a relay job")
+        };
+        assert!(json);
+        assert_eq!(settings.source.create_slot, Some(true));
+    }
+
+    #[test]
+    fn the_default_login_is_no_superuser() {
+        // (PGUSER, when the environment has it, comes first, as in libpq)
+        if std::env::var_os("PGUSER").is_none() {
+            let c = settings().resolve(Mode::Run).unwrap();
+            assert_eq!(c.postgres.user, "pg_outbox_relay");
+        }
+        assert_ne!(crate::postgres::config::DEFAULT_USER, "postgres");
+    }
+
+    #[test]
+    fn secrets_from_files() {
+        let dir = std::env::temp_dir().join(format!("relay-secrets-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("pw");
+        std::fs::write(&file, "pa ss\n\n").unwrap();
+        assert_eq!(read_secret(&file, "x").unwrap(), "pa ss\n", "one newline trimmed");
+        std::fs::write(&file, "pw\r\n").unwrap();
+        assert_eq!(read_secret(&file, "x").unwrap(), "pw");
+        let mut s = settings();
+        s.pg.pg_password_file = Some(file.clone());
+        let c = s.resolve(Mode::Run).unwrap();
+        assert_eq!(c.postgres.endpoints[0].password, "pw");
+        let mut s = settings();
+        s.pg.pg_password_file = Some(file.clone());
+        s.pg.pg_password = Some("also".into());
+        assert!(run_error(s).contains("both set"));
+        let mut s = settings();
+        s.pg.pg_password_file = Some(dir.join("missing"));
+        let err = run_error(s);
+        assert!(err.contains("PG_OUTBOX_PG_PASSWORD_FILE"), "{err}");
+        let vars = [(
+            "PG_OUTBOX_KAFKA_SASL_PASSWORD_FILE".to_string(),
+            file.display().to_string(),
+        )];
+        assert_eq!(
+            kafka_from_env(vars.into_iter()).unwrap(),
+            [("sasl.password".to_string(), "pw".to_string())]
+        );
+        let vars = [(
+            "PG_OUTBOX_KAFKA_SASL_PASSWORD_FILE".to_string(),
+            "/nonexistent/kafka".to_string(),
+        )];
+        let err = kafka_from_env(vars.into_iter()).unwrap_err().to_string();
+        assert!(err.contains("PG_OUTBOX_KAFKA_SASL_PASSWORD_FILE"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

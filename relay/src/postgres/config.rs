@@ -260,6 +260,12 @@ fn system_bundle(env: &dyn Fn(&str) -> Option<String>) -> Result<PathBuf, RelayE
         })
 }
 
+/// The system's CA bundle, for tests elsewhere that need a real PEM file.
+#[cfg(test)]
+pub fn system_bundle_for_tests() -> Result<PathBuf, RelayError> {
+    system_bundle(&|_: &str| None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -380,5 +386,60 @@ mod tests {
         let pws: Vec<&str> = pg.endpoints.iter().map(|e| e.password.as_str()).collect();
         assert_eq!(pws, ["pw-a", "pw-b"]);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn system_roots_hostaddr_options_and_the_default_user() {
+        let none = |_: &str| None;
+        let given = |url: &str| Given {
+            url: Some(url.into()),
+            ..Default::default()
+        };
+        let Ok(bundle) = system_bundle_for_tests() else {
+            return; // no CA bundle on this machine
+        };
+        let pg = PgConfig::resolve_with(given("host=db.example.com sslrootcert=system"), &none)
+            .unwrap();
+        assert_eq!(pg.tls.mode, SslMode::VerifyFull, "as in libpq");
+        assert_eq!(pg.tls.rootcert.as_deref(), Some(bundle.as_path()));
+        let err = PgConfig::resolve_with(
+            given("host=db.example.com sslrootcert=system sslmode=require"),
+            &none,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("verify-full"), "{err}");
+        let file = |k: &str| (k == "SSL_CERT_FILE").then(|| bundle.display().to_string());
+        let pg = PgConfig::resolve_with(given("sslrootcert=system"), &file).unwrap();
+        assert_eq!(pg.tls.rootcert.as_deref(), Some(bundle.as_path()));
+        // hostaddr without host is where to connect; with host, host wins and the log says so
+        let pg = PgConfig::resolve_with(given("hostaddr=10.1.2.3 port=6000"), &none).unwrap();
+        assert_eq!(pg.servers(), "10.1.2.3:6000");
+        assert!(pg.ignored.is_empty());
+        let pg = PgConfig::resolve_with(given("host=h hostaddr=10.1.2.3"), &none).unwrap();
+        assert_eq!(pg.servers(), "h:5432");
+        assert!(pg.ignored[0].contains("hostaddr"), "{:?}", pg.ignored);
+        // options go first, the relay's own settings after them (a later -c wins)
+        let pg = PgConfig::resolve_with(
+            given("postgres://h/d?options=-c%20search_path%3Dpublic&application_name=x"),
+            &none,
+        )
+        .unwrap();
+        let options = crate::postgres::session::options(&pg);
+        assert!(
+            options.starts_with("-c search_path=public ")
+                && options.ends_with("-c search_path=pg_catalog,pg_temp"),
+            "{options}"
+        );
+        assert_eq!(pg.ignored.len(), 1);
+        assert!(pg.ignored[0].starts_with("pg_url: application_name is ignored"));
+        assert_eq!(pg.user, DEFAULT_USER);
+        // ports as the relay's own setting: a list
+        let own = Given {
+            host: Some("a,b".into()),
+            port: Some("5432,5433".into()),
+            ..Default::default()
+        };
+        let pg = PgConfig::resolve_with(own, &none).unwrap();
+        assert_eq!(pg.servers(), "a:5432,b:5433");
     }
 }
