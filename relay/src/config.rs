@@ -1152,4 +1152,31 @@ mod tests {
         assert!(err.contains("PG_OUTBOX_KAFKA_SASL_PASSWORD_FILE"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn the_kubernetes_config_map_loads() {
+        // deploy/kubernetes/configmap.yaml carries a relay.toml: the loader must take it
+        let yaml = std::fs::read_to_string(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/configmap.yaml"),
+        )
+        .unwrap();
+        let toml: String = yaml
+            .split_once("relay.toml: |\n")
+            .unwrap()
+            .1
+            .lines()
+            .map(|l| l.strip_prefix("    ").unwrap_or(l.trim()))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let dir = std::env::temp_dir().join(format!("relay-k8s-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("relay.toml");
+        std::fs::write(&path, toml).unwrap();
+        let file = read_file(&path).unwrap();
+        assert_eq!(file.pg.pg_user.as_deref(), Some("pg_outbox_relay"));
+        assert_eq!(file.telemetry.metrics_addr.as_deref(), Some("0.0.0.0:9187"));
+        assert!(file.pg.pg_password.is_none());
+        assert!(file.kafka.contains_key("sasl.username"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
