@@ -94,7 +94,7 @@ pub enum Mode {
 
 /// A subcommand and its settings; `healthcheck` needs none of the relay's.
 pub enum Job {
-    Relay(Mode, Settings, bool),
+    Relay(Mode, Box<Settings>, bool),
     Healthcheck(Healthcheck),
 }
 
@@ -102,10 +102,10 @@ impl Command {
     /// The mode, the settings, and whether to print JSON.
     pub fn into_job(self) -> Job {
         match self {
-            Command::Run(s) => Job::Relay(Mode::Run, s, false),
-            Command::Check(r) => Job::Relay(Mode::Check, r.settings, r.json),
-            Command::Status(r) => Job::Relay(Mode::Status, r.settings, r.json),
-            Command::Ingest(s) => Job::Relay(Mode::Ingest, s, false),
+            Command::Run(s) => Job::Relay(Mode::Run, Box::new(s), false),
+            Command::Check(r) => Job::Relay(Mode::Check, Box::new(r.settings), r.json),
+            Command::Status(r) => Job::Relay(Mode::Status, Box::new(r.settings), r.json),
+            Command::Ingest(s) => Job::Relay(Mode::Ingest, Box::new(s), false),
             Command::Healthcheck(h) => Job::Healthcheck(h),
         }
     }
@@ -563,7 +563,11 @@ fn read_file(path: &Path) -> Result<FileSettings, RelayError> {
         if key == "kafka" {
             match value {
                 toml::Value::Table(t) => file.kafka = t.into_iter().collect(),
-                _ => return Err(bad("`kafka` must be a table: [kafka] then \"name\" = value lines")),
+                _ => {
+                    return Err(bad(
+                        "`kafka` must be a table: [kafka] then \"name\" = value lines",
+                    ))
+                }
             }
             continue;
         }
@@ -573,11 +577,20 @@ fn read_file(path: &Path) -> Result<FileSettings, RelayError> {
         if PgSettings::NAMES.contains(&key.as_str()) {
             file.pg = one.try_into::<PgSettings>().map_err(wrong)?.over(file.pg);
         } else if KafkaSettings::NAMES.contains(&key.as_str()) {
-            file.broker = one.try_into::<KafkaSettings>().map_err(wrong)?.over(file.broker);
+            file.broker = one
+                .try_into::<KafkaSettings>()
+                .map_err(wrong)?
+                .over(file.broker);
         } else if SourceSettings::NAMES.contains(&key.as_str()) {
-            file.source = one.try_into::<SourceSettings>().map_err(wrong)?.over(file.source);
+            file.source = one
+                .try_into::<SourceSettings>()
+                .map_err(wrong)?
+                .over(file.source);
         } else if IngestSettings::NAMES.contains(&key.as_str()) {
-            file.ingest = one.try_into::<IngestSettings>().map_err(wrong)?.over(file.ingest);
+            file.ingest = one
+                .try_into::<IngestSettings>()
+                .map_err(wrong)?
+                .over(file.ingest);
         } else if TelemetrySettings::NAMES.contains(&key.as_str()) {
             file.telemetry = one
                 .try_into::<TelemetrySettings>()
@@ -979,7 +992,10 @@ mod tests {
         assert_eq!(file.source.create_slot, Some(false));
         assert_eq!(file.telemetry.log_json, Some(true));
         assert!(file.kafka.contains_key("sasl.mechanism"));
-        assert!(!file.kafka.contains_key("sasl.password"), "no secret in the file");
+        assert!(
+            !file.kafka.contains_key("sasl.password"),
+            "no secret in the file"
+        );
         // and it resolves, with the files it names replaced by this machine's
         let dir = std::env::temp_dir().join(format!("relay-example-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -1021,9 +1037,10 @@ mod tests {
                 let found = match name.as_str() {
                     "help" | "config" | "json" => true,
                     "kafka" => text.contains("\n[kafka]\n"),
-                    _ => text
-                        .lines()
-                        .any(|l| l.trim_start_matches(['#', ' ']).starts_with(&format!("{name} = "))),
+                    _ => text.lines().any(|l| {
+                        l.trim_start_matches(['#', ' '])
+                            .starts_with(&format!("{name} = "))
+                    }),
                 };
                 if !found && !missing.contains(&name) {
                     missing.push(name);
@@ -1048,7 +1065,10 @@ mod tests {
                 "line 4: setting `max_in_flight`: invalid type: string \"many\"",
             ),
             ("# c\nlog_json = \"yes\"\n", "line 2: setting `log_json`"),
-            ("brokers = \"k\"\nbrokerz = \"x\"\n", "line 2: unknown setting `brokerz`"),
+            (
+                "brokers = \"k\"\nbrokerz = \"x\"\n",
+                "line 2: unknown setting `brokerz`",
+            ),
             ("kafka = 1\n", "line 1: `kafka` must be a table"),
         ] {
             std::fs::write(&path, text).unwrap();
@@ -1062,8 +1082,11 @@ mod tests {
             assert_eq!(err.exit_code(), crate::error::CONFIG_ERROR);
         }
         // a port list, from the file as a string or one number
-        std::fs::write(&path, "brokers = \"k\"\npg_host = \"a,b\"\npg_port = \"5432,5433\"\n")
-            .unwrap();
+        std::fs::write(
+            &path,
+            "brokers = \"k\"\npg_host = \"a,b\"\npg_port = \"5432,5433\"\n",
+        )
+        .unwrap();
         let c = Settings {
             config: Some(path.clone()),
             ..Default::default()
@@ -1121,7 +1144,11 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("pw");
         std::fs::write(&file, "pa ss\n\n").unwrap();
-        assert_eq!(read_secret(&file, "x").unwrap(), "pa ss\n", "one newline trimmed");
+        assert_eq!(
+            read_secret(&file, "x").unwrap(),
+            "pa ss\n",
+            "one newline trimmed"
+        );
         std::fs::write(&file, "pw\r\n").unwrap();
         assert_eq!(read_secret(&file, "x").unwrap(), "pw");
         let mut s = settings();

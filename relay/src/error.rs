@@ -233,7 +233,10 @@ mod tests {
     #[test]
     fn exit_codes_say_who_must_act() {
         assert_eq!(RelayError::config("x").exit_code(), CONFIG_ERROR);
-        assert_eq!(RelayError::verdict("s", "ahead").exit_code(), OPERATOR_MUST_ACT);
+        assert_eq!(
+            RelayError::verdict("s", "ahead").exit_code(),
+            OPERATOR_MUST_ACT
+        );
         let gone = RelayError::from(PgWireError::Server(
             "replication slot \"x\" does not exist (SQLSTATE 42704)".into(),
         ));

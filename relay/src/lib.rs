@@ -27,8 +27,8 @@ pub mod error;
 pub mod event;
 pub mod fence;
 pub mod ingest;
-pub mod notify;
 pub mod kafka;
+pub mod notify;
 pub mod ops;
 pub mod pipeline;
 pub mod postgres;
@@ -97,7 +97,11 @@ async fn serve(config: &Config, mode: Mode) -> ExitCode {
     let metrics = Arc::new(telemetry::Metrics::default());
     // systemd's Type=notify (NOTIFY_SOCKET): READY=1 once streaming or standing by, STATUS= lines
     let notify = notify::Notifier::from_env();
-    let active = if mode == Mode::Ingest { "ingesting" } else { "streaming" };
+    let active = if mode == Mode::Ingest {
+        "ingesting"
+    } else {
+        "streaming"
+    };
     notify.watch(
         metrics.clone(),
         shutdown.clone(),

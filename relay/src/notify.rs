@@ -231,7 +231,10 @@ mod tests {
         n.stopping();
         assert_eq!(receive(&server), "STOPPING=1\nSTATUS=stopping");
         server.set_nonblocking(true).unwrap();
-        assert!(server.recv(&mut [0u8; 64]).is_err(), "STOPPING=1 is sent once");
+        assert!(
+            server.recv(&mut [0u8; 64]).is_err(),
+            "STOPPING=1 is sent once"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
 
         use std::os::linux::net::SocketAddrExt;

@@ -588,7 +588,14 @@ pub async fn healthcheck(h: &crate::config::Healthcheck) -> std::process::ExitCo
         Ok(Ok((code, body))) => {
             let body = body.lines().next().unwrap_or("").to_string();
             let ok = code == 200 || (h.live && code == 503 && !body.starts_with("stalled"));
-            (ok, if body.is_empty() { format!("HTTP {code}") } else { body })
+            (
+                ok,
+                if body.is_empty() {
+                    format!("HTTP {code}")
+                } else {
+                    body
+                },
+            )
         }
     };
     println!("{line}");

@@ -3,9 +3,7 @@
 //! connection settings as users copy them (every libpq keyword, a port per host, secrets in files).
 
 use anyhow::{bail, Result};
-use pg_outbox_tests::{
-    enqueue, free_port, port, relay_bin, Relay, Scenario,
-};
+use pg_outbox_tests::{enqueue, free_port, port, relay_bin, Relay, Scenario};
 use std::os::unix::net::UnixDatagram;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -49,7 +47,10 @@ fn healthcheck(addr: &str, extra: &[&str]) -> Result<(Option<i32>, String)> {
 
 #[tokio::test]
 async fn systemd_hears_ready_status_and_stopping_and_healthcheck_agrees() -> Result<()> {
-    let s = Scenario::builder("dm_notify").topic("orders", 1).start().await?;
+    let s = Scenario::builder("dm_notify")
+        .topic("orders", 1)
+        .start()
+        .await?;
     let dir = std::env::temp_dir().join(format!("dm_notify-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("notify.sock");
@@ -90,8 +91,7 @@ async fn systemd_hears_ready_status_and_stopping_and_healthcheck_agrees() -> Res
         Duration::from_secs(60),
     )?;
     assert!(
-        ready.starts_with("READY=1\nSTATUS=standby behind ")
-            && ready.contains("pg_outbox_relay "),
+        ready.starts_with("READY=1\nSTATUS=standby behind ") && ready.contains("pg_outbox_relay "),
         "{two:?}"
     );
     let (code, line) = healthcheck(second.metrics_addr(), &[])?;
@@ -136,7 +136,10 @@ async fn systemd_hears_ready_status_and_stopping_and_healthcheck_agrees() -> Res
 
 #[tokio::test]
 async fn check_and_status_as_json() -> Result<()> {
-    let s = Scenario::builder("dm_json").topic("orders", 1).start().await?;
+    let s = Scenario::builder("dm_json")
+        .topic("orders", 1)
+        .start()
+        .await?;
     let _relay = s.relay().running().await?;
     enqueue(&s.db.client, "orders", "k", r#"{"n": 1}"#).await?;
     s.read(1)?;
@@ -178,14 +181,26 @@ async fn check_and_status_as_json() -> Result<()> {
         .args(["--brokers", &s.brokers()])
         .output()?;
     let error: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    assert!(error["error"].as_str().is_some_and(|e| e.contains("dm_json_missing")), "{error}");
-    assert_eq!(out.status.code(), Some(3), "a missing slot: an operator must act");
+    assert!(
+        error["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("dm_json_missing")),
+        "{error}"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "a missing slot: an operator must act"
+    );
     Ok(())
 }
 
 #[tokio::test]
 async fn connection_strings_as_providers_print_them() -> Result<()> {
-    let s = Scenario::builder("dm_conninfo").topic("orders", 1).start().await?;
+    let s = Scenario::builder("dm_conninfo")
+        .topic("orders", 1)
+        .start()
+        .await?;
     let dead = free_port();
     // what a console prints: keywords the relay applies (options, target_session_attrs) and
     // keywords it does without; two hosts, a port per host, the first one dead
@@ -236,7 +251,10 @@ async fn connection_strings_as_providers_print_them() -> Result<()> {
     // a keyword libpq does not know is refused by name (a configuration error: exit 2)
     let (code, _, err) = check(true, &format!("{url}&sslmod=require"))?;
     assert_eq!(code, Some(2), "{err}");
-    assert!(err.contains("\"sslmod\" is not a libpq connection keyword"), "{err}");
+    assert!(
+        err.contains("\"sslmod\" is not a libpq connection keyword"),
+        "{err}"
+    );
     // the relay itself streams with that URL and logs each ignored keyword once
     let relay = Relay::spawn(
         "run",
@@ -279,7 +297,13 @@ async fn secrets_from_files_and_exit_statuses() -> Result<()> {
     let file = dir.join("pg_password");
     let run = |command: &str, env: &[(&str, &str)]| -> Result<(Option<i32>, String)> {
         let out = Command::new(relay_bin())
-            .args([command, "--pg-port", &port().to_string(), "--pg-user", "pw_only"])
+            .args([
+                command,
+                "--pg-port",
+                &port().to_string(),
+                "--pg-user",
+                "pw_only",
+            ])
             .args(["--pg-database", &s.db.name, "--slot", &s.db.name])
             .args(["--brokers", &s.brokers()])
             .env_remove("PGPASSWORD")
@@ -293,7 +317,10 @@ async fn secrets_from_files_and_exit_statuses() -> Result<()> {
                 + &String::from_utf8_lossy(&out.stderr),
         ))
     };
-    let var = ("PG_OUTBOX_PG_PASSWORD_FILE", file.to_str().unwrap_or_default());
+    let var = (
+        "PG_OUTBOX_PG_PASSWORD_FILE",
+        file.to_str().unwrap_or_default(),
+    );
     // the file as a secret store writes it: with a trailing newline
     std::fs::write(&file, "secret-pw\n")?;
     let (_, text) = run("check", &[var])?;
@@ -312,10 +339,16 @@ async fn secrets_from_files_and_exit_statuses() -> Result<()> {
     // the Kafka SASL password the same way
     let (code, text) = run(
         "check",
-        &[("PG_OUTBOX_KAFKA_SASL_PASSWORD_FILE", "/nonexistent/kafka-password")],
+        &[(
+            "PG_OUTBOX_KAFKA_SASL_PASSWORD_FILE",
+            "/nonexistent/kafka-password",
+        )],
     )?;
     assert_eq!(code, Some(2), "{text}");
-    assert!(text.contains("PG_OUTBOX_KAFKA_SASL_PASSWORD_FILE"), "{text}");
+    assert!(
+        text.contains("PG_OUTBOX_KAFKA_SASL_PASSWORD_FILE"),
+        "{text}"
+    );
     // a port that is no number names the setting
     let out = Command::new(relay_bin())
         .args(["run", "--pg-port", "5432,x", "--brokers", "k:9092"])

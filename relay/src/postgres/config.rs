@@ -357,7 +357,10 @@ mod tests {
                 "target_session_attrs",
             ),
             ("host=a connect_timeout=soon", "connect_timeout"),
-            ("host=a optoins=-cfoo", "\"optoins\" is not a libpq connection keyword"),
+            (
+                "host=a optoins=-cfoo",
+                "\"optoins\" is not a libpq connection keyword",
+            ),
         ] {
             let own = Given {
                 url: Some(url.into()),
@@ -398,8 +401,8 @@ mod tests {
         let Ok(bundle) = system_bundle_for_tests() else {
             return; // no CA bundle on this machine
         };
-        let pg = PgConfig::resolve_with(given("host=db.example.com sslrootcert=system"), &none)
-            .unwrap();
+        let pg =
+            PgConfig::resolve_with(given("host=db.example.com sslrootcert=system"), &none).unwrap();
         assert_eq!(pg.tls.mode, SslMode::VerifyFull, "as in libpq");
         assert_eq!(pg.tls.rootcert.as_deref(), Some(bundle.as_path()));
         let err = PgConfig::resolve_with(
