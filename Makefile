@@ -1,5 +1,5 @@
 # pg_outbox: `make test` and `make demo` install what they need (scripts/setup.sh), idempotently.
-.PHONY: test test-all chaos demo demo-saga bench bench-quick setup lint install sql-edition clean
+.PHONY: check-deploy test test-all chaos demo demo-saga bench bench-quick setup lint install sql-edition clean
 
 test:
 	scripts/test.sh
@@ -32,6 +32,11 @@ bench-quick:
 
 setup:
 	scripts/setup.sh
+
+# deploy/kubernetes against the Kubernetes schemas, the systemd unit, the image's Dockerfile and
+# compose file, statically (make test runs it too)
+check-deploy:
+	scripts/check-deploy.sh
 
 lint:
 	cargo fmt --all --check

@@ -329,7 +329,7 @@ BROKERS=127.0.0.1:$KAFKA_PORT
 RELAY_PORT=$PORT  # the cluster the next relay reads
 relay() { # start a relay in the background (its log in $root/relay-$1.log), remember its pid
     local name=$1; shift
-    "$BIN"/pg-outbox-relay "$@" --pg-port "$RELAY_PORT" --brokers "$BROKERS" \
+    "$BIN"/pg-outbox-relay "$@" --pg-user postgres --pg-port "$RELAY_PORT" --brokers "$BROKERS" \
         --metrics-addr "127.0.0.1:$METRICS_PORT" >"$root/relay-$name.log" 2>&1 &
     relay_pid=$!
     pids+=("$relay_pid")

@@ -25,7 +25,7 @@ for db in orders customers; do
 done
 stage_broker "$KAFKA_PORT" orders:3 customers:3
 
-common=(--pg-port "$PORT" --brokers "$BROKERS")
+common=(--pg-user postgres --pg-port "$PORT" --brokers "$BROKERS")
 "$RELAY" run "${common[@]}" --pg-database orders --slot orders_outbox 2>"$root/relay-orders.log" & pids+=($!)
 "$RELAY" run "${common[@]}" --pg-database customers --slot customers_outbox 2>"$root/relay-customers.log" & pids+=($!)
 "$RELAY" ingest "${common[@]}" --pg-database customers --consumer customer-service --topics orders \

@@ -20,9 +20,9 @@ stage_broker "$KAFKA_PORT" orders:3 shipments:1
 echo "demo: Tansu broker on $BROKERS with topics orders (3 partitions) and shipments (1)"
 
 psql_ -c "CREATE EXTENSION pg_outbox"
-"$RELAY" run --pg-port "$PORT" --brokers "$BROKERS" --metrics-addr "$METRICS" 2>"$root/relay-wal.log" &
+"$RELAY" run --pg-user postgres --pg-port "$PORT" --brokers "$BROKERS" --metrics-addr "$METRICS" 2>"$root/relay-wal.log" &
 pids+=($!)
-"$RELAY" run --pg-port "$PORT" --brokers "$BROKERS" --source poll 2>"$root/relay-poll.log" &
+"$RELAY" run --pg-user postgres --pg-port "$PORT" --brokers "$BROKERS" --source poll 2>"$root/relay-poll.log" &
 pids+=($!)
 for _ in $(seq 100); do
     [ "$(psql_ -tAc "SELECT count(*) FROM pg_stat_replication r JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = 'pg_outbox'")" = 1 ] && break
@@ -62,7 +62,7 @@ target/debug/consume_events "$BROKERS" 21 orders:3 shipments:1
 
 echo
 echo "== 12. pg-outbox-relay status"
-"$RELAY" status --pg-port "$PORT" --brokers "$BROKERS"
+"$RELAY" status --pg-user postgres --pg-port "$PORT" --brokers "$BROKERS"
 echo
 echo "== 13. /metrics"
 exec 3<>"/dev/tcp/${METRICS%:*}/${METRICS##*:}"

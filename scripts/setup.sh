@@ -107,4 +107,14 @@ else
         --root-user-action=ignore 'psycopg[binary]>=3.1'
     python3 -c 'import psycopg'
 fi
+# --- Kubernetes schemas for scripts/check-deploy.sh (bundled in the package: no network later) ------
+KUBERNETES_VALIDATE_VERSION=1.37.0
+if python3 -c 'import kubernetes_validate' 2>/dev/null && command -v kubernetes-validate >/dev/null; then
+    say "python kubernetes-validate present"
+else
+    say "installing python kubernetes-validate $KUBERNETES_VALIDATE_VERSION"
+    with_progress "pip install kubernetes-validate" python3 -m pip install -q --disable-pip-version-check \
+        --root-user-action=ignore "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+    python3 -c 'import kubernetes_validate'
+fi
 say "ready"

@@ -3,8 +3,14 @@
 //! down explicitly.
 //!
 //! Settings are grouped by concern (PostgreSQL, Kafka, source, ingest, telemetry). Each group is
-//! one struct used both as flags (clap, flattened) and as keys of the file (serde, flattened), so
-//! the file and the command line name every setting the same way.
+//! one struct used both as flags (clap, flattened) and as keys of the file (serde), so the file
+//! and the command line name every setting the same way. A setting of the wrong type in the file
+//! is reported with its name and line.
+//!
+//! Secrets need neither a command line nor the file: `pg_password_file`
+//! (`PG_OUTBOX_PG_PASSWORD_FILE`) and `PG_OUTBOX_KAFKA_<NAME>_FILE` name files whose content is
+//! the secret (one trailing newline trimmed), as container platforms and systemd's
+//! `LoadCredential=` provide them.
 //!
 //! Kafka settings pass through to librdkafka as a string map (`[kafka]` in the file, or
 //! `--kafka key=value`), applied after our defaults (idempotence, acks=all, murmur2) so that every
@@ -13,17 +19,22 @@
 use crate::error::RelayError;
 use crate::kafka::{check_settings, KafkaConfig, RecordTimestamp};
 use crate::postgres::{Given, PgConfig};
+use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 #[derive(Parser, Debug)]
 #[command(
     name = "pg-outbox-relay",
     version,
-    about = "Publishes pg_outbox events to Kafka, exactly once"
+    about = "Publishes pg_outbox events to Kafka, exactly once",
+    after_help = "Exit status: 0 done (or stopped by SIGTERM/SIGINT), 1 a failure (check: a \
+                  finding failed), 2 a configuration error, 3 an operator must act (a lost slot, \
+                  Kafka ahead of the database, a wrong identity, a refused login, a missing \
+                  database): restarting will not help."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -32,14 +43,44 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Stream events from the slot to Kafka until SIGTERM/SIGINT.
+    /// Stream events from the slot (or the outbox table) to Kafka until SIGTERM/SIGINT.
     Run(Settings),
     /// Verify wal_level, slot, publication, grants and broker reachability; print what to fix.
-    Check(Settings),
+    Check(Report),
     /// Print slot lag, retained WAL and the last acknowledged position.
-    Status(Settings),
+    Status(Report),
     /// Consume Kafka topics into inbox.messages, with offsets stored in the same transaction.
     Ingest(Settings),
+    /// Ask a running relay's /healthz (for a container's HEALTHCHECK or a Kubernetes probe): exit
+    /// 0 when it answers 200 (streaming or standing by), else 1 with one line.
+    Healthcheck(Healthcheck),
+}
+
+/// `check` and `status`: the settings, and how to print the answer.
+#[derive(Args, Debug, Default)]
+pub struct Report {
+    /// Print one JSON object (field names in README, "check and status as JSON") instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+/// `healthcheck`: where the relay serves /healthz.
+#[derive(Args, Debug, Clone)]
+pub struct Healthcheck {
+    /// The relay's /metrics and /healthz address (its metrics_addr); an unspecified address
+    /// (0.0.0.0, [::]) is asked on loopback.
+    #[arg(long, env = "PG_OUTBOX_METRICS_ADDR")]
+    pub metrics_addr: String,
+    /// Liveness only: fail when the relay does not answer or says it is stalled, not while it
+    /// reconnects or is degraded (what a Kubernetes livenessProbe wants: a restart cures a stall,
+    /// not a database outage).
+    #[arg(long)]
+    pub live: bool,
+    /// How long to wait for the answer, in milliseconds.
+    #[arg(long, default_value_t = 3000)]
+    pub timeout_ms: u64,
 }
 
 /// What the process was asked to do.
@@ -51,13 +92,21 @@ pub enum Mode {
     Ingest,
 }
 
+/// A subcommand and its settings; `healthcheck` needs none of the relay's.
+pub enum Job {
+    Relay(Mode, Box<Settings>, bool),
+    Healthcheck(Healthcheck),
+}
+
 impl Command {
-    pub fn into_parts(self) -> (Mode, Settings) {
+    /// The mode, the settings, and whether to print JSON.
+    pub fn into_job(self) -> Job {
         match self {
-            Command::Run(s) => (Mode::Run, s),
-            Command::Check(s) => (Mode::Check, s),
-            Command::Status(s) => (Mode::Status, s),
-            Command::Ingest(s) => (Mode::Ingest, s),
+            Command::Run(s) => Job::Relay(Mode::Run, Box::new(s), false),
+            Command::Check(r) => Job::Relay(Mode::Check, Box::new(r.settings), r.json),
+            Command::Status(r) => Job::Relay(Mode::Status, Box::new(r.settings), r.json),
+            Command::Ingest(s) => Job::Relay(Mode::Ingest, Box::new(s), false),
+            Command::Healthcheck(h) => Job::Healthcheck(h),
         }
     }
 }
@@ -67,8 +116,9 @@ macro_rules! settings_group {
     ($(#[$meta:meta])* pub struct $name:ident {
         $( $(#[$field_meta:meta])* pub $field:ident : Option<$ty:ty>, )*
     }) => {
-        $(#[$meta])*
         #[derive(Args, Deserialize, Debug, Default, Clone)]
+        #[serde(deny_unknown_fields)]
+        $(#[$meta])*
         pub struct $name {
             $( $(#[$field_meta])* pub $field: Option<$ty>, )*
         }
@@ -78,73 +128,116 @@ macro_rules! settings_group {
             fn over(self, lower: $name) -> $name {
                 $name { $( $field: self.$field.or(lower.$field), )* }
             }
+
+            /// The settings' names (the file's keys; the flags are the same with `-`).
+            pub const NAMES: &'static [&'static str] = &[$(stringify!($field)),*];
         }
     };
 }
 
+/// A `pg_port` in the file: `5432` or `"5432,5433"`.
+fn port_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Port {
+        One(u16),
+        List(String),
+    }
+    const EXPECTED: &str = "expected a port number, or a string of comma-separated port numbers";
+    let list = match Port::deserialize(d).map_err(|_| serde::de::Error::custom(EXPECTED))? {
+        Port::One(p) => p.to_string(),
+        Port::List(s) => s,
+    };
+    if list
+        .split(',')
+        .map(str::trim)
+        .any(|p| !p.is_empty() && p.parse::<u16>().is_err())
+    {
+        return Err(serde::de::Error::custom(format!("{list:?}: {EXPECTED}")));
+    }
+    Ok(Some(list))
+}
+
 settings_group! {
     /// PostgreSQL connection.
+    #[command(next_help_heading = "PostgreSQL")]
     pub struct PgSettings {
         /// A libpq connection string: a URL (`postgres://user@host1,host2/db?sslmode=verify-full`)
-        /// or key-value pairs (`host=a,b dbname=db`). The pg_* settings below override its parts.
+        /// or key-value pairs (`host=a,b dbname=db`). Every libpq keyword is accepted; the ones
+        /// the relay does without are logged once each. The pg_* settings below override its parts.
         #[arg(long, env = "PG_OUTBOX_PG_URL", hide_env_values = true)]
         pub pg_url: Option<String>,
         /// PostgreSQL host; several, comma-separated, are tried in order for the primary.
+        /// [default: PGHOST, else 127.0.0.1]
         #[arg(long, env = "PG_OUTBOX_PG_HOST")]
         pub pg_host: Option<String>,
+        /// Port: one for every host, or one per host, comma-separated (`5432,5433`).
+        /// [default: PGPORT, else 5432]
         #[arg(long, env = "PG_OUTBOX_PG_PORT")]
-        pub pg_port: Option<u16>,
-        /// Login role: needs REPLICATION and outbox_relay.
+        #[serde(default, deserialize_with = "port_list")]
+        pub pg_port: Option<String>,
+        /// Login role: needs REPLICATION and outbox_relay (never a superuser in production).
+        /// [default: PGUSER, else pg_outbox_relay]
         #[arg(long, env = "PG_OUTBOX_PG_USER")]
         pub pg_user: Option<String>,
+        /// Password (prefer pg_password_file, or a password file: PGPASSFILE).
         #[arg(long, env = "PG_OUTBOX_PG_PASSWORD", hide_env_values = true)]
         pub pg_password: Option<String>,
+        /// A file whose content is the password (one trailing newline trimmed): a mounted
+        /// secret, or systemd's `%d/pg_password` with LoadCredential=.
+        #[arg(long, env = "PG_OUTBOX_PG_PASSWORD_FILE")]
+        pub pg_password_file: Option<PathBuf>,
+        /// Database. [default: PGDATABASE, else postgres]
         #[arg(long, env = "PG_OUTBOX_PG_DATABASE")]
         pub pg_database: Option<String>,
-        /// TLS to PostgreSQL, as libpq's sslmode: disable, prefer (default), require, verify-ca,
-        /// verify-full.
+        /// TLS to PostgreSQL, as libpq's sslmode: disable, prefer, require, verify-ca,
+        /// verify-full. [default: PGSSLMODE, else prefer; verify-full with sslrootcert = system]
         #[arg(long, env = "PG_OUTBOX_PG_SSLMODE")]
         pub pg_sslmode: Option<String>,
-        /// CA certificate(s) (PEM) that signed the server's; needed by verify-ca and verify-full.
+        /// CA certificate(s) (PEM) that signed the server's, or `system` (the operating system's
+        /// CAs, as in libpq 16); needed by verify-ca and verify-full.
         #[arg(long, env = "PG_OUTBOX_PG_SSLROOTCERT")]
-        pub pg_sslrootcert: Option<std::path::PathBuf>,
+        pub pg_sslrootcert: Option<PathBuf>,
         /// Client certificate (PEM), with pg_sslkey, for servers that ask for one.
         #[arg(long, env = "PG_OUTBOX_PG_SSLCERT")]
-        pub pg_sslcert: Option<std::path::PathBuf>,
+        pub pg_sslcert: Option<PathBuf>,
         /// The client certificate's private key (PEM).
         #[arg(long, env = "PG_OUTBOX_PG_SSLKEY")]
-        pub pg_sslkey: Option<std::path::PathBuf>,
+        pub pg_sslkey: Option<PathBuf>,
     }
 }
 
 settings_group! {
     /// Kafka: brokers, routing and record limits (librdkafka settings are `--kafka`).
+    #[command(next_help_heading = "Kafka")]
     pub struct KafkaSettings {
-        /// Kafka bootstrap servers.
+        /// Kafka bootstrap servers (required).
         #[arg(long, env = "PG_OUTBOX_BROKERS")]
         pub brokers: Option<String>,
-        /// Kafka topic for an event: `{topic}` is replaced by the event's topic (default "{topic}").
+        /// Kafka topic for an event: `{topic}` is replaced by the event's topic.
+        /// [default: {topic}]
         #[arg(long, env = "PG_OUTBOX_TOPIC_TEMPLATE")]
         pub topic_template: Option<String>,
         /// Largest record (key + value + headers) sent to Kafka; larger events are dead-lettered.
+        /// [default: 1000000]
         #[arg(long, env = "PG_OUTBOX_MAX_RECORD_BYTES")]
         pub max_record_bytes: Option<usize>,
-        /// The Kafka record timestamp: `enqueue` (the event's enqueue time, default) or `publish`
-        /// (when the relay sends it; retention then counts from publication).
+        /// The Kafka record timestamp: `enqueue` (the event's enqueue time) or `publish`
+        /// (when the relay sends it; retention then counts from publication). [default: enqueue]
         #[arg(long, env = "PG_OUTBOX_RECORD_TIMESTAMP")]
         pub record_timestamp: Option<String>,
-        /// A record not sent within this many milliseconds is never sent (default 30000): what
-        /// bounds how long a paused relay can append after a successor took over (see fence.rs).
+        /// A record not sent within this many milliseconds is never sent: what bounds how long a
+        /// paused relay can append after a successor took over (see fence.rs). [default: 30000]
         #[arg(long, env = "PG_OUTBOX_FENCE_TIMEOUT_MS")]
         pub fence_timeout_ms: Option<u64>,
         /// How often the partition counts of the topics written to are asked again, in
-        /// milliseconds (default 10000): a change ends the session at the next transaction
-        /// boundary, and the next one routes keys with the new count.
+        /// milliseconds: a change ends the session at the next transaction boundary, and the next
+        /// one routes keys with the new count. [default: 10000]
         #[arg(long, env = "PG_OUTBOX_PARTITION_CHECK_MS")]
         pub partition_check_ms: Option<u64>,
         /// The Kafka topics this source may publish to, comma-separated: names, or prefixes
-        /// ending in `*` (`orders,billing.*`). An event for another topic is dead-lettered. Unset:
-        /// any topic (writers choose the topic of their events).
+        /// ending in `*` (`orders,billing.*`). An event for another topic is dead-lettered.
+        /// [default: any topic (writers choose the topic of their events)]
         #[arg(long, env = "PG_OUTBOX_ALLOWED_TOPICS")]
         pub allowed_topics: Option<String>,
     }
@@ -152,44 +245,49 @@ settings_group! {
 
 settings_group! {
     /// Where events come from and how the pipeline paces them.
+    #[command(next_help_heading = "Source")]
     pub struct SourceSettings {
         /// Replication slot (and publication) name; must match pg_outbox.slot_name.
+        /// [default: pg_outbox]
         #[arg(long, env = "PG_OUTBOX_SLOT")]
         pub slot: Option<String>,
-        /// Create the slot and publication at start when they are missing (default true).
-        #[arg(long, env = "PG_OUTBOX_CREATE_SLOT")]
+        /// Create the slot and publication at start when they are missing (`--create-slot=false`
+        /// to only use existing ones). [default: true]
+        #[arg(long, env = "PG_OUTBOX_CREATE_SLOT", num_args = 0..=1,
+              default_missing_value = "true", value_parser = BoolishValueParser::new())]
         pub create_slot: Option<bool>,
         /// Where events come from: `wal` (the slot; pg_outbox.mode = wal) or `poll` (outbox.events;
-        /// pg_outbox.mode = table). Default wal.
+        /// pg_outbox.mode = table). [default: wal]
         #[arg(long, env = "PG_OUTBOX_SOURCE")]
         pub source: Option<String>,
-        /// Poll source: rows read per batch (default 1000).
+        /// Poll source: rows read per batch. [default: 1000]
         #[arg(long, env = "PG_OUTBOX_POLL_BATCH")]
         pub poll_batch: Option<i64>,
-        /// Poll source: how often to look without a NOTIFY, in milliseconds (default 1000).
+        /// Poll source: how often to look without a NOTIFY, in milliseconds. [default: 1000]
         #[arg(long, env = "PG_OUTBOX_POLL_INTERVAL_MS")]
         pub poll_interval_ms: Option<u64>,
-        /// Identifies this source in record headers; the restart dedup only trusts records carrying it.
+        /// Identifies this source in record headers; the restart dedup only trusts records
+        /// carrying it. [default: the slot's name (wal), poll.<database> (poll)]
         #[arg(long, env = "PG_OUTBOX_SOURCE_ID")]
         pub source_id: Option<String>,
-        /// Events sent but not yet acknowledged before reading pauses.
+        /// Events sent but not yet acknowledged before reading pauses. [default: 20000]
         #[arg(long, env = "PG_OUTBOX_MAX_IN_FLIGHT")]
         pub max_in_flight: Option<usize>,
         /// Bytes of records (key, payload, headers) sent but not yet acknowledged before reading
-        /// pauses (default 32 MiB): what bounds memory with large events.
+        /// pauses: what bounds memory with large events. [default: 33554432 (32 MiB)]
         #[arg(long, env = "PG_OUTBOX_MAX_IN_FLIGHT_BYTES")]
         pub max_in_flight_bytes: Option<usize>,
-        /// Pause after taking the slot, before the restart dedup reads Kafka, in milliseconds (default
-        /// 1000): lets the broker append what a killed predecessor had already sent.
+        /// Pause after taking the slot, before the restart dedup reads Kafka, in milliseconds:
+        /// lets the broker append what a killed predecessor had already sent. [default: 1000]
         #[arg(long, env = "PG_OUTBOX_RESTART_GRACE_MS")]
         pub restart_grace_ms: Option<u64>,
         /// An event that can never be published (missing or forbidden topic, a record the broker
-        /// refuses, an undecodable envelope): `dead-letter` it into outbox.dead_letters and go on
-        /// (default), or `stop` the relay.
+        /// refuses, an undecodable envelope): `dead-letter` it into outbox.dead_letters and go on,
+        /// or `stop` the relay. [default: dead-letter]
         #[arg(long, env = "PG_OUTBOX_ON_POISON")]
         pub on_poison: Option<String>,
         /// How long an event to a topic that does not exist (or may not be written) is retried
-        /// before it counts as poison, in milliseconds (default 30000).
+        /// before it counts as poison, in milliseconds. [default: 30000]
         #[arg(long, env = "PG_OUTBOX_POISON_RETRY_MS")]
         pub poison_retry_ms: Option<u64>,
     }
@@ -197,14 +295,15 @@ settings_group! {
 
 settings_group! {
     /// `ingest`: Kafka into the inbox.
+    #[command(next_help_heading = "Ingest")]
     pub struct IngestSettings {
-        /// Ingest: the inbox consumer name the messages are recorded for.
+        /// Ingest: the inbox consumer name the messages are recorded for (required by ingest).
         #[arg(long, env = "PG_OUTBOX_CONSUMER")]
         pub consumer: Option<String>,
-        /// Ingest: topics to consume, comma-separated.
+        /// Ingest: topics to consume, comma-separated (required by ingest).
         #[arg(long, env = "PG_OUTBOX_TOPICS", value_delimiter = ',')]
         pub topics: Option<Vec<String>>,
-        /// Ingest: messages written per PostgreSQL transaction (default 500).
+        /// Ingest: messages written per PostgreSQL transaction. [default: 500]
         #[arg(long, env = "PG_OUTBOX_INGEST_BATCH")]
         pub ingest_batch: Option<usize>,
     }
@@ -212,15 +311,17 @@ settings_group! {
 
 settings_group! {
     /// Logs and metrics.
+    #[command(next_help_heading = "Telemetry")]
     pub struct TelemetrySettings {
-        /// Address for /metrics and /healthz, e.g. 127.0.0.1:9187 (off when unset).
+        /// Address for /metrics and /healthz, e.g. 127.0.0.1:9187. [default: off]
         #[arg(long, env = "PG_OUTBOX_METRICS_ADDR")]
         pub metrics_addr: Option<String>,
-        /// Log as JSON lines.
-        #[arg(long, env = "PG_OUTBOX_LOG_JSON")]
+        /// Log as JSON lines. [default: false]
+        #[arg(long, env = "PG_OUTBOX_LOG_JSON", num_args = 0..=1,
+              default_missing_value = "true", value_parser = BoolishValueParser::new())]
         pub log_json: Option<bool>,
         /// /healthz answers 503 "stalled" when records are in flight and none was acknowledged
-        /// for this long, in milliseconds (default 60000).
+        /// for this long, in milliseconds. [default: 60000]
         #[arg(long, env = "PG_OUTBOX_STALL_TIMEOUT_MS")]
         pub stall_timeout_ms: Option<u64>,
     }
@@ -229,7 +330,7 @@ settings_group! {
 /// Every setting, as a flag with an environment fallback. Unset ones come from the file or defaults.
 #[derive(Args, Debug, Default)]
 pub struct Settings {
-    /// TOML configuration file.
+    /// TOML configuration file (relay/pg-outbox-relay.example.toml lists every setting).
     #[arg(long, env = "PG_OUTBOX_CONFIG")]
     pub config: Option<PathBuf>,
     #[command(flatten)]
@@ -242,29 +343,22 @@ pub struct Settings {
     pub ingest: IngestSettings,
     #[command(flatten)]
     pub telemetry: TelemetrySettings,
-    /// librdkafka settings, `key=value`, repeatable; override the defaults.
-    #[arg(long = "kafka", value_parser = parse_key_value)]
+    /// librdkafka settings, `key=value`, repeatable; override the defaults. Also
+    /// PG_OUTBOX_KAFKA_<NAME>=value and PG_OUTBOX_KAFKA_<NAME>_FILE=path (NAME upper-cased, dots
+    /// as underscores: PG_OUTBOX_KAFKA_SASL_PASSWORD_FILE).
+    #[arg(long = "kafka", value_parser = parse_key_value, help_heading = "Kafka")]
     pub librdkafka: Vec<(String, String)>,
 }
 
-/// The file form: the same groups, flattened, plus `[kafka]` as a table.
-#[derive(Deserialize, Default)]
+/// The file form: the same groups, plus `[kafka]` as a table.
+#[derive(Default)]
 struct FileSettings {
-    #[serde(default)]
     kafka: BTreeMap<String, toml::Value>,
-    #[serde(flatten)]
     pg: PgSettings,
-    #[serde(flatten)]
     broker: KafkaSettings,
-    #[serde(flatten)]
     source: SourceSettings,
-    #[serde(flatten)]
     ingest: IngestSettings,
-    #[serde(flatten)]
     telemetry: TelemetrySettings,
-    /// Whatever no group took: a misspelt key, reported by name.
-    #[serde(flatten)]
-    unknown: BTreeMap<String, toml::Value>,
 }
 
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
@@ -296,6 +390,9 @@ pub struct Config {
     /// Present exactly when the mode is [`Mode::Ingest`].
     pub ingest: Option<IngestConfig>,
     pub telemetry: TelemetryConfig,
+    /// What was given but not applied (libpq keywords of `pg_url` the relay does without), one
+    /// line each, for the log once logging is set up.
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -335,7 +432,7 @@ impl Settings {
             Some(path) => read_file(path)?,
             None => FileSettings::default(),
         };
-        let postgres = PgConfig::resolve(self.pg.over(file.pg).into())?;
+        let postgres = PgConfig::resolve(given(self.pg.over(file.pg))?)?;
         let source = self.source.over(file.source);
         let kind = match source.source.as_deref() {
             None | Some("wal") => SourceKind::Wal,
@@ -354,7 +451,7 @@ impl Settings {
             };
             settings.insert(k, v);
         }
-        settings.extend(kafka_from_env(std::env::vars()));
+        settings.extend(kafka_from_env(std::env::vars())?);
         settings.extend(self.librdkafka);
         Ok(Config {
             kafka: resolve_kafka(self.kafka.over(file.broker), settings)?,
@@ -377,50 +474,131 @@ impl Settings {
                     stall_timeout: Duration::from_millis(stall),
                 }
             },
+            warnings: postgres.ignored.clone(),
             postgres,
         })
     }
 }
 
-impl From<PgSettings> for Given {
-    fn from(s: PgSettings) -> Given {
-        Given {
-            url: s.pg_url,
-            host: s.pg_host,
-            port: s.pg_port,
-            user: s.pg_user,
-            password: s.pg_password,
-            database: s.pg_database,
-            sslmode: s.pg_sslmode,
-            sslrootcert: s.pg_sslrootcert,
-            sslcert: s.pg_sslcert,
-            sslkey: s.pg_sslkey,
+/// The PostgreSQL settings as the connection layer takes them, the password read from its file.
+fn given(s: PgSettings) -> Result<Given, RelayError> {
+    let password = match (s.pg_password, s.pg_password_file) {
+        (Some(_), Some(_)) => {
+            return Err(RelayError::config(
+                "pg_password and pg_password_file are both set: keep one \
+                 (PG_OUTBOX_PG_PASSWORD, PG_OUTBOX_PG_PASSWORD_FILE)",
+            ))
         }
-    }
+        (Some(p), None) => Some(p),
+        (None, Some(file)) => Some(read_secret(
+            &file,
+            "pg_password_file (PG_OUTBOX_PG_PASSWORD_FILE)",
+        )?),
+        (None, None) => None,
+    };
+    Ok(Given {
+        url: s.pg_url,
+        host: s.pg_host,
+        port: s.pg_port,
+        user: s.pg_user,
+        password,
+        database: s.pg_database,
+        sslmode: s.pg_sslmode,
+        sslrootcert: s.pg_sslrootcert,
+        sslcert: s.pg_sslcert,
+        sslkey: s.pg_sslkey,
+    })
+}
+
+/// A secret kept in a file: its content without one trailing newline (what `echo` and editors
+/// add). `what` names the setting or variable in the error; the content is never shown.
+pub fn read_secret(path: &Path, what: &str) -> Result<String, RelayError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        RelayError::config(format!("{what}: cannot read {}", path.display())).caused_by(e)
+    })?;
+    let text = text
+        .strip_suffix("\r\n")
+        .or_else(|| text.strip_suffix('\n'))
+        .unwrap_or(&text);
+    Ok(text.to_string())
 }
 
 /// librdkafka settings from the environment, between the file and `--kafka`:
 /// `PG_OUTBOX_KAFKA_SASL_PASSWORD=…` is `sasl.password` (the name upper-cased, dots as
-/// underscores), so that credentials need neither a command line nor a file.
-fn kafka_from_env(vars: impl Iterator<Item = (String, String)>) -> Vec<(String, String)> {
-    vars.filter_map(|(name, value)| {
-        let key = name.strip_prefix("PG_OUTBOX_KAFKA_")?;
-        (!key.is_empty()).then(|| (key.to_ascii_lowercase().replace('_', "."), value))
-    })
-    .collect()
+/// underscores), so that credentials need neither a command line nor a file; and
+/// `PG_OUTBOX_KAFKA_SASL_PASSWORD_FILE=/run/secrets/kafka` reads `sasl.password` from that file.
+fn kafka_from_env(
+    vars: impl Iterator<Item = (String, String)>,
+) -> Result<Vec<(String, String)>, RelayError> {
+    let mut out = Vec::new();
+    for (name, value) in vars {
+        let Some(key) = name.strip_prefix("PG_OUTBOX_KAFKA_") else {
+            continue;
+        };
+        let (key, value) = match key.strip_suffix("_FILE") {
+            Some(key) => (key, read_secret(Path::new(&value), &name)?),
+            None => (key, value),
+        };
+        if !key.is_empty() {
+            out.push((key.to_ascii_lowercase().replace('_', "."), value));
+        }
+    }
+    Ok(out)
 }
 
-fn read_file(path: &std::path::Path) -> Result<FileSettings, RelayError> {
+/// Reads the TOML file: each setting into its group, so that a wrong type or an unknown name is
+/// reported with the setting's name and its line.
+fn read_file(path: &Path) -> Result<FileSettings, RelayError> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         RelayError::config(format!("cannot read config file {}", path.display())).caused_by(e)
     })?;
-    let file = toml::from_str::<FileSettings>(&text)
-        .map_err(|e| RelayError::config(format!("config file {}", path.display())).caused_by(e))?;
-    if let Some(key) = file.unknown.keys().next() {
-        return Err(RelayError::config(format!(
-            "config file {}: unknown setting `{key}`",
-            path.display()
-        )));
+    let at = |what: String| RelayError::config(format!("config file {}: {what}", path.display()));
+    let spans = toml::from_str::<BTreeMap<String, toml::Spanned<toml::Value>>>(&text)
+        .map_err(|e| at(e.message().to_string()).caused_by(e))?;
+    let mut file = FileSettings::default();
+    for (key, value) in spans {
+        let line = text[..value.span().start].matches('\n').count() + 1;
+        let bad = |what: &str| at(format!("line {line}: {what}"));
+        let value = value.into_inner();
+        if key == "kafka" {
+            match value {
+                toml::Value::Table(t) => file.kafka = t.into_iter().collect(),
+                _ => {
+                    return Err(bad(
+                        "`kafka` must be a table: [kafka] then \"name\" = value lines",
+                    ))
+                }
+            }
+            continue;
+        }
+        let one = toml::Value::Table(toml::Table::from_iter([(key.clone(), value)]));
+        let wrong =
+            |e: toml::de::Error| bad(&format!("setting `{key}`: {}", e.message().trim_end()));
+        if PgSettings::NAMES.contains(&key.as_str()) {
+            file.pg = one.try_into::<PgSettings>().map_err(wrong)?.over(file.pg);
+        } else if KafkaSettings::NAMES.contains(&key.as_str()) {
+            file.broker = one
+                .try_into::<KafkaSettings>()
+                .map_err(wrong)?
+                .over(file.broker);
+        } else if SourceSettings::NAMES.contains(&key.as_str()) {
+            file.source = one
+                .try_into::<SourceSettings>()
+                .map_err(wrong)?
+                .over(file.source);
+        } else if IngestSettings::NAMES.contains(&key.as_str()) {
+            file.ingest = one
+                .try_into::<IngestSettings>()
+                .map_err(wrong)?
+                .over(file.ingest);
+        } else if TelemetrySettings::NAMES.contains(&key.as_str()) {
+            file.telemetry = one
+                .try_into::<TelemetrySettings>()
+                .map_err(wrong)?
+                .over(file.telemetry);
+        } else {
+            return Err(bad(&format!("unknown setting `{key}`")));
+        }
     }
     Ok(file)
 }
@@ -747,7 +925,7 @@ mod tests {
             ("PG_OUTBOX_KAFKA_", "no name"),
         ]
         .map(|(k, v)| (k.to_string(), v.to_string()));
-        let got = kafka_from_env(vars.into_iter());
+        let got = kafka_from_env(vars.into_iter()).unwrap();
         assert_eq!(
             got,
             [
@@ -797,5 +975,235 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("brokerz"), "{err}");
+    }
+
+    fn example_path() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("pg-outbox-relay.example.toml")
+    }
+
+    #[test]
+    fn the_example_file_loads_with_production_values() {
+        let file = read_file(&example_path()).unwrap();
+        assert_eq!(file.pg.pg_user.as_deref(), Some("pg_outbox_relay"));
+        assert_eq!(file.pg.pg_sslmode.as_deref(), Some("verify-full"));
+        assert_eq!(file.pg.pg_port.as_deref(), Some("5432,5432"));
+        assert!(file.pg.pg_password.is_none(), "no secret in the file");
+        assert!(file.pg.pg_password_file.is_some());
+        assert_eq!(file.source.create_slot, Some(false));
+        assert_eq!(file.telemetry.log_json, Some(true));
+        assert!(file.kafka.contains_key("sasl.mechanism"));
+        assert!(
+            !file.kafka.contains_key("sasl.password"),
+            "no secret in the file"
+        );
+        // and it resolves, with the files it names replaced by this machine's
+        let dir = std::env::temp_dir().join(format!("relay-example-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret = dir.join("pg_password");
+        std::fs::write(&secret, "s3cret\n").unwrap();
+        let Ok(bundle) = super::super::postgres::config::system_bundle_for_tests() else {
+            return; // no CA bundle on this machine: the file was still parsed above
+        };
+        let c = Settings {
+            config: Some(example_path()),
+            pg: PgSettings {
+                pg_password_file: Some(secret),
+                pg_sslrootcert: Some(bundle),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+        .resolve(Mode::Run)
+        .unwrap();
+        assert_eq!(c.postgres.servers(), "db1.internal:5432,db2.internal:5432");
+        assert_eq!(c.postgres.endpoints[1].password, "s3cret");
+        assert_eq!(c.postgres.user, "pg_outbox_relay");
+        assert!(!c.source.create_slot);
+        assert_eq!(c.kafka.settings.get("linger.ms").unwrap(), "5");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn every_setting_of_the_command_line_is_in_the_example_file() {
+        use clap::CommandFactory;
+        let text = std::fs::read_to_string(example_path()).unwrap();
+        let cli = Cli::command();
+        let mut missing = Vec::new();
+        for sub in ["run", "ingest", "check", "status"] {
+            let sub = cli.find_subcommand(sub).unwrap();
+            for arg in sub.get_arguments() {
+                let Some(long) = arg.get_long() else { continue };
+                let name = long.replace('-', "_");
+                let found = match name.as_str() {
+                    "help" | "config" | "json" => true,
+                    "kafka" => text.contains("\n[kafka]\n"),
+                    _ => text.lines().any(|l| {
+                        l.trim_start_matches(['#', ' '])
+                            .starts_with(&format!("{name} = "))
+                    }),
+                };
+                if !found && !missing.contains(&name) {
+                    missing.push(name);
+                }
+            }
+        }
+        assert!(missing.is_empty(), "not in the example file: {missing:?}");
+    }
+
+    #[test]
+    fn a_wrong_type_in_the_file_names_the_setting_and_its_line() {
+        let dir = std::env::temp_dir().join(format!("relay-types-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("relay.toml");
+        for (text, says) in [
+            (
+                "brokers = \"k:9092\"\nslot = \"s\"\npg_port = \"x\"\n",
+                "line 3: setting `pg_port`",
+            ),
+            (
+                "brokers = \"k:9092\"\n\n\nmax_in_flight = \"many\"\n",
+                "line 4: setting `max_in_flight`: invalid type: string \"many\"",
+            ),
+            ("# c\nlog_json = \"yes\"\n", "line 2: setting `log_json`"),
+            (
+                "brokers = \"k\"\nbrokerz = \"x\"\n",
+                "line 2: unknown setting `brokerz`",
+            ),
+            ("kafka = 1\n", "line 1: `kafka` must be a table"),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let err = Settings {
+                config: Some(path.clone()),
+                ..Default::default()
+            }
+            .resolve(Mode::Run)
+            .unwrap_err();
+            assert!(err.to_string().contains(says), "{text:?}: {err}");
+            assert_eq!(err.exit_code(), crate::error::CONFIG_ERROR);
+        }
+        // a port list, from the file as a string or one number
+        std::fs::write(
+            &path,
+            "brokers = \"k\"\npg_host = \"a,b\"\npg_port = \"5432,5433\"\n",
+        )
+        .unwrap();
+        let c = Settings {
+            config: Some(path.clone()),
+            ..Default::default()
+        }
+        .resolve(Mode::Run)
+        .unwrap();
+        assert_eq!(c.postgres.servers(), "a:5432,b:5433");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn ports_per_host_and_plain_boolean_flags_on_the_command_line() {
+        let cli = Cli::try_parse_from([
+            "pg-outbox-relay",
+            "run",
+            "--brokers",
+            "k:9092",
+            "--pg-host",
+            "a,b",
+            "--pg-port",
+            "5432,5433",
+            "--log-json",
+            "--create-slot",
+            "false",
+        ])
+        .unwrap();
+        let Job::Relay(mode, settings, _) = cli.command.into_job() else {
+            panic!("run is a relay job")
+        };
+        let c = settings.resolve(mode).unwrap();
+        assert_eq!(c.postgres.servers(), "a:5432,b:5433");
+        assert!(c.telemetry.log_json);
+        assert!(!c.source.create_slot);
+        let cli = Cli::try_parse_from(["pg-outbox-relay", "check", "--json", "--create-slot"]);
+        let Job::Relay(_, settings, json) = cli.unwrap().command.into_job() else {
+            panic!("check is a relay job")
+        };
+        assert!(json);
+        assert_eq!(settings.source.create_slot, Some(true));
+    }
+
+    #[test]
+    fn the_default_login_is_no_superuser() {
+        // (PGUSER, when the environment has it, comes first, as in libpq)
+        if std::env::var_os("PGUSER").is_none() {
+            let c = settings().resolve(Mode::Run).unwrap();
+            assert_eq!(c.postgres.user, "pg_outbox_relay");
+        }
+        assert_ne!(crate::postgres::config::DEFAULT_USER, "postgres");
+    }
+
+    #[test]
+    fn secrets_from_files() {
+        let dir = std::env::temp_dir().join(format!("relay-secrets-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("pw");
+        std::fs::write(&file, "pa ss\n\n").unwrap();
+        assert_eq!(
+            read_secret(&file, "x").unwrap(),
+            "pa ss\n",
+            "one newline trimmed"
+        );
+        std::fs::write(&file, "pw\r\n").unwrap();
+        assert_eq!(read_secret(&file, "x").unwrap(), "pw");
+        let mut s = settings();
+        s.pg.pg_password_file = Some(file.clone());
+        let c = s.resolve(Mode::Run).unwrap();
+        assert_eq!(c.postgres.endpoints[0].password, "pw");
+        let mut s = settings();
+        s.pg.pg_password_file = Some(file.clone());
+        s.pg.pg_password = Some("also".into());
+        assert!(run_error(s).contains("both set"));
+        let mut s = settings();
+        s.pg.pg_password_file = Some(dir.join("missing"));
+        let err = run_error(s);
+        assert!(err.contains("PG_OUTBOX_PG_PASSWORD_FILE"), "{err}");
+        let vars = [(
+            "PG_OUTBOX_KAFKA_SASL_PASSWORD_FILE".to_string(),
+            file.display().to_string(),
+        )];
+        assert_eq!(
+            kafka_from_env(vars.into_iter()).unwrap(),
+            [("sasl.password".to_string(), "pw".to_string())]
+        );
+        let vars = [(
+            "PG_OUTBOX_KAFKA_SASL_PASSWORD_FILE".to_string(),
+            "/nonexistent/kafka".to_string(),
+        )];
+        let err = kafka_from_env(vars.into_iter()).unwrap_err().to_string();
+        assert!(err.contains("PG_OUTBOX_KAFKA_SASL_PASSWORD_FILE"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_kubernetes_config_map_loads() {
+        // deploy/kubernetes/configmap.yaml carries a relay.toml: the loader must take it
+        let yaml = std::fs::read_to_string(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/configmap.yaml"),
+        )
+        .unwrap();
+        let toml: String = yaml
+            .split_once("relay.toml: |\n")
+            .unwrap()
+            .1
+            .lines()
+            .map(|l| l.strip_prefix("    ").unwrap_or(l.trim()))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let dir = std::env::temp_dir().join(format!("relay-k8s-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("relay.toml");
+        std::fs::write(&path, toml).unwrap();
+        let file = read_file(&path).unwrap();
+        assert_eq!(file.pg.pg_user.as_deref(), Some("pg_outbox_relay"));
+        assert_eq!(file.telemetry.metrics_addr.as_deref(), Some("0.0.0.0:9187"));
+        assert!(file.pg.pg_password.is_none());
+        assert!(file.kafka.contains_key("sasl.username"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -30,7 +30,16 @@ pub struct RelayError {
     standby: Option<String>,
     /// The row of `outbox.sources` whose incarnation must stay stopped (see [`RelayError::verdict`]).
     verdict: Option<String>,
+    /// A bad setting ([`RelayError::config`]).
+    config: bool,
 }
+
+/// Exit status of a configuration error (a bad or missing setting; clap's usage errors too).
+pub const CONFIG_ERROR: u8 = 2;
+/// Exit status when an operator must act: retrying cannot help (a lost slot, Kafka ahead of the
+/// database, a wrong identity, a refused login, a missing database). systemd's
+/// `RestartPreventExitStatus=3` keeps a restart policy from looping on it.
+pub const OPERATOR_MUST_ACT: u8 = 3;
 
 /// The context, then every cause in the chain (a client library's error often says only "db
 /// error" and keeps the server's message in its own source).
@@ -65,6 +74,17 @@ impl RelayError {
             source: None,
             standby: None,
             verdict: None,
+            config: false,
+        }
+    }
+
+    /// The process's exit status for this error: [`CONFIG_ERROR`] for a bad setting,
+    /// [`OPERATOR_MUST_ACT`] for any other permanent error, 1 for the rest.
+    pub fn exit_code(&self) -> u8 {
+        match self.kind {
+            Kind::Permanent if self.config => CONFIG_ERROR,
+            Kind::Permanent => OPERATOR_MUST_ACT,
+            Kind::Transient | Kind::Event => 1,
         }
     }
 
@@ -98,10 +118,13 @@ impl RelayError {
 
     /// A bad setting: names the setting and what to do.
     pub fn config(context: impl Into<String>) -> RelayError {
-        RelayError::new(
-            Kind::Permanent,
-            format!("configuration: {}", context.into()),
-        )
+        RelayError {
+            config: true,
+            ..RelayError::new(
+                Kind::Permanent,
+                format!("configuration: {}", context.into()),
+            )
+        }
     }
 
     pub fn transient(context: impl Into<String>) -> RelayError {
@@ -206,6 +229,25 @@ impl From<pgwire_replication::PgWireError> for RelayError {
 mod tests {
     use super::*;
     use pgwire_replication::PgWireError;
+
+    #[test]
+    fn exit_codes_say_who_must_act() {
+        assert_eq!(RelayError::config("x").exit_code(), CONFIG_ERROR);
+        assert_eq!(
+            RelayError::verdict("s", "ahead").exit_code(),
+            OPERATOR_MUST_ACT
+        );
+        let gone = RelayError::from(PgWireError::Server(
+            "replication slot \"x\" does not exist (SQLSTATE 42704)".into(),
+        ));
+        assert_eq!(gone.exit_code(), OPERATOR_MUST_ACT);
+        let login = RelayError::from(PgWireError::Server(
+            "password authentication failed (SQLSTATE 28P01)".into(),
+        ));
+        assert_eq!(login.exit_code(), OPERATOR_MUST_ACT);
+        assert_eq!(RelayError::transient("x").exit_code(), 1);
+        assert_eq!(RelayError::standby("h").exit_code(), 1);
+    }
 
     #[test]
     fn slot_errors_are_recognised_by_sqlstate() {

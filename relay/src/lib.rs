@@ -17,8 +17,8 @@
 //! - [`postgres`], [`kafka`]: the client plumbing (connection settings, TLS, sessions; librdkafka
 //!   settings, metadata, headers), which knows nothing of the loop
 //! - [`config`]: the command line, the environment and the file, layered and validated once
-//! - [`error`], [`retry`]; [`ops`]: `check` and `status`; [`telemetry`]: logs and metrics;
-//!   [`shutdown`]: signals
+//! - [`error`], [`retry`]; [`ops`]: `check`, `status` and `healthcheck`; [`telemetry`]: logs and
+//!   metrics; [`notify`]: systemd's readiness protocol; [`shutdown`]: signals
 
 pub mod checkpoint;
 pub mod config;
@@ -28,6 +28,7 @@ pub mod event;
 pub mod fence;
 pub mod ingest;
 pub mod kafka;
+pub mod notify;
 pub mod ops;
 pub mod pipeline;
 pub mod postgres;
@@ -38,63 +39,54 @@ pub mod sink;
 pub mod source;
 pub mod telemetry;
 
-use config::{Cli, Config, Mode};
+use config::{Cli, Config, Job, Mode};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-/// Runs a parsed command line; the binary is a thin wrapper around this.
+/// Runs a parsed command line; the binary is a thin wrapper around this. The exit status says what
+/// to do next ([`error::RelayError::exit_code`]): 0 done, 1 a failure, 2 a configuration error, 3 an
+/// operator must act.
 pub async fn main(cli: Cli) -> ExitCode {
-    let (mode, settings) = cli.command.into_parts();
+    let (mode, settings, json) = match cli.command.into_job() {
+        Job::Relay(mode, settings, json) => (mode, settings, json),
+        Job::Healthcheck(h) => return ops::healthcheck(&h).await,
+    };
     let config = match settings.resolve(mode) {
         Ok(c) => c,
         Err(e) => {
+            if json {
+                println!("{}", serde_json::json!({ "error": e.to_string() }));
+            }
             eprintln!("pg-outbox-relay: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(e.exit_code());
         }
     };
     match mode {
-        Mode::Check => check(&config).await,
-        Mode::Status => status(&config).await,
+        Mode::Check => {
+            warn_to_stderr(&config);
+            ops::print_check(&config, json).await
+        }
+        Mode::Status => {
+            warn_to_stderr(&config);
+            ops::print_status(&config, json).await
+        }
         Mode::Run | Mode::Ingest => serve(&config, mode).await,
     }
 }
 
-async fn check(config: &Config) -> ExitCode {
-    let findings = ops::check(config).await;
-    let mut ok = true;
-    for f in &findings {
-        if f.ok {
-            println!("ok    {}", f.what);
-        } else {
-            ok = false;
-            println!("FAIL  {}\n      fix: {}", f.what, f.fix);
-        }
-    }
-    if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
-}
-
-async fn status(config: &Config) -> ExitCode {
-    match ops::status(config).await {
-        Ok(lines) => {
-            for (k, v) in lines {
-                println!("{k:<32}{v}");
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("pg-outbox-relay: {e}");
-            ExitCode::FAILURE
-        }
+/// `check` and `status` log nothing: what the settings leave unapplied goes to stderr.
+fn warn_to_stderr(config: &Config) {
+    for w in &config.warnings {
+        eprintln!("pg-outbox-relay: warning: {w}");
     }
 }
 
 /// `run` or `ingest`: logs, signals, metrics, then the long-running loop.
 async fn serve(config: &Config, mode: Mode) -> ExitCode {
     telemetry::init_logging(config.telemetry.log_json);
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
     let shutdown = match shutdown::on_signals() {
         Ok(t) => t,
         Err(e) => {
@@ -103,6 +95,19 @@ async fn serve(config: &Config, mode: Mode) -> ExitCode {
         }
     };
     let metrics = Arc::new(telemetry::Metrics::default());
+    // systemd's Type=notify (NOTIFY_SOCKET): READY=1 once streaming or standing by, STATUS= lines
+    let notify = notify::Notifier::from_env();
+    let active = if mode == Mode::Ingest {
+        "ingesting"
+    } else {
+        "streaming"
+    };
+    notify.watch(
+        metrics.clone(),
+        shutdown.clone(),
+        config.telemetry.stall_timeout,
+        active,
+    );
     if let Some(addr) = config.telemetry.metrics_addr.clone() {
         let (m, t) = (metrics.clone(), shutdown.clone());
         let stall = config.telemetry.stall_timeout;
@@ -116,11 +121,17 @@ async fn serve(config: &Config, mode: Mode) -> ExitCode {
         (Mode::Ingest, Some(ingest)) => ingest::run(config, ingest, shutdown, metrics).await,
         _ => relay::run(config, shutdown, metrics).await,
     };
+    notify.stopping();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %e, "relay stopped");
-            ExitCode::FAILURE
+            let code = e.exit_code();
+            if code == error::OPERATOR_MUST_ACT {
+                tracing::error!(error = %e, exit = code, "relay stopped: an operator must act (restarting will not help)");
+            } else {
+                tracing::error!(error = %e, exit = code, "relay stopped");
+            }
+            ExitCode::from(code)
         }
     }
 }

@@ -480,3 +480,216 @@ async fn poll_status(pg: &Client, config: &Config) -> Result<Vec<(String, String
     }
     Ok(out)
 }
+
+/// `check`, printed: one line per finding (with the fix under a failed one), or with `--json` one
+/// object `{"ok": bool, "findings": [{"ok": bool, "what": "...", "fix": "..."}]}` (`fix` is empty
+/// for a finding that passed). Exit status 1 when a finding failed.
+pub async fn print_check(config: &Config, json: bool) -> std::process::ExitCode {
+    let findings = check(config).await;
+    let ok = findings.iter().all(|f| f.ok);
+    if json {
+        let list: Vec<serde_json::Value> = findings
+            .iter()
+            .map(|f| serde_json::json!({ "ok": f.ok, "what": f.what, "fix": f.fix }))
+            .collect();
+        println!("{}", serde_json::json!({ "ok": ok, "findings": list }));
+    } else {
+        for f in &findings {
+            if f.ok {
+                println!("ok    {}", f.what);
+            } else {
+                println!("FAIL  {}\n      fix: {}", f.what, f.fix);
+            }
+        }
+    }
+    if ok {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    }
+}
+
+/// `status` fields that are numbers in `--json` (always numbers, whatever the state).
+const NUMERIC_STATUS: &[&str] = &[
+    "lag_bytes",
+    "lag_seconds",
+    "retained_wal_bytes",
+    "recorded_gaps",
+    "dead_letters",
+    "unpublished_table_events",
+];
+
+/// `status` as one JSON object: the names of the text form, numbers for [`NUMERIC_STATUS`],
+/// strings for the rest.
+pub fn status_json(lines: &[(String, String)]) -> serde_json::Value {
+    let map = lines
+        .iter()
+        .map(|(k, v)| {
+            let value = if NUMERIC_STATUS.contains(&k.as_str()) {
+                v.parse::<f64>()
+                    .ok()
+                    .and_then(|n| {
+                        if n.fract() == 0.0 && k != "lag_seconds" {
+                            Some(serde_json::Value::from(n as i64))
+                        } else {
+                            serde_json::Number::from_f64(n).map(serde_json::Value::Number)
+                        }
+                    })
+                    .unwrap_or(serde_json::Value::Null)
+            } else {
+                serde_json::Value::String(v.clone())
+            };
+            (k.clone(), value)
+        })
+        .collect::<serde_json::Map<_, _>>();
+    serde_json::Value::Object(map)
+}
+
+/// `status`, printed as `name value` lines, or with `--json` one object (`{"error": "..."}` when it
+/// fails). Exit status 1 on failure, 3 when an operator must act (the slot is gone).
+pub async fn print_status(config: &Config, json: bool) -> std::process::ExitCode {
+    match status(config).await {
+        Ok(lines) => {
+            if json {
+                println!("{}", status_json(&lines));
+            } else {
+                for (k, v) in lines {
+                    println!("{k:<32}{v}");
+                }
+            }
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            if json {
+                println!("{}", serde_json::json!({ "error": e.to_string() }));
+            }
+            eprintln!("pg-outbox-relay: {e}");
+            std::process::ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// `healthcheck`: asks a running relay's `/healthz` and prints its one-line answer. Exit 0 when it
+/// is 200 (`ok: active` or `standby: ...`); with `--live`, also when it is 503 for anything but a
+/// stall (reconnecting, degraded: a restart would not help); else 1.
+pub async fn healthcheck(h: &crate::config::Healthcheck) -> std::process::ExitCode {
+    let timeout = std::time::Duration::from_millis(h.timeout_ms.max(1));
+    let answer = tokio::time::timeout(timeout, ask_healthz(&h.metrics_addr)).await;
+    let (healthy, line) = match answer {
+        Err(_) => (
+            false,
+            format!(
+                "no answer from {} within {} ms",
+                h.metrics_addr,
+                timeout.as_millis()
+            ),
+        ),
+        Ok(Err(e)) => (false, format!("{}: {e}", h.metrics_addr)),
+        Ok(Ok((code, body))) => {
+            let body = body.lines().next().unwrap_or("").to_string();
+            let ok = code == 200 || (h.live && code == 503 && !body.starts_with("stalled"));
+            (
+                ok,
+                if body.is_empty() {
+                    format!("HTTP {code}")
+                } else {
+                    body
+                },
+            )
+        }
+    };
+    println!("{line}");
+    if healthy {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    }
+}
+
+/// Where to ask: an unspecified address (the relay listens on all interfaces) on loopback.
+pub fn probe_address(addr: &str) -> String {
+    if let Some(port) = addr.strip_prefix("0.0.0.0:") {
+        format!("127.0.0.1:{port}")
+    } else if let Some(port) = addr.strip_prefix("[::]:") {
+        format!("[::1]:{port}")
+    } else {
+        addr.to_string()
+    }
+}
+
+/// `GET /healthz`: the status code and the body.
+async fn ask_healthz(addr: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(probe_address(addr)).await?;
+    stream
+        .write_all(b"GET /healthz HTTP/1.0\r\nhost: localhost\r\n\r\n")
+        .await?;
+    let mut raw = Vec::new();
+    // an answer is a few lines; never read more than this from whatever listens there
+    stream.take(64 * 1024).read_to_end(&mut raw).await?;
+    let text = String::from_utf8_lossy(&raw);
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other("not an HTTP answer"))?;
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Ok((code, body.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_json_keeps_the_names_and_types_numbers() {
+        let lines = [
+            ("slot", "pg_outbox"),
+            ("lag_bytes", "1024"),
+            ("lag_seconds", "0.250"),
+            ("retained_wal_bytes", "0"),
+            ("incarnation", "-"),
+            ("dead_letters", "x"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let j = status_json(&lines);
+        assert_eq!(j["slot"], "pg_outbox");
+        assert_eq!(j["lag_bytes"], 1024);
+        assert_eq!(j["lag_seconds"], 0.25);
+        assert_eq!(j["retained_wal_bytes"], 0);
+        assert_eq!(j["incarnation"], "-");
+        assert!(j["dead_letters"].is_null());
+    }
+
+    #[test]
+    fn an_unspecified_address_is_probed_on_loopback() {
+        assert_eq!(probe_address("0.0.0.0:9187"), "127.0.0.1:9187");
+        assert_eq!(probe_address("[::]:9187"), "[::1]:9187");
+        assert_eq!(probe_address("10.0.0.5:9187"), "10.0.0.5:9187");
+    }
+
+    #[tokio::test]
+    async fn healthcheck_reads_the_status_and_the_first_line() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let answers = [
+            "HTTP/1.0 200 OK\r\n\r\nstandby: slot \"s\" is streamed\n",
+            "HTTP/1.0 503 Service Unavailable\r\n\r\nstalled: 3 record(s)\n",
+        ];
+        tokio::spawn(async move {
+            for answer in answers {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 256];
+                let _ = s.read(&mut buf).await.unwrap();
+                s.write_all(answer.as_bytes()).await.unwrap();
+            }
+        });
+        assert_eq!(
+            ask_healthz(&addr).await.unwrap(),
+            (200, "standby: slot \"s\" is streamed\n".to_string())
+        );
+        let (code, body) = ask_healthz(&addr).await.unwrap();
+        assert_eq!((code, body.starts_with("stalled")), (503, true));
+    }
+}

@@ -28,9 +28,30 @@ pub struct Relay {
 impl Relay {
     /// Starts `pg-outbox-relay run` with `args` appended to the connection settings.
     pub fn start(pg_port: u16, db: &str, brokers: &str, args: &[&str]) -> Result<Relay> {
+        Self::start_with_env(pg_port, db, brokers, args, &[])
+    }
+
+    /// [`Relay::start`] with environment variables `env` set for the relay.
+    pub fn start_with_env(
+        pg_port: u16,
+        db: &str,
+        brokers: &str,
+        args: &[&str],
+        env: &[(String, String)],
+    ) -> Result<Relay> {
         let mut all = vec!["--slot", db];
         all.extend_from_slice(args);
-        Self::command("run", pg_port, db, brokers, &all)
+        let port = pg_port.to_string();
+        let mut with = vec![
+            "--pg-port",
+            &port,
+            "--pg-database",
+            db,
+            "--brokers",
+            brokers,
+        ];
+        with.extend_from_slice(&all);
+        Self::spawn_with_env("run", db, &with, env)
     }
 
     /// Starts `pg-outbox-relay ingest --consumer CONSUMER --topics TOPICS` plus `args`.
@@ -70,6 +91,16 @@ impl Relay {
     /// Starts `pg-outbox-relay <command> <args>` with no settings of its own; the log is named
     /// after `db`.
     pub fn spawn(command: &str, db: &str, args: &[&str]) -> Result<Relay> {
+        Self::spawn_with_env(command, db, args, &[])
+    }
+
+    /// [`Relay::spawn`] with environment variables `env` set for the relay.
+    pub fn spawn_with_env(
+        command: &str,
+        db: &str,
+        args: &[&str],
+        env: &[(String, String)],
+    ) -> Result<Relay> {
         let log = std::env::temp_dir().join(format!("relay-{db}.log"));
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -78,6 +109,10 @@ impl Relay {
         let child = Command::new(relay_bin())
             .arg(command)
             .args(args)
+            // the relay's default login is pg_outbox_relay; the test clusters' superuser is
+            // postgres (a test that wants another role passes --pg-user or a URL, which win)
+            .env("PGUSER", "postgres")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env(
                 "RUST_LOG",
                 std::env::var("RELAY_LOG").unwrap_or("info,rdkafka=error".into()),
@@ -183,6 +218,7 @@ pub fn relay_command(
     args: &[&str],
 ) -> Result<(bool, String)> {
     let out = Command::new(relay_bin())
+        .env("PGUSER", "postgres")
         .args([command, "--pg-port", &pg_port.to_string()])
         .args(["--pg-database", db, "--slot", db, "--brokers", brokers])
         .args(args)

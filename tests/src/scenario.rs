@@ -57,6 +57,7 @@ impl Scenario {
             scenario: self,
             args: Vec::new(),
             metrics: false,
+            env: Vec::new(),
         }
     }
 
@@ -149,9 +150,16 @@ pub struct RelayBuilder<'a> {
     scenario: &'a Scenario,
     args: Vec<String>,
     metrics: bool,
+    env: Vec<(String, String)>,
 }
 
 impl RelayBuilder<'_> {
+    /// Sets an environment variable for the relay (`NOTIFY_SOCKET`, a `*_FILE` secret).
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.env.push((name.to_string(), value.to_string()));
+        self
+    }
+
     pub fn args(mut self, args: &[&str]) -> Self {
         self.args.extend(args.iter().map(|a| a.to_string()));
         self
@@ -172,7 +180,8 @@ impl RelayBuilder<'_> {
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let s = self.scenario;
-        let mut relay = Relay::start(s.db.port, &s.db.name, &s.brokers(), &args)?;
+        let mut relay =
+            Relay::start_with_env(s.db.port, &s.db.name, &s.brokers(), &args, &self.env)?;
         relay.metrics = addr;
         Ok(relay)
     }

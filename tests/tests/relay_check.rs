@@ -15,7 +15,7 @@ async fn missing_publication_is_a_clear_permanent_error() -> Result<()> {
     let mut relay = s.relay().args(&["--create-slot", "false"]).start()?;
     // the relay must stop on a permanent error
     let status = relay.wait_for_exit(Duration::from_secs(30)).await?;
-    assert!(!status.success());
+    assert_eq!(status.code(), Some(3), "an operator must act: {status}");
     let log = relay.log_text();
     assert!(
         log.contains("publication \\\"rl_nopub\\\" does not exist")

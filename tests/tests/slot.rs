@@ -62,6 +62,8 @@ async fn relay_refuses(db: &TestDb, brokers: &str) -> Result<String> {
         .await
         .context("the relay went on instead of stopping")?;
     assert!(!status.success(), "exit status {status}");
+    // an operator must act: a restart policy (RestartPreventExitStatus=3) must not loop on it
+    assert_eq!(status.code(), Some(3), "exit status {status}");
     Ok(relay.log_text())
 }
 

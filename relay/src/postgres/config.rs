@@ -20,7 +20,8 @@ pub struct Given {
     pub url: Option<String>,
     /// Host names, comma-separated.
     pub host: Option<String>,
-    pub port: Option<u16>,
+    /// Ports, comma-separated: one for every host, or one per host.
+    pub port: Option<String>,
     pub user: Option<String>,
     pub password: Option<String>,
     pub database: Option<String>,
@@ -42,7 +43,25 @@ pub struct PgConfig {
     pub read_write: bool,
     /// How long one server may take to accept a session (connect_timeout, default 10 s).
     pub connect_timeout: Duration,
+    /// libpq's `options` from `pg_url` (`-c name=value ...`), sent before the relay's own (which
+    /// therefore win: `search_path`, `idle_session_timeout`).
+    pub options: Option<String>,
+    /// What `pg_url` set that the relay does without, one line per keyword, for the log.
+    pub ignored: Vec<String>,
 }
+
+/// The login role when none is given (libpq would take the OS user's name): the role README's
+/// setup creates, never a superuser by default.
+pub const DEFAULT_USER: &str = "pg_outbox_relay";
+
+/// Where OpenSSL finds the operating system's CA certificates, for `sslrootcert=system` (libpq
+/// 16's spelling): `SSL_CERT_FILE` if set, else the first bundle that exists.
+const SYSTEM_BUNDLES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+];
 
 /// One server of [`PgConfig::endpoints`], with the password for it.
 #[derive(Debug, Clone)]
@@ -66,19 +85,50 @@ impl PgConfig {
         s: Given,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<PgConfig, RelayError> {
-        let url = match &s.url {
-            Some(text) => conninfo::parse(text)?,
-            None => BTreeMap::new(),
+        let (url, mut ignored) = match &s.url {
+            Some(text) => conninfo::parse_with_ignored(text)?,
+            None => (BTreeMap::new(), Vec::new()),
         };
         let pick = |own: Option<String>, keyword: &str, var: &str| {
             own.or_else(|| url.get(keyword).cloned().filter(|v| !v.is_empty()))
                 .or_else(|| env(var))
         };
+        let rootcert = pick(
+            s.sslrootcert.map(|p| p.display().to_string()),
+            "sslrootcert",
+            "PGSSLROOTCERT",
+        );
+        let system = rootcert.as_deref() == Some("system");
         let mode = match pick(s.sslmode, "sslmode", "PGSSLMODE") {
+            // libpq: the system's CAs make verify-full the default, and weaker modes an error
+            None if system => SslMode::VerifyFull,
             None => SslMode::Prefer,
             Some(mode) => mode.parse()?,
         };
-        let hosts = pick(s.host, "host", "PGHOST").unwrap_or_else(|| "127.0.0.1".into());
+        if system && mode != SslMode::VerifyFull {
+            return Err(RelayError::config(
+                "pg_sslrootcert = system needs pg_sslmode verify-full (as in libpq): trusting any \
+                 public CA without checking the host name would accept anyone's certificate",
+            ));
+        }
+        let rootcert = match rootcert {
+            Some(_) if system => Some(system_bundle(env)?),
+            other => other.map(PathBuf::from),
+        };
+        let hostaddr = url.get("hostaddr").filter(|v| !v.is_empty());
+        let hosts = match (pick(s.host, "host", "PGHOST"), hostaddr) {
+            (Some(host), Some(_)) => {
+                ignored.push(
+                    "pg_url: hostaddr is ignored: host is set, and the relay connects to (and \
+                     verifies) host"
+                        .into(),
+                );
+                host
+            }
+            (Some(host), None) => host,
+            (None, Some(addr)) => addr.clone(),
+            (None, None) => "127.0.0.1".into(),
+        };
         let hosts: Vec<&str> = hosts.split(',').map(str::trim).collect();
         if hosts.iter().any(|h| h.is_empty()) {
             return Err(RelayError::config(format!(
@@ -86,7 +136,7 @@ impl PgConfig {
                 hosts.join(",")
             )));
         }
-        let ports = pick(s.port.map(|p| p.to_string()), "port", "PGPORT");
+        let ports = pick(s.port, "port", "PGPORT");
         let ports: Vec<u16> = match ports {
             None => vec![5432],
             Some(text) => text
@@ -109,7 +159,7 @@ impl PgConfig {
                 hosts.len()
             )));
         }
-        let user = pick(s.user, "user", "PGUSER").unwrap_or_else(|| "postgres".into());
+        let user = pick(s.user, "user", "PGUSER").unwrap_or_else(|| DEFAULT_USER.into());
         let database =
             pick(s.database, "dbname", "PGDATABASE").unwrap_or_else(|| "postgres".into());
         let password = pick(s.password, "password", "PGPASSWORD");
@@ -163,10 +213,11 @@ impl PgConfig {
         let path = |own: Option<PathBuf>, keyword: &str, var: &str| {
             pick(own.map(|p| p.display().to_string()), keyword, var).map(PathBuf::from)
         };
+        let options = url.get("options").filter(|o| !o.trim().is_empty()).cloned();
         Ok(PgConfig {
             tls: PgTls::new(
                 mode,
-                path(s.sslrootcert, "sslrootcert", "PGSSLROOTCERT"),
+                rootcert,
                 path(s.sslcert, "sslcert", "PGSSLCERT"),
                 path(s.sslkey, "sslkey", "PGSSLKEY"),
             )?,
@@ -175,6 +226,8 @@ impl PgConfig {
             database,
             read_write,
             connect_timeout,
+            options,
+            ignored,
         })
     }
 
@@ -187,6 +240,30 @@ impl PgConfig {
             .collect();
         all.join(",")
     }
+}
+
+/// The operating system's CA bundle, for `sslrootcert=system`.
+fn system_bundle(env: &dyn Fn(&str) -> Option<String>) -> Result<PathBuf, RelayError> {
+    if let Some(file) = env("SSL_CERT_FILE") {
+        return Ok(PathBuf::from(file));
+    }
+    SYSTEM_BUNDLES
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            RelayError::config(format!(
+                "pg_sslrootcert = system: no CA bundle of the operating system found (looked for {}; \
+                 install ca-certificates or set SSL_CERT_FILE)",
+                SYSTEM_BUNDLES.join(", ")
+            ))
+        })
+}
+
+/// The system's CA bundle, for tests elsewhere that need a real PEM file.
+#[cfg(test)]
+pub fn system_bundle_for_tests() -> Result<PathBuf, RelayError> {
+    system_bundle(&|_: &str| None)
 }
 
 #[cfg(test)]
@@ -280,7 +357,10 @@ mod tests {
                 "target_session_attrs",
             ),
             ("host=a connect_timeout=soon", "connect_timeout"),
-            ("host=a options=-cfoo", "\"options\" is not supported"),
+            (
+                "host=a optoins=-cfoo",
+                "\"optoins\" is not a libpq connection keyword",
+            ),
         ] {
             let own = Given {
                 url: Some(url.into()),
@@ -309,5 +389,60 @@ mod tests {
         let pws: Vec<&str> = pg.endpoints.iter().map(|e| e.password.as_str()).collect();
         assert_eq!(pws, ["pw-a", "pw-b"]);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn system_roots_hostaddr_options_and_the_default_user() {
+        let none = |_: &str| None;
+        let given = |url: &str| Given {
+            url: Some(url.into()),
+            ..Default::default()
+        };
+        let Ok(bundle) = system_bundle_for_tests() else {
+            return; // no CA bundle on this machine
+        };
+        let pg =
+            PgConfig::resolve_with(given("host=db.example.com sslrootcert=system"), &none).unwrap();
+        assert_eq!(pg.tls.mode, SslMode::VerifyFull, "as in libpq");
+        assert_eq!(pg.tls.rootcert.as_deref(), Some(bundle.as_path()));
+        let err = PgConfig::resolve_with(
+            given("host=db.example.com sslrootcert=system sslmode=require"),
+            &none,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("verify-full"), "{err}");
+        let file = |k: &str| (k == "SSL_CERT_FILE").then(|| bundle.display().to_string());
+        let pg = PgConfig::resolve_with(given("sslrootcert=system"), &file).unwrap();
+        assert_eq!(pg.tls.rootcert.as_deref(), Some(bundle.as_path()));
+        // hostaddr without host is where to connect; with host, host wins and the log says so
+        let pg = PgConfig::resolve_with(given("hostaddr=10.1.2.3 port=6000"), &none).unwrap();
+        assert_eq!(pg.servers(), "10.1.2.3:6000");
+        assert!(pg.ignored.is_empty());
+        let pg = PgConfig::resolve_with(given("host=h hostaddr=10.1.2.3"), &none).unwrap();
+        assert_eq!(pg.servers(), "h:5432");
+        assert!(pg.ignored[0].contains("hostaddr"), "{:?}", pg.ignored);
+        // options go first, the relay's own settings after them (a later -c wins)
+        let pg = PgConfig::resolve_with(
+            given("postgres://h/d?options=-c%20search_path%3Dpublic&application_name=x"),
+            &none,
+        )
+        .unwrap();
+        let options = crate::postgres::session::options(&pg);
+        assert!(
+            options.starts_with("-c search_path=public ")
+                && options.ends_with("-c search_path=pg_catalog,pg_temp"),
+            "{options}"
+        );
+        assert_eq!(pg.ignored.len(), 1);
+        assert!(pg.ignored[0].starts_with("pg_url: application_name is ignored"));
+        assert_eq!(pg.user, DEFAULT_USER);
+        // ports as the relay's own setting: a list
+        let own = Given {
+            host: Some("a,b".into()),
+            port: Some("5432,5433".into()),
+            ..Default::default()
+        };
+        let pg = PgConfig::resolve_with(own, &none).unwrap();
+        assert_eq!(pg.servers(), "a:5432,b:5433");
     }
 }

@@ -6,14 +6,16 @@
 use crate::error::RelayError;
 use std::collections::BTreeMap;
 
-/// The libpq keywords the relay understands.
+/// The libpq keywords the relay applies.
 pub const KEYWORDS: &[&str] = &[
     "host",
+    "hostaddr",
     "port",
     "user",
     "password",
     "dbname",
     "passfile",
+    "options",
     "sslmode",
     "sslrootcert",
     "sslcert",
@@ -22,10 +24,57 @@ pub const KEYWORDS: &[&str] = &[
     "connect_timeout",
 ];
 
-/// Parses a URL or key-value connection string into libpq keywords.
-pub fn parse(text: &str) -> Result<BTreeMap<String, String>, RelayError> {
+/// The other keywords libpq accepts (PostgreSQL 14 to 18), with why the relay does without them:
+/// a connection string copied from a provider's console works, and the log says, once per keyword,
+/// what was not applied.
+pub const IGNORED: &[(&str, &str)] = &[
+    ("application_name", "the relay names its sessions `pg_outbox_relay <pid>@<host>`, which `status` and a standby relay show to name the active relay"),
+    ("fallback_application_name", "the relay names its sessions itself"),
+    ("channel_binding", "SCRAM channel binding is used when the server offers it over TLS, but not required"),
+    ("client_encoding", "the relay's sessions use UTF8"),
+    ("keepalives", "the relay's streams send their own status messages every 500 ms and reconnect when the server goes quiet"),
+    ("keepalives_idle", "see keepalives"),
+    ("keepalives_interval", "see keepalives"),
+    ("keepalives_count", "see keepalives"),
+    ("tcp_user_timeout", "see keepalives"),
+    ("replication", "the relay opens its replication connection itself"),
+    ("gssencmode", "GSSAPI encryption is not supported: the relay uses TLS (sslmode)"),
+    ("gsslib", "GSSAPI is not supported"),
+    ("gssdelegation", "GSSAPI is not supported"),
+    ("krbsrvname", "Kerberos is not supported"),
+    ("require_auth", "the server's authentication method is not restricted"),
+    ("requirepeer", "Unix socket peer checks are not supported"),
+    ("requiressl", "deprecated by libpq: use sslmode"),
+    ("sslnegotiation", "the relay negotiates TLS the classic way (postgres)"),
+    ("sslcompression", "TLS compression is never used"),
+    ("sslpassword", "an encrypted client key is not supported: give sslkey unencrypted, readable by the relay only"),
+    ("sslcertmode", "a client certificate is sent when sslcert and sslkey are set"),
+    ("sslcrl", "certificate revocation lists are not checked"),
+    ("sslcrldir", "certificate revocation lists are not checked"),
+    ("sslsni", "SNI is always sent for host names"),
+    ("sslkeylogfile", "TLS keys are never logged"),
+    ("ssl_min_protocol_version", "the relay uses TLS 1.2 or 1.3"),
+    ("ssl_max_protocol_version", "the relay uses TLS 1.2 or 1.3"),
+    ("min_protocol_version", "the relay speaks protocol 3.0"),
+    ("max_protocol_version", "the relay speaks protocol 3.0"),
+    ("load_balance_hosts", "hosts are tried in the order given (the primary is wanted)"),
+    ("service", "pg_service.conf is not read: give the settings themselves"),
+    ("scram_client_key", "internal to libpq"),
+    ("scram_server_key", "internal to libpq"),
+    ("oauth_issuer", "OAuth is not supported"),
+    ("oauth_client_id", "OAuth is not supported"),
+    ("oauth_client_secret", "OAuth is not supported"),
+    ("oauth_scope", "OAuth is not supported"),
+];
+
+/// Parses a URL or key-value connection string into the libpq keywords the relay applies; a
+/// keyword libpq accepts but the relay does without is left out and named in `ignored` (with why),
+/// an unknown one is refused.
+pub fn parse_with_ignored(
+    text: &str,
+) -> Result<(BTreeMap<String, String>, Vec<String>), RelayError> {
     let text = text.trim();
-    let map = if let Some(rest) = text
+    let mut map = if let Some(rest) = text
         .strip_prefix("postgresql://")
         .or_else(|| text.strip_prefix("postgres://"))
     {
@@ -33,13 +82,30 @@ pub fn parse(text: &str) -> Result<BTreeMap<String, String>, RelayError> {
     } else {
         parse_pairs(text)?
     };
-    if let Some(key) = map.keys().find(|k| !KEYWORDS.contains(&k.as_str())) {
-        return Err(RelayError::config(format!(
-            "pg_url: connection option {key:?} is not supported by the relay (supported: {})",
-            KEYWORDS.join(", ")
-        )));
+    let mut ignored = Vec::new();
+    for key in map.keys().cloned().collect::<Vec<_>>() {
+        if KEYWORDS.contains(&key.as_str()) {
+            continue;
+        }
+        match IGNORED.iter().find(|(k, _)| *k == key) {
+            Some((k, why)) => {
+                map.remove(&key);
+                ignored.push(format!("pg_url: {k} is ignored: {why}"));
+            }
+            None => {
+                return Err(RelayError::config(format!(
+                    "pg_url: {key:?} is not a libpq connection keyword (the relay applies {})",
+                    KEYWORDS.join(", ")
+                )))
+            }
+        }
     }
-    Ok(map)
+    Ok((map, ignored))
+}
+
+/// [`parse_with_ignored`], for callers that do not report what was ignored.
+pub fn parse(text: &str) -> Result<BTreeMap<String, String>, RelayError> {
+    parse_with_ignored(text).map(|(map, _)| map)
 }
 
 fn bad(what: impl std::fmt::Display) -> RelayError {
@@ -235,8 +301,11 @@ mod tests {
 
     #[test]
     fn errors_name_the_problem() {
-        let e = parse("host=a application_name=x").unwrap_err().to_string();
-        assert!(e.contains("\"application_name\" is not supported"), "{e}");
+        let e = parse("host=a applicaton_name=x").unwrap_err().to_string();
+        assert!(
+            e.contains("\"applicaton_name\" is not a libpq connection keyword"),
+            "{e}"
+        );
         let e = parse("host").unwrap_err().to_string();
         assert!(e.contains("expected `=`"), "{e}");
         let e = parse("password='open").unwrap_err().to_string();
@@ -245,6 +314,49 @@ mod tests {
         assert!(e.contains("has no `=`"), "{e}");
         let e = parse("postgres://u:%zz@h").unwrap_err().to_string();
         assert!(e.contains("two hex digits"), "{e}");
+    }
+
+    #[test]
+    fn every_libpq_keyword_is_applied_or_ignored_by_name() {
+        // as providers' consoles print them (Neon, Supabase, RDS, Azure)
+        let (m, ignored) = parse_with_ignored(
+            "postgresql://relay:pw@ep-x.eu.aws.neon.tech/shop?sslmode=require&channel_binding=require\
+             &application_name=shop&options=-c%20statement_timeout%3D0&keepalives=1\
+             &keepalives_idle=30&gssencmode=disable&target_session_attrs=read-write",
+        )
+        .unwrap();
+        assert_eq!(get(&m, "options"), "-c statement_timeout=0");
+        assert_eq!(get(&m, "target_session_attrs"), "read-write");
+        assert_eq!(get(&m, "application_name"), "<unset>");
+        let named: Vec<&str> = ignored
+            .iter()
+            .map(|w| w.split(' ').nth(1).unwrap())
+            .collect();
+        assert_eq!(
+            named,
+            [
+                "application_name",
+                "channel_binding",
+                "gssencmode",
+                "keepalives",
+                "keepalives_idle"
+            ]
+        );
+        // every keyword of libpq 18 (PQconndefaults) is accepted
+        let all = "host hostaddr port dbname user password passfile require_auth channel_binding \
+                   connect_timeout client_encoding options application_name \
+                   fallback_application_name keepalives keepalives_idle keepalives_interval \
+                   keepalives_count tcp_user_timeout replication gssencmode sslmode \
+                   requiressl sslnegotiation sslcompression sslcert sslkey sslkeylogfile \
+                   sslpassword sslcertmode sslrootcert sslcrl sslcrldir sslsni requirepeer \
+                   ssl_min_protocol_version ssl_max_protocol_version min_protocol_version \
+                   max_protocol_version krbsrvname gsslib gssdelegation service \
+                   target_session_attrs load_balance_hosts scram_client_key scram_server_key \
+                   oauth_issuer oauth_client_id oauth_client_secret oauth_scope";
+        for key in all.split_whitespace() {
+            let r = parse_with_ignored(&format!("{key}=x"));
+            assert!(r.is_ok(), "{key}: {:?}", r.err().map(|e| e.to_string()));
+        }
     }
 
     #[test]

@@ -95,14 +95,24 @@ pub fn session_config(config: &PgConfig, at: &PgEndpoint) -> tokio_postgres::Con
     // a daemon's sessions are idle for long: the server must not end them (the poll source's lock
     // is held by one of them; see fence.rs). A setting sent at connect outranks ALTER ROLE and
     // ALTER DATABASE, so the pinned search_path holds from the session's first statement.
-    pg.options(format!(
-        "-c idle_session_timeout=0 -c search_path={}",
-        SEARCH_PATH.replace(' ', "")
-    ));
+    pg.options(options(config));
     if config.read_write {
         pg.target_session_attrs(TargetSessionAttrs::ReadWrite);
     }
     pg
+}
+
+/// The startup `options` of every session, the replication connection's too: the user's (from
+/// `pg_url`) first, then the relay's own, which win because a later `-c` of the same setting does.
+pub fn options(config: &PgConfig) -> String {
+    let own = format!(
+        "-c idle_session_timeout=0 -c search_path={}",
+        SEARCH_PATH.replace(' ', "")
+    );
+    match &config.options {
+        Some(theirs) => format!("{theirs} {own}"),
+        None => own,
+    }
 }
 
 async fn open_one(config: &PgConfig, at: &PgEndpoint) -> Result<(Client, Driver), RelayError> {

@@ -171,6 +171,12 @@ impl WalSource {
             config.kafka.max_record_bytes,
         ))
         .with_application_name(postgres::application_name());
+        let repl_config = match &p.options {
+            // the user's `options` (pg_url); the relay's session settings do not apply to a
+            // replication connection, which runs no SQL of the relay's
+            Some(options) => repl_config.with_options(options.clone()),
+            None => repl_config,
+        };
         let mut repl = ReplicationClient::connect(repl_config).await?;
         repl.wait_started().await?;
         info!(slot = %slot, "streaming from slot");
