@@ -103,6 +103,10 @@ async fn serve(config: &Config, mode: Mode) -> ExitCode {
         }
     };
     let metrics = Arc::new(telemetry::Metrics::default());
+    match &config.ingest {
+        Some(ingest) => metrics.describe("ingest", &ingest.consumer),
+        None => metrics.describe("run", &config.source.source_id),
+    }
     if let Some(addr) = config.telemetry.metrics_addr.clone() {
         let (m, t) = (metrics.clone(), shutdown.clone());
         let stall = config.telemetry.stall_timeout;
@@ -111,6 +115,11 @@ async fn serve(config: &Config, mode: Mode) -> ExitCode {
                 tracing::error!(error = %e, "metrics endpoint failed");
             }
         });
+        if mode == Mode::Run {
+            // the source's figures in the database, on a session of their own
+            let (c, m, t) = (config.clone(), metrics.clone(), shutdown.clone());
+            tokio::spawn(telemetry::database::sample_source(c, m, t));
+        }
     }
     let result = match (mode, &config.ingest) {
         (Mode::Ingest, Some(ingest)) => ingest::run(config, ingest, shutdown, metrics).await,

@@ -1,30 +1,145 @@
-//! Logs (`tracing`, text or JSON), counters, and the `/metrics` (Prometheus text) and `/healthz`
-//! endpoints. Payloads and credentials are never logged.
+//! Logs (`tracing`, text or JSON), the metrics, and the `/metrics` (OpenMetrics text) and
+//! `/healthz` endpoints ([`endpoint`]). Payloads and credentials are never logged.
 //!
-//! The endpoints answer anyone who can reach them: at most [`MAX_CONNECTIONS`] at a time, each
-//! for at most [`REQUEST_TIMEOUT`]; a failed `accept()` (out of file descriptors, a connection
-//! reset before it was taken) is logged and the endpoint goes on; and `/healthz` names no host or
-//! address.
+//! The metrics live in one [`prometheus_client`] registry per process (no global one), owned by
+//! [`Metrics`], which the loops receive explicitly. What the database knows (slot lag, retained WAL,
+//! the outbox table's backlog, dead letters and gaps) is sampled on a session of its own every
+//! [`database::EVERY`] ([`database`]), never on the loop's connection.
+//!
+//! Cardinality: series per topic *and partition* exist only for the four relay counters (sent,
+//! published, skipped, dead-lettered) and the ingest's lag, and only for partitions an event went
+//! to (or that the ingest reads); everything else is per topic or unlabelled. A topic of 3,000
+//! partitions that every event reaches costs 4 x 3,000 relay series.
+//!
+//! The state behind `/healthz` (streaming, standing by, degraded, stalled) is kept in atomics
+//! that the loops set; the gauges that show it are set from them when `/metrics` is rendered, so
+//! `/metrics` and `/healthz` never disagree.
 
-use std::future::Future;
+pub mod database;
+pub mod endpoint;
+
+pub use endpoint::serve;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
 
-#[derive(Debug, Default)]
+/// A Kafka topic and partition. `partition` is -1 for an event dead-lettered before it had one
+/// (undecodable, an invalid or forbidden topic, a topic that never appeared).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabels {
+    pub topic: String,
+    pub partition: i32,
+}
+
+impl PartitionLabels {
+    pub fn new(topic: &str, partition: i32) -> PartitionLabels {
+        PartitionLabels {
+            topic: topic.to_string(),
+            partition,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicLabels {
+    pub topic: String,
+}
+
+/// What this process is: `run` with its source id, or `ingest` with its consumer name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InfoLabels {
+    mode: String,
+    source: String,
+    version: String,
+}
+
+/// A histogram per topic, all with the same buckets.
+pub type TopicHistograms = Family<TopicLabels, Histogram, fn() -> Histogram>;
+
+/// Upper bounds of the latency buckets, in seconds: fine below 25 ms, where the relay usually is.
+const LATENCY_BUCKETS: [f64; 24] = [
+    0.001, 0.002, 0.003, 0.004, 0.005, 0.006, 0.007, 0.008, 0.009, 0.01, 0.0125, 0.015, 0.0175,
+    0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+/// Upper bounds for delays a consumer adds (an inbox waiting for a worker): 5 ms to 1 h.
+const DELAY_BUCKETS: [f64; 16] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+];
+
+/// Upper bounds for a topic's read-back after a restart: 1 ms to 5 min.
+const READBACK_BUCKETS: [f64; 12] = [
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
+fn delay_histogram() -> Histogram {
+    Histogram::new(DELAY_BUCKETS)
+}
+
+fn readback_histogram() -> Histogram {
+    Histogram::new(READBACK_BUCKETS)
+}
+
+/// The process's metrics and the state `/healthz` reports.
+#[derive(Debug)]
 pub struct Metrics {
-    pub published: AtomicU64,
-    pub skipped: AtomicU64,
+    registry: Registry,
+    /// Records handed to the producer, per topic and partition.
+    pub sent: Family<PartitionLabels, Counter>,
+    /// Records Kafka acknowledged, per topic and partition.
+    pub published: Family<PartitionLabels, Counter>,
+    /// Replayed events the restart dedup found in Kafka, per topic and partition.
+    pub skipped: Family<PartitionLabels, Counter>,
+    /// Events written to `outbox.dead_letters` by this process, per topic and partition.
+    pub dead_lettered: Family<PartitionLabels, Counter>,
     /// Records read back by the restart dedup that claim this source without proof (sink/dedup.rs).
-    pub foreign_records: AtomicU64,
+    pub foreign_records: Counter,
     /// pg_outbox messages in the WAL that nothing proves `outbox.enqueue` wrote (pipeline.rs).
-    pub unproven_messages: AtomicU64,
-    pub dead_lettered: AtomicU64,
-    pub restarts: AtomicU64,
-    pub ingested: AtomicU64,
+    pub unproven_messages: Counter,
+    pub restarts: Counter,
+    /// From an event's commit (wal) or its transaction's start (poll) to Kafka's acknowledgement.
+    pub latency: Histogram,
+    /// How long the restart dedup took to read a topic's partitions back, per topic.
+    pub readback: TopicHistograms,
+    /// The source's figures in the database, sampled (see [`database`]).
+    pub slot_confirmed_lag_bytes: Gauge,
+    pub slot_retained_bytes: Gauge,
+    pub table_backlog: Gauge,
+    pub dead_letters_stored: Gauge,
+    pub gaps_stored: Gauge,
+    /// When the database figures were last read (Unix s).
+    pub sampled_at: Gauge,
+    /// Ingest: messages written to the inbox (with their offsets), per topic.
+    pub ingested: Family<TopicLabels, Counter>,
+    /// Ingest: of those, written in the `dead` state (poison input), per topic.
+    pub ingested_dead: Family<TopicLabels, Counter>,
+    /// Ingest: the partition's high watermark minus the consumer's next offset stored in
+    /// `inbox.offsets`, per topic and partition.
+    pub ingest_lag: Family<PartitionLabels, Gauge>,
+    /// Ingest: from a record's Kafka timestamp to the commit of the inbox transaction that holds it.
+    pub ingest_delay: Histogram,
+    /// Ingest: from a message's arrival in the inbox (`received_at`) to `inbox.complete`
+    /// (`completed_at`), sampled from the newest messages.
+    pub inbox_done_delay: Histogram,
+    info: Family<InfoLabels, Gauge>,
+    // shown from the atomics below when rendered
+    up: Gauge,
+    standby_gauge: Gauge,
+    degraded_gauge: Gauge,
+    stalled_gauge: Gauge,
+    in_flight_gauge: Gauge,
+    confirmed_lsn_gauge: Gauge<u64, AtomicU64>,
     pub confirmed_lsn: AtomicU64,
     pub healthy: AtomicBool,
     /// Streaming, but held by an event that cannot be published yet (retried, then dead-lettered).
@@ -33,51 +148,252 @@ pub struct Metrics {
     pub in_flight: AtomicU64,
     /// When a record was last acknowledged (or the first of a new flight sent), Unix ms.
     pub last_progress_ms: AtomicU64,
-    /// From an event's commit (wal) or its transaction's start (poll) to Kafka's acknowledgement.
-    pub latency: Histogram,
     /// Another relay holds the source: which one (this relay stands by).
     pub standby: std::sync::Mutex<Option<String>>,
     /// Pauses of the whole process (see fence.rs).
     pub pause: Arc<crate::fence::PauseClock>,
 }
 
-/// Upper bounds of the latency buckets, in microseconds (Prometheus `le`, in seconds when shown).
-const LATENCY_BUCKETS_US: [u64; 24] = [
-    1_000, 2_000, 3_000, 4_000, 5_000, 6_000, 7_000, 8_000, 9_000, 10_000, 12_500, 15_000, 17_500,
-    20_000, 25_000, 30_000, 40_000, 50_000, 75_000, 100_000, 250_000, 500_000, 1_000_000,
-    5_000_000,
-];
-
-/// A fixed-bucket histogram that many tasks can record into without locks.
-#[derive(Debug, Default)]
-pub struct Histogram {
-    /// Per bucket (the last one is +Inf), observations at or below its bound and above the previous.
-    buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
-    sum_us: AtomicU64,
+impl Default for Metrics {
+    fn default() -> Metrics {
+        let mut m = Metrics {
+            registry: Registry::default(),
+            sent: Family::default(),
+            published: Family::default(),
+            skipped: Family::default(),
+            dead_lettered: Family::default(),
+            foreign_records: Counter::default(),
+            unproven_messages: Counter::default(),
+            restarts: Counter::default(),
+            latency: latency_histogram(),
+            readback: Family::new_with_constructor(readback_histogram),
+            slot_confirmed_lag_bytes: Gauge::default(),
+            slot_retained_bytes: Gauge::default(),
+            table_backlog: Gauge::default(),
+            dead_letters_stored: Gauge::default(),
+            gaps_stored: Gauge::default(),
+            sampled_at: Gauge::default(),
+            ingested: Family::default(),
+            ingested_dead: Family::default(),
+            ingest_lag: Family::default(),
+            ingest_delay: delay_histogram(),
+            inbox_done_delay: delay_histogram(),
+            info: Family::default(),
+            up: Gauge::default(),
+            standby_gauge: Gauge::default(),
+            degraded_gauge: Gauge::default(),
+            stalled_gauge: Gauge::default(),
+            in_flight_gauge: Gauge::default(),
+            confirmed_lsn_gauge: Gauge::default(),
+            confirmed_lsn: AtomicU64::default(),
+            healthy: AtomicBool::default(),
+            degraded: AtomicBool::default(),
+            in_flight: AtomicU64::default(),
+            last_progress_ms: AtomicU64::default(),
+            standby: std::sync::Mutex::default(),
+            pause: Arc::default(),
+        };
+        m.register();
+        m
+    }
 }
 
-impl Histogram {
-    pub fn observe(&self, micros: u64) {
-        let i = LATENCY_BUCKETS_US.partition_point(|&b| b < micros);
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_us.fetch_add(micros, Ordering::Relaxed);
+impl Metrics {
+    /// Every metric under its public name (counters get `_total` from the client).
+    fn register(&mut self) {
+        let r = &mut self.registry;
+        r.register(
+            "pg_outbox_relay_events_sent",
+            "Records handed to the Kafka producer, per topic and partition.",
+            self.sent.clone(),
+        );
+        r.register(
+            "pg_outbox_relay_events_published",
+            "Events acknowledged by Kafka, per topic and partition.",
+            self.published.clone(),
+        );
+        r.register(
+            "pg_outbox_relay_events_skipped",
+            "Replayed events the restart dedup found already in Kafka and skipped, per topic and partition.",
+            self.skipped.clone(),
+        );
+        r.register(
+            "pg_outbox_relay_events_dead_lettered",
+            "Events this process wrote to outbox.dead_letters, per topic and partition \
+             (partition -1: dead-lettered before it had one).",
+            self.dead_lettered.clone(),
+        );
+        r.register(
+            "pg_outbox_relay_foreign_records",
+            "Records read back after a restart that carry this source's headers without a valid \
+             pg_outbox-mac: ignored by the dedup.",
+            self.foreign_records.clone(),
+        );
+        r.register(
+            "pg_outbox_relay_unproven_messages",
+            "pg_outbox messages in the WAL without a valid seal (written with \
+             pg_logical_emit_message, or copied): passed over, never published.",
+            self.unproven_messages.clone(),
+        );
+        r.register(
+            "pg_outbox_relay_restarts",
+            "Sessions ended by an error and restarted.",
+            self.restarts.clone(),
+        );
+        r.register(
+            "pg_outbox_relay_event_latency_seconds",
+            "From an event's commit (wal source) or its transaction's start (poll source) to Kafka's \
+             acknowledgement; both clocks must agree.",
+            self.latency.clone(),
+        );
+        r.register(
+            "pg_outbox_relay_readback_duration_seconds",
+            "How long the restart dedup took to read back a topic's partitions, per topic (once per \
+             topic and session).",
+            self.readback.clone(),
+        );
+        r.register(
+            "pg_outbox_relay_slot_confirmed_lag_bytes",
+            "WAL bytes from the server's current position to the slot's confirmed_flush_lsn (sampled).",
+            self.slot_confirmed_lag_bytes.clone(),
+        );
+        r.register(
+            "pg_outbox_relay_slot_retained_wal_bytes",
+            "WAL bytes the slot keeps on the server: from its restart_lsn to the current position (sampled).",
+            self.slot_retained_bytes.clone(),
+        );
+        r.register(
+            "pg_outbox_relay_table_backlog_events",
+            "Rows in outbox.events (table mode): counted up to 100000, the planner's estimate beyond (sampled).",
+            self.table_backlog.clone(),
+        );
+        r.register(
+            "pg_outbox_relay_dead_letters_stored",
+            "Rows in outbox.dead_letters for this source (sampled).",
+            self.dead_letters_stored.clone(),
+        );
+        r.register(
+            "pg_outbox_relay_gaps_stored",
+            "Rows in outbox.gaps for this source: WAL ranges an operator accepted as possibly lost (sampled).",
+            self.gaps_stored.clone(),
+        );
+        r.register(
+            "pg_outbox_relay_database_sampled_timestamp_seconds",
+            "When the database figures above were last read (Unix time); 0 before the first read.",
+            self.sampled_at.clone(),
+        );
+        r.register(
+            "pg_outbox_relay_messages_ingested",
+            "Kafka messages written to the inbox by `ingest` (with their offsets), per topic.",
+            self.ingested.clone(),
+        );
+        r.register(
+            "pg_outbox_relay_messages_ingested_dead",
+            "Of those, messages written in the dead state (poison input), per topic.",
+            self.ingested_dead.clone(),
+        );
+        r.register(
+            "pg_outbox_relay_ingest_lag_messages",
+            "Ingest: the partition's high watermark minus the next offset stored in inbox.offsets, \
+             per topic and partition (sampled).",
+            self.ingest_lag.clone(),
+        );
+        r.register(
+            "pg_outbox_relay_ingest_delay_seconds",
+            "Ingest: from a record's Kafka timestamp (the event's enqueue time with the relay's \
+             record_timestamp = enqueue) to the commit of the inbox transaction that holds it.",
+            self.ingest_delay.clone(),
+        );
+        r.register(
+            "pg_outbox_relay_inbox_done_delay_seconds",
+            "Ingest: from a message's arrival in the inbox (received_at) to inbox.complete \
+             (completed_at), sampled from the newest messages every 10 s.",
+            self.inbox_done_delay.clone(),
+        );
+        r.register(
+            "pg_outbox_relay_info",
+            "1, labelled with what this process does: mode (run, ingest), source (source id or \
+             consumer) and version.",
+            self.info.clone(),
+        );
+        r.register(
+            "pg_outbox_relay_up",
+            "1 while streaming (run) or ingesting.",
+            self.up.clone(),
+        );
+        r.register(
+            "pg_outbox_relay_standby",
+            "1 while another relay holds the source and this one waits.",
+            self.standby_gauge.clone(),
+        );
+        r.register(
+            "pg_outbox_relay_degraded",
+            "1 while an event that cannot be published yet is retried.",
+            self.degraded_gauge.clone(),
+        );
+        r.register(
+            "pg_outbox_relay_stalled",
+            "1 while records are in flight and none was acknowledged for stall_timeout.",
+            self.stalled_gauge.clone(),
+        );
+        r.register(
+            "pg_outbox_relay_in_flight",
+            "Records sent and not yet acknowledged.",
+            self.in_flight_gauge.clone(),
+        );
+        r.register(
+            "pg_outbox_relay_confirmed_lsn",
+            "Last LSN confirmed to the slot.",
+            self.confirmed_lsn_gauge.clone(),
+        );
     }
 
-    /// Prometheus text exposition (cumulative buckets).
-    fn render(&self, name: &str, help: &str, out: &mut String) {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} histogram\n"));
-        let mut cumulative = 0;
-        for (i, bucket) in self.buckets.iter().enumerate() {
-            cumulative += bucket.load(Ordering::Relaxed);
-            let le = LATENCY_BUCKETS_US
-                .get(i)
-                .map_or("+Inf".to_string(), |us| format!("{}", *us as f64 / 1e6));
-            out.push_str(&format!("{name}_bucket{{le=\"{le}\"}} {cumulative}\n"));
-        }
-        out.push_str(&format!(
-            "{name}_sum {}\n{name}_count {cumulative}\n",
-            self.sum_us.load(Ordering::Relaxed) as f64 / 1e6
-        ));
+    /// Says what this process does (`pg_outbox_relay_info`).
+    pub fn describe(&self, mode: &str, source: &str) {
+        self.info.clear();
+        self.info
+            .get_or_create(&InfoLabels {
+                mode: mode.to_string(),
+                source: source.to_string(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            })
+            .set(1);
+    }
+
+    /// The OpenMetrics text exposition; `stall` is the stall timeout `/healthz` uses.
+    pub fn render(&self, stall: Duration) -> String {
+        self.up.set(i64::from(self.healthy.load(Ordering::Relaxed)));
+        self.standby_gauge
+            .set(i64::from(self.standby_holder().is_some()));
+        self.degraded_gauge
+            .set(i64::from(self.degraded.load(Ordering::Relaxed)));
+        self.stalled_gauge
+            .set(i64::from(self.stalled(stall).is_some()));
+        self.in_flight_gauge
+            .set(self.in_flight.load(Ordering::Relaxed) as i64);
+        self.confirmed_lsn_gauge
+            .set(self.confirmed_lsn.load(Ordering::Relaxed));
+        let mut out = String::new();
+        // writing into a String cannot fail
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// The sum of every sample of `name` (all label sets), from the text exposition: what the
+    /// unit tests read.
+    #[cfg(test)]
+    pub fn sum(&self, name: &str) -> f64 {
+        self.render(Duration::MAX)
+            .lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix(name)?;
+                let value = match rest.strip_prefix('{') {
+                    Some(labelled) => labelled.split_once("} ")?.1,
+                    None => rest.strip_prefix(' ')?,
+                };
+                value.parse::<f64>().ok()
+            })
+            .sum()
     }
 }
 
@@ -86,89 +402,16 @@ pub fn micros_since(unix_micros: i64) -> u64 {
     unix_micros_now().saturating_sub(unix_micros).max(0) as u64
 }
 
+/// Seconds from `unix_micros` until now, never negative (clocks of two hosts may disagree).
+pub fn seconds_since(unix_micros: i64) -> f64 {
+    micros_since(unix_micros) as f64 / 1e6
+}
+
 /// Now, in Unix µs.
 pub fn unix_micros_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as i64)
-}
-
-impl Metrics {
-    pub fn render(&self) -> String {
-        let counters = [
-            (
-                "pg_outbox_relay_events_published_total",
-                "Events acknowledged by Kafka.",
-                &self.published,
-            ),
-            (
-                "pg_outbox_relay_events_skipped_total",
-                "Replayed events found already in Kafka and skipped.",
-                &self.skipped,
-            ),
-            (
-                "pg_outbox_relay_foreign_records_total",
-                "Records read back after a restart that carry this source's headers without a valid \
-                 pg_outbox-mac: ignored by the dedup.",
-                &self.foreign_records,
-            ),
-            (
-                "pg_outbox_relay_unproven_messages_total",
-                "pg_outbox messages in the WAL without a valid seal (written with \
-                 pg_logical_emit_message, or copied): passed over, never published.",
-                &self.unproven_messages,
-            ),
-            (
-                "pg_outbox_relay_events_dead_lettered_total",
-                "Events written to outbox.dead_letters.",
-                &self.dead_lettered,
-            ),
-            (
-                "pg_outbox_relay_messages_ingested_total",
-                "Kafka messages written to the inbox by `ingest` (with their offsets).",
-                &self.ingested,
-            ),
-            (
-                "pg_outbox_relay_restarts_total",
-                "Sessions ended by an error and restarted.",
-                &self.restarts,
-            ),
-        ];
-        let mut out = String::new();
-        for (name, help, value) in counters {
-            out.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
-                value.load(Ordering::Relaxed)
-            ));
-        }
-        out.push_str(&format!(
-            "# HELP pg_outbox_relay_confirmed_lsn Last LSN confirmed to the slot.\n# TYPE pg_outbox_relay_confirmed_lsn gauge\npg_outbox_relay_confirmed_lsn {}\n",
-            self.confirmed_lsn.load(Ordering::Relaxed)
-        ));
-        self.latency.render(
-            "pg_outbox_relay_event_latency_seconds",
-            "From an event's commit (wal source) or its transaction's start (poll source) to Kafka's \
-             acknowledgement; both clocks must agree.",
-            &mut out,
-        );
-        out.push_str(&format!(
-            "# HELP pg_outbox_relay_degraded 1 while an event that cannot be published yet is retried.\n# TYPE pg_outbox_relay_degraded gauge\npg_outbox_relay_degraded {}\n",
-            u8::from(self.degraded.load(Ordering::Relaxed))
-        ));
-        out.push_str(&format!(
-            "# HELP pg_outbox_relay_in_flight Records sent and not yet acknowledged.\n# TYPE pg_outbox_relay_in_flight gauge\npg_outbox_relay_in_flight {}\n",
-            self.in_flight.load(Ordering::Relaxed)
-        ));
-        out.push_str(&format!(
-            "# HELP pg_outbox_relay_standby 1 while another relay holds the source and this one waits.\n# TYPE pg_outbox_relay_standby gauge\npg_outbox_relay_standby {}\n",
-            u8::from(self.standby_holder().is_some())
-        ));
-        out.push_str(&format!(
-            "# HELP pg_outbox_relay_up 1 while streaming.\n# TYPE pg_outbox_relay_up gauge\npg_outbox_relay_up {}\n",
-            u8::from(self.healthy.load(Ordering::Relaxed))
-        ));
-        out
-    }
 }
 
 impl Metrics {
@@ -249,15 +492,6 @@ fn now_ms() -> u64 {
     (unix_micros_now() / 1000) as u64
 }
 
-/// A client gets this long to send its request and take the answer.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Connections served at once; more wait in the listen backlog until one ends.
-const MAX_CONNECTIONS: usize = 32;
-
-/// The pause after a failed `accept()`: an error such as "too many open files" repeats at once.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-
 pub fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
@@ -268,92 +502,6 @@ pub fn init_logging(json: bool) {
         builder.json().init();
     } else {
         builder.init();
-    }
-}
-
-/// Serves `/metrics` and `/healthz` until shutdown. A tiny HTTP/1.0 responder is all this needs.
-pub async fn serve(
-    addr: String,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-    stall: Duration,
-) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(&addr).await?;
-    info!(%addr, "serving /metrics and /healthz");
-    answer(listener, metrics, shutdown, stall).await;
-    Ok(())
-}
-
-/// Where connections come from: a TCP listener, or a test's.
-trait Incoming {
-    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
-    fn accept(&mut self) -> impl Future<Output = std::io::Result<Self::Stream>> + Send;
-}
-
-impl Incoming for tokio::net::TcpListener {
-    type Stream = tokio::net::TcpStream;
-    async fn accept(&mut self) -> std::io::Result<tokio::net::TcpStream> {
-        tokio::net::TcpListener::accept(self)
-            .await
-            .map(|(stream, _)| stream)
-    }
-}
-
-/// Answers connections until shutdown, [`MAX_CONNECTIONS`] at a time.
-async fn answer<I: Incoming>(
-    mut incoming: I,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-    stall: Duration,
-) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        // a slot first: beyond the limit, connections wait in the backlog, not in this process
-        let slot = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
-        };
-        let mut stream = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = incoming.accept() => match accepted {
-                Ok(stream) => stream,
-                Err(e) => {
-                    warn!(error = %e, "metrics endpoint: accept failed; going on");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
-                    }
-                }
-            },
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            // a client that sends nothing (or reads nothing) is dropped, never kept forever
-            let answered = tokio::time::timeout(REQUEST_TIMEOUT, async {
-                let mut buf = [0u8; 1024];
-                let n = stream.read(&mut buf).await.unwrap_or(0);
-                let request = String::from_utf8_lossy(&buf[..n]);
-                let path = request.split_whitespace().nth(1).unwrap_or("/");
-                let (status, body) = match path {
-                    "/metrics" => ("200 OK", metrics.render()),
-                    "/healthz" => metrics.health(stall),
-                    _ => ("404 Not Found", "not found\n".to_string()),
-                };
-                let response = format!(
-                    "HTTP/1.0 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\n\r\n{body}",
-                    body.len()
-                );
-                stream.write_all(response.as_bytes()).await
-            })
-            .await;
-            // (debug: anyone who can connect could otherwise fill the log)
-            match answered {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => debug!(error = %e, "metrics response failed"),
-                Err(_) => debug!("metrics request timed out"),
-            }
-        });
     }
 }
 
@@ -372,8 +520,14 @@ mod tests {
         let (status, body) = m.health(Duration::from_secs(60));
         assert_eq!(status, "503 Service Unavailable");
         assert!(body.starts_with("stalled: 3 record(s)"), "{body}");
+        assert!(m
+            .render(Duration::from_secs(60))
+            .contains("\npg_outbox_relay_stalled 1\n"));
         m.progress();
         assert_eq!(m.health(Duration::from_secs(60)).0, "200 OK");
+        assert!(m
+            .render(Duration::from_secs(60))
+            .contains("\npg_outbox_relay_stalled 0\n"));
         m.in_flight.store(0, Ordering::Relaxed);
         m.last_progress_ms.store(0, Ordering::Relaxed);
         assert_eq!(
@@ -406,103 +560,86 @@ mod tests {
                 ("200 OK", shown.to_string())
             );
         }
-    }
-
-    /// Connections from a test: first `errors` failed accepts, then idle connections whose
-    /// client ends are kept (or one that asks for `/healthz`), counting what was accepted.
-    struct Scripted {
-        errors: usize,
-        accepted: Arc<AtomicU64>,
-        clients: Arc<std::sync::Mutex<Vec<tokio::io::DuplexStream>>>,
-    }
-
-    impl Incoming for Scripted {
-        type Stream = tokio::io::DuplexStream;
-        async fn accept(&mut self) -> std::io::Result<tokio::io::DuplexStream> {
-            if self.errors > 0 {
-                self.errors -= 1;
-                return Err(std::io::Error::from_raw_os_error(24)); // EMFILE
-            }
-            self.accepted.fetch_add(1, Ordering::SeqCst);
-            let (client, server) = tokio::io::duplex(4096);
-            self.clients.lock().unwrap().push(client);
-            Ok(server)
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_failed_accept_does_not_end_the_endpoint() {
-        let accepted = Arc::new(AtomicU64::new(0));
-        let clients = Arc::default();
-        let incoming = Scripted {
-            errors: 5,
-            accepted: accepted.clone(),
-            clients: Arc::clone(&clients),
-        };
-        let m = Arc::new(Metrics::default());
-        m.healthy.store(true, Ordering::Relaxed);
-        let shutdown = CancellationToken::new();
-        let server = tokio::spawn(answer(
-            incoming,
-            m,
-            shutdown.clone(),
-            Duration::from_secs(60),
-        ));
-        while accepted.load(Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let mut client = clients.lock().unwrap().remove(0);
-        client
-            .write_all(b"GET /healthz HTTP/1.0\r\n\r\n")
-            .await
-            .unwrap();
-        let mut answer = String::new();
-        client.read_to_string(&mut answer).await.unwrap();
-        assert!(answer.starts_with("HTTP/1.0 200 OK"), "{answer}");
-        assert!(answer.ends_with("ok: active\n"), "{answer}");
-        shutdown.cancel();
-        server.await.unwrap();
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn at_most_max_connections_are_served_at_once() {
-        let accepted = Arc::new(AtomicU64::new(0));
-        let clients = Arc::default();
-        let incoming = Scripted {
-            errors: 0,
-            accepted: accepted.clone(),
-            clients: Arc::clone(&clients),
-        };
-        let shutdown = CancellationToken::new();
-        let server = tokio::spawn(answer(
-            incoming,
-            Arc::default(),
-            shutdown.clone(),
-            Duration::from_secs(60),
-        ));
-        // clients that connect and send nothing: the limit, and no more, are taken
-        tokio::time::sleep(REQUEST_TIMEOUT / 2).await;
-        assert_eq!(accepted.load(Ordering::SeqCst), MAX_CONNECTIONS as u64);
-        // each is dropped after the request timeout, which frees its place
-        tokio::time::sleep(REQUEST_TIMEOUT).await;
-        assert_eq!(accepted.load(Ordering::SeqCst), 2 * MAX_CONNECTIONS as u64);
-        shutdown.cancel();
-        server.await.unwrap();
+        assert!(m
+            .render(Duration::from_secs(60))
+            .contains("\npg_outbox_relay_standby 1\n"));
     }
 
     #[test]
     fn histogram_buckets_are_cumulative_and_bounds_inclusive() {
-        let h = Histogram::default();
+        let m = Metrics::default();
         for us in [500, 1_000, 1_001, 24_999, 25_000, 9_000_000] {
-            h.observe(us);
+            m.latency.observe(us as f64 / 1e6);
         }
-        let mut out = String::new();
-        h.render("x", "help", &mut out);
-        assert!(out.contains("x_bucket{le=\"0.001\"} 2\n"), "{out}");
-        assert!(out.contains("x_bucket{le=\"0.002\"} 3\n"), "{out}");
-        assert!(out.contains("x_bucket{le=\"0.025\"} 5\n"), "{out}");
-        assert!(out.contains("x_bucket{le=\"5\"} 5\n"), "{out}");
-        assert!(out.contains("x_bucket{le=\"+Inf\"} 6\n"), "{out}");
-        assert!(out.contains("x_count 6\n"), "{out}");
+        let out = m.render(Duration::MAX);
+        let name = "pg_outbox_relay_event_latency_seconds";
+        assert!(
+            out.contains(&format!("{name}_bucket{{le=\"0.001\"}} 2\n")),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!("{name}_bucket{{le=\"0.002\"}} 3\n")),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!("{name}_bucket{{le=\"0.025\"}} 5\n")),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!("{name}_bucket{{le=\"5.0\"}} 5\n")),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!("{name}_bucket{{le=\"+Inf\"}} 6\n")),
+            "{out}"
+        );
+        assert!(out.contains(&format!("{name}_count 6\n")), "{out}");
+    }
+
+    #[test]
+    fn counters_are_labelled_per_topic_and_partition_and_summed_without_labels() {
+        let m = Metrics::default();
+        m.published
+            .get_or_create(&PartitionLabels::new("orders", 0))
+            .inc_by(2);
+        m.published
+            .get_or_create(&PartitionLabels::new("orders", 7))
+            .inc();
+        m.ingested
+            .get_or_create(&TopicLabels {
+                topic: "orders".into(),
+            })
+            .inc_by(4);
+        let out = m.render(Duration::MAX);
+        assert!(
+            out.contains(
+                "pg_outbox_relay_events_published_total{topic=\"orders\",partition=\"0\"} 2\n"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "pg_outbox_relay_events_published_total{topic=\"orders\",partition=\"7\"} 1\n"
+            ),
+            "{out}"
+        );
+        assert!(out.contains("pg_outbox_relay_messages_ingested_total{topic=\"orders\"} 4\n"));
+        assert!(out.ends_with("# EOF\n"), "{out}");
+        assert_eq!(m.sum("pg_outbox_relay_events_published_total"), 3.0);
+        assert_eq!(m.sum("pg_outbox_relay_events_skipped_total"), 0.0);
+    }
+
+    #[test]
+    fn info_names_the_mode_and_the_source() {
+        let m = Metrics::default();
+        m.describe("run", "orders-db");
+        let out = m.render(Duration::MAX);
+        assert!(
+            out.contains(&format!(
+                "pg_outbox_relay_info{{mode=\"run\",source=\"orders-db\",version=\"{}\"}} 1\n",
+                env!("CARGO_PKG_VERSION")
+            )),
+            "{out}"
+        );
     }
 }
