@@ -214,8 +214,15 @@ async fn session(
         let first = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = sample.tick() => {
-                sample_lag(&pg, &kafka, consumer, &cursors, metrics).await?;
-                done_since = Some(database::sample_inbox_done(&pg, consumer, done_since, metrics).await?);
+                // figures for /metrics: a failure is logged, and the ingest goes on
+                let sampled = async {
+                    sample_lag(&pg, &kafka, consumer, &cursors, metrics).await?;
+                    database::sample_inbox_done(&pg, consumer, done_since, metrics).await
+                };
+                match sampled.await {
+                    Ok(now) => done_since = Some(now),
+                    Err(e) => warn!(error = %e, "could not sample the ingest's lag for /metrics"),
+                }
                 continue;
             }
             _ = partition_check.tick() => {

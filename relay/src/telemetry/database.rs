@@ -154,7 +154,7 @@ pub async fn sample_inbox_done(
     };
     let rows = pg
         .query(
-            "SELECT pg_catalog.extract(epoch FROM m.completed_at OPERATOR(pg_catalog.-) m.received_at)::float8 \
+            "SELECT pg_catalog.date_part('epoch', m.completed_at OPERATOR(pg_catalog.-) m.received_at) \
                FROM (SELECT consumer, status, received_at, completed_at FROM inbox.messages \
                       ORDER BY id DESC LIMIT $1) m \
               WHERE m.consumer OPERATOR(pg_catalog.=) $2 AND m.status OPERATOR(pg_catalog.=) 'done' \
