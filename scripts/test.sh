@@ -40,6 +40,8 @@ export PG_OUTBOX_SAGA_BIN=${CARGO_TARGET_DIR:-$PWD/target}/debug/saga-order-serv
 
 echo "test: unit tests"
 cargo test -q -p pg_outbox_envelope -p pg_outbox_relay
+echo "test: the Grafana dashboard and the Prometheus alert rules (deploy/; no cluster needed)"
+cargo test -q -p pg_outbox_tests --test deploy
 
 root=$(mktemp -d "${TMPDIR:-/tmp}/pg_outbox-test.XXXXXX")
 chmod 755 "$root"

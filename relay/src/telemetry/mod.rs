@@ -25,7 +25,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Metric, Registry};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -91,10 +92,28 @@ fn readback_histogram() -> Histogram {
     Histogram::new(READBACK_BUCKETS)
 }
 
+/// Registers `metric` under `name`, and notes the sample names it shows.
+fn add(
+    registry: &mut Registry,
+    names: &mut Vec<String>,
+    name: &str,
+    help: &str,
+    metric: impl Metric,
+) {
+    let suffixes: &[&str] = match metric.metric_type() {
+        MetricType::Counter => &["_total"],
+        MetricType::Histogram => &["_bucket", "_sum", "_count"],
+        _ => &[""],
+    };
+    names.extend(suffixes.iter().map(|s| format!("{name}{s}")));
+    registry.register(name, help, metric);
+}
+
 /// The process's metrics and the state `/healthz` reports.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    names: Vec<String>,
     /// Records handed to the producer, per topic and partition.
     pub sent: Family<PartitionLabels, Counter>,
     /// Records Kafka acknowledged, per topic and partition.
@@ -158,6 +177,7 @@ impl Default for Metrics {
     fn default() -> Metrics {
         let mut m = Metrics {
             registry: Registry::default(),
+            names: Vec::new(),
             sent: Family::default(),
             published: Family::default(),
             skipped: Family::default(),
@@ -202,150 +222,212 @@ impl Metrics {
     /// Every metric under its public name (counters get `_total` from the client).
     fn register(&mut self) {
         let r = &mut self.registry;
-        r.register(
+        let names = &mut self.names;
+        add(
+            r,
+            names,
             "pg_outbox_relay_events_sent",
             "Records handed to the Kafka producer, per topic and partition.",
             self.sent.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "pg_outbox_relay_events_published",
             "Events acknowledged by Kafka, per topic and partition.",
             self.published.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "pg_outbox_relay_events_skipped",
             "Replayed events the restart dedup found already in Kafka and skipped, per topic and partition.",
             self.skipped.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "pg_outbox_relay_events_dead_lettered",
             "Events this process wrote to outbox.dead_letters, per topic and partition \
              (partition -1: dead-lettered before it had one).",
             self.dead_lettered.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "pg_outbox_relay_foreign_records",
             "Records read back after a restart that carry this source's headers without a valid \
              pg_outbox-mac: ignored by the dedup.",
             self.foreign_records.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "pg_outbox_relay_unproven_messages",
             "pg_outbox messages in the WAL without a valid seal (written with \
              pg_logical_emit_message, or copied): passed over, never published.",
             self.unproven_messages.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "pg_outbox_relay_restarts",
             "Sessions ended by an error and restarted.",
             self.restarts.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "pg_outbox_relay_event_latency_seconds",
             "From an event's commit (wal source) or its transaction's start (poll source) to Kafka's \
              acknowledgement; both clocks must agree.",
             self.latency.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "pg_outbox_relay_readback_duration_seconds",
             "How long the restart dedup took to read back a topic's partitions, per topic (once per \
              topic and session).",
             self.readback.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "pg_outbox_relay_slot_confirmed_lag_bytes",
             "WAL bytes from the server's current position to the slot's confirmed_flush_lsn (sampled).",
             self.slot_confirmed_lag_bytes.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "pg_outbox_relay_slot_retained_wal_bytes",
             "WAL bytes the slot keeps on the server: from its restart_lsn to the current position (sampled).",
             self.slot_retained_bytes.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "pg_outbox_relay_table_backlog_events",
             "Rows in outbox.events (table mode): counted up to 100000, the planner's estimate beyond (sampled).",
             self.table_backlog.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "pg_outbox_relay_dead_letters_stored",
             "Rows in outbox.dead_letters for this source (sampled).",
             self.dead_letters_stored.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "pg_outbox_relay_gaps_stored",
             "Rows in outbox.gaps for this source: WAL ranges an operator accepted as possibly lost (sampled).",
             self.gaps_stored.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "pg_outbox_relay_database_sampled_timestamp_seconds",
             "When the database figures above were last read (Unix time); 0 before the first read.",
             self.sampled_at.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "pg_outbox_relay_messages_ingested",
             "Kafka messages written to the inbox by `ingest` (with their offsets), per topic.",
             self.ingested.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "pg_outbox_relay_messages_ingested_dead",
             "Of those, messages written in the dead state (poison input), per topic.",
             self.ingested_dead.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "pg_outbox_relay_ingest_lag_messages",
             "Ingest: the partition's high watermark minus the next offset stored in inbox.offsets, \
              per topic and partition (sampled).",
             self.ingest_lag.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "pg_outbox_relay_ingest_delay_seconds",
             "Ingest: from a record's Kafka timestamp (the event's enqueue time with the relay's \
              record_timestamp = enqueue) to the commit of the inbox transaction that holds it.",
             self.ingest_delay.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "pg_outbox_relay_inbox_done_delay_seconds",
             "Ingest: from a message's arrival in the inbox (received_at) to inbox.complete \
              (completed_at), sampled from the newest messages every 10 s.",
             self.inbox_done_delay.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "pg_outbox_relay_info",
             "1, labelled with what this process does: mode (run, ingest), source (source id or \
              consumer) and version.",
             self.info.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "pg_outbox_relay_up",
             "1 while streaming (run) or ingesting.",
             self.up.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "pg_outbox_relay_standby",
             "1 while another relay holds the source and this one waits.",
             self.standby_gauge.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "pg_outbox_relay_degraded",
             "1 while an event that cannot be published yet is retried.",
             self.degraded_gauge.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "pg_outbox_relay_stalled",
             "1 while records are in flight and none was acknowledged for stall_timeout.",
             self.stalled_gauge.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "pg_outbox_relay_in_flight",
             "Records sent and not yet acknowledged.",
             self.in_flight_gauge.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "pg_outbox_relay_confirmed_lsn",
             "Last LSN confirmed to the slot.",
             self.confirmed_lsn_gauge.clone(),
         );
+    }
+
+    /// Every sample name `/metrics` can show (`_total` of counters; `_bucket`, `_sum` and
+    /// `_count` of histograms), whether or not anything was counted yet: what the dashboard and
+    /// the alert rules may use (tests/tests/deploy.rs checks them against it).
+    pub fn exported_names(&self) -> &[String] {
+        &self.names
     }
 
     /// Says what this process does (`pg_outbox_relay_info`).
@@ -627,6 +709,30 @@ mod tests {
         assert!(out.ends_with("# EOF\n"), "{out}");
         assert_eq!(m.sum("pg_outbox_relay_events_published_total"), 3.0);
         assert_eq!(m.sum("pg_outbox_relay_events_skipped_total"), 0.0);
+    }
+
+    #[test]
+    fn exported_names_are_what_the_text_shows() {
+        let m = Metrics::default();
+        m.published
+            .get_or_create(&PartitionLabels::new("t", 0))
+            .inc();
+        let names = m.exported_names();
+        assert!(names.contains(&"pg_outbox_relay_events_published_total".to_string()));
+        assert!(names.contains(&"pg_outbox_relay_event_latency_seconds_bucket".to_string()));
+        assert!(names.contains(&"pg_outbox_relay_up".to_string()));
+        assert!(!names.iter().any(|n| n.ends_with("_total_total")));
+        for sample in m
+            .render(Duration::MAX)
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+        {
+            let name = sample.split(['{', ' ']).next().unwrap();
+            assert!(
+                names.iter().any(|n| n == name),
+                "{name} is not in exported_names"
+            );
+        }
     }
 
     #[test]
