@@ -42,6 +42,8 @@ echo "test: unit tests"
 cargo test -q -p pg_outbox_envelope -p pg_outbox_relay
 echo "test: the Kubernetes manifests, the systemd unit, the image and compose files (static)"
 scripts/check-deploy.sh
+echo "test: the Grafana dashboard and the Prometheus alert rules (deploy/; no cluster needed)"
+cargo test -q -p pg_outbox_tests --test deploy
 
 root=$(mktemp -d "${TMPDIR:-/tmp}/pg_outbox-test.XXXXXX")
 chmod 755 "$root"

@@ -23,7 +23,7 @@ use crate::kafka::{fetch_partition_count, fetch_topic_id, off_runtime, raw_heade
 use crate::postgres;
 use crate::retry::Retry;
 use crate::sink::HEADER_ID;
-use crate::telemetry::Metrics;
+use crate::telemetry::{database, seconds_since, Metrics, PartitionLabels, TopicLabels};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
@@ -207,9 +207,24 @@ async fn session(
     let mut idle_check = tokio::time::interval(IDLE / 4);
     let mut partition_check = tokio::time::interval(PARTITION_CHECK);
     partition_check.reset();
+    let mut sample = tokio::time::interval(database::EVERY);
+    sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut done_since = None;
     loop {
         let first = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
+            _ = sample.tick() => {
+                // figures for /metrics: a failure is logged, and the ingest goes on
+                let sampled = async {
+                    sample_lag(&pg, &kafka, consumer, &cursors, metrics).await?;
+                    database::sample_inbox_done(&pg, consumer, done_since, metrics).await
+                };
+                match sampled.await {
+                    Ok(now) => done_since = Some(now),
+                    Err(e) => warn!(error = %e, "could not sample the ingest's lag for /metrics"),
+                }
+                continue;
+            }
             _ = partition_check.tick() => {
                 assign_new_partitions(&pg, &kafka, ingest, &mut cursors).await?;
                 continue;
@@ -261,11 +276,81 @@ async fn session(
             continue;
         }
         deliver(&pg, consumer, &batch).await?;
-        metrics
-            .ingested
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        count_ingested(&batch, metrics);
         batch.clear();
     }
+}
+
+/// Counts a committed batch per topic, and observes each record's time from its Kafka timestamp
+/// to now (just after the commit): `pg_outbox_relay_ingest_delay_seconds`.
+fn count_ingested(batch: &[Row], metrics: &Metrics) {
+    let mut per_topic: HashMap<&str, (u64, u64)> = HashMap::new();
+    for row in batch {
+        let (all, dead) = per_topic.entry(row.topic.as_str()).or_default();
+        *all += 1;
+        *dead += u64::from(row.dead_reason.is_some());
+        if let Some(ms) = row.timestamp_ms {
+            metrics
+                .ingest_delay
+                .observe(seconds_since(ms.saturating_mul(1000)));
+        }
+    }
+    for (topic, (all, dead)) in per_topic {
+        let labels = TopicLabels {
+            topic: topic.to_string(),
+        };
+        metrics.ingested.get_or_create(&labels).inc_by(all);
+        if dead > 0 {
+            metrics.ingested_dead.get_or_create(&labels).inc_by(dead);
+        }
+    }
+}
+
+/// Sets `pg_outbox_relay_ingest_lag_messages` of every assigned partition: its high watermark
+/// (one ListOffsets request per broker for all of them) minus the next offset the database stored
+/// for it (0 when none is stored yet: an overestimate when retention removed the partition's
+/// start).
+async fn sample_lag(
+    pg: &Client,
+    kafka: &Arc<StreamConsumer>,
+    consumer: &str,
+    cursors: &HashMap<(String, i32), Cursor>,
+    metrics: &Metrics,
+) -> Result<(), RelayError> {
+    if cursors.is_empty() {
+        return Ok(());
+    }
+    let stored: HashMap<(String, i32), i64> = pg
+        .query(
+            "SELECT topic, partition, next_offset FROM inbox.offsets WHERE consumer = $1",
+            &[&consumer],
+        )
+        .await?
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect();
+    let mut latest = TopicPartitionList::new();
+    for (topic, partition) in cursors.keys() {
+        // a timestamp of -1 (Offset::End) asks for the partition's end
+        latest.add_partition_offset(topic, *partition, Offset::End)?;
+    }
+    let k = kafka.clone();
+    let ends = off_runtime("watermark task", move || {
+        Ok(k.offsets_for_times(latest, Duration::from_secs(10))?)
+    })
+    .await?;
+    for end in ends.elements() {
+        let Offset::Offset(end_offset) = end.offset() else {
+            continue;
+        };
+        let place = (end.topic().to_string(), end.partition());
+        let next = stored.get(&place).copied().unwrap_or(0);
+        metrics
+            .ingest_lag
+            .get_or_create(&PartitionLabels::new(end.topic(), end.partition()))
+            .set((end_offset - next).max(0));
+    }
+    Ok(())
 }
 
 /// How often the topics' partition counts are looked at again, so that partitions added to a topic

@@ -95,6 +95,10 @@ async fn serve(config: &Config, mode: Mode) -> ExitCode {
         }
     };
     let metrics = Arc::new(telemetry::Metrics::default());
+    match &config.ingest {
+        Some(ingest) => metrics.describe("ingest", &ingest.consumer),
+        None => metrics.describe("run", &config.source.source_id),
+    }
     // systemd's Type=notify (NOTIFY_SOCKET): READY=1 once streaming or standing by, STATUS= lines
     let notify = notify::Notifier::from_env();
     let active = if mode == Mode::Ingest {
@@ -116,6 +120,11 @@ async fn serve(config: &Config, mode: Mode) -> ExitCode {
                 tracing::error!(error = %e, "metrics endpoint failed");
             }
         });
+        if mode == Mode::Run {
+            // the source's figures in the database, on a session of their own
+            let (c, m, t) = (config.clone(), metrics.clone(), shutdown.clone());
+            tokio::spawn(telemetry::database::sample_source(c, m, t));
+        }
     }
     let result = match (mode, &config.ingest) {
         (Mode::Ingest, Some(ingest)) => ingest::run(config, ingest, shutdown, metrics).await,

@@ -51,7 +51,7 @@ impl State {
             State::Active
         } else if let Some(holder) = standby {
             State::Standby(holder)
-        } else if metrics.restarts.load(Ordering::Relaxed) > 0 {
+        } else if metrics.restarts.get() > 0 {
             State::Reconnecting
         } else {
             State::Starting
@@ -210,7 +210,7 @@ mod tests {
             "standby behind slot \"s\" is streamed by pg_outbox_relay 7@h"
         );
         m.set_standby(None);
-        m.restarts.store(1, Ordering::Relaxed);
+        m.restarts.inc();
         assert_eq!(State::of(&m, stall), State::Reconnecting);
         assert!(!State::Reconnecting.ready());
         m.healthy.store(true, Ordering::Relaxed);

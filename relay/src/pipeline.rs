@@ -24,7 +24,7 @@ use crate::sink::dedup::Dedup;
 use crate::sink::partition::partition_for;
 use crate::sink::{mac_fields, Delivered, Delivery, Record, Sink};
 use crate::source::{Identity, Source, Step};
-use crate::telemetry::{micros_since, unix_micros_now, Metrics};
+use crate::telemetry::{seconds_since, unix_micros_now, Metrics, PartitionLabels};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
 use pg_outbox_envelope::Event;
@@ -98,8 +98,8 @@ const PARKED_RETRY: Duration = Duration::from_millis(500);
 
 /// Where one event goes.
 enum Route {
-    /// Handed to the sink: the delivery to wait for, and the record's size.
-    Sent(Delivery, usize),
+    /// Handed to the sink: the delivery to wait for, the record's size, and where it went.
+    Sent(Delivery, usize, PartitionLabels),
     /// Nothing to wait for: Kafka already has it, it was dead-lettered, or it is no event.
     Done,
     /// Its topic cannot be written to yet (named): the event waits, and events to other topics
@@ -140,12 +140,13 @@ fn letter_of(event: &SourceEvent, reason: String) -> DeadLetter {
 }
 
 /// A record handed to the sink: its checkpoint unit, when its event started (Unix µs, for the
-/// latency), its size in bytes, and its delivery: the future to wait for ([`Delivery`]), then the
-/// outcome ([`Delivered`]).
+/// latency), its size in bytes, its topic and partition (for the counters), and its delivery: the
+/// future to wait for ([`Delivery`]), then the outcome ([`Delivered`]).
 struct InFlight<T> {
     unit: UnitId,
     since: i64,
     size: usize,
+    to: PartitionLabels,
     delivery: T,
 }
 
@@ -156,6 +157,7 @@ impl InFlight<Delivery> {
             unit: self.unit,
             since: self.since,
             size: self.size,
+            to: self.to,
             delivery: self.delivery.await,
         }
     }
@@ -305,14 +307,14 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
                                 self.dedup.delivered(event.position);
                                 let since = event.since_micros;
                                 match self.publish(&event).await? {
-                                    Route::Sent(delivery, size) => {
+                                    Route::Sent(delivery, size, to) => {
                                         if inflight.is_empty() {
                                             // a new flight: the stall clock starts now
                                             self.metrics.progress();
                                         }
                                         bytes += size;
                                         let unit = checkpoint.sent();
-                                        inflight.push(InFlight { unit, since, size, delivery }.landed());
+                                        inflight.push(InFlight { unit, since, size, to, delivery }.landed());
                                     }
                                     Route::Done => {}
                                     Route::Park(topic) => {
@@ -380,10 +382,10 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
     ) -> Result<(), RelayError> {
         match landed.delivery {
             Delivered::Acked => {
-                self.metrics.published.fetch_add(1, Ordering::Relaxed);
-                self.metrics.latency.observe(micros_since(landed.since));
+                self.metrics.published.get_or_create(&landed.to).inc();
+                self.metrics.latency.observe(seconds_since(landed.since));
             }
-            Delivered::Rejected(letter) => self.dead_letter(*letter).await?,
+            Delivered::Rejected(letter) => self.dead_letter(*letter, Some(landed.to)).await?,
             Delivered::Failed(e) => {
                 // nothing behind a failed record may land: that would be a hole
                 self.sink.withdraw();
@@ -399,9 +401,7 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
     /// at most every [`UNPROVEN_LOG_EVERY`], so that a flood of them (any role can write them) costs
     /// neither a row nor a line each, and the real events behind them flow.
     fn unproven(&mut self, reason: &str) {
-        self.metrics
-            .unproven_messages
-            .fetch_add(1, Ordering::Relaxed);
+        self.metrics.unproven_messages.inc();
         let (count, logged) = &mut self.unproven;
         *count += 1;
         if logged.is_none_or(|at| at.elapsed() >= UNPROVEN_LOG_EVERY) {
@@ -417,8 +417,15 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
         }
     }
 
-    /// Records an event that can never be published, or stops the relay if the operator chose so.
-    async fn dead_letter(&mut self, letter: DeadLetter) -> Result<(), RelayError> {
+    /// Records an event that can never be published, or stops the relay if the operator chose so;
+    /// `to` is where it would have gone, if it had a topic the relay may write to (and a partition,
+    /// or -1): the counter's labels, `(none)`/-1 otherwise, so that a writer's odd topic names
+    /// make no series.
+    async fn dead_letter(
+        &mut self,
+        letter: DeadLetter,
+        to: Option<PartitionLabels>,
+    ) -> Result<(), RelayError> {
         if self.source.on_poison == OnPoison::Stop {
             return Err(RelayError::permanent(format!(
                 "the event at position {} cannot be published ({}) and on_poison = stop: fix the cause, \
@@ -427,7 +434,8 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
             )));
         }
         self.dead.record(letter).await?;
-        self.metrics.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        let to = to.unwrap_or_else(|| PartitionLabels::new("(none)", -1));
+        self.metrics.dead_lettered.get_or_create(&to).inc();
         Ok(())
     }
 
@@ -440,7 +448,7 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
                 Ok(e) => e,
                 Err(e) => {
                     let reason = format!("undecodable envelope: {e}");
-                    self.dead_letter(DeadLetter::raw(position, content, reason))
+                    self.dead_letter(DeadLetter::raw(position, content, reason), None)
                         .await?;
                     return Ok(Route::Done);
                 }
@@ -461,14 +469,14 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
         let topic = self.kafka.topic_for(event.topic);
         if let Err(e) = pg_outbox_envelope::validate_topic(&topic) {
             let reason = format!("topic_template gives an invalid Kafka topic {topic:?}: {e}");
-            self.dead_letter(DeadLetter::of_event(position, event, reason))
+            self.dead_letter(DeadLetter::of_event(position, event, reason), None)
                 .await?;
             return Ok(Route::Done);
         }
         // writers choose their events' topics: only those the operator allowed are written
         if !self.kafka.allows(&topic) {
             let reason = format!("topic {topic:?} is not in allowed_topics");
-            self.dead_letter(DeadLetter::of_event(position, event, reason))
+            self.dead_letter(DeadLetter::of_event(position, event, reason), None)
                 .await?;
             return Ok(Route::Done);
         }
@@ -503,7 +511,10 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
             )
             .await?
         {
-            self.metrics.skipped.fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .skipped
+                .get_or_create(&PartitionLabels::new(&topic, partition))
+                .inc();
             return Ok(Route::Done);
         }
         let alone = match self.alone_until {
@@ -547,7 +558,8 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
                 "record of {size} bytes exceeds max_record_bytes ({})",
                 self.kafka.max_record_bytes
             );
-            self.dead_letter(DeadLetter::of_event(position, event, reason))
+            let to = PartitionLabels::new(&topic, partition);
+            self.dead_letter(DeadLetter::of_event(position, event, reason), Some(to))
                 .await?;
             return Ok(Route::Done);
         }
@@ -564,7 +576,11 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
         }
         self.sent_max = self.sent_max.max(Some(position));
         match self.sink.send(record).await {
-            Ok(delivery) => Ok(Route::Sent(delivery, size)),
+            Ok(delivery) => {
+                let to = PartitionLabels::new(&topic, partition);
+                self.metrics.sent.get_or_create(&to).inc();
+                Ok(Route::Sent(delivery, size, to))
+            }
             Err(e) => {
                 // a producer stopped by a refused batch refuses everything from then on
                 self.frontier.lost(&self.identity.name, self.sent_max);
@@ -607,12 +623,13 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
             while let Some(waiting) = queue.pop_front() {
                 match &error {
                     None => match self.publish(&waiting.event).await? {
-                        Route::Sent(delivery, size) => {
+                        Route::Sent(delivery, size, to) => {
                             *bytes -= waiting.size;
                             sent.push(InFlight {
                                 unit: waiting.unit,
                                 since: waiting.event.since_micros,
                                 size,
+                                to,
                                 delivery,
                             });
                         }
@@ -630,7 +647,9 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
                             "{e} (retried for {} ms)",
                             self.source.poison_retry.as_millis()
                         );
-                        self.dead_letter(letter_of(&waiting.event, reason)).await?;
+                        let to = PartitionLabels::new(&topic, -1);
+                        self.dead_letter(letter_of(&waiting.event, reason), Some(to))
+                            .await?;
                         *bytes -= waiting.size;
                         checkpoint.acked(waiting.unit);
                     }
@@ -890,7 +909,10 @@ mod tests {
             Some(&4),
             "all ten drained and confirmed"
         );
-        assert_eq!(out.metrics.published.load(Ordering::Relaxed), 10);
+        assert_eq!(
+            out.metrics.sum("pg_outbox_relay_events_published_total") as u64,
+            10
+        );
         assert!(out.closed);
     }
 
@@ -907,7 +929,10 @@ mod tests {
         let out = run(script(5, 2), plan, 100, None, Some(ms(10))).await;
         out.result.expect("graceful");
         assert_eq!(out.confirmed.last(), Some(&2), "units 3 and 4 are replayed");
-        assert_eq!(out.metrics.published.load(Ordering::Relaxed), 9);
+        assert_eq!(
+            out.metrics.sum("pg_outbox_relay_events_published_total") as u64,
+            9
+        );
         assert!(out.closed);
     }
 
@@ -941,15 +966,25 @@ mod tests {
         let dead: Vec<Position> = out.dead.iter().map(|d| d.position).collect();
         // the unproven message is counted, not dead-lettered
         assert_eq!(dead, [Position::new(6, 0), Position::new(2, 0)]);
-        assert_eq!(out.metrics.unproven_messages.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            out.metrics.sum("pg_outbox_relay_unproven_messages_total") as u64,
+            1
+        );
         assert!(
             out.dead[0].reason.contains("undecodable"),
             "{:?}",
             out.dead[0]
         );
         assert_eq!(out.dead[1].topic.as_deref(), Some("t"));
-        assert_eq!(out.metrics.published.load(Ordering::Relaxed), 6);
-        assert_eq!(out.metrics.dead_lettered.load(Ordering::Relaxed), 2);
+        assert_eq!(
+            out.metrics.sum("pg_outbox_relay_events_published_total") as u64,
+            6
+        );
+        assert_eq!(
+            out.metrics
+                .sum("pg_outbox_relay_events_dead_lettered_total") as u64,
+            2
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -982,8 +1017,14 @@ mod tests {
         let plan: Plan = Box::new(|_, _| Fate::Ack(Duration::ZERO));
         let out = run(steps, plan, 100, None, Some(ms(500))).await;
         out.result.expect("graceful");
-        assert_eq!(out.metrics.published.load(Ordering::Relaxed), 4);
-        assert_eq!(out.metrics.skipped.load(Ordering::Relaxed), 2);
+        assert_eq!(
+            out.metrics.sum("pg_outbox_relay_events_published_total") as u64,
+            4
+        );
+        assert_eq!(
+            out.metrics.sum("pg_outbox_relay_events_skipped_total") as u64,
+            2
+        );
         assert_eq!(out.confirmed.last(), Some(&1));
     }
 
@@ -1012,7 +1053,10 @@ mod tests {
             "{:?}",
             out.dead[0]
         );
-        assert_eq!(out.metrics.published.load(Ordering::Relaxed), 4);
+        assert_eq!(
+            out.metrics.sum("pg_outbox_relay_events_published_total") as u64,
+            4
+        );
         assert!(
             !out.metrics.degraded.load(Ordering::Relaxed),
             "healthy again"
@@ -1052,7 +1096,10 @@ mod tests {
             .position(|e| matches!(e, Entry::Confirmed(c) if *c >= 2))
             .expect("confirmed");
         assert!(first_confirm_past > dead_at, "{:?}", out.log);
-        assert_eq!(out.metrics.published.load(Ordering::Relaxed), 9);
+        assert_eq!(
+            out.metrics.sum("pg_outbox_relay_events_published_total") as u64,
+            9
+        );
     }
 
     #[tokio::test(start_paused = true)]

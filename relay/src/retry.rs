@@ -53,7 +53,7 @@ impl Retry {
             }
             Err(e) => {
                 metrics.set_standby(None);
-                metrics.restarts.fetch_add(1, Ordering::Relaxed);
+                metrics.restarts.inc();
                 metrics.healthy.store(false, Ordering::Relaxed);
                 warn!(error = %e, backoff_ms = self.backoff.as_millis() as u64, "session ended; reconnecting");
             }

@@ -26,7 +26,8 @@ pub use postgres::{
     written_at_least, Edition, OwnedEvent, TestDb, SQL_EDITION, SQL_EDITION_OWNER,
 };
 pub use relay::{
-    healthz, metric, relay_bin, relay_command, scrape_metrics, wait_for_metric, Relay,
+    healthz, metric, metric_with, relay_bin, relay_command, samples, scrape_metrics,
+    wait_for_metric, wait_for_metric_with, Relay, Sample,
 };
 pub use scenario::{RelayBuilder, Scenario, ScenarioBuilder, READ_TIMEOUT};
 

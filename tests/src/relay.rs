@@ -248,10 +248,81 @@ pub fn scrape_metrics(addr: &str) -> Result<String> {
     Ok(text)
 }
 
-/// One value from a Prometheus text exposition (the line `name value`).
-pub fn metric(text: &str, name: &str) -> Option<f64> {
+/// One sample of a text exposition: name, labels, value.
+pub struct Sample {
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+}
+
+/// The samples of a Prometheus or OpenMetrics text exposition (comment lines and `# EOF` skipped).
+/// Label values are taken as written (the relay's hold no `"`, `\` or `,`).
+pub fn samples(text: &str) -> Vec<Sample> {
     text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let value = value.parse().ok()?;
+            let (name, labels) = match series.split_once('{') {
+                Some((name, rest)) => {
+                    let inner = rest.strip_suffix('}')?;
+                    let labels = inner
+                        .split(',')
+                        .filter(|kv| !kv.is_empty())
+                        .filter_map(|kv| {
+                            let (k, v) = kv.split_once('=')?;
+                            Some((k.to_string(), v.trim_matches('"').to_string()))
+                        })
+                        .collect();
+                    (name, labels)
+                }
+                None => (series, Vec::new()),
+            };
+            Some(Sample {
+                name: name.to_string(),
+                labels,
+                value,
+            })
+        })
+        .collect()
+}
+
+/// The value of `name` summed over all its label sets (`pg_outbox_relay_events_published_total`
+/// is counted per topic and partition; this is the total). Some(0) for a metric the exposition
+/// declares without any sample yet (a labelled counter nothing was counted in), None for one it
+/// does not know.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    metric_with(text, name, &[])
+}
+
+/// The value of `name` summed over the label sets that hold every pair of `labels`, e.g.
+/// `&[("topic", "orders"), ("partition", "3")]`; Some(0) when the metric is declared but no
+/// such series exists yet.
+pub fn metric_with(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut found = None;
+    for sample in samples(text) {
+        if sample.name == name
+            && labels
+                .iter()
+                .all(|(k, v)| sample.labels.iter().any(|(sk, sv)| sk == k && sv == v))
+        {
+            *found.get_or_insert(0.0) += sample.value;
+        }
+    }
+    found.or_else(|| declared(text, name).then_some(0.0))
+}
+
+/// Whether the exposition declares the metric family `name` belongs to (`# TYPE <family> ...`;
+/// a counter's samples add `_total`, a histogram's `_bucket`, `_sum` and `_count`).
+fn declared(text: &str, name: &str) -> bool {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.split_whitespace().next())
+        .any(|family| {
+            name == family
+                || ["_total", "_sum", "_count", "_bucket"]
+                    .iter()
+                    .any(|suffix| name.strip_suffix(suffix) == Some(family))
+        })
 }
 
 /// Waits until the counter `name` at `addr` reaches `at_least`; a relay whose `/metrics` is not up
@@ -262,11 +333,26 @@ pub async fn wait_for_metric(
     at_least: f64,
     timeout: Duration,
 ) -> Result<()> {
-    crate::wait_for(&format!("{name} >= {at_least}"), timeout, || async move {
-        Ok(scrape_metrics(addr)
-            .ok()
-            .and_then(|text| metric(&text, name))
-            .is_some_and(|v| v >= at_least))
-    })
+    wait_for_metric_with(addr, name, &[], at_least, timeout).await
+}
+
+/// [`wait_for_metric`] for the series of `name` that hold `labels` (summed, see [`metric_with`]).
+pub async fn wait_for_metric_with(
+    addr: &str,
+    name: &str,
+    labels: &[(&str, &str)],
+    at_least: f64,
+    timeout: Duration,
+) -> Result<()> {
+    crate::wait_for(
+        &format!("{name}{labels:?} >= {at_least}"),
+        timeout,
+        || async move {
+            Ok(scrape_metrics(addr)
+                .ok()
+                .and_then(|text| metric_with(&text, name, labels))
+                .is_some_and(|v| v >= at_least))
+        },
+    )
     .await
 }

@@ -38,13 +38,12 @@ use crate::event::Position;
 use crate::kafka::raw_headers;
 use crate::sink::{mac_fields, Sink, HEADER_ID, HEADER_MAC, HEADER_POSITION, HEADER_SOURCE};
 use crate::source::Identity;
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, TopicLabels};
 use futures_util::StreamExt;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
@@ -151,11 +150,18 @@ impl Dedup {
             .get(topic)
             .is_none_or(|t| t.partitions.len() != partitions as usize)
         {
+            let started = std::time::Instant::now();
             let reads = (0..partitions).map(|p| sink.read_tail(topic, p, identity, replay_from));
             let read: Vec<_> = futures_util::stream::iter(reads)
                 .buffered(READ_BACK_CONCURRENCY)
                 .collect()
                 .await;
+            metrics
+                .readback
+                .get_or_create(&TopicLabels {
+                    topic: topic.to_string(),
+                })
+                .observe(started.elapsed().as_secs_f64());
             let mut tails = Vec::with_capacity(partitions as usize);
             let mut foreign = 0;
             for (p, tail) in read.into_iter().enumerate() {
@@ -182,9 +188,7 @@ impl Dedup {
                 tails.push(tail);
             }
             if foreign > 0 {
-                metrics
-                    .foreign_records
-                    .fetch_add(foreign, Ordering::Relaxed);
+                metrics.foreign_records.inc_by(foreign);
                 // one line per topic and session, whatever the number of records
                 warn!(
                     %topic,
