@@ -30,6 +30,9 @@ pub struct RelayError {
     standby: Option<String>,
     /// The row of `outbox.sources` whose incarnation must stay stopped (see [`RelayError::verdict`]).
     verdict: Option<String>,
+    /// For a verdict that Kafka is ahead of the database: the major part of the highest position
+    /// found, checked again against the database before the verdict is stored.
+    ahead: Option<u64>,
     /// A bad setting ([`RelayError::config`]).
     config: bool,
 }
@@ -74,6 +77,7 @@ impl RelayError {
             source: None,
             standby: None,
             verdict: None,
+            ahead: None,
             config: false,
         }
     }
@@ -95,6 +99,23 @@ impl RelayError {
             verdict: Some(source.into()),
             ..RelayError::permanent(context)
         }
+    }
+
+    /// A verdict that Kafka holds records of `source` at positions up to `major`, beyond anything
+    /// the database had committed when the session opened. Before it is stored, the relay asks the
+    /// database again ([`RelayError::ahead_of`]): a session that was paused or superseded meanwhile
+    /// opened long ago, and another relay's records written since are no sign of a database that
+    /// went back in time.
+    pub fn ahead(source: impl Into<String>, major: u64, context: impl Into<String>) -> RelayError {
+        RelayError {
+            ahead: Some(major),
+            ..RelayError::verdict(source, context)
+        }
+    }
+
+    /// The highest position's major part of an [`RelayError::ahead`] verdict.
+    pub fn ahead_of(&self) -> Option<u64> {
+        self.ahead
     }
 
     /// The source this error is a stored verdict about, if it is one.

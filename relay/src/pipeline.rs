@@ -466,6 +466,18 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
     }
 
     async fn send(&mut self, position: Position, event: &Event<'_>) -> Result<Route, RelayError> {
+        // a relay that was paused long enough to be replaced sends nothing more, and reads nothing
+        // back: what it would read back may be its successor's (see relay.rs, `still_ahead`)
+        let paused = self.metrics.pause.paused();
+        if paused >= self.pause_limit {
+            self.sink.withdraw();
+            return Err(RelayError::transient(format!(
+                "this relay was paused for {:.1} s (limit {:.1} s): another relay may hold the \
+                 source now; what the producer still held is withdrawn and the session starts again",
+                paused.as_secs_f64(),
+                self.pause_limit.as_secs_f64()
+            )));
+        }
         let topic = self.kafka.topic_for(event.topic);
         if let Err(e) = pg_outbox_envelope::validate_topic(&topic) {
             let reason = format!("topic_template gives an invalid Kafka topic {topic:?}: {e}");
@@ -562,17 +574,6 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
             self.dead_letter(DeadLetter::of_event(position, event, reason), Some(to))
                 .await?;
             return Ok(Route::Done);
-        }
-        // a relay that was paused long enough to be replaced sends nothing more
-        let paused = self.metrics.pause.paused();
-        if paused >= self.pause_limit {
-            self.sink.withdraw();
-            return Err(RelayError::transient(format!(
-                "this relay was paused for {:.1} s (limit {:.1} s): another relay may hold the \
-                 source now; what the producer still held is withdrawn and the session starts again",
-                paused.as_secs_f64(),
-                self.pause_limit.as_secs_f64()
-            )));
         }
         self.sent_max = self.sent_max.max(Some(position));
         match self.sink.send(record).await {

@@ -70,15 +70,49 @@ pub async fn run(
                 info!("the session ended: what its producer held is withdrawn and its broker connections closed");
             }
         }
-        if let Err(e) = &result {
-            if let Some(source) = e.verdict_source() {
-                record_verdict(config, source, &e.to_string()).await;
-            }
-        }
+        let result = match result {
+            Err(e) if e.verdict_source().is_some() => match still_ahead(config, &e).await {
+                Ok(true) => {
+                    let source = e.verdict_source().unwrap_or_default().to_string();
+                    record_verdict(config, &source, &e.to_string()).await;
+                    Err(e)
+                }
+                Ok(false) => Err(RelayError::transient(
+                    "records of this source lie beyond what the database had committed when this \
+                     session opened, but not beyond what it has committed now: the session was \
+                     paused or superseded meanwhile (another relay wrote them); starting again",
+                )),
+                // the database cannot say: no verdict is stored, the relay stops all the same
+                Err(check) => {
+                    warn!(error = %check, "could not check the stop again; it is not stored");
+                    Err(e)
+                }
+            },
+            other => other,
+        };
         if !retry.after(result, started, &shutdown, &metrics).await? {
             return Ok(());
         }
     }
+}
+
+/// Whether a verdict still holds now. A verdict that Kafka is ahead of the database compares the
+/// records read back with what the database had committed when the session opened; a session
+/// paused (SIGSTOP, a VM) or superseded since opened long ago, and the records beyond its view may
+/// be a successor's. Asked again now: only records beyond what the database has committed *now*
+/// are a sign that it went back in time. Other verdicts hold as they are.
+async fn still_ahead(config: &Config, e: &RelayError) -> Result<bool, RelayError> {
+    let (Some(major), Some(source)) = (e.ahead_of(), e.verdict_source()) else {
+        return Ok(true);
+    };
+    let sql = if source.starts_with("slot:") {
+        "SELECT ((pg_catalog.pg_current_wal_insert_lsn() OPERATOR(pg_catalog.-) '0/0'::pg_catalog.pg_lsn))::pg_catalog.int8"
+    } else {
+        "SELECT pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())::pg_catalog.text::pg_catalog.int8"
+    };
+    let pg = postgres::connect(&config.postgres).await?;
+    let now: i64 = pg.query_one(sql, &[]).await?.get(0);
+    Ok(major >= now as u64)
 }
 
 /// Stores a stop verdict in `outbox.sources`, so that every later start (of this relay or another,

@@ -168,7 +168,7 @@ impl Dedup {
                 let tail = tail?;
                 foreign += tail.foreign;
                 if let Some(last) = tail.last.filter(|last| *last >= identity.ceiling) {
-                    return Err(RelayError::verdict(&identity.source, format!(
+                    return Err(RelayError::ahead(&identity.source, last.major, format!(
                         "{topic}[{p}] holds records of source {} up to position {last}, beyond \
                          anything this database has committed ({}): the database was restored to an \
                          earlier point, or Kafka holds another database's records under this \
