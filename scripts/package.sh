@@ -14,8 +14,9 @@
 #                                                      a machine that is not Debian
 #
 #   scripts/package.sh [--debug] [--out DIR] [MAJOR...]
-#     --debug   package the debug builds that `make test` made already, compressed fast: for the
-#               package test (scripts/package-test.sh); never for a release
+#     --debug   package the debug builds that `make test` made already (the relay: PG_OUTBOX_RELAY_BIN
+#               when set), compressed fast: for the package test (scripts/package-test.sh); never
+#               for a release
 #     --out     where the packages go (default target/package); its stage/ is removed at the end
 #     MAJOR     only these PostgreSQL majors (default: every one installed)
 set -euo pipefail
@@ -132,7 +133,8 @@ for major in "${majors[@]}"; do
     pkg=postgresql-$major-pg-outbox
     say "$pkg: cargo pgrx package ($profile) for $($config --version)"
     pgrx=$stage/pgrx-$major
-    (cd pg_outbox && cargo pgrx package "${cargo_profile[@]}" --pg-config "$config" --out-dir "$pgrx" >/dev/null)
+    (cd pg_outbox && cargo pgrx package "${cargo_profile[@]}" --pg-config "$config" --out-dir "$pgrx") \
+        >"$stage/pgrx-$major.log" 2>&1 || { cat "$stage/pgrx-$major.log"; exit 1; }
     # Debian's layout whatever the build's (a relocatable PostgreSQL under /opt has the same files)
     root=$stage/$pkg
     lib=$root/usr/lib/postgresql/$major/lib
@@ -169,10 +171,15 @@ done
 
 # --- the relay ------------------------------------------------------------------------------------
 pkg=pg-outbox-relay
-say "$pkg: cargo build ($profile)"
-cargo_release=(); [ "$profile" = release ] && cargo_release=(--release)
-cargo build -q "${cargo_release[@]}" -p pg_outbox_relay
-bin=$target/$profile/pg-outbox-relay
+if [ "$profile" = debug ] && [ -x "${PG_OUTBOX_RELAY_BIN:-}" ]; then
+    # the binary scripts/test.sh built (a build of this package alone may unify features otherwise)
+    bin=$PG_OUTBOX_RELAY_BIN
+else
+    say "$pkg: cargo build ($profile)"
+    cargo_release=(); [ "$profile" = release ] && cargo_release=(--release)
+    cargo build -q "${cargo_release[@]}" -p pg_outbox_relay
+    bin=$target/$profile/pg-outbox-relay
+fi
 root=$stage/$pkg
 install -d "$root/usr/bin" "$root/lib/systemd/system" "$root/etc/pg-outbox-relay" \
     "$root/usr/share/man/man1" "$root/usr/share/$pkg/sql-edition"
