@@ -1,11 +1,11 @@
 //! The Debian packages in use (docs/install.md): scripts/package-test.sh builds them, installs them
-//! with `dpkg -i` into a private root that holds a copy of PostgreSQL 15 without pg_outbox, starts a
-//! cluster from that copy on `PG_OUTBOX_TEST_PORT`, and runs these tests with
-//! `PG_OUTBOX_PACKAGE_ROOT` (the private root) and `PG_OUTBOX_RELAY_BIN` (the packaged binary).
-//! They are `#[ignore]`d in the other runs, which have no packages installed.
+//! with `dpkg -i` into a private root that holds a copy of PostgreSQL `PG_OUTBOX_TEST_PG_VERSION`
+//! without pg_outbox, starts a cluster from that copy on `PG_OUTBOX_TEST_PORT`, and runs these tests
+//! with `PG_OUTBOX_PACKAGE_ROOT` (the private root) and `PG_OUTBOX_RELAY_BIN` (the packaged
+//! binary). They are `#[ignore]`d in the other runs, which have no packages installed.
 //!
 //! Everything here comes from the packages: the server loads the extension from the root's
-//! `/usr/lib/postgresql/15/lib` and `/usr/share/postgresql/15/extension` (checked through the
+//! `/usr/lib/postgresql/<major>/lib` and `/usr/share/postgresql/<major>/extension` (checked through the
 //! server's own `pg_config` view, whose paths follow its executable), and the relay is the root's
 //! `/usr/bin/pg-outbox-relay`.
 
@@ -21,6 +21,11 @@ use uuid::Uuid;
 const FIRST: &str = "0.1.0";
 const CURRENT: &str = env!("CARGO_PKG_VERSION");
 
+/// The PostgreSQL major under test (`PG_OUTBOX_TEST_PG_VERSION`, as scripts/test.sh sets it).
+fn major() -> String {
+    std::env::var("PG_OUTBOX_TEST_PG_VERSION").unwrap_or_else(|_| "15".to_string())
+}
+
 /// The private root the packages are installed in, after checking that the cluster and the relay
 /// binary are the root's.
 async fn package_root() -> Result<PathBuf> {
@@ -34,16 +39,18 @@ async fn package_root() -> Result<PathBuf> {
         relay_bin().display()
     );
     let c = connect(port(), "postgres").await?;
+    let major = major();
     for (name, dir) in [
-        ("PKGLIBDIR", "usr/lib/postgresql/15/lib"),
-        ("SHAREDIR", "usr/share/postgresql/15"),
+        ("PKGLIBDIR", format!("usr/lib/postgresql/{major}/lib")),
+        ("SHAREDIR", format!("usr/share/postgresql/{major}")),
     ] {
         let setting: String = c
             .query_one("SELECT setting FROM pg_config WHERE name = $1", &[&name])
             .await?
             .get(0);
+        // a relocatable build reaches the share folder through a link next to its bin folder
         ensure!(
-            std::path::Path::new(&setting) == root.join(dir),
+            std::fs::canonicalize(&setting)? == std::fs::canonicalize(root.join(&dir))?,
             "the server's {name} is {setting}, not the private root's {dir}"
         );
     }
