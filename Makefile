@@ -1,5 +1,5 @@
 # pg_outbox: `make test` and `make demo` install what they need (scripts/setup.sh), idempotently.
-.PHONY: check-deploy test test-all chaos demo demo-saga bench bench-quick setup lint install sql-edition clean
+.PHONY: check-deploy package test test-all chaos demo demo-saga bench bench-quick setup lint install sql-edition clean
 
 test:
 	scripts/test.sh
@@ -45,6 +45,11 @@ lint:
 # sql-edition/pg_outbox.sql from pg_outbox/sql (README, "Managed PostgreSQL"); make test checks it is current
 sql-edition:
 	scripts/sql-edition.sh
+
+# Debian packages into target/package: postgresql-<major>-pg-outbox for each PostgreSQL installed here,
+# pg-outbox-relay, and the SQL edition as a tarball (docs/install.md); release builds
+package:
+	scripts/package.sh
 
 install:
 	cd pg_outbox && cargo pgrx install --pg-config $${PG_CONFIG:-$$(. ../scripts/pgversions.sh && pg_config_of 15)}

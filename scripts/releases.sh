@@ -16,6 +16,8 @@
 #                                             that any release's script names
 #   scripts/releases.sh install PG_CONFIG     copy the earlier releases' install scripts into the
 #                                             extension folder (tests/tests/upgrade.rs installs them)
+#   scripts/releases.sh install-into DIR      the same into DIR (scripts/package.sh: a package's
+#                                             extension folder)
 #   scripts/releases.sh freeze PG_CONFIG      pin the current version's install scripts (a new version
 #                                             only: a released script is never written again)
 set -euo pipefail
@@ -108,10 +110,15 @@ check-extension)
         done
     done
     ;;
-install)
-    config=${2:?PG_CONFIG required}
-    dir="$("$config" --sharedir)/extension"
-    sudo=; [ "$(id -u)" = 0 ] || sudo=sudo
+install | install-into)
+    if [ "$1" = install ]; then
+        config=${2:?PG_CONFIG required}
+        dir="$("$config" --sharedir)/extension"
+        sudo=; [ "$(id -u)" = 0 ] || sudo=sudo
+    else
+        dir=${2:?DIR required}
+        sudo=
+    fi
     for v in $(releases); do
         [ "$v" = "$version" ] && continue  # cargo pgrx install wrote the current one
         $sudo install -m 644 "$ext_releases/pg_outbox--$v.sql" "$dir/"
@@ -133,7 +140,7 @@ freeze)
     echo "releases: pinned $ext_releases/pg_outbox--$version.sql and $sql_releases/pg_outbox--$version.sql"
     ;;
 *)
-    echo "usage: $0 check | check-extension PG_CONFIG | install PG_CONFIG | freeze [--unreleased] PG_CONFIG" >&2
+    echo "usage: $0 check | check-extension PG_CONFIG | install PG_CONFIG | install-into DIR | freeze [--unreleased] PG_CONFIG" >&2
     exit 2
     ;;
 esac

@@ -7,7 +7,9 @@
 # edition (sql-edition/pg_outbox.sql, PG_OUTBOX_EDITION=sql), unless TESTS picks tests, and the
 # upgrade from 0.1.0 of both editions (tests/tests/upgrade.rs, in clusters of its own on the
 # version's base port + 3 and + 4). scripts/releases.sh fails the run when an install script
-# changed without a new version and its upgrade scripts.
+# changed without a new version and its upgrade scripts. Then the Debian packages, built from the
+# debug builds, installed with dpkg into a private root and used (scripts/package-test.sh, its
+# clusters from port 24470 on).
 #
 #   PG_FULL   versions that run every test (default "15 17"; `PG_FULL=16 make test` runs all on 16)
 #   PG_SMOKE  versions that run the SQL tests and one end-to-end relay test per source
@@ -125,4 +127,9 @@ run_version() {
 
 for v in $PG_FULL; do run_version "$v" full; done
 for v in $PG_SMOKE; do run_version "$v" smoke; done
+if [ -z "${TESTS:-}" ]; then
+    echo "test: the Debian packages (make package, from the debug builds): metadata, dpkg -i into a private root, used"
+    # shellcheck disable=SC2086
+    scripts/package-test.sh $PG_FULL $PG_SMOKE
+fi
 echo "test: passed on PostgreSQL $PG_FULL${PG_SMOKE:+ (and the SQL tests plus one end-to-end test on $PG_SMOKE)}"
