@@ -10,7 +10,7 @@ test-all:
 
 # the chaos test at 100,000 events (make test runs it at 20,000): random kills of the relay and
 # ingest, PostgreSQL immediate restarts and broker pauses under load, and here also a relay paused
-# while another takes over (see README, "A paused relay is fenced"); prints what was lost or doubled;
+# while another takes over (see docs/guarantees.md, "A paused relay is fenced"); prints what was lost or doubled;
 # then a live relay whose sessions are terminated while a standby takes over (tests/tests/takeover.rs)
 chaos:
 	PG_FULL=15 TESTS="--test chaos --test takeover" PG_OUTBOX_CHAOS_PAUSE=1 \
@@ -42,7 +42,7 @@ lint:
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
-# sql-edition/pg_outbox.sql from pg_outbox/sql (README, "Managed PostgreSQL"); make test checks it is current
+# sql-edition/pg_outbox.sql from pg_outbox/sql (docs/sql-edition.md); make test checks it is current
 sql-edition:
 	scripts/sql-edition.sh
 

@@ -102,7 +102,7 @@ CREATE TABLE bench_outbox (id uuid PRIMARY KEY, aggregatetype text NOT NULL, agg
                            type text NOT NULL, payload jsonb NOT NULL);
 SQL
 done
-# the SQL edition (README, "Managed PostgreSQL") in a database of its own on each cluster, installed by
+# the SQL edition (docs/sql-edition.md) in a database of its own on each cluster, installed by
 # a role that is not a superuser, with the same business table: variants s and u
 for port in "$PORT" "$FAST_PORT"; do
     sql_at "$port" -c "CREATE ROLE outbox_installer LOGIN CREATEROLE REPLICATION" \
@@ -798,7 +798,7 @@ at 5,000 events/s offered, whatever was achieved.
 
 $latency_table
 
-Where the time goes above raw produce (README, "Where the time goes", has the A/B runs behind each):
+Where the time goes above raw produce ("Across runs", at the end, has the A/B runs behind each):
 - **wal mode**: the walsender sends a transaction only once its commit is flushed (the durable cluster waits
   for the disk here); the replication client's buffer holds at most \`max_in_flight_bytes / max_record_bytes\`
   messages (33 by default), so under load the pipeline gets small batches; each one-event transaction is
@@ -824,4 +824,6 @@ $ingest_table
 
 $ingest_profile_md
 DOC
+# the analysis across runs, kept by hand (README links to it)
+{ echo; cat bench/analysis.md; } >>BENCHMARKS.md
 say "wrote BENCHMARKS.md and $CHARTS/*.svg"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Released install scripts are frozen, and every step between releases has its upgrade script
-# (README, "Upgrade"; CHANGELOG.md). `make test` runs the checks.
+# (docs/operations.md, "Upgrade"; CHANGELOG.md). `make test` runs the checks.
 #
 #   pg_outbox/sql/releases/pg_outbox--V.sql   the C extension's install script of release V, as
 #                                             `cargo pgrx` generated it (never edited)

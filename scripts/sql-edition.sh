@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Writes sql-edition/pg_outbox.sql, the SQL edition of pg_outbox (README, "Managed PostgreSQL"):
+# Writes sql-edition/pg_outbox.sql, the SQL edition of pg_outbox (docs/sql-edition.md):
 # the extension's own SQL files with pg_outbox/sql/edition.sql in place of the Rust functions, in
 # the order the extension script has them. `make test` checks that the committed file is current.
 #   scripts/sql-edition.sh           write the file

@@ -39,6 +39,8 @@ echo "test: building the relay and the saga example"
 cargo build -q -p pg_outbox_relay -p saga_example
 export PG_OUTBOX_RELAY_BIN=${CARGO_TARGET_DIR:-$PWD/target}/debug/pg-outbox-relay
 export PG_OUTBOX_SAGA_BIN=${CARGO_TARGET_DIR:-$PWD/target}/debug/saga-order-service
+echo "test: docs/configuration.md names every setting the relay accepts (and no other); README's and docs/' links resolve"
+scripts/check-docs.sh "$PG_OUTBOX_RELAY_BIN"
 
 echo "test: unit tests"
 cargo test -q -p pg_outbox_envelope -p pg_outbox_relay

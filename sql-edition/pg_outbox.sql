@@ -229,7 +229,7 @@ COMMENT ON TABLE outbox.gaps IS
 --   envelope limits (22023), then the wal-mode prerequisites (55000).
 -- - Settings: pg_outbox.mode and pg_outbox.trace_context as in the C extension; the others
 --   (max_payload_bytes, slot_name, inbox_dedup_window, inbox_max_attempts) are read the same way,
---   but without the library PostgreSQL cannot restrict who sets them (README, "Managed PostgreSQL").
+--   but without the library PostgreSQL cannot restrict who sets them (docs/sql-edition.md).
 
 -- Settings read inline, with the C extension's default when not set (inbox_consumer has no USAGE
 -- on schema outbox, so the inbox's helpers cannot call one in it).
@@ -751,7 +751,7 @@ $$;
 
 -- Creates the pg_outbox slot: a failover slot where the server has them (PostgreSQL 17+), so that
 -- a standby with sync_replication_slots = on keeps a copy that a relay goes on from after a
--- promotion (README, "Failover").
+-- promotion (docs/operations.md, "Failover and a standby relay").
 CREATE FUNCTION outbox._new_slot(sn text) RETURNS pg_lsn
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
@@ -908,7 +908,7 @@ COMMENT ON FUNCTION outbox.recreate_slot(text, text) IS
 
 -- The key of the session-level advisory lock that makes one relay the poller of a source
 -- (relay/src/source/poll.rs). It is random and kept in outbox.sources, which only outbox_relay reads:
--- a role without grants cannot compute it, as it could a hash of a name README gives. While a relay
+-- a role without grants cannot compute it, as it could a hash of a name the docs give. While a relay
 -- holds it, it shows in pg_locks, so a role that saw it can take it while no relay runs; a relay that
 -- finds it held by a role that is no member of outbox_relay calls this again with rotate_from = the
 -- key it found taken, and only the first such call (of several relays) makes a new key.
@@ -982,10 +982,10 @@ $$;
 COMMENT ON PROCEDURE outbox.setup(text) IS
     'Set up wal mode: the publication, committed, then the slot; idempotent (CALL it outside a transaction block)';
 
--- Monitoring views (README, "Observe it"): the numbers of the relay's /metrics, for users without
--- Prometheus, read by outbox_monitor. No payload, key, secret or host name. Function calls in a view
--- run as the caller, so they use only functions PUBLIC may execute; tables and catalog views are read
--- as the view's owner.
+-- Monitoring views (docs/operations.md, "The same numbers in SQL"): the numbers of the relay's
+-- /metrics, for users without Prometheus, read by outbox_monitor. No payload, key, secret or host
+-- name. Function calls in a view run as the caller, so they use only functions PUBLIC may execute;
+-- tables and catalog views are read as the view's owner.
 
 -- One row per source a relay has used: its slot (wal) and how far behind it is, whether a relay
 -- holds it, the stored stop verdict, and the operator's gaps.
@@ -1441,8 +1441,8 @@ BEGIN
 END
 $$;
 
--- Monitoring views (README, "Observe it"), read by outbox_monitor: the ingest's stored offsets per
--- partition, and the queue of each consumer.
+-- Monitoring views (docs/operations.md, "The same numbers in SQL"), read by outbox_monitor: the
+-- ingest's stored offsets per partition, and the queue of each consumer.
 CREATE VIEW inbox.offset_status AS
 SELECT o.consumer, o.topic, o.partition, o.next_offset, o.updated_at,
        pg_catalog.date_part('epoch', pg_catalog.now() OPERATOR(pg_catalog.-) o.updated_at) AS age_seconds
@@ -1517,7 +1517,8 @@ GRANT SELECT, INSERT ON inbox.messages TO inbox_ingest;
 GRANT SELECT, INSERT, UPDATE ON inbox.offsets TO inbox_ingest;
 GRANT SELECT, INSERT ON inbox.topics TO inbox_ingest;
 
--- Monitoring: the views only (README, "Observe it"); no table, payload or key.
+-- Monitoring: the views only (docs/operations.md, "The same numbers in SQL"); no table, payload or
+-- key.
 GRANT USAGE ON SCHEMA outbox, inbox TO outbox_monitor;
 GRANT SELECT ON outbox.source_status, outbox.table_backlog, outbox.dead_letter_summary,
                 inbox.offset_status, inbox.queue_status

@@ -1,10 +1,9 @@
 -- pg_outbox: switch a database from the SQL edition to the C extension, keeping every event in
--- flight (README.md, "Switching editions"). Run it as a superuser, in the database, relay running
--- or not:
---     psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -f sql-edition/switch-to-extension.sql
+-- flight (docs/sql-edition.md, "Switching editions"). Run it as a superuser, in the database, relay
+-- running or not: psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -f sql-edition/switch-to-extension.sql
 -- One transaction: it waits for the transactions that use pg_outbox's tables, then keeps enqueue,
--- the relay and inbox workers waiting until it commits (a transaction that was waiting in
--- enqueue then fails and rolls back: retry it). The relay's session starts again by itself.
+-- the relay and inbox workers waiting until it commits (a transaction that was waiting in enqueue
+-- then fails and rolls back: retry it). The relay's session starts again by itself.
 \set ON_ERROR_STOP on
 BEGIN;
 SET LOCAL client_min_messages = warning;

@@ -1,10 +1,10 @@
 -- pg_outbox: switch a database from the C extension to the SQL edition, keeping every event in
--- flight (README.md, "Switching editions"). Run it as the extension's owner (a superuser), in the
--- database, relay running or not; the SQL edition then belongs to that role:
---     psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -f sql-edition/switch-to-sql-edition.sql
--- One transaction: it waits for the transactions that use pg_outbox's tables, then keeps enqueue,
--- the relay and inbox workers waiting until it commits (a transaction that was waiting in
--- enqueue then fails and rolls back: retry it). The relay's session starts again by itself.
+-- flight (docs/sql-edition.md, "Switching editions"). Run it as the extension's owner (a
+-- superuser), in the database, relay running or not; the SQL edition then belongs to that role:
+-- psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -f sql-edition/switch-to-sql-edition.sql One transaction:
+-- it waits for the transactions that use pg_outbox's tables, then keeps enqueue, the relay and
+-- inbox workers waiting until it commits (a transaction that was waiting in enqueue then fails and
+-- rolls back: retry it). The relay's session starts again by itself.
 \set ON_ERROR_STOP on
 BEGIN;
 SET LOCAL client_min_messages = warning;

@@ -17,7 +17,7 @@
 --   envelope limits (22023), then the wal-mode prerequisites (55000).
 -- - Settings: pg_outbox.mode and pg_outbox.trace_context as in the C extension; the others
 --   (max_payload_bytes, slot_name, inbox_dedup_window, inbox_max_attempts) are read the same way,
---   but without the library PostgreSQL cannot restrict who sets them (README, "Managed PostgreSQL").
+--   but without the library PostgreSQL cannot restrict who sets them (docs/sql-edition.md).
 
 -- Settings read inline, with the C extension's default when not set (inbox_consumer has no USAGE
 -- on schema outbox, so the inbox's helpers cannot call one in it).

@@ -55,7 +55,8 @@ GRANT SELECT, INSERT ON inbox.messages TO inbox_ingest;
 GRANT SELECT, INSERT, UPDATE ON inbox.offsets TO inbox_ingest;
 GRANT SELECT, INSERT ON inbox.topics TO inbox_ingest;
 
--- Monitoring: the views only (README, "Observe it"); no table, payload or key.
+-- Monitoring: the views only (docs/operations.md, "The same numbers in SQL"); no table, payload or
+-- key.
 GRANT USAGE ON SCHEMA outbox, inbox TO outbox_monitor;
 GRANT SELECT ON outbox.source_status, outbox.table_backlog, outbox.dead_letter_summary,
                 inbox.offset_status, inbox.queue_status

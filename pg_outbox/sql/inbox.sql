@@ -396,8 +396,8 @@ BEGIN
 END
 $$;
 
--- Monitoring views (README, "Observe it"), read by outbox_monitor: the ingest's stored offsets per
--- partition, and the queue of each consumer.
+-- Monitoring views (docs/operations.md, "The same numbers in SQL"), read by outbox_monitor: the
+-- ingest's stored offsets per partition, and the queue of each consumer.
 CREATE VIEW inbox.offset_status AS
 SELECT o.consumer, o.topic, o.partition, o.next_offset, o.updated_at,
        pg_catalog.date_part('epoch', pg_catalog.now() OPERATOR(pg_catalog.-) o.updated_at) AS age_seconds

@@ -139,7 +139,7 @@ $$;
 
 -- Creates the pg_outbox slot: a failover slot where the server has them (PostgreSQL 17+), so that
 -- a standby with sync_replication_slots = on keeps a copy that a relay goes on from after a
--- promotion (README, "Failover").
+-- promotion (docs/operations.md, "Failover and a standby relay").
 CREATE FUNCTION outbox._new_slot(sn text) RETURNS pg_lsn
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
@@ -296,7 +296,7 @@ COMMENT ON FUNCTION outbox.recreate_slot(text, text) IS
 
 -- The key of the session-level advisory lock that makes one relay the poller of a source
 -- (relay/src/source/poll.rs). It is random and kept in outbox.sources, which only outbox_relay reads:
--- a role without grants cannot compute it, as it could a hash of a name README gives. While a relay
+-- a role without grants cannot compute it, as it could a hash of a name the docs give. While a relay
 -- holds it, it shows in pg_locks, so a role that saw it can take it while no relay runs; a relay that
 -- finds it held by a role that is no member of outbox_relay calls this again with rotate_from = the
 -- key it found taken, and only the first such call (of several relays) makes a new key.
@@ -370,10 +370,10 @@ $$;
 COMMENT ON PROCEDURE outbox.setup(text) IS
     'Set up wal mode: the publication, committed, then the slot; idempotent (CALL it outside a transaction block)';
 
--- Monitoring views (README, "Observe it"): the numbers of the relay's /metrics, for users without
--- Prometheus, read by outbox_monitor. No payload, key, secret or host name. Function calls in a view
--- run as the caller, so they use only functions PUBLIC may execute; tables and catalog views are read
--- as the view's owner.
+-- Monitoring views (docs/operations.md, "The same numbers in SQL"): the numbers of the relay's
+-- /metrics, for users without Prometheus, read by outbox_monitor. No payload, key, secret or host
+-- name. Function calls in a view run as the caller, so they use only functions PUBLIC may execute;
+-- tables and catalog views are read as the view's owner.
 
 -- One row per source a relay has used: its slot (wal) and how far behind it is, whether a relay
 -- holds it, the stored stop verdict, and the operator's gaps.

@@ -210,10 +210,10 @@ END
 $$;
 
 
--- Monitoring views (README, "Observe it"): the numbers of the relay's /metrics, for users without
--- Prometheus, read by outbox_monitor. No payload, key, secret or host name. Function calls in a view
--- run as the caller, so they use only functions PUBLIC may execute; tables and catalog views are read
--- as the view's owner.
+-- Monitoring views (docs/operations.md, "The same numbers in SQL"): the numbers of the relay's
+-- /metrics, for users without Prometheus, read by outbox_monitor. No payload, key, secret or host
+-- name. Function calls in a view run as the caller, so they use only functions PUBLIC may execute;
+-- tables and catalog views are read as the view's owner.
 
 -- One row per source a relay has used: its slot (wal) and how far behind it is, whether a relay
 -- holds it, the stored stop verdict, and the operator's gaps.
@@ -270,8 +270,8 @@ SELECT d.source, d.topic, pg_catalog.count(*) AS dead_letters,
  GROUP BY d.source, d.topic;
 COMMENT ON VIEW outbox.dead_letter_summary IS 'pg_outbox: dead letters per source and topic';
 
--- Monitoring views (README, "Observe it"), read by outbox_monitor: the ingest's stored offsets per
--- partition, and the queue of each consumer.
+-- Monitoring views (docs/operations.md, "The same numbers in SQL"), read by outbox_monitor: the
+-- ingest's stored offsets per partition, and the queue of each consumer.
 CREATE VIEW inbox.offset_status AS
 SELECT o.consumer, o.topic, o.partition, o.next_offset, o.updated_at,
        pg_catalog.date_part('epoch', pg_catalog.now() OPERATOR(pg_catalog.-) o.updated_at) AS age_seconds
@@ -373,7 +373,8 @@ GRANT SELECT, INSERT ON inbox.topics TO inbox_ingest;
 -- inbox.forget_topic
 GRANT DELETE ON inbox.offsets TO inbox_consumer;
 
--- Monitoring: the views only (README, "Observe it"); no table, payload or key.
+-- Monitoring: the views only (docs/operations.md, "The same numbers in SQL"); no table, payload or
+-- key.
 GRANT USAGE ON SCHEMA outbox, inbox TO outbox_monitor;
 GRANT SELECT ON outbox.source_status, outbox.table_backlog, outbox.dead_letter_summary,
                 inbox.offset_status, inbox.queue_status

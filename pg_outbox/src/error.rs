@@ -1,5 +1,5 @@
 //! Every user mistake ends here as an `ERROR` with a real SQLSTATE, a message that says what is wrong
-//! and a hint that says what to do. The codes are listed in README.md ("Errors").
+//! and a hint that says what to do. The codes are listed in docs/sql-api.md ("Errors").
 
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;

@@ -447,7 +447,7 @@ fn as_envelope<'e>(
 fn unencodable(e: pg_outbox_envelope::EncodeError) -> Refusal {
     invalid(
         format!("pg_outbox: event cannot be encoded: {e}"),
-        "See README.md, \"Envelope format\", for the limits.",
+        "See docs/sql-api.md, \"Envelope format\", for the limits.",
     )
 }
 

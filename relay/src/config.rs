@@ -59,7 +59,8 @@ pub enum Command {
 /// `check` and `status`: the settings, and how to print the answer.
 #[derive(Args, Debug, Default)]
 pub struct Report {
-    /// Print one JSON object (field names in README, "check and status as JSON") instead of text.
+    /// Print one JSON object (field names in docs/operations.md, "check and status as JSON")
+    /// instead of text.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]

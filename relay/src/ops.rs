@@ -41,7 +41,7 @@ async fn public_emit(pg: &Client) -> Option<Finding> {
             true,
             "PUBLIC may execute pg_logical_emit_message: any role can write pg_outbox messages into \
              the slot (never published, counted in pg_outbox_relay_unproven_messages_total); a \
-             superuser may revoke it (README, \"Messages anyone can write\")",
+             superuser may revoke it (docs/guarantees.md, \"The security boundary in the database\")",
             "",
         )
     })
@@ -99,7 +99,7 @@ pub async fn check(config: &Config) -> Vec<Finding> {
                     if ext.is_empty() { "missing" } else { &ext }
                 ),
                 "CREATE EXTENSION pg_outbox in this database, or install the SQL edition \
-                 (sql-edition/pg_outbox.sql, README \"Managed PostgreSQL\")",
+                 (sql-edition/pg_outbox.sql, docs/sql-edition.md)",
             ));
             if wal {
                 match SlotState::read(&pg, &config.source.slot).await {
@@ -251,7 +251,7 @@ async fn failover(pg: &Client, slot: &str) -> Vec<Finding> {
             true,
             format!(
                 "{standbys} standby(s): PostgreSQL before 17 does not copy the slot to standbys; a \
-                 promotion stops the relay until outbox.recreate_slot (README, \"Failover before 17\")"
+                 promotion stops the relay until outbox.recreate_slot (docs/operations.md, \"Failover before 17\")"
             ),
             "",
         )];

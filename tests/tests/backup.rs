@@ -1,4 +1,4 @@
-//! pg_dump and pg_restore keep pg_outbox's state (README, "Backup and restore").
+//! pg_dump and pg_restore keep pg_outbox's state (docs/operations.md, "Backup and restore").
 //!
 //! A C extension's tables are not in a logical dump unless the extension marks them; unmarked, a
 //! restore forgets every received id (the inbox delivers them again), every stored offset, the queued
@@ -138,7 +138,7 @@ async fn a_dump_and_restore_keeps_the_state_and_not_the_key() -> Result<()> {
     assert_eq!(count(&r, "inbox.messages").await?, 51);
 
     // the dump does not carry the sealing key (C extension; the SQL edition's key is an ordinary
-    // table's row, README says so)
+    // table's row, docs/operations.md says so)
     if edition() == Edition::Extension {
         // the dump as SQL text (a bytea appears there as its hex digits)
         let mut as_sql = pg_tool("pg_restore");

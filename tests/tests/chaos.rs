@@ -6,8 +6,9 @@
 //!
 //! Faults: SIGKILL of the relay, SIGKILL of ingest, PostgreSQL stopped with -m immediate and started,
 //! the broker paused (SIGSTOP), and with `make chaos` (PG_OUTBOX_CHAOS_PAUSE=1) the relay paused while
-//! a second relay takes the slot over (`wal_sender_timeout = 3s` here), then resumed (README, "A
-//! paused relay is fenced": not yet without a residual window, so not in `make test`).
+//! a second relay takes the slot over (`wal_sender_timeout = 3s` here), then resumed
+//! (docs/guarantees.md, "A paused relay is fenced": not yet without a residual window, so not in
+//! `make test`).
 
 use anyhow::{ensure, Result};
 use pg_outbox_tests::{
@@ -75,7 +76,8 @@ async fn chaos_kills_and_pauses_lose_duplicate_and_reorder_nothing() -> Result<(
     // each kind of fault in turn, from a random first one, at random moments: the randomness is
     // the point of this test
     // the paused-and-replaced relay only in `make chaos` (PG_OUTBOX_CHAOS_PAUSE=1): an in-flight
-    // batch retried by librdkafka after the resume can be appended again (README, "What is left")
+    // batch retried by librdkafka after the resume can be appended again (docs/guarantees.md, "A
+    // paused relay is fenced", "What is left")
     let kinds = if std::env::var_os("PG_OUTBOX_CHAOS_PAUSE").is_some() {
         5
     } else {

@@ -1,7 +1,8 @@
 //! The monitoring files in `deploy/` (no promtool or Grafana here): the alert rules and the
 //! dashboard have the structure Prometheus and Grafana load, every metric they name is one the
 //! relay exports (its registry's own list, [`Metrics::exported_names`]), every exported metric is
-//! shown or alerted on, and README documents every metric and every alert. No cluster needed.
+//! shown or alerted on, and docs/operations.md ("Metrics, dashboard and alerts") documents every
+//! metric and every alert. No cluster needed.
 
 use anyhow::{bail, ensure, Context, Result};
 use pg_outbox_relay::telemetry::Metrics;
@@ -244,7 +245,7 @@ fn check_dashboard(exported: &HashSet<String>) -> Result<BTreeSet<String>> {
 }
 
 #[test]
-fn alert_rules_and_dashboard_use_only_exported_metrics_and_readme_documents_them() -> Result<()> {
+fn alert_rules_and_dashboard_use_only_exported_metrics_and_the_docs_document_them() -> Result<()> {
     let metrics = Metrics::default();
     let exported: HashSet<String> = metrics.exported_names().iter().cloned().collect();
     let families: BTreeSet<String> = exported.iter().map(|n| family(n).to_string()).collect();
@@ -271,14 +272,18 @@ fn alert_rules_and_dashboard_use_only_exported_metrics_and_readme_documents_them
             "{f} is exported but neither shown nor alerted on"
         );
     }
-    let readme = repo_file("README.md")?;
+    // docs/operations.md, "Metrics, dashboard and alerts"
+    let doc = repo_file("docs/operations.md")?;
     for f in &families {
-        ensure!(readme.contains(f.as_str()), "README does not document {f}");
+        ensure!(
+            doc.contains(f.as_str()),
+            "docs/operations.md does not document {f}"
+        );
     }
     for a in &alerts {
         ensure!(
-            readme.contains(a.as_str()),
-            "README does not explain alert {a}"
+            doc.contains(a.as_str()),
+            "docs/operations.md does not explain alert {a}"
         );
     }
     Ok(())

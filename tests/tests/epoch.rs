@@ -1,5 +1,5 @@
-//! The seal binds the full 64-bit transaction id (README, "Roles"; issue: a captured sealed message
-//! replays after an xid wraparound, which a role with no grants can drive).
+//! The seal binds the full 64-bit transaction id (docs/sql-api.md, "Roles"; issue: a captured
+//! sealed message replays after an xid wraparound, which a role with no grants can drive).
 //!
 //! A throwaway cluster is moved to transaction-id epoch 1 with `pg_resetwal -e 1`, as if 2^32
 //! transactions had gone by. There a message sealed for the same 32-bit xid in epoch 0 (what a

@@ -1,4 +1,5 @@
-//! A writer stays a writer (README, "Roles"; DESIGN.md, "Trust boundary in the database").
+//! A writer stays a writer (docs/guarantees.md, "The security boundary in the database"; DESIGN.md,
+//! "Trust boundary in the database").
 //!
 //! Whatever runs with rights its caller lacks (the C extension's owner switch, the SQL edition's
 //! SECURITY DEFINER functions) must resolve no name through the caller's `search_path`. Each test

@@ -1,5 +1,5 @@
 //! Ownership of a poll source is something only the relay's role can take (issue: a role with no
-//! grant at all held the poll source's advisory lock, whose key README made computable, under a
+//! grant at all held the poll source's advisory lock, whose key the docs made computable, under a
 //! relay-looking `application_name`; the poll relay stood by for as long as it liked, table-mode events
 //! were not published, and `status` named the impostor as the active relay).
 //!

@@ -913,9 +913,9 @@ async fn deliver_batch_is_granted_to_the_ingest_and_consumers_only() -> Result<(
     Ok(())
 }
 
-/// README, "Roles": a login that has only `inbox_consumer` may use every `inbox.*` function (the
-/// SQL edition's inbox read its settings through a helper in schema `outbox`, where that role has
-/// no USAGE: 42501 from `inbox.claim`).
+/// docs/sql-api.md, "Roles": a login that has only `inbox_consumer` may use every `inbox.*`
+/// function (the SQL edition's inbox read its settings through a helper in schema `outbox`, where
+/// that role has no USAGE: 42501 from `inbox.claim`).
 #[tokio::test]
 async fn a_consumer_role_alone_may_use_every_inbox_function() -> Result<()> {
     let db = TestDb::create("ib_consumer_only", port()).await?;
@@ -972,7 +972,8 @@ async fn a_consumer_role_alone_may_use_every_inbox_function() -> Result<()> {
     Ok(())
 }
 
-/// README: the relay, `check`, `status` and `setup` say the same thing when the slot is gone. As
+/// docs/sql-api.md, "Two capture modes": the relay, `check`, `status` and `setup` say the same
+/// thing when the slot is gone. As
 /// `outbox_relay` (the SQL edition's `_slot_lost` called a helper that role may not run: "permission
 /// denied for function _setting").
 #[tokio::test]
@@ -1000,7 +1001,8 @@ async fn the_relay_role_is_told_that_the_slot_is_lost() -> Result<()> {
     Ok(())
 }
 
-/// README, "Roles": the ingest needs nothing but `inbox_ingest` (and never sees the outbox side).
+/// docs/sql-api.md, "Roles": the ingest needs nothing but `inbox_ingest` (and never sees the outbox
+/// side).
 #[tokio::test]
 async fn the_ingest_runs_as_a_login_with_only_inbox_ingest() -> Result<()> {
     use rdkafka::config::ClientConfig;

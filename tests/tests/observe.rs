@@ -1,5 +1,6 @@
-//! The monitoring views (README, "Observe it"): what the relay's metrics say, queryable in SQL by a
-//! login that has only `outbox_monitor`, and nothing else that login can read. Both editions.
+//! The monitoring views (docs/operations.md, "The same numbers in SQL"): what the relay's metrics
+//! say, queryable in SQL by a login that has only `outbox_monitor`, and nothing else that login can
+//! read. Both editions.
 
 use anyhow::Result;
 use pg_outbox_tests::{expect_error, read_all, sqlstate, wait_for, Scenario};

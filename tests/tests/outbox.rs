@@ -467,8 +467,9 @@ async fn the_payload_is_the_jsonb_text_exactly() -> Result<()> {
     Ok(())
 }
 
-/// README: every function pins search_path except `outbox.setup` (PostgreSQL forbids COMMIT with a
-/// SET clause) and the C enqueue functions, which resolve no names.
+/// docs/guarantees.md, "The security boundary in the database": every function pins search_path
+/// except `outbox.setup` (PostgreSQL forbids COMMIT with a SET clause) and the C enqueue functions,
+/// which resolve no names.
 #[tokio::test]
 async fn every_function_pins_search_path_but_the_documented_ones() -> Result<()> {
     let db = TestDb::create("ob_search_path", port()).await?;
@@ -584,9 +585,10 @@ async fn a_session_seals_with_the_new_key_after_the_extension_is_created_again()
     Ok(())
 }
 
-/// README, "Managed PostgreSQL": the SQL edition's owner (no superuser) cannot set a database
-/// default for a `pg_outbox.*` setting (PostgreSQL refuses ALTER DATABASE ... SET for a setting no
-/// library defines), and the way README gives instead, the connection's options, works.
+/// docs/sql-edition.md, "What differs from the C extension": the SQL edition's owner (no superuser)
+/// cannot set a database default for a `pg_outbox.*` setting (PostgreSQL refuses ALTER DATABASE ...
+/// SET for a setting no library defines), and the way the docs give instead, the connection's
+/// options, works.
 #[tokio::test]
 async fn the_sql_editions_owner_sets_defaults_per_connection() -> Result<()> {
     if edition() != Edition::Sql {
@@ -599,7 +601,10 @@ async fn the_sql_editions_owner_sets_defaults_per_connection() -> Result<()> {
         &format!("ALTER DATABASE {} SET pg_outbox.mode = 'table'", db.name),
     )
     .await?;
-    assert_eq!(code, "42501", "README says this needs a superuser");
+    assert_eq!(
+        code, "42501",
+        "docs/sql-edition.md says this needs a superuser"
+    );
     let conninfo = format!(
         "host=127.0.0.1 port={} user={} dbname={} options='-c pg_outbox.mode=table'",
         db.port,

@@ -87,7 +87,8 @@ async fn the_relay_publishes_over_verified_tls_and_refuses_what_it_cannot_verify
     assert!(log.contains("pg_sslrootcert"), "{log}");
 
     // verify-ca and verify-full with the name the certificate was issued for (the replication
-    // connection checks the name in verify-ca too: pgwire-replication 0.5, see README)
+    // connection checks the name in verify-ca too: pgwire-replication 0.5, see
+    // docs/configuration.md, pg_sslmode)
     for (n, (host, mode)) in [("localhost", "verify-ca"), ("localhost", "verify-full")]
         .into_iter()
         .enumerate()

@@ -1,5 +1,5 @@
-//! Upgrade from the first release to this version (README, "Upgrade"; DESIGN.md: every schema change
-//! ships an upgrade script, and a test upgrades and compares with a fresh install).
+//! Upgrade from the first release to this version (docs/operations.md, "Upgrade"; DESIGN.md: every
+//! schema change ships an upgrade script, and a test upgrades and compares with a fresh install).
 //!
 //! For each edition, in a throwaway cluster of its own (so that the roles the upgrade adds do not
 //! exist yet): 0.1.0 is installed from its frozen script (`releases/`), with data in every table, and

@@ -65,7 +65,7 @@ pub fn check_settings(
         if settings.contains_key(key) {
             return Err(RelayError::config(format!(
                 "kafka setting {key} is the relay's own ({} ms): the fence of a paused relay \
-                 relies on it (README, \"A paused relay is fenced\")",
+                 relies on it (docs/guarantees.md, \"A paused relay is fenced\")",
                 RETRY_BACKOFF_MS
             )));
         }

@@ -50,8 +50,8 @@ pub struct PgConfig {
     pub ignored: Vec<String>,
 }
 
-/// The login role when none is given (libpq would take the OS user's name): the role README's
-/// setup creates, never a superuser by default.
+/// The login role when none is given (libpq would take the OS user's name): the role the
+/// documented setup creates (README, docs/operations.md), never a superuser by default.
 pub const DEFAULT_USER: &str = "pg_outbox_relay";
 
 /// Where OpenSSL finds the operating system's CA certificates, for `sslrootcert=system` (libpq

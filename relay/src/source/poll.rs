@@ -5,7 +5,7 @@
 //! skipped. Rows are published in (xid, seq) order; the position (xid, seq) increases in that
 //! order across polls, which the restart dedup relies on. Per key this is commit order whenever
 //! transactions on the same key are serialised (e.g. by a row lock on the aggregate) at or before
-//! their first write; see README.md, "Two capture modes".
+//! their first write; see docs/guarantees.md, "Order?".
 //!
 //! The source keeps a cursor, the last (xid, seq) it handed over, and the next poll reads after it
 //! without waiting for Kafka. No row can appear behind the cursor, since its xid was below the
