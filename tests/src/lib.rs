@@ -18,7 +18,9 @@ pub use delivery::{
     assert_exactly_once_in_order, numbered_batch, order_violations, payload_n,
     record_order_violations,
 };
-pub use outbox::{enqueue, enqueue_numbered, enqueue_with_headers, numbered, outbox_rows};
+pub use outbox::{
+    enqueue, enqueue_numbered, enqueue_with_headers, numbered, outbox_drained, outbox_rows,
+};
 pub use postgres::{
     backend_pid, connect, connect_as, conninfo, edition, expect_error, install_sql_edition,
     one_key_writer, peek_wal_events, peek_wal_messages, pgcluster, pgoutput_message, port,

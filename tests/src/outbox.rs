@@ -57,3 +57,13 @@ pub async fn outbox_rows(c: &Client) -> Result<i64> {
         .await?
         .get(0))
 }
+
+/// Waits until the relay removed every table-mode event it published.
+pub async fn outbox_drained(c: &Client) -> Result<()> {
+    crate::wait_for(
+        "the published events to be removed",
+        std::time::Duration::from_secs(30),
+        || async { Ok(outbox_rows(c).await? == 0) },
+    )
+    .await
+}

@@ -11,8 +11,8 @@
 
 use anyhow::{ensure, Context, Result};
 use pg_outbox_tests::{
-    assert_exactly_once_in_order, connect, enqueue, numbered, port, read_all, relay_bin, wait_for,
-    Broker, Relay, Scenario,
+    assert_exactly_once_in_order, connect, enqueue, numbered, port, read_all, relay_bin, Broker,
+    Relay, Scenario,
 };
 use std::path::PathBuf;
 use std::time::Duration;
@@ -179,18 +179,7 @@ async fn the_packaged_extension_upgrades_from_0_1_0_and_keeps_its_events() -> Re
         published, pending,
         "the events pending before the upgrade, each once"
     );
-    wait_for(
-        "the published events to be removed",
-        Duration::from_secs(30),
-        || async {
-            let n: i64 = db
-                .query_one("SELECT count(*) FROM outbox.events", &[])
-                .await?
-                .get(0);
-            Ok(n == 0)
-        },
-    )
-    .await?;
+    pg_outbox_tests::outbox_drained(&db).await?;
     let status = relay.terminate(Duration::from_secs(30))?;
     ensure!(status.success(), "the relay exited with {status}");
     Ok(())

@@ -21,7 +21,7 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use pg_outbox_tests::{
-    connect, connect_as, port, read_all, wait_for, Broker, Relay, SQL_EDITION, SQL_EDITION_OWNER,
+    connect, connect_as, port, read_all, Broker, Relay, SQL_EDITION, SQL_EDITION_OWNER,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -200,18 +200,7 @@ async fn upgrade_and_compare(edition: Edition, cluster_port: u16) -> Result<()> 
         published, expected,
         "the events pending before the upgrade, each once"
     );
-    wait_for(
-        "the published events to be removed",
-        Duration::from_secs(30),
-        || async {
-            let n: i64 = db
-                .query_one("SELECT count(*) FROM outbox.events", &[])
-                .await?
-                .get(0);
-            Ok(n == 0)
-        },
-    )
-    .await?;
+    pg_outbox_tests::outbox_drained(&db).await?;
     let status = relay.terminate(Duration::from_secs(30))?;
     ensure!(status.success(), "the relay exited with {status}");
     Ok(())
