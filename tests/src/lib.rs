@@ -23,7 +23,7 @@ pub use outbox::{
 };
 pub use postgres::{
     backend_pid, connect, connect_as, conninfo, edition, expect_error, install_sql_edition,
-    one_key_writer, peek_wal_events, peek_wal_messages, pgcluster, pgoutput_message, port,
+    one_key_writer, peek_wal_events, peek_wal_messages, pgbin, pgcluster, pgoutput_message, port,
     replica_port, resilient_writer, restart_cluster, setup, sqlstate, tls_dir, wait_for_lock_wait,
     written_at_least, Edition, OwnedEvent, TestDb, SQL_EDITION, SQL_EDITION_OWNER,
 };

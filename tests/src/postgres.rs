@@ -20,6 +20,28 @@ const DEFAULT_PORT: u16 = 25432;
 const DEFAULT_REPLICA_PORT: u16 = 25433;
 const DEFAULT_RESTART_PORT: u16 = 25434;
 
+/// The bin folder of the PostgreSQL the tests run against: `PGBIN` (scripts/test.sh sets it per
+/// version), else the version's home as scripts/pgversions.sh, the one place that names it, says.
+pub fn pgbin() -> std::path::PathBuf {
+    if let Ok(bin) = std::env::var("PGBIN") {
+        return bin.into();
+    }
+    let version = std::env::var("PG_OUTBOX_TEST_PG_VERSION").unwrap_or_else(|_| "15".into());
+    let scripts = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts");
+    let home = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            ". '{}/pgversions.sh' && pg_home '{version}'",
+            scripts.display()
+        ))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    std::path::Path::new(&home).join("bin")
+}
+
 /// The `wal_level=logical` cluster.
 pub fn port() -> u16 {
     env_port("PG_OUTBOX_TEST_PORT", DEFAULT_PORT)

@@ -7,13 +7,10 @@
 
 use anyhow::{ensure, Context, Result};
 use pg_outbox_tests::{connect, edition, port, Edition, TestDb};
-use std::path::PathBuf;
 use std::process::Command;
 
 fn pg_tool(name: &str) -> Command {
-    let bin = PathBuf::from(
-        std::env::var("PGBIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".to_string()),
-    );
+    let bin = pg_outbox_tests::pgbin();
     let mut cmd = Command::new(bin.join(name));
     // a relocatable build brings its own libpq (scripts/pgcluster.sh does the same)
     let lib = bin.join("../lib");

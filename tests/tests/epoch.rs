@@ -18,7 +18,7 @@ use std::time::Duration;
 
 /// `pg_resetwal -e epoch` on the stopped cluster in `dir`, as its owner.
 fn set_epoch(dir: &str, epoch: u32) -> Result<()> {
-    let bin = std::env::var("PGBIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".to_string());
+    let bin = pg_outbox_tests::pgbin().display().to_string();
     let resetwal = format!("{bin}/pg_resetwal");
     let mut cmd = if is_root() {
         let mut c = Command::new("runuser");

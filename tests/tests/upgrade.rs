@@ -386,9 +386,7 @@ fn sql_edition_upgrades() -> Result<Vec<String>> {
 /// `\restrict` key, the OIDs in the extension's dump marks (compared by name in [`dump_marks`]), and
 /// the marked sequences' positions, which are data (compared in [`fingerprint`]).
 fn pg_dump(port: u16, db: &str, binary_upgrade: bool) -> Result<String> {
-    let bin = PathBuf::from(
-        std::env::var("PGBIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".to_string()),
-    );
+    let bin = pg_outbox_tests::pgbin();
     let mut cmd = Command::new(bin.join("pg_dump"));
     // a relocatable build brings its own libpq (scripts/pgcluster.sh does the same)
     let lib = bin.join("../lib");
