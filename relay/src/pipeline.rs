@@ -28,8 +28,10 @@ use crate::telemetry::{seconds_since, unix_micros_now, Metrics, PartitionLabels}
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
 use pg_outbox_envelope::Event;
+use prometheus_client::metrics::counter::Counter;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -88,6 +90,8 @@ pub struct Pipeline<'a, K: Sink, D: DeadLetters> {
     sent_max: Option<Position>,
     /// Unproven messages passed over since the last log line about them, and when that was.
     unproven: (u64, Option<tokio::time::Instant>),
+    /// Per topic and partition, the counters of the records sent there (this session).
+    series: HashMap<String, HashMap<i32, Arc<Series>>>,
 }
 
 /// At most one log line about unproven messages in this long, whatever their number.
@@ -99,7 +103,7 @@ const PARKED_RETRY: Duration = Duration::from_millis(500);
 /// Where one event goes.
 enum Route {
     /// Handed to the sink: the delivery to wait for, the record's size, and where it went.
-    Sent(Delivery, usize, PartitionLabels),
+    Sent(Delivery, usize, Arc<Series>),
     /// Nothing to wait for: Kafka already has it, it was dead-lettered, or it is no event.
     Done,
     /// Its topic cannot be written to yet (named): the event waits, and events to other topics
@@ -146,8 +150,16 @@ struct InFlight<T> {
     unit: UnitId,
     since: i64,
     size: usize,
-    to: PartitionLabels,
+    to: Arc<Series>,
     delivery: T,
+}
+
+/// One partition's sent and published counters, looked up once per session: the loop counts each
+/// record without building its labels or locking the metric family again.
+struct Series {
+    labels: PartitionLabels,
+    sent: Counter,
+    published: Counter,
 }
 
 impl InFlight<Delivery> {
@@ -187,6 +199,7 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
             alone_until: None,
             sent_max: None,
             unproven: (0, None),
+            series: HashMap::new(),
         }
     }
 
@@ -382,10 +395,13 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
     ) -> Result<(), RelayError> {
         match landed.delivery {
             Delivered::Acked => {
-                self.metrics.published.get_or_create(&landed.to).inc();
+                landed.to.published.inc();
                 self.metrics.latency.observe(seconds_since(landed.since));
             }
-            Delivered::Rejected(letter) => self.dead_letter(*letter, Some(landed.to)).await?,
+            Delivered::Rejected(letter) => {
+                self.dead_letter(*letter, Some(landed.to.labels.clone()))
+                    .await?
+            }
             Delivered::Failed(e) => {
                 // nothing behind a failed record may land: that would be a hole
                 self.sink.withdraw();
@@ -415,6 +431,24 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
             *count = 0;
             *logged = Some(tokio::time::Instant::now());
         }
+    }
+
+    /// The counters of `topic`/`partition`, made on the first record sent there.
+    fn series(&mut self, topic: &str, partition: i32) -> Arc<Series> {
+        if let Some(series) = self.series.get(topic).and_then(|p| p.get(&partition)) {
+            return series.clone();
+        }
+        let labels = PartitionLabels::new(topic, partition);
+        let series = Arc::new(Series {
+            sent: self.metrics.sent.get_or_create(&labels).clone(),
+            published: self.metrics.published.get_or_create(&labels).clone(),
+            labels,
+        });
+        self.series
+            .entry(topic.to_string())
+            .or_default()
+            .insert(partition, series.clone());
+        series
     }
 
     /// Records an event that can never be published, or stops the relay if the operator chose so;
@@ -578,8 +612,8 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
         self.sent_max = self.sent_max.max(Some(position));
         match self.sink.send(record).await {
             Ok(delivery) => {
-                let to = PartitionLabels::new(&topic, partition);
-                self.metrics.sent.get_or_create(&to).inc();
+                let to = self.series(&topic, partition);
+                to.sent.inc();
                 Ok(Route::Sent(delivery, size, to))
             }
             Err(e) => {
