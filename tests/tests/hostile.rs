@@ -461,3 +461,104 @@ async fn a_flood_of_unsealed_messages_costs_a_counter_and_real_events_flow() -> 
     );
     Ok(())
 }
+
+/// The relay's peak resident memory (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmHWM in /proc/{pid}/status"))?;
+    Ok(kb * 1024)
+}
+
+/// Messages far larger than any event can be sit in the slot: a role with no grants writes a
+/// transactional and a non-transactional `pg_outbox` message of 120 MB, and a writer puts one in
+/// the same transaction as two real events. Each costs a counter; the relay never holds one in
+/// memory (before: the replication client buffered each whole, 120 MB of RSS and more), and every
+/// real event, also those beside the big message in its transaction, is published once, in order,
+/// also after a restart that replays them.
+#[tokio::test]
+async fn messages_larger_than_any_event_cost_a_counter_not_memory() -> Result<()> {
+    const BIG: &str = "pg_catalog.repeat('x', 120000000)";
+    let db = TestDb::create("ho_oversized", port()).await?;
+    db.client
+        .batch_execute("DROP ROLE IF EXISTS ho_big; CREATE ROLE ho_big LOGIN")
+        .await?;
+    db.create_slot().await?;
+    let broker = Broker::start()?;
+    broker.create_topic("orders", 1).await?;
+    let brokers = broker.bootstrap();
+    let nobody = db.session_as("ho_big").await?;
+    let mut ids = enqueue_numbered(&db.client, "orders", "k", 1..=2).await?;
+    nobody
+        .batch_execute(&format!(
+            "SELECT pg_catalog.pg_logical_emit_message(true, 'pg_outbox', {BIG})"
+        ))
+        .await?;
+    ids.extend(enqueue_numbered(&db.client, "orders", "k", 3..=4).await?);
+    nobody
+        .batch_execute(&format!(
+            "SELECT pg_catalog.pg_logical_emit_message(false, 'pg_outbox', {BIG})"
+        ))
+        .await?;
+    // a writer's own transaction: an event, the big message, an event
+    let both: Vec<uuid::Uuid> = db
+        .client
+        .query(
+            &format!(
+                "WITH a AS (SELECT outbox.enqueue('orders', 'k', '{{\"n\": 5}}') AS id), \
+                      b AS (SELECT pg_catalog.pg_logical_emit_message(true, 'pg_outbox', {BIG}) \
+                              FROM a), \
+                      c AS (SELECT outbox.enqueue('orders', 'k', '{{\"n\": 6}}') AS id FROM b) \
+                 SELECT id FROM a UNION ALL SELECT id FROM c"
+            ),
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(both.len(), 2);
+    ids.extend(both);
+    ids.extend(enqueue_numbered(&db.client, "orders", "k", 7..=8).await?);
+
+    let metrics = format!("127.0.0.1:{}", pg_outbox_tests::free_port());
+    let relay = Relay::start(db.port, &db.name, &brokers, &["--metrics-addr", &metrics])?;
+    let records = read_all(&brokers, &[("orders", 1)], 8, TIMEOUT)?;
+    let got: Vec<String> = records.iter().map(|r| r.id()).collect();
+    let want: Vec<String> = ids.iter().map(|u| u.to_string()).collect();
+    assert_eq!(got, want, "every real event once, in commit order");
+    pg_outbox_tests::wait_for_metric(
+        &metrics,
+        "pg_outbox_relay_unproven_messages_total",
+        3.0,
+        TIMEOUT,
+    )
+    .await?;
+    let peak = peak_rss(relay.pid())?;
+    println!(
+        "relay peak RSS with three 120 MB messages in the slot: {} MB",
+        peak >> 20
+    );
+    assert!(peak < 100 << 20, "peak RSS {} MB", peak >> 20);
+    let dead: i64 = db
+        .client
+        .query_one("SELECT count(*) FROM outbox.dead_letters", &[])
+        .await?
+        .get(0);
+    assert_eq!(dead, 0);
+
+    // killed before it may have confirmed it all: the next one replays what the slot still holds,
+    // the big messages included, and publishes nothing twice
+    pg_outbox_tests::signal(relay.pid(), "KILL")?;
+    drop(relay);
+    ids.extend(enqueue_numbered(&db.client, "orders", "k", 9..=9).await?);
+    let relay = Relay::start(db.port, &db.name, &brokers, &[])?;
+    let records = read_all(&brokers, &[("orders", 1)], 9, TIMEOUT)?;
+    let got: Vec<String> = records.iter().map(|r| r.id()).collect();
+    let want: Vec<String> = ids.iter().map(|u| u.to_string()).collect();
+    assert_eq!(got, want, "after the restart:\n{}", relay.log_text());
+    Ok(())
+}
