@@ -118,7 +118,7 @@ run_version() {
     fi
     if [ -z "${TESTS:-}" ]; then
         echo "test: PostgreSQL $v: the SQL edition, installed by a role that is not a superuser"
-        PG_OUTBOX_EDITION=sql cargo test -p pg_outbox_tests --test outbox --test inbox --test trust \
+        PG_OUTBOX_EDITION=sql cargo test -p pg_outbox_tests --test outbox --test inbox --test trust --test keys \
             --test hijack --test backup --test observe -- --show-output
         PG_OUTBOX_EDITION=sql relay_smoke
     fi

@@ -79,15 +79,19 @@ CREATE INDEX events_xid_seq_idx ON outbox.events (xid, seq);
 
 -- wal mode: the secret that seals every message outbox.enqueue writes (HMAC-SHA256 over the
 -- transaction id and the envelope, see the envelope crate), so that the relay publishes no message
--- that another role wrote with pg_logical_emit_message. One key per database, made at CREATE
--- EXTENSION from PostgreSQL's strong random source (gen_random_uuid: 2 x 122 random bits). No role
--- but the owner may read it: enqueue reads it as the owner, the relay through outbox.relay_auth_key().
+-- that another role wrote with pg_logical_emit_message. Keys per database, made from PostgreSQL's
+-- strong random source (gen_random_uuid: 2 x 122 random bits): key 1 at CREATE EXTENSION, the next
+-- by CALL outbox.rotate_auth_key(). enqueue seals with the newest; the relay accepts every key
+-- still here; outbox.retire_auth_key removes an older one once nothing sealed with it can still be
+-- in flight. No role but the owner may read them: enqueue reads them as the owner, the relay
+-- through outbox.relay_auth_keys().
 CREATE TABLE outbox.auth_key (
-    only_row boolean PRIMARY KEY DEFAULT true CONSTRAINT auth_key_one_row CHECK (only_row),
-    key      bytea   NOT NULL CONSTRAINT auth_key_length CHECK (pg_catalog.length(key) = 32)
+    key_id     integer     PRIMARY KEY CONSTRAINT auth_key_id_range CHECK (key_id BETWEEN 1 AND 32767),
+    key        bytea       NOT NULL CONSTRAINT auth_key_length CHECK (pg_catalog.length(key) = 32),
+    created_at timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
-INSERT INTO outbox.auth_key (key)
-SELECT pg_catalog.decode(pg_catalog.substr(pg_catalog.replace(
+INSERT INTO outbox.auth_key (key_id, key)
+SELECT 1, pg_catalog.decode(pg_catalog.substr(pg_catalog.replace(
            pg_catalog.gen_random_uuid()::text || pg_catalog.gen_random_uuid()::text, '-', ''), 1, 64), 'hex');
 REVOKE ALL ON outbox.auth_key FROM PUBLIC;
 -- Row security without a policy: nobody but the owner (and superusers) sees the row, whatever
@@ -189,7 +193,10 @@ CREATE TABLE outbox.sources (
     -- however far the database has moved since, until an operator gives the source a new one
     -- (outbox.recreate_slot, outbox.new_poll_incarnation), which clears it.
     stopped     text,
-    stopped_at  timestamptz
+    stopped_at  timestamptz,
+    -- the sealing key (outbox.auth_key) the relay of this source signs its Kafka records with, as it
+    -- recorded at the start of its session; outbox.retire_auth_key waits for it to move on
+    signing_key_id integer
 );
 COMMENT ON TABLE outbox.sources IS
     'pg_outbox: slots and poll sources the relay publishes for, with their incarnation';
@@ -381,6 +388,13 @@ END
 $$;
 
 -- wal mode writes nothing that a slot would not retain (as src/outbox.rs, check_wal_ready).
+-- The C extension's cached sealing key is dropped when a rotation commits; this edition reads the
+-- key in every call and caches nothing.
+CREATE FUNCTION outbox._auth_keys_changed() RETURNS void
+LANGUAGE sql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT $$;
+
 CREATE FUNCTION outbox._check_wal_ready(sn text) RETURNS void
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 AS $$
@@ -419,7 +433,7 @@ $$;
 -- says; returns the new ids in input order. The body of every entry point below.
 --
 -- wal mode: the envelope (version 1, envelope/src/lib.rs) of each event, sealed: flag bit 3 set
--- and the tag appended, HMAC-SHA256 (RFC 2104, with PostgreSQL's sha256: no pgcrypto) under
+-- (and, for a key after the first, flag bit 4 and the key id) and the tag appended, HMAC-SHA256 (RFC 2104, with PostgreSQL's sha256: no pgcrypto) under
 -- outbox.auth_key of the full top-level transaction id (8 bytes: epoch and xid) and the envelope.
 --
 -- Event ids are UUIDv7 (RFC 9562): the Unix time in milliseconds, then 74 random bits; within one
@@ -447,6 +461,8 @@ DECLARE
     ipad bytea;
     opad bytea;
     seal_key bytea;
+    seal_key_id integer;
+    seal_suffix bytea;
     xid bytea;
     flags integer;
     at timestamptz;
@@ -486,7 +502,9 @@ BEGIN
     END LOOP;
     IF mode = 'wal' THEN
         PERFORM outbox._check_wal_ready(coalesce(nullif(current_setting('pg_outbox.slot_name', true), ''), 'pg_outbox'));
-        SELECT k.key INTO seal_key FROM outbox.auth_key k;
+        -- the newest key; a key after the first is named between the envelope and the tag
+        SELECT k.key_id, k.key INTO seal_key_id, seal_key FROM outbox.auth_key k ORDER BY k.key_id DESC LIMIT 1;
+        seal_suffix := CASE WHEN seal_key_id = 1 THEN ''::bytea ELSE int2send(seal_key_id::int2) END;
         ipad := decode(repeat('36', 64), 'hex');
         opad := decode(repeat('5c', 64), 'hex');
         FOR i IN 0 .. octet_length(seal_key) - 1 LOOP
@@ -494,7 +512,8 @@ BEGIN
             opad := set_byte(opad, i, get_byte(seal_key, i) # 92);
         END LOOP;
         xid := int8send(pg_current_xact_id()::text::bigint);  -- the full 64-bit id, as the C extension
-        flags := 8 | CASE WHEN payload_is_json THEN 2 ELSE 0 END | CASE WHEN trace IS NULL THEN 0 ELSE 4 END;
+        flags := 8 | CASE WHEN payload_is_json THEN 2 ELSE 0 END | CASE WHEN trace IS NULL THEN 0 ELSE 4 END
+                 | CASE WHEN seal_key_id = 1 THEN 0 ELSE 16 END;
     ELSIF mode <> 'table' THEN
         PERFORM outbox._refuse('22023', format('pg_outbox.mode is %L', mode),
             'Set pg_outbox.mode to ''wal'' (a logical decoding message) or ''table'' (a row of outbox.events).');
@@ -522,7 +541,7 @@ BEGIN
                 || coalesce(int4send(octet_length(key_bytes)) || key_bytes, ''::bytea)
                 || int2send(cardinality(h.names)::int2) || header_block
                 || coalesce(int2send(octet_length(trace_bytes)::int2) || trace_bytes, ''::bytea)
-                || int4send(octet_length(payloads[i])) || payloads[i];
+                || int4send(octet_length(payloads[i])) || payloads[i] || seal_suffix;
             PERFORM pg_logical_emit_message(true, 'pg_outbox',
                                             env || sha256(opad || sha256(ipad || xid || env)));
         ELSE
@@ -628,14 +647,144 @@ AS $$ SELECT unnest(outbox._enqueue_batch_json(topic, keys, payloads::text[], he
 COMMENT ON FUNCTION outbox.enqueue_batch(text, text[], jsonb[], jsonb) IS
     'Enqueue many JSON events to one topic (keys[i] goes with payloads[i]); returns their ids in order';
 
--- The relay's copy of the sealing key (outbox.auth_key), for outbox_relay only: SECURITY DEFINER so
--- that the key table itself needs no grant.
+-- The relay's copy of the sealing keys (outbox.auth_key), for outbox_relay only: SECURITY DEFINER so
+-- that the key table itself needs no grant. relay_auth_key() is the newest key alone (relays of
+-- 0.1.0 read it); the relay reads every key with relay_auth_keys().
 CREATE FUNCTION outbox.relay_auth_key() RETURNS bytea
 LANGUAGE sql STABLE PARALLEL SAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-AS $$ SELECT key FROM outbox.auth_key $$;
+AS $$ SELECT key FROM outbox.auth_key ORDER BY key_id DESC LIMIT 1 $$;
 COMMENT ON FUNCTION outbox.relay_auth_key() IS
-    'The key that seals wal-mode messages, for the relay (granted to outbox_relay only)';
+    'The newest key that seals wal-mode messages, for the relay (granted to outbox_relay only)';
+
+CREATE FUNCTION outbox.relay_auth_keys(OUT key_id integer, OUT key bytea) RETURNS SETOF record
+LANGUAGE sql STABLE PARALLEL SAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT k.key_id, k.key FROM outbox.auth_key k ORDER BY k.key_id $$;
+COMMENT ON FUNCTION outbox.relay_auth_keys() IS
+    'Every key a wal-mode message may be sealed with, for the relay (granted to outbox_relay only)';
+
+-- Key rotation (docs/operations.md, "Rotating the sealing key"). A new key: enqueue seals with it in
+-- every transaction that starts after this one commits (backends that cached the older key are told
+-- by a relation cache invalidation, outbox._auth_keys_changed; the lock only keeps two rotations
+-- apart and lets readers of the keys be), relays start a new session with it within 5 s. The older
+-- keys stay valid until retired.
+CREATE FUNCTION outbox.rotate_auth_key() RETURNS integer
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    new_id integer;
+BEGIN
+    LOCK TABLE outbox.auth_key IN SHARE ROW EXCLUSIVE MODE;
+    INSERT INTO outbox.auth_key (key_id, key)
+    SELECT coalesce(max(k.key_id), 0) + 1,
+           decode(substr(replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''), 1, 64), 'hex')
+      FROM outbox.auth_key k
+    RETURNING key_id INTO new_id;
+    PERFORM outbox._auth_keys_changed();
+    RETURN new_id;
+END
+$$;
+COMMENT ON FUNCTION outbox.rotate_auth_key() IS
+    'Makes a new sealing key, used by every transaction that starts after this one commits; returns its id';
+
+-- Removes an older key once nothing sealed or signed with it can still be in flight, waiting (up to
+-- `timeout`) for: every transaction of this database that was open when the call started, and every
+-- transaction prepared before it, to end (they may have sealed with the older key); every relay
+-- source to sign with a newer key (unless `force`: a source whose relay no longer runs); then each
+-- slot source's relay to confirm the WAL written until then, and each poll source's relay to
+-- publish the rows enqueued until then. From then on a message sealed with that key is passed over
+-- as forged.
+CREATE FUNCTION outbox.retire_auth_key(retired integer, timeout interval DEFAULT '5 minutes',
+                                       force boolean DEFAULT false) RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    started timestamptz := clock_timestamp();
+    deadline timestamptz := clock_timestamp() + timeout;
+    newest integer;
+    older text[];
+    waiting text;
+    written pg_lsn;
+    published timestamptz;
+BEGIN
+    SELECT max(k.key_id) INTO newest FROM outbox.auth_key k;
+    IF NOT EXISTS (SELECT FROM outbox.auth_key k WHERE k.key_id = retired) THEN
+        RAISE EXCEPTION 'pg_outbox: there is no sealing key %', retired
+            USING ERRCODE = '22023', HINT = 'SELECT key_id, created_at FROM outbox.sealing_keys lists them.';
+    END IF;
+    IF retired = newest THEN
+        RAISE EXCEPTION 'pg_outbox: sealing key % is the newest: enqueue seals with it', retired
+            USING ERRCODE = '55000', HINT = 'SELECT outbox.rotate_auth_key() first.';
+    END IF;
+    -- the transactions open now, by their virtual transaction id (as CREATE INDEX CONCURRENTLY
+    -- waits for older snapshots): any of them may have read the older key
+    SELECT array_agg(l.virtualxid) INTO older
+      FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+     WHERE l.locktype = 'virtualxid' AND l.granted AND l.pid <> pg_backend_pid()
+       AND a.datname = current_database();
+    LOOP
+        SELECT string_agg(x, ', ') INTO waiting FROM (
+            SELECT 'pid ' || l.pid AS x FROM pg_locks l
+             WHERE l.locktype = 'virtualxid' AND l.granted AND l.virtualxid = ANY (older)
+            UNION ALL
+            SELECT 'prepared transaction ' || quote_literal(p.gid) FROM pg_prepared_xacts p
+             WHERE p.database = current_database() AND p.prepared < started) w;
+        EXIT WHEN waiting IS NULL;
+        IF clock_timestamp() > deadline THEN
+            RAISE EXCEPTION 'pg_outbox: transactions that began before the call are still open: %', waiting
+                USING ERRCODE = '55000',
+                      HINT = 'They may seal with the older key. Let them end (or terminate them), then call again.';
+        END IF;
+        PERFORM pg_sleep(0.1);
+    END LOOP;
+    -- every relay signs its records with a newer key: what a restart reads back is never signed
+    -- with the retired one
+    LOOP
+        SELECT string_agg(quote_literal(o.source), ', ') INTO waiting FROM outbox.sources o
+         WHERE o.stopped IS NULL AND coalesce(o.signing_key_id, 1) <= retired;
+        EXIT WHEN waiting IS NULL OR force;
+        IF clock_timestamp() > deadline THEN
+            RAISE EXCEPTION 'pg_outbox: the relay of % still signs with key % or older', waiting, retired
+                USING ERRCODE = '55000',
+                      HINT = 'A running relay moves to the newest key within 5 s: start the relay of each such source. '
+                             'For a source no relay serves any more, call again with force => true.';
+        END IF;
+        PERFORM pg_sleep(0.1);
+    END LOOP;
+    -- everything sealed or signed with the retired key is behind the relays
+    written := pg_current_wal_insert_lsn();
+    published := clock_timestamp();
+    LOOP
+        SELECT string_agg(x, ', ') INTO waiting FROM (
+            SELECT format('slot %I (confirmed %s of %s)', s.slot_name, s.confirmed_flush_lsn, written) AS x
+              FROM outbox.sources o JOIN pg_replication_slots s ON o.source = 'slot:' || s.slot_name
+             WHERE o.stopped IS NULL AND s.database = current_database()
+               AND (s.confirmed_flush_lsn IS NULL OR s.confirmed_flush_lsn < written)
+            UNION ALL
+            SELECT 'outbox.events rows enqueued before the call'
+             WHERE EXISTS (SELECT FROM outbox.sources o WHERE o.source LIKE 'poll:%' AND o.stopped IS NULL)
+               AND EXISTS (SELECT FROM outbox.events e WHERE e.created_at < published)) w;
+        EXIT WHEN waiting IS NULL OR force;
+        IF clock_timestamp() > deadline THEN
+            RAISE EXCEPTION 'pg_outbox: the relays have not yet published what was enqueued before the call: %', waiting
+                USING ERRCODE = '55000',
+                      HINT = 'Events sealed with the older key may still be on their way. Check that the relays run, then call again.';
+        END IF;
+        PERFORM pg_sleep(0.1);
+    END LOOP;
+    DELETE FROM outbox.auth_key k WHERE k.key_id = retired;
+END
+$$;
+COMMENT ON FUNCTION outbox.retire_auth_key(integer, interval, boolean) IS
+    'Removes an older sealing key once nothing sealed or signed with it can still be in flight (waits up to timeout)';
+
+-- The sealing keys without the secret: their ids and ages.
+CREATE VIEW outbox.sealing_keys AS
+    SELECT k.key_id, k.created_at, k.key_id = max(k.key_id) OVER () AS newest FROM outbox.auth_key k;
+COMMENT ON VIEW outbox.sealing_keys IS 'pg_outbox: the sealing keys (ids and ages, never the keys)';
 
 -- Wakes whoever LISTENs on the channel named by the trigger's argument when a transaction that
 -- inserted rows commits (notifications are delivered at commit, one per transaction is enough):
@@ -1483,7 +1632,8 @@ GRANT SELECT, DELETE ON outbox.events TO outbox_relay;
 GRANT SELECT, INSERT, UPDATE ON outbox.poller TO outbox_relay;
 GRANT SELECT, INSERT ON outbox.dead_letters TO outbox_relay;
 GRANT EXECUTE ON FUNCTION outbox.create_slot(text), outbox.create_publication(text), outbox._slot_name(),
-                          outbox._check_slot_name(text), outbox.relay_auth_key() TO outbox_relay;
+                          outbox._check_slot_name(text), outbox.relay_auth_key(),
+                          outbox.relay_auth_keys() TO outbox_relay;
 GRANT EXECUTE ON PROCEDURE outbox.setup(text) TO outbox_relay;
 -- the relay records its sources and what it confirmed; the operator actions below need REPLICATION
 -- (or superuser) as well, to drop and create the slot
@@ -1521,8 +1671,9 @@ GRANT SELECT, INSERT ON inbox.topics TO inbox_ingest;
 -- key.
 GRANT USAGE ON SCHEMA outbox, inbox TO outbox_monitor;
 GRANT SELECT ON outbox.source_status, outbox.table_backlog, outbox.dead_letter_summary,
-                inbox.offset_status, inbox.queue_status
+                inbox.offset_status, inbox.queue_status, outbox.sealing_keys
       TO outbox_monitor;
+-- outbox.rotate_auth_key and outbox.retire_auth_key: superusers only, or whom they grant them to
 
 -- ---------------------------------------------------------------- edition marker
 -- what the relay's `check` reports (the C extension has its row in pg_extension instead)

@@ -66,7 +66,14 @@ const FLAG_KEY: u8 = 1;
 const FLAG_JSON: u8 = 1 << 1;
 const FLAG_TRACE: u8 = 1 << 2;
 const FLAG_SEALED: u8 = 1 << 3;
-const KNOWN_FLAGS: u8 = FLAG_KEY | FLAG_JSON | FLAG_TRACE | FLAG_SEALED;
+/// The seal names its key: a key id (2 bytes, big-endian) sits between the envelope and the tag.
+/// Without it the key is [`FIRST_KEY_ID`], so messages sealed before keys could rotate still open.
+const FLAG_KEY_ID: u8 = 1 << 4;
+const KNOWN_FLAGS: u8 = FLAG_KEY | FLAG_JSON | FLAG_TRACE | FLAG_SEALED | FLAG_KEY_ID;
+
+/// The id of a database's first sealing key (`outbox.auth_key`); `CALL outbox.rotate_auth_key()`
+/// adds the next. A message sealed with it carries no key id.
+pub const FIRST_KEY_ID: u16 = 1;
 
 /// Length of the tag after a sealed envelope.
 pub const TAG_LEN: usize = 32;
@@ -394,26 +401,51 @@ pub fn widen_xid(reference: u64, xid: u32) -> u64 {
 }
 
 /// Seals the envelope that starts at `buf[start]` (it must be the last thing in `buf`): sets flag
-/// bit 3 and appends the tag binding it to `key` and to transaction `xid` (the full 64-bit id).
-pub fn seal(buf: &mut Vec<u8>, start: usize, key: &[u8], xid: u64) {
+/// bit 3, appends the key id unless it is [`FIRST_KEY_ID`] (then flag bit 4), then the tag binding
+/// it all to `key` and to transaction `xid` (the full 64-bit id).
+pub fn seal(buf: &mut Vec<u8>, start: usize, key_id: u16, key: &[u8], xid: u64) {
     use hmac::Mac;
     buf[start + 1] |= FLAG_SEALED;
+    if key_id != FIRST_KEY_ID {
+        buf[start + 1] |= FLAG_KEY_ID;
+        buf.extend_from_slice(&key_id.to_be_bytes());
+    }
     let tag = mac(key, xid, &buf[start..]).finalize().into_bytes();
     buf.extend_from_slice(&tag);
 }
 
-/// Checks a sealed message's tag for `key` and transaction `xid` (in constant time) and returns
-/// the envelope without the tag.
-pub fn open<'m>(message: &'m [u8], key: &[u8], xid: u64) -> Result<&'m [u8], OpenError> {
-    use hmac::Mac;
+/// The id of the key a sealed message names (not yet verified: see [`open`]).
+pub fn sealed_key_id(message: &[u8]) -> Result<u16, OpenError> {
     if message.len() < 2 + TAG_LEN || message[1] & FLAG_SEALED == 0 {
         return Err(OpenError::NotSealed);
     }
-    let (envelope, tag) = message.split_at(message.len() - TAG_LEN);
-    mac(key, xid, envelope)
+    if message[1] & FLAG_KEY_ID == 0 {
+        return Ok(FIRST_KEY_ID);
+    }
+    let end = message.len() - TAG_LEN;
+    let id = message
+        .get(
+            end.checked_sub(2)
+                .filter(|&at| at >= 2)
+                .ok_or(OpenError::NotSealed)?..end,
+        )
+        .ok_or(OpenError::NotSealed)?;
+    Ok(u16::from_be_bytes([id[0], id[1]]))
+}
+
+/// Checks a sealed message's tag for `key` (the one [`sealed_key_id`] names) and transaction `xid`
+/// (in constant time) and returns the envelope without the key id and the tag.
+pub fn open<'m>(message: &'m [u8], key: &[u8], xid: u64) -> Result<&'m [u8], OpenError> {
+    use hmac::Mac;
+    let key_id_len = match sealed_key_id(message)? {
+        _ if message[1] & FLAG_KEY_ID == 0 => 0,
+        _ => 2,
+    };
+    let (sealed, tag) = message.split_at(message.len() - TAG_LEN);
+    mac(key, xid, sealed)
         .verify_slice(tag)
         .map_err(|_| OpenError::BadTag)?;
-    Ok(envelope)
+    Ok(&sealed[..sealed.len() - key_id_len])
 }
 
 /// Formats 16 UUID bytes as `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`.
@@ -505,8 +537,9 @@ mod tests {
         let key = [9u8; AUTH_KEY_LEN];
         let mut buf = b"prefix".to_vec();
         sample().encode_into(&mut buf).unwrap();
-        seal(&mut buf, 6, &key, 4711);
+        seal(&mut buf, 6, FIRST_KEY_ID, &key, 4711);
         let message = &buf[6..];
+        assert_eq!(sealed_key_id(message), Ok(FIRST_KEY_ID));
         let envelope = open(message, &key, 4711).unwrap();
         assert_eq!(envelope.len(), message.len() - TAG_LEN);
         let event = Event::decode(envelope).unwrap();
@@ -532,6 +565,37 @@ mod tests {
             Event::decode(message),
             Err(DecodeError::TrailingBytes(TAG_LEN))
         );
+    }
+
+    #[test]
+    fn a_message_sealed_with_a_later_key_names_it_and_opens_only_with_it() {
+        let (key1, key2) = ([9u8; AUTH_KEY_LEN], [7u8; AUTH_KEY_LEN]);
+        let mut buf = Vec::new();
+        sample().encode_into(&mut buf).unwrap();
+        let plain = buf.len();
+        seal(&mut buf, 0, 2, &key2, 4711);
+        assert_eq!(buf.len(), plain + 2 + TAG_LEN);
+        assert_eq!(sealed_key_id(&buf), Ok(2));
+        let envelope = open(&buf, &key2, 4711).unwrap();
+        assert_eq!(envelope.len(), plain);
+        assert_eq!(Event::decode(envelope).unwrap(), sample());
+        assert_eq!(open(&buf, &key1, 4711), Err(OpenError::BadTag));
+        // the key id is under the tag: naming another key breaks it
+        let mut renamed = buf.clone();
+        let at = renamed.len() - TAG_LEN - 1;
+        renamed[at] = 1;
+        assert_eq!(sealed_key_id(&renamed), Ok(0x0001));
+        assert_eq!(open(&renamed, &key2, 4711), Err(OpenError::BadTag));
+        assert_eq!(open(&renamed, &key1, 4711), Err(OpenError::BadTag));
+        // dropping the flag makes it claim the first key, and breaks the tag too
+        let mut unflagged = buf.clone();
+        unflagged[1] &= !FLAG_KEY_ID;
+        assert_eq!(sealed_key_id(&unflagged), Ok(FIRST_KEY_ID));
+        assert_eq!(open(&unflagged, &key1, 4711), Err(OpenError::BadTag));
+        // too short to hold a key id
+        let mut short = vec![VERSION, FLAG_SEALED | FLAG_KEY_ID];
+        short.extend_from_slice(&[0; TAG_LEN]);
+        assert_eq!(sealed_key_id(&short), Err(OpenError::NotSealed));
     }
 
     #[test]

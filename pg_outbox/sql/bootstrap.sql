@@ -49,15 +49,19 @@ CREATE INDEX events_xid_seq_idx ON outbox.events (xid, seq);
 
 -- wal mode: the secret that seals every message outbox.enqueue writes (HMAC-SHA256 over the
 -- transaction id and the envelope, see the envelope crate), so that the relay publishes no message
--- that another role wrote with pg_logical_emit_message. One key per database, made at CREATE
--- EXTENSION from PostgreSQL's strong random source (gen_random_uuid: 2 x 122 random bits). No role
--- but the owner may read it: enqueue reads it as the owner, the relay through outbox.relay_auth_key().
+-- that another role wrote with pg_logical_emit_message. Keys per database, made from PostgreSQL's
+-- strong random source (gen_random_uuid: 2 x 122 random bits): key 1 at CREATE EXTENSION, the next
+-- by CALL outbox.rotate_auth_key(). enqueue seals with the newest; the relay accepts every key
+-- still here; outbox.retire_auth_key removes an older one once nothing sealed with it can still be
+-- in flight. No role but the owner may read them: enqueue reads them as the owner, the relay
+-- through outbox.relay_auth_keys().
 CREATE TABLE outbox.auth_key (
-    only_row boolean PRIMARY KEY DEFAULT true CONSTRAINT auth_key_one_row CHECK (only_row),
-    key      bytea   NOT NULL CONSTRAINT auth_key_length CHECK (pg_catalog.length(key) = 32)
+    key_id     integer     PRIMARY KEY CONSTRAINT auth_key_id_range CHECK (key_id BETWEEN 1 AND 32767),
+    key        bytea       NOT NULL CONSTRAINT auth_key_length CHECK (pg_catalog.length(key) = 32),
+    created_at timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
-INSERT INTO outbox.auth_key (key)
-SELECT pg_catalog.decode(pg_catalog.substr(pg_catalog.replace(
+INSERT INTO outbox.auth_key (key_id, key)
+SELECT 1, pg_catalog.decode(pg_catalog.substr(pg_catalog.replace(
            pg_catalog.gen_random_uuid()::text || pg_catalog.gen_random_uuid()::text, '-', ''), 1, 64), 'hex');
 REVOKE ALL ON outbox.auth_key FROM PUBLIC;
 -- Row security without a policy: nobody but the owner (and superusers) sees the row, whatever
@@ -159,7 +163,10 @@ CREATE TABLE outbox.sources (
     -- however far the database has moved since, until an operator gives the source a new one
     -- (outbox.recreate_slot, outbox.new_poll_incarnation), which clears it.
     stopped     text,
-    stopped_at  timestamptz
+    stopped_at  timestamptz,
+    -- the sealing key (outbox.auth_key) the relay of this source signs its Kafka records with, as it
+    -- recorded at the start of its session; outbox.retire_auth_key waits for it to move on
+    signing_key_id integer
 );
 COMMENT ON TABLE outbox.sources IS
     'pg_outbox: slots and poll sources the relay publishes for, with their incarnation';

@@ -169,6 +169,13 @@ END
 $$;
 
 -- wal mode writes nothing that a slot would not retain (as src/outbox.rs, check_wal_ready).
+-- The C extension's cached sealing key is dropped when a rotation commits; this edition reads the
+-- key in every call and caches nothing.
+CREATE FUNCTION outbox._auth_keys_changed() RETURNS void
+LANGUAGE sql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT $$;
+
 CREATE FUNCTION outbox._check_wal_ready(sn text) RETURNS void
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 AS $$
@@ -207,7 +214,7 @@ $$;
 -- says; returns the new ids in input order. The body of every entry point below.
 --
 -- wal mode: the envelope (version 1, envelope/src/lib.rs) of each event, sealed: flag bit 3 set
--- and the tag appended, HMAC-SHA256 (RFC 2104, with PostgreSQL's sha256: no pgcrypto) under
+-- (and, for a key after the first, flag bit 4 and the key id) and the tag appended, HMAC-SHA256 (RFC 2104, with PostgreSQL's sha256: no pgcrypto) under
 -- outbox.auth_key of the full top-level transaction id (8 bytes: epoch and xid) and the envelope.
 --
 -- Event ids are UUIDv7 (RFC 9562): the Unix time in milliseconds, then 74 random bits; within one
@@ -235,6 +242,8 @@ DECLARE
     ipad bytea;
     opad bytea;
     seal_key bytea;
+    seal_key_id integer;
+    seal_suffix bytea;
     xid bytea;
     flags integer;
     at timestamptz;
@@ -274,7 +283,9 @@ BEGIN
     END LOOP;
     IF mode = 'wal' THEN
         PERFORM outbox._check_wal_ready(coalesce(nullif(current_setting('pg_outbox.slot_name', true), ''), 'pg_outbox'));
-        SELECT k.key INTO seal_key FROM outbox.auth_key k;
+        -- the newest key; a key after the first is named between the envelope and the tag
+        SELECT k.key_id, k.key INTO seal_key_id, seal_key FROM outbox.auth_key k ORDER BY k.key_id DESC LIMIT 1;
+        seal_suffix := CASE WHEN seal_key_id = 1 THEN ''::bytea ELSE int2send(seal_key_id::int2) END;
         ipad := decode(repeat('36', 64), 'hex');
         opad := decode(repeat('5c', 64), 'hex');
         FOR i IN 0 .. octet_length(seal_key) - 1 LOOP
@@ -282,7 +293,8 @@ BEGIN
             opad := set_byte(opad, i, get_byte(seal_key, i) # 92);
         END LOOP;
         xid := int8send(pg_current_xact_id()::text::bigint);  -- the full 64-bit id, as the C extension
-        flags := 8 | CASE WHEN payload_is_json THEN 2 ELSE 0 END | CASE WHEN trace IS NULL THEN 0 ELSE 4 END;
+        flags := 8 | CASE WHEN payload_is_json THEN 2 ELSE 0 END | CASE WHEN trace IS NULL THEN 0 ELSE 4 END
+                 | CASE WHEN seal_key_id = 1 THEN 0 ELSE 16 END;
     ELSIF mode <> 'table' THEN
         PERFORM outbox._refuse('22023', format('pg_outbox.mode is %L', mode),
             'Set pg_outbox.mode to ''wal'' (a logical decoding message) or ''table'' (a row of outbox.events).');
@@ -310,7 +322,7 @@ BEGIN
                 || coalesce(int4send(octet_length(key_bytes)) || key_bytes, ''::bytea)
                 || int2send(cardinality(h.names)::int2) || header_block
                 || coalesce(int2send(octet_length(trace_bytes)::int2) || trace_bytes, ''::bytea)
-                || int4send(octet_length(payloads[i])) || payloads[i];
+                || int4send(octet_length(payloads[i])) || payloads[i] || seal_suffix;
             PERFORM pg_logical_emit_message(true, 'pg_outbox',
                                             env || sha256(opad || sha256(ipad || xid || env)));
         ELSE

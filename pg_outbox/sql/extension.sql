@@ -52,6 +52,14 @@ GRANT USAGE ON SCHEMA outbox TO outbox_owner;
 ALTER TABLE outbox.events OWNER TO outbox_owner;
 ALTER TABLE outbox.auth_key OWNER TO outbox_owner;
 ALTER FUNCTION outbox.relay_auth_key() OWNER TO outbox_owner;
+ALTER FUNCTION outbox.relay_auth_keys() OWNER TO outbox_owner;
+ALTER FUNCTION outbox.rotate_auth_key() OWNER TO outbox_owner;
+ALTER FUNCTION outbox.retire_auth_key(integer, interval, boolean) OWNER TO outbox_owner;
+ALTER VIEW outbox.sealing_keys OWNER TO outbox_owner;
+-- outbox.retire_auth_key reads which relays moved to a newer key
+GRANT SELECT ON outbox.sources TO outbox_owner;
+-- outbox.rotate_auth_key tells the backends to drop their cached key
+GRANT EXECUTE ON FUNCTION outbox._auth_keys_changed() TO outbox_owner;
 -- ALTER OWNER leaves the key's initial privileges (pg_init_privs, from bootstrap.sql's REVOKE) naming
 -- the old owner, and pg_dump would then carry a REVOKE and GRANT for it: record them again
 REVOKE ALL ON outbox.auth_key FROM PUBLIC;

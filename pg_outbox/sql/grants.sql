@@ -21,7 +21,8 @@ GRANT SELECT, DELETE ON outbox.events TO outbox_relay;
 GRANT SELECT, INSERT, UPDATE ON outbox.poller TO outbox_relay;
 GRANT SELECT, INSERT ON outbox.dead_letters TO outbox_relay;
 GRANT EXECUTE ON FUNCTION outbox.create_slot(text), outbox.create_publication(text), outbox._slot_name(),
-                          outbox._check_slot_name(text), outbox.relay_auth_key() TO outbox_relay;
+                          outbox._check_slot_name(text), outbox.relay_auth_key(),
+                          outbox.relay_auth_keys() TO outbox_relay;
 GRANT EXECUTE ON PROCEDURE outbox.setup(text) TO outbox_relay;
 -- the relay records its sources and what it confirmed; the operator actions below need REPLICATION
 -- (or superuser) as well, to drop and create the slot
@@ -59,5 +60,6 @@ GRANT SELECT, INSERT ON inbox.topics TO inbox_ingest;
 -- key.
 GRANT USAGE ON SCHEMA outbox, inbox TO outbox_monitor;
 GRANT SELECT ON outbox.source_status, outbox.table_backlog, outbox.dead_letter_summary,
-                inbox.offset_status, inbox.queue_status
+                inbox.offset_status, inbox.queue_status, outbox.sealing_keys
       TO outbox_monitor;
+-- outbox.rotate_auth_key and outbox.retire_auth_key: superusers only, or whom they grant them to

@@ -31,6 +31,18 @@ END
 $monitor$;
 
 -- ---------------------------------------------------------------- tables (sql/bootstrap.sql)
+-- sealing keys by id, for rotation (outbox.rotate_auth_key): the one key of 0.1.0 becomes key 1.
+-- A new table, so that its columns are a fresh install's
+CREATE TABLE outbox.auth_key_by_id (
+    key_id     integer     PRIMARY KEY CONSTRAINT auth_key_id_range CHECK (key_id BETWEEN 1 AND 32767),
+    key        bytea       NOT NULL CONSTRAINT auth_key_length CHECK (pg_catalog.length(key) = 32),
+    created_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+INSERT INTO outbox.auth_key_by_id (key_id, key) SELECT 1, k.key FROM outbox.auth_key k;
+DROP TABLE outbox.auth_key;
+ALTER TABLE outbox.auth_key_by_id RENAME TO auth_key;
+ALTER INDEX outbox.auth_key_by_id_pkey RENAME TO auth_key_pkey;
+REVOKE ALL ON outbox.auth_key FROM PUBLIC;
 -- the sealing key: row security without a policy hides it from pg_read_all_data and publications
 ALTER TABLE outbox.auth_key ENABLE ROW LEVEL SECURITY;
 
@@ -43,6 +55,8 @@ ALTER TABLE inbox.messages ADD CONSTRAINT messages_consumer_topic_message_id_key
 ALTER TABLE outbox.sources ADD COLUMN lock_key bigint;
 ALTER TABLE outbox.sources ADD COLUMN stopped text;
 ALTER TABLE outbox.sources ADD COLUMN stopped_at timestamptz;
+-- the key the relay of each source signs with (outbox.retire_auth_key waits for it to move on)
+ALTER TABLE outbox.sources ADD COLUMN signing_key_id integer;
 
 -- ---------------------------------------------------------------- functions (sql/outbox.sql, sql/inbox.sql)
 CREATE OR REPLACE FUNCTION outbox.recreate_slot(reason text, slot_name text DEFAULT NULL)
@@ -288,6 +302,152 @@ SELECT m.consumer, m.status, pg_catalog.count(*) AS messages,
 COMMENT ON VIEW inbox.queue_status IS
     'pg_outbox: inbox messages per consumer and status (pending, processing, done, dead)';
 
+-- ---------------------------------------------------------------- sealing keys (sql/outbox.sql)
+-- pg_outbox/src/outbox.rs: tells the backends to drop their cached sealing key
+CREATE  FUNCTION outbox."_auth_keys_changed"() RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_auth_keys_changed_wrapper';
+-- The relay's copy of the sealing keys (outbox.auth_key), for outbox_relay only: SECURITY DEFINER so
+-- that the key table itself needs no grant. relay_auth_key() is the newest key alone (relays of
+-- 0.1.0 read it); the relay reads every key with relay_auth_keys().
+CREATE OR REPLACE FUNCTION outbox.relay_auth_key() RETURNS bytea
+LANGUAGE sql STABLE PARALLEL SAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT key FROM outbox.auth_key ORDER BY key_id DESC LIMIT 1 $$;
+COMMENT ON FUNCTION outbox.relay_auth_key() IS
+    'The newest key that seals wal-mode messages, for the relay (granted to outbox_relay only)';
+
+CREATE FUNCTION outbox.relay_auth_keys(OUT key_id integer, OUT key bytea) RETURNS SETOF record
+LANGUAGE sql STABLE PARALLEL SAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT k.key_id, k.key FROM outbox.auth_key k ORDER BY k.key_id $$;
+COMMENT ON FUNCTION outbox.relay_auth_keys() IS
+    'Every key a wal-mode message may be sealed with, for the relay (granted to outbox_relay only)';
+
+-- Key rotation (docs/operations.md, "Rotating the sealing key"). A new key: enqueue seals with it in
+-- every transaction that starts after this one commits (backends that cached the older key are told
+-- by a relation cache invalidation, outbox._auth_keys_changed; the lock only keeps two rotations
+-- apart and lets readers of the keys be), relays start a new session with it within 5 s. The older
+-- keys stay valid until retired.
+CREATE FUNCTION outbox.rotate_auth_key() RETURNS integer
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    new_id integer;
+BEGIN
+    LOCK TABLE outbox.auth_key IN SHARE ROW EXCLUSIVE MODE;
+    INSERT INTO outbox.auth_key (key_id, key)
+    SELECT coalesce(max(k.key_id), 0) + 1,
+           decode(substr(replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''), 1, 64), 'hex')
+      FROM outbox.auth_key k
+    RETURNING key_id INTO new_id;
+    PERFORM outbox._auth_keys_changed();
+    RETURN new_id;
+END
+$$;
+COMMENT ON FUNCTION outbox.rotate_auth_key() IS
+    'Makes a new sealing key, used by every transaction that starts after this one commits; returns its id';
+
+-- Removes an older key once nothing sealed or signed with it can still be in flight, waiting (up to
+-- `timeout`) for: every transaction of this database that was open when the call started, and every
+-- transaction prepared before it, to end (they may have sealed with the older key); every relay
+-- source to sign with a newer key (unless `force`: a source whose relay no longer runs); then each
+-- slot source's relay to confirm the WAL written until then, and each poll source's relay to
+-- publish the rows enqueued until then. From then on a message sealed with that key is passed over
+-- as forged.
+CREATE FUNCTION outbox.retire_auth_key(retired integer, timeout interval DEFAULT '5 minutes',
+                                       force boolean DEFAULT false) RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    started timestamptz := clock_timestamp();
+    deadline timestamptz := clock_timestamp() + timeout;
+    newest integer;
+    older text[];
+    waiting text;
+    written pg_lsn;
+    published timestamptz;
+BEGIN
+    SELECT max(k.key_id) INTO newest FROM outbox.auth_key k;
+    IF NOT EXISTS (SELECT FROM outbox.auth_key k WHERE k.key_id = retired) THEN
+        RAISE EXCEPTION 'pg_outbox: there is no sealing key %', retired
+            USING ERRCODE = '22023', HINT = 'SELECT key_id, created_at FROM outbox.sealing_keys lists them.';
+    END IF;
+    IF retired = newest THEN
+        RAISE EXCEPTION 'pg_outbox: sealing key % is the newest: enqueue seals with it', retired
+            USING ERRCODE = '55000', HINT = 'SELECT outbox.rotate_auth_key() first.';
+    END IF;
+    -- the transactions open now, by their virtual transaction id (as CREATE INDEX CONCURRENTLY
+    -- waits for older snapshots): any of them may have read the older key
+    SELECT array_agg(l.virtualxid) INTO older
+      FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+     WHERE l.locktype = 'virtualxid' AND l.granted AND l.pid <> pg_backend_pid()
+       AND a.datname = current_database();
+    LOOP
+        SELECT string_agg(x, ', ') INTO waiting FROM (
+            SELECT 'pid ' || l.pid AS x FROM pg_locks l
+             WHERE l.locktype = 'virtualxid' AND l.granted AND l.virtualxid = ANY (older)
+            UNION ALL
+            SELECT 'prepared transaction ' || quote_literal(p.gid) FROM pg_prepared_xacts p
+             WHERE p.database = current_database() AND p.prepared < started) w;
+        EXIT WHEN waiting IS NULL;
+        IF clock_timestamp() > deadline THEN
+            RAISE EXCEPTION 'pg_outbox: transactions that began before the call are still open: %', waiting
+                USING ERRCODE = '55000',
+                      HINT = 'They may seal with the older key. Let them end (or terminate them), then call again.';
+        END IF;
+        PERFORM pg_sleep(0.1);
+    END LOOP;
+    -- every relay signs its records with a newer key: what a restart reads back is never signed
+    -- with the retired one
+    LOOP
+        SELECT string_agg(quote_literal(o.source), ', ') INTO waiting FROM outbox.sources o
+         WHERE o.stopped IS NULL AND coalesce(o.signing_key_id, 1) <= retired;
+        EXIT WHEN waiting IS NULL OR force;
+        IF clock_timestamp() > deadline THEN
+            RAISE EXCEPTION 'pg_outbox: the relay of % still signs with key % or older', waiting, retired
+                USING ERRCODE = '55000',
+                      HINT = 'A running relay moves to the newest key within 5 s: start the relay of each such source. '
+                             'For a source no relay serves any more, call again with force => true.';
+        END IF;
+        PERFORM pg_sleep(0.1);
+    END LOOP;
+    -- everything sealed or signed with the retired key is behind the relays
+    written := pg_current_wal_insert_lsn();
+    published := clock_timestamp();
+    LOOP
+        SELECT string_agg(x, ', ') INTO waiting FROM (
+            SELECT format('slot %I (confirmed %s of %s)', s.slot_name, s.confirmed_flush_lsn, written) AS x
+              FROM outbox.sources o JOIN pg_replication_slots s ON o.source = 'slot:' || s.slot_name
+             WHERE o.stopped IS NULL AND s.database = current_database()
+               AND (s.confirmed_flush_lsn IS NULL OR s.confirmed_flush_lsn < written)
+            UNION ALL
+            SELECT 'outbox.events rows enqueued before the call'
+             WHERE EXISTS (SELECT FROM outbox.sources o WHERE o.source LIKE 'poll:%' AND o.stopped IS NULL)
+               AND EXISTS (SELECT FROM outbox.events e WHERE e.created_at < published)) w;
+        EXIT WHEN waiting IS NULL OR force;
+        IF clock_timestamp() > deadline THEN
+            RAISE EXCEPTION 'pg_outbox: the relays have not yet published what was enqueued before the call: %', waiting
+                USING ERRCODE = '55000',
+                      HINT = 'Events sealed with the older key may still be on their way. Check that the relays run, then call again.';
+        END IF;
+        PERFORM pg_sleep(0.1);
+    END LOOP;
+    DELETE FROM outbox.auth_key k WHERE k.key_id = retired;
+END
+$$;
+COMMENT ON FUNCTION outbox.retire_auth_key(integer, interval, boolean) IS
+    'Removes an older sealing key once nothing sealed or signed with it can still be in flight (waits up to timeout)';
+
+-- The sealing keys without the secret: their ids and ages.
+CREATE VIEW outbox.sealing_keys AS
+    SELECT k.key_id, k.created_at, k.key_id = max(k.key_id) OVER () AS newest FROM outbox.auth_key k;
+COMMENT ON VIEW outbox.sealing_keys IS 'pg_outbox: the sealing keys (ids and ages, never the keys)';
+
 -- ---------------------------------------------------------------- dump marks and owner (sql/extension.sql)
 -- pg_dump keeps the state tables and their identity sequences, not the sealing key
 -- (one statement each: each call updates the extension's catalog row)
@@ -334,6 +494,15 @@ GRANT USAGE ON SCHEMA outbox TO outbox_owner;
 ALTER TABLE outbox.events OWNER TO outbox_owner;
 ALTER TABLE outbox.auth_key OWNER TO outbox_owner;
 ALTER FUNCTION outbox.relay_auth_key() OWNER TO outbox_owner;
+ALTER FUNCTION outbox.relay_auth_keys() OWNER TO outbox_owner;
+ALTER FUNCTION outbox.rotate_auth_key() OWNER TO outbox_owner;
+ALTER FUNCTION outbox.retire_auth_key(integer, interval, boolean) OWNER TO outbox_owner;
+ALTER VIEW outbox.sealing_keys OWNER TO outbox_owner;
+-- outbox.retire_auth_key reads which relays moved to a newer key (the relay's grant again after
+-- it, in a fresh install's order)
+REVOKE ALL ON outbox.sources FROM outbox_relay;
+GRANT SELECT ON outbox.sources TO outbox_owner;
+GRANT SELECT, INSERT, UPDATE ON outbox.sources TO outbox_relay;
 -- the events trigger runs as the inserting role and reads whether the poll source is busy
 GRANT SELECT ON outbox.poller TO outbox_owner;
 
@@ -344,7 +513,11 @@ REVOKE ALL ON outbox.events FROM outbox_relay;
 GRANT SELECT, DELETE ON outbox.events TO outbox_relay;
 REVOKE ALL ON outbox.auth_key FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox.relay_auth_key() FROM outbox_relay;
+REVOKE ALL ON FUNCTION outbox.relay_auth_keys(), outbox.rotate_auth_key(),
+                       outbox.retire_auth_key(integer, interval, boolean), outbox._auth_keys_changed() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION outbox._auth_keys_changed() TO outbox_owner;
 GRANT EXECUTE ON FUNCTION outbox.relay_auth_key() TO outbox_relay;
+GRANT EXECUTE ON FUNCTION outbox.relay_auth_keys() TO outbox_relay;
 
 -- outbox.setup was executable by PUBLIC (procedures are not in ALL FUNCTIONS)
 REVOKE ALL ON ALL PROCEDURES IN SCHEMA outbox FROM PUBLIC;
@@ -377,5 +550,5 @@ GRANT DELETE ON inbox.offsets TO inbox_consumer;
 -- key.
 GRANT USAGE ON SCHEMA outbox, inbox TO outbox_monitor;
 GRANT SELECT ON outbox.source_status, outbox.table_backlog, outbox.dead_letter_summary,
-                inbox.offset_status, inbox.queue_status
+                inbox.offset_status, inbox.queue_status, outbox.sealing_keys
       TO outbox_monitor;

@@ -46,6 +46,7 @@ extension_sql_file!(
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     gucs::init();
+    outbox::register_key_invalidation();
 }
 
 /// Required by `cargo pgrx test` when it is used.

@@ -347,10 +347,36 @@ fn insert_row(
     });
 }
 
+/// A sealing key: its id (`outbox.auth_key.key_id`) and the key.
+#[derive(Clone, Copy)]
+struct SealKey {
+    id: u16,
+    key: [u8; AUTH_KEY_LEN],
+}
+
 thread_local! {
-    /// This database's sealing key, read once per backend (as the owner: writers cannot read it),
-    /// with the oid of the `outbox.auth_key` it was read from.
-    static AUTH_KEY: Cell<Option<(pg_sys::Oid, [u8; AUTH_KEY_LEN])>> = const { Cell::new(None) };
+    /// This database's newest sealing key, read once per backend (as the owner: writers cannot read
+    /// it), with the oid of the `outbox.auth_key` it was read from. Dropped by [`forget_auth_key`]
+    /// when that table's relation cache entry is invalidated: `outbox.rotate_auth_key()` sends one.
+    static AUTH_KEY: Cell<Option<(pg_sys::Oid, SealKey)>> = const { Cell::new(None) };
+}
+
+/// Drops the cached key when `outbox.auth_key` (or every relation) is invalidated: a rotation
+/// committed. The backend takes invalidations at the start of each transaction, so every
+/// transaction that starts after the rotation commits seals with the new key.
+#[pg_guard]
+unsafe extern "C-unwind" fn forget_auth_key(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    if let Some((cached, _)) = AUTH_KEY.get() {
+        if relid == pg_sys::InvalidOid || relid == cached {
+            AUTH_KEY.set(None);
+        }
+    }
+}
+
+/// Registers [`forget_auth_key`] (once per backend, from `_PG_init`).
+pub fn register_key_invalidation() {
+    // SAFETY: called once per backend at library load; the callback only touches a thread-local.
+    unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(forget_auth_key), pg_sys::Datum::from(0)) }
 }
 
 /// The oid of `outbox.auth_key` now. DROP and CREATE EXTENSION make a new table with a new key, so
@@ -368,7 +394,7 @@ fn auth_key_table() -> pg_sys::Oid {
     }
 }
 
-fn auth_key() -> [u8; AUTH_KEY_LEN] {
+fn auth_key() -> SealKey {
     let table = auth_key_table();
     if let Some((cached_table, key)) = AUTH_KEY.get() {
         if cached_table == table {
@@ -376,10 +402,18 @@ fn auth_key() -> [u8; AUTH_KEY_LEN] {
         }
     }
     let key = as_owner(|| {
-        Spi::get_one::<Vec<u8>>("SELECT k.key FROM outbox.auth_key k")
-            .unwrap_or_else(|e| error!("pg_outbox: cannot read outbox.auth_key: {e}"))
-    })
-    .and_then(|k| <[u8; AUTH_KEY_LEN]>::try_from(k).ok())
+        Spi::get_two::<i32, Vec<u8>>(
+            "SELECT k.key_id, k.key FROM outbox.auth_key k ORDER BY k.key_id DESC LIMIT 1",
+        )
+        .unwrap_or_else(|e| error!("pg_outbox: cannot read outbox.auth_key: {e}"))
+    });
+    let key = match key {
+        (Some(id), Some(key)) => u16::try_from(id)
+            .ok()
+            .zip(<[u8; AUTH_KEY_LEN]>::try_from(key).ok())
+            .map(|(id, key)| SealKey { id, key }),
+        _ => None,
+    }
     .unwrap_or_else(|| error!("pg_outbox: outbox.auth_key holds no key of {AUTH_KEY_LEN} bytes"));
     AUTH_KEY.set(Some((table, key)));
     key
@@ -507,7 +541,7 @@ pub fn enqueue_events(events: &[NewEvent], headers: Option<&JsonbText>) -> Vec<p
                     .encode_into(&mut buf)
                     .map_err(unencodable)
                     .or_raise();
-                pg_outbox_envelope::seal(&mut buf, 0, key, *xid);
+                pg_outbox_envelope::seal(&mut buf, 0, key.id, &key.key, *xid);
                 write_wal_message(&buf);
             }
             None => insert_row(pg_id, topic, event, &headers, trace.as_deref()),
@@ -544,6 +578,20 @@ mod outbox {
             payload_is_json: false,
         };
         enqueue_events(&[event], headers.as_ref())[0]
+    }
+
+    /// `outbox._auth_keys_changed()`: tells every backend, when this transaction commits, to drop
+    /// its cached sealing key (a relation cache invalidation of `outbox.auth_key`, taking no lock:
+    /// writers holding the key table open do not hold up a rotation). Called by
+    /// `outbox.rotate_auth_key()`.
+    #[pg_extern(volatile, parallel_unsafe)]
+    #[search_path(pg_catalog, pg_temp)]
+    fn _auth_keys_changed() {
+        let table = super::auth_key_table();
+        if table != pg_sys::InvalidOid {
+            // SAFETY: registers a transactional invalidation message for an existing relation oid
+            unsafe { pg_sys::CacheInvalidateRelcacheByRelid(table) };
+        }
     }
 
     /// `outbox._slot_name()`: the current `pg_outbox.slot_name`. SQL functions read settings through

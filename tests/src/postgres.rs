@@ -222,17 +222,21 @@ impl TestDb {
     pub async fn emit_sealed_raw(&self, messages: &[Vec<u8>]) -> Result<()> {
         let c = &self.client;
         c.batch_execute("BEGIN").await?;
-        let key: Vec<u8> = c
-            .query_one("SELECT key FROM outbox.auth_key", &[])
-            .await?
-            .get(0);
+        // the newest key, as enqueue seals with
+        let row = c
+            .query_one(
+                "SELECT key_id, key FROM outbox.auth_key ORDER BY key_id DESC LIMIT 1",
+                &[],
+            )
+            .await?;
+        let (key_id, key): (i32, Vec<u8>) = (row.get(0), row.get(1));
         let xid: i64 = c
             .query_one("SELECT pg_current_xact_id()::text::bigint", &[])
             .await?
             .get(0);
         for message in messages {
             let mut message = message.clone();
-            pg_outbox_envelope::seal(&mut message, 0, &key, xid as u64);
+            pg_outbox_envelope::seal(&mut message, 0, key_id as u16, &key, xid as u64);
             c.execute(
                 "SELECT pg_logical_emit_message(true, 'pg_outbox', $1::bytea)",
                 &[&message],
@@ -249,7 +253,10 @@ impl TestDb {
     pub async fn record_key(&self) -> Result<pg_outbox_envelope::record::RecordKey> {
         let key: Vec<u8> = self
             .client
-            .query_one("SELECT key FROM outbox.auth_key", &[])
+            .query_one(
+                "SELECT key FROM outbox.auth_key ORDER BY key_id DESC LIMIT 1",
+                &[],
+            )
             .await?
             .get(0);
         Ok(pg_outbox_envelope::record::RecordKey::derive(&key))
@@ -442,13 +449,20 @@ pub async fn peek_wal_messages(client: &Client, slot: &str) -> Result<Vec<(u64, 
 /// message must be sealed with the database's key for the transaction that carries it (read as a
 /// superuser), as the relay requires.
 pub async fn peek_wal_events(client: &Client, slot: &str) -> Result<Vec<OwnedEvent>> {
-    let key: Vec<u8> = client
-        .query_one("SELECT key FROM outbox.auth_key", &[])
+    let keys: std::collections::HashMap<i32, Vec<u8>> = client
+        .query("SELECT key_id, key FROM outbox.auth_key", &[])
         .await?
-        .get(0);
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
     let mut events = Vec::new();
     for (xid, message) in peek_wal_messages(client, slot).await? {
-        let envelope = pg_outbox_envelope::open(&message, &key, xid)
+        let id = pg_outbox_envelope::sealed_key_id(&message)
+            .with_context(|| format!("the message of transaction {xid}"))?;
+        let key = keys
+            .get(&i32::from(id))
+            .with_context(|| format!("no key {id} for the message of transaction {xid}"))?;
+        let envelope = pg_outbox_envelope::open(&message, key, xid)
             .with_context(|| format!("opening the message of transaction {xid}"))?;
         let event = Event::decode(envelope).context("decoding envelope")?;
         events.push(OwnedEvent::from(&event));

@@ -114,7 +114,13 @@ async fn run(cluster_port: u16, edition: Edition) -> Result<usize> {
         payload: br#"{"n": "replayed"}"#,
     };
     let mut message = event.encode()?;
-    pg_outbox_envelope::seal(&mut message, 0, &key, full as u64 & 0xffff_ffff);
+    pg_outbox_envelope::seal(
+        &mut message,
+        0,
+        pg_outbox_envelope::FIRST_KEY_ID,
+        &key,
+        full as u64 & 0xffff_ffff,
+    );
     c.execute(
         "SELECT pg_logical_emit_message(true, 'pg_outbox', $1::bytea)",
         &[&message],

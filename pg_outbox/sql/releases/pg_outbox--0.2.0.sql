@@ -60,15 +60,19 @@ CREATE INDEX events_xid_seq_idx ON outbox.events (xid, seq);
 
 -- wal mode: the secret that seals every message outbox.enqueue writes (HMAC-SHA256 over the
 -- transaction id and the envelope, see the envelope crate), so that the relay publishes no message
--- that another role wrote with pg_logical_emit_message. One key per database, made at CREATE
--- EXTENSION from PostgreSQL's strong random source (gen_random_uuid: 2 x 122 random bits). No role
--- but the owner may read it: enqueue reads it as the owner, the relay through outbox.relay_auth_key().
+-- that another role wrote with pg_logical_emit_message. Keys per database, made from PostgreSQL's
+-- strong random source (gen_random_uuid: 2 x 122 random bits): key 1 at CREATE EXTENSION, the next
+-- by CALL outbox.rotate_auth_key(). enqueue seals with the newest; the relay accepts every key
+-- still here; outbox.retire_auth_key removes an older one once nothing sealed with it can still be
+-- in flight. No role but the owner may read them: enqueue reads them as the owner, the relay
+-- through outbox.relay_auth_keys().
 CREATE TABLE outbox.auth_key (
-    only_row boolean PRIMARY KEY DEFAULT true CONSTRAINT auth_key_one_row CHECK (only_row),
-    key      bytea   NOT NULL CONSTRAINT auth_key_length CHECK (pg_catalog.length(key) = 32)
+    key_id     integer     PRIMARY KEY CONSTRAINT auth_key_id_range CHECK (key_id BETWEEN 1 AND 32767),
+    key        bytea       NOT NULL CONSTRAINT auth_key_length CHECK (pg_catalog.length(key) = 32),
+    created_at timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
-INSERT INTO outbox.auth_key (key)
-SELECT pg_catalog.decode(pg_catalog.substr(pg_catalog.replace(
+INSERT INTO outbox.auth_key (key_id, key)
+SELECT 1, pg_catalog.decode(pg_catalog.substr(pg_catalog.replace(
            pg_catalog.gen_random_uuid()::text || pg_catalog.gen_random_uuid()::text, '-', ''), 1, 64), 'hex');
 REVOKE ALL ON outbox.auth_key FROM PUBLIC;
 -- Row security without a policy: nobody but the owner (and superusers) sees the row, whatever
@@ -170,7 +174,10 @@ CREATE TABLE outbox.sources (
     -- however far the database has moved since, until an operator gives the source a new one
     -- (outbox.recreate_slot, outbox.new_poll_incarnation), which clears it.
     stopped     text,
-    stopped_at  timestamptz
+    stopped_at  timestamptz,
+    -- the sealing key (outbox.auth_key) the relay of this source signs its Kafka records with, as it
+    -- recorded at the start of its session; outbox.retire_auth_key waits for it to move on
+    signing_key_id integer
 );
 COMMENT ON TABLE outbox.sources IS
     'pg_outbox: slots and poll sources the relay publishes for, with their incarnation';
@@ -192,47 +199,12 @@ COMMENT ON TABLE outbox.gaps IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- pg_outbox/src/inbox.rs:22
-CREATE SCHEMA IF NOT EXISTS inbox; /* pg_outbox::inbox::inbox */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- pg_outbox/src/inbox.rs:34
--- pg_outbox::inbox::inbox::_max_attempts
-CREATE  FUNCTION inbox."_max_attempts"() RETURNS INT /* i32 */
-STRICT STABLE PARALLEL SAFE
-SET search_path TO pg_catalog, pg_temp
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_max_attempts_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- pg_outbox/src/inbox.rs:27
--- pg_outbox::inbox::inbox::_dedup_window_seconds
-CREATE  FUNCTION inbox."_dedup_window_seconds"() RETURNS INT /* i32 */
-STRICT STABLE PARALLEL SAFE
-SET search_path TO pg_catalog, pg_temp
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_dedup_window_seconds_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- pg_outbox/src/outbox.rs:520
+-- pg_outbox/src/outbox.rs:554
 CREATE SCHEMA IF NOT EXISTS outbox; /* pg_outbox::outbox::outbox */
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- pg_outbox/src/outbox.rs:551
--- pg_outbox::outbox::outbox::_slot_name
-CREATE  FUNCTION outbox."_slot_name"() RETURNS TEXT /* String */
-STRICT STABLE PARALLEL SAFE
-SET search_path TO pg_catalog, pg_temp
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_slot_name_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- pg_outbox/src/outbox.rs:590
+-- pg_outbox/src/outbox.rs:638
 -- pg_outbox::outbox::outbox::_enqueue_batch_json
 CREATE  FUNCTION outbox."_enqueue_batch_json"(
 	"topic" TEXT, /* Option < & str > */
@@ -246,21 +218,20 @@ AS 'MODULE_PATHNAME', '_enqueue_batch_json_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- pg_outbox/src/outbox.rs:533
--- pg_outbox::outbox::outbox::enqueue_bytes
-CREATE  FUNCTION outbox."enqueue_bytes"(
+-- pg_outbox/src/outbox.rs:628
+-- pg_outbox::outbox::outbox::enqueue
+CREATE  FUNCTION outbox."enqueue"(
 	"topic" TEXT, /* Option < & str > */
 	"key" TEXT, /* Option < & str > */
-	"payload" bytea, /* Option < & [u8] > */
-	"headers" jsonb DEFAULT '{}' /* Option < super :: JsonbText > */
+	"payload" jsonb /* Option < super :: JsonbText > */
 ) RETURNS uuid /* pgrx :: Uuid */
-VOLATILE PARALLEL UNSAFE
+VOLATILE PARALLEL UNSAFE 
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'enqueue_bytes_wrapper';
+AS 'MODULE_PATHNAME', 'enqueue_without_headers_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- pg_outbox/src/outbox.rs:562
+-- pg_outbox/src/outbox.rs:610
 -- pg_outbox::outbox::outbox::enqueue
 CREATE  FUNCTION outbox."enqueue"(
 	"topic" TEXT, /* Option < & str > */
@@ -274,16 +245,23 @@ AS 'MODULE_PATHNAME', 'enqueue_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- pg_outbox/src/outbox.rs:580
--- pg_outbox::outbox::outbox::enqueue
-CREATE  FUNCTION outbox."enqueue"(
-	"topic" TEXT, /* Option < & str > */
-	"key" TEXT, /* Option < & str > */
-	"payload" jsonb /* Option < super :: JsonbText > */
-) RETURNS uuid /* pgrx :: Uuid */
-VOLATILE PARALLEL UNSAFE 
+-- pg_outbox/src/outbox.rs:587
+-- pg_outbox::outbox::outbox::_auth_keys_changed
+CREATE  FUNCTION outbox."_auth_keys_changed"() RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'enqueue_without_headers_wrapper';
+AS 'MODULE_PATHNAME', '_auth_keys_changed_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- pg_outbox/src/outbox.rs:599
+-- pg_outbox::outbox::outbox::_slot_name
+CREATE  FUNCTION outbox."_slot_name"() RETURNS TEXT /* String */
+STRICT STABLE PARALLEL SAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_slot_name_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -312,14 +290,144 @@ AS $$ SELECT unnest(outbox._enqueue_batch_json(topic, keys, payloads::text[], he
 COMMENT ON FUNCTION outbox.enqueue_batch(text, text[], jsonb[], jsonb) IS
     'Enqueue many JSON events to one topic (keys[i] goes with payloads[i]); returns their ids in order';
 
--- The relay's copy of the sealing key (outbox.auth_key), for outbox_relay only: SECURITY DEFINER so
--- that the key table itself needs no grant.
+-- The relay's copy of the sealing keys (outbox.auth_key), for outbox_relay only: SECURITY DEFINER so
+-- that the key table itself needs no grant. relay_auth_key() is the newest key alone (relays of
+-- 0.1.0 read it); the relay reads every key with relay_auth_keys().
 CREATE FUNCTION outbox.relay_auth_key() RETURNS bytea
 LANGUAGE sql STABLE PARALLEL SAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-AS $$ SELECT key FROM outbox.auth_key $$;
+AS $$ SELECT key FROM outbox.auth_key ORDER BY key_id DESC LIMIT 1 $$;
 COMMENT ON FUNCTION outbox.relay_auth_key() IS
-    'The key that seals wal-mode messages, for the relay (granted to outbox_relay only)';
+    'The newest key that seals wal-mode messages, for the relay (granted to outbox_relay only)';
+
+CREATE FUNCTION outbox.relay_auth_keys(OUT key_id integer, OUT key bytea) RETURNS SETOF record
+LANGUAGE sql STABLE PARALLEL SAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT k.key_id, k.key FROM outbox.auth_key k ORDER BY k.key_id $$;
+COMMENT ON FUNCTION outbox.relay_auth_keys() IS
+    'Every key a wal-mode message may be sealed with, for the relay (granted to outbox_relay only)';
+
+-- Key rotation (docs/operations.md, "Rotating the sealing key"). A new key: enqueue seals with it in
+-- every transaction that starts after this one commits (backends that cached the older key are told
+-- by a relation cache invalidation, outbox._auth_keys_changed; the lock only keeps two rotations
+-- apart and lets readers of the keys be), relays start a new session with it within 5 s. The older
+-- keys stay valid until retired.
+CREATE FUNCTION outbox.rotate_auth_key() RETURNS integer
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    new_id integer;
+BEGIN
+    LOCK TABLE outbox.auth_key IN SHARE ROW EXCLUSIVE MODE;
+    INSERT INTO outbox.auth_key (key_id, key)
+    SELECT coalesce(max(k.key_id), 0) + 1,
+           decode(substr(replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''), 1, 64), 'hex')
+      FROM outbox.auth_key k
+    RETURNING key_id INTO new_id;
+    PERFORM outbox._auth_keys_changed();
+    RETURN new_id;
+END
+$$;
+COMMENT ON FUNCTION outbox.rotate_auth_key() IS
+    'Makes a new sealing key, used by every transaction that starts after this one commits; returns its id';
+
+-- Removes an older key once nothing sealed or signed with it can still be in flight, waiting (up to
+-- `timeout`) for: every transaction of this database that was open when the call started, and every
+-- transaction prepared before it, to end (they may have sealed with the older key); every relay
+-- source to sign with a newer key (unless `force`: a source whose relay no longer runs); then each
+-- slot source's relay to confirm the WAL written until then, and each poll source's relay to
+-- publish the rows enqueued until then. From then on a message sealed with that key is passed over
+-- as forged.
+CREATE FUNCTION outbox.retire_auth_key(retired integer, timeout interval DEFAULT '5 minutes',
+                                       force boolean DEFAULT false) RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    started timestamptz := clock_timestamp();
+    deadline timestamptz := clock_timestamp() + timeout;
+    newest integer;
+    older text[];
+    waiting text;
+    written pg_lsn;
+    published timestamptz;
+BEGIN
+    SELECT max(k.key_id) INTO newest FROM outbox.auth_key k;
+    IF NOT EXISTS (SELECT FROM outbox.auth_key k WHERE k.key_id = retired) THEN
+        RAISE EXCEPTION 'pg_outbox: there is no sealing key %', retired
+            USING ERRCODE = '22023', HINT = 'SELECT key_id, created_at FROM outbox.sealing_keys lists them.';
+    END IF;
+    IF retired = newest THEN
+        RAISE EXCEPTION 'pg_outbox: sealing key % is the newest: enqueue seals with it', retired
+            USING ERRCODE = '55000', HINT = 'SELECT outbox.rotate_auth_key() first.';
+    END IF;
+    -- the transactions open now, by their virtual transaction id (as CREATE INDEX CONCURRENTLY
+    -- waits for older snapshots): any of them may have read the older key
+    SELECT array_agg(l.virtualxid) INTO older
+      FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+     WHERE l.locktype = 'virtualxid' AND l.granted AND l.pid <> pg_backend_pid()
+       AND a.datname = current_database();
+    LOOP
+        SELECT string_agg(x, ', ') INTO waiting FROM (
+            SELECT 'pid ' || l.pid AS x FROM pg_locks l
+             WHERE l.locktype = 'virtualxid' AND l.granted AND l.virtualxid = ANY (older)
+            UNION ALL
+            SELECT 'prepared transaction ' || quote_literal(p.gid) FROM pg_prepared_xacts p
+             WHERE p.database = current_database() AND p.prepared < started) w;
+        EXIT WHEN waiting IS NULL;
+        IF clock_timestamp() > deadline THEN
+            RAISE EXCEPTION 'pg_outbox: transactions that began before the call are still open: %', waiting
+                USING ERRCODE = '55000',
+                      HINT = 'They may seal with the older key. Let them end (or terminate them), then call again.';
+        END IF;
+        PERFORM pg_sleep(0.1);
+    END LOOP;
+    -- every relay signs its records with a newer key: what a restart reads back is never signed
+    -- with the retired one
+    LOOP
+        SELECT string_agg(quote_literal(o.source), ', ') INTO waiting FROM outbox.sources o
+         WHERE o.stopped IS NULL AND coalesce(o.signing_key_id, 1) <= retired;
+        EXIT WHEN waiting IS NULL OR force;
+        IF clock_timestamp() > deadline THEN
+            RAISE EXCEPTION 'pg_outbox: the relay of % still signs with key % or older', waiting, retired
+                USING ERRCODE = '55000',
+                      HINT = 'A running relay moves to the newest key within 5 s: start the relay of each such source. '
+                             'For a source no relay serves any more, call again with force => true.';
+        END IF;
+        PERFORM pg_sleep(0.1);
+    END LOOP;
+    -- everything sealed or signed with the retired key is behind the relays
+    written := pg_current_wal_insert_lsn();
+    published := clock_timestamp();
+    LOOP
+        SELECT string_agg(x, ', ') INTO waiting FROM (
+            SELECT format('slot %I (confirmed %s of %s)', s.slot_name, s.confirmed_flush_lsn, written) AS x
+              FROM outbox.sources o JOIN pg_replication_slots s ON o.source = 'slot:' || s.slot_name
+             WHERE o.stopped IS NULL AND s.database = current_database()
+               AND (s.confirmed_flush_lsn IS NULL OR s.confirmed_flush_lsn < written)
+            UNION ALL
+            SELECT 'outbox.events rows enqueued before the call'
+             WHERE EXISTS (SELECT FROM outbox.sources o WHERE o.source LIKE 'poll:%' AND o.stopped IS NULL)
+               AND EXISTS (SELECT FROM outbox.events e WHERE e.created_at < published)) w;
+        EXIT WHEN waiting IS NULL OR force;
+        IF clock_timestamp() > deadline THEN
+            RAISE EXCEPTION 'pg_outbox: the relays have not yet published what was enqueued before the call: %', waiting
+                USING ERRCODE = '55000',
+                      HINT = 'Events sealed with the older key may still be on their way. Check that the relays run, then call again.';
+        END IF;
+        PERFORM pg_sleep(0.1);
+    END LOOP;
+    DELETE FROM outbox.auth_key k WHERE k.key_id = retired;
+END
+$$;
+COMMENT ON FUNCTION outbox.retire_auth_key(integer, interval, boolean) IS
+    'Removes an older sealing key once nothing sealed or signed with it can still be in flight (waits up to timeout)';
+
+-- The sealing keys without the secret: their ids and ages.
+CREATE VIEW outbox.sealing_keys AS
+    SELECT k.key_id, k.created_at, k.key_id = max(k.key_id) OVER () AS newest FROM outbox.auth_key k;
+COMMENT ON VIEW outbox.sealing_keys IS 'pg_outbox: the sealing keys (ids and ages, never the keys)';
 
 -- Wakes whoever LISTENs on the channel named by the trigger's argument when a transaction that
 -- inserted rows commits (notifications are delivered at commit, one per transaction is enough):
@@ -435,7 +543,7 @@ $$;
 
 -- Creates the pg_outbox slot: a failover slot where the server has them (PostgreSQL 17+), so that
 -- a standby with sync_replication_slots = on keeps a copy that a relay goes on from after a
--- promotion (README, "Failover").
+-- promotion (docs/operations.md, "Failover and a standby relay").
 CREATE FUNCTION outbox._new_slot(sn text) RETURNS pg_lsn
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
@@ -592,7 +700,7 @@ COMMENT ON FUNCTION outbox.recreate_slot(text, text) IS
 
 -- The key of the session-level advisory lock that makes one relay the poller of a source
 -- (relay/src/source/poll.rs). It is random and kept in outbox.sources, which only outbox_relay reads:
--- a role without grants cannot compute it, as it could a hash of a name README gives. While a relay
+-- a role without grants cannot compute it, as it could a hash of a name the docs give. While a relay
 -- holds it, it shows in pg_locks, so a role that saw it can take it while no relay runs; a relay that
 -- finds it held by a role that is no member of outbox_relay calls this again with rotate_from = the
 -- key it found taken, and only the first such call (of several relays) makes a new key.
@@ -666,10 +774,10 @@ $$;
 COMMENT ON PROCEDURE outbox.setup(text) IS
     'Set up wal mode: the publication, committed, then the slot; idempotent (CALL it outside a transaction block)';
 
--- Monitoring views (README, "Observe it"): the numbers of the relay's /metrics, for users without
--- Prometheus, read by outbox_monitor. No payload, key, secret or host name. Function calls in a view
--- run as the caller, so they use only functions PUBLIC may execute; tables and catalog views are read
--- as the view's owner.
+-- Monitoring views (docs/operations.md, "The same numbers in SQL"): the numbers of the relay's
+-- /metrics, for users without Prometheus, read by outbox_monitor. No payload, key, secret or host
+-- name. Function calls in a view run as the caller, so they use only functions PUBLIC may execute;
+-- tables and catalog views are read as the view's owner.
 
 -- One row per source a relay has used: its slot (wal) and how far behind it is, whether a relay
 -- holds it, the stored stop verdict, and the operator's gaps.
@@ -725,6 +833,45 @@ SELECT d.source, d.topic, pg_catalog.count(*) AS dead_letters,
   FROM outbox.dead_letters d
  GROUP BY d.source, d.topic;
 COMMENT ON VIEW outbox.dead_letter_summary IS 'pg_outbox: dead letters per source and topic';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- pg_outbox/src/outbox.rs:567
+-- pg_outbox::outbox::outbox::enqueue_bytes
+CREATE  FUNCTION outbox."enqueue_bytes"(
+	"topic" TEXT, /* Option < & str > */
+	"key" TEXT, /* Option < & str > */
+	"payload" bytea, /* Option < & [u8] > */
+	"headers" jsonb DEFAULT '{}' /* Option < super :: JsonbText > */
+) RETURNS uuid /* pgrx :: Uuid */
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'enqueue_bytes_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- pg_outbox/src/inbox.rs:22
+CREATE SCHEMA IF NOT EXISTS inbox; /* pg_outbox::inbox::inbox */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- pg_outbox/src/inbox.rs:27
+-- pg_outbox::inbox::inbox::_dedup_window_seconds
+CREATE  FUNCTION inbox."_dedup_window_seconds"() RETURNS INT /* i32 */
+STRICT STABLE PARALLEL SAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_dedup_window_seconds_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- pg_outbox/src/inbox.rs:34
+-- pg_outbox::inbox::inbox::_max_attempts
+CREATE  FUNCTION inbox."_max_attempts"() RETURNS INT /* i32 */
+STRICT STABLE PARALLEL SAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_max_attempts_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -1132,8 +1279,8 @@ BEGIN
 END
 $$;
 
--- Monitoring views (README, "Observe it"), read by outbox_monitor: the ingest's stored offsets per
--- partition, and the queue of each consumer.
+-- Monitoring views (docs/operations.md, "The same numbers in SQL"), read by outbox_monitor: the
+-- ingest's stored offsets per partition, and the queue of each consumer.
 CREATE VIEW inbox.offset_status AS
 SELECT o.consumer, o.topic, o.partition, o.next_offset, o.updated_at,
        pg_catalog.date_part('epoch', pg_catalog.now() OPERATOR(pg_catalog.-) o.updated_at) AS age_seconds
@@ -1211,6 +1358,14 @@ GRANT USAGE ON SCHEMA outbox TO outbox_owner;
 ALTER TABLE outbox.events OWNER TO outbox_owner;
 ALTER TABLE outbox.auth_key OWNER TO outbox_owner;
 ALTER FUNCTION outbox.relay_auth_key() OWNER TO outbox_owner;
+ALTER FUNCTION outbox.relay_auth_keys() OWNER TO outbox_owner;
+ALTER FUNCTION outbox.rotate_auth_key() OWNER TO outbox_owner;
+ALTER FUNCTION outbox.retire_auth_key(integer, interval, boolean) OWNER TO outbox_owner;
+ALTER VIEW outbox.sealing_keys OWNER TO outbox_owner;
+-- outbox.retire_auth_key reads which relays moved to a newer key
+GRANT SELECT ON outbox.sources TO outbox_owner;
+-- outbox.rotate_auth_key tells the backends to drop their cached key
+GRANT EXECUTE ON FUNCTION outbox._auth_keys_changed() TO outbox_owner;
 -- ALTER OWNER leaves the key's initial privileges (pg_init_privs, from bootstrap.sql's REVOKE) naming
 -- the old owner, and pg_dump would then carry a REVOKE and GRANT for it: record them again
 REVOKE ALL ON outbox.auth_key FROM PUBLIC;
@@ -1248,7 +1403,8 @@ GRANT SELECT, DELETE ON outbox.events TO outbox_relay;
 GRANT SELECT, INSERT, UPDATE ON outbox.poller TO outbox_relay;
 GRANT SELECT, INSERT ON outbox.dead_letters TO outbox_relay;
 GRANT EXECUTE ON FUNCTION outbox.create_slot(text), outbox.create_publication(text), outbox._slot_name(),
-                          outbox._check_slot_name(text), outbox.relay_auth_key() TO outbox_relay;
+                          outbox._check_slot_name(text), outbox.relay_auth_key(),
+                          outbox.relay_auth_keys() TO outbox_relay;
 GRANT EXECUTE ON PROCEDURE outbox.setup(text) TO outbox_relay;
 -- the relay records its sources and what it confirmed; the operator actions below need REPLICATION
 -- (or superuser) as well, to drop and create the slot
@@ -1282,10 +1438,12 @@ GRANT SELECT, INSERT ON inbox.messages TO inbox_ingest;
 GRANT SELECT, INSERT, UPDATE ON inbox.offsets TO inbox_ingest;
 GRANT SELECT, INSERT ON inbox.topics TO inbox_ingest;
 
--- Monitoring: the views only (README, "Observe it"); no table, payload or key.
+-- Monitoring: the views only (docs/operations.md, "The same numbers in SQL"); no table, payload or
+-- key.
 GRANT USAGE ON SCHEMA outbox, inbox TO outbox_monitor;
 GRANT SELECT ON outbox.source_status, outbox.table_backlog, outbox.dead_letter_summary,
-                inbox.offset_status, inbox.queue_status
+                inbox.offset_status, inbox.queue_status, outbox.sealing_keys
       TO outbox_monitor;
+-- outbox.rotate_auth_key and outbox.retire_auth_key: superusers only, or whom they grant them to
 /* </end connected objects> */
 

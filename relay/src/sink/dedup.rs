@@ -391,8 +391,7 @@ fn claim(
         let id = id.unwrap_or_default();
         let fields = mac_fields(&identity.name, topic, partition, position, id);
         identity
-            .key
-            .verify(&fields, mac)
+            .verifies(&fields, mac)
             .then(|| (position, id.to_vec()))
     };
     proven().map_or(Claim::Unproven, |(p, id)| Claim::Own(p, id))
@@ -465,6 +464,7 @@ mod tests {
             ceiling: p(10, 0),
             recover: "do this".into(),
             key: Default::default(),
+            older_keys: Vec::new(),
         };
         let mut dedup = Dedup::default();
         dedup.delivered(p(3, 0));
@@ -516,6 +516,7 @@ mod tests {
             ceiling: p(5, 0),
             recover: "do this".into(),
             key: Default::default(),
+            older_keys: Vec::new(),
         };
         let err = Dedup::default()
             .already_published(
@@ -586,6 +587,7 @@ mod tests {
             ceiling: p(100, 0),
             recover: String::new(),
             key: Default::default(),
+            older_keys: Vec::new(),
         };
         let mut dedup = Dedup::default();
         dedup.delivered(p(5, 0));
@@ -674,6 +676,28 @@ mod tests {
         HEADER_SOURCE.as_bytes(),
         HEADER_MAC.as_bytes(),
     ];
+
+    #[test]
+    fn records_signed_before_a_rotation_stay_proven_until_their_key_is_retired() {
+        let before = identity("s", 1);
+        let at = Position::new(7, 1);
+        let values = relay_headers(&before, "t", 0, at);
+        let signed_with_1 = named(&NAMES, &values);
+        // after the rotation: key 2 signs, key 1 still verifies
+        let rotated = Identity {
+            older_keys: vec![RecordKey::derive(&[1; 32])],
+            ..identity("s", 2)
+        };
+        assert_eq!(
+            claim(&signed_with_1, "t", 0, &rotated),
+            Claim::Own(at, values[0].clone())
+        );
+        // key 1 retired
+        assert_eq!(
+            claim(&signed_with_1, "t", 0, &identity("s", 2)),
+            Claim::Unproven
+        );
+    }
 
     #[test]
     fn only_the_relays_own_proven_records_give_a_position() {

@@ -34,6 +34,7 @@ impl MemorySource {
                 ceiling: Position::new(u64::MAX, 0),
                 recover: "start over".into(),
                 key: Default::default(),
+                older_keys: Vec::new(),
             },
             pace: None,
         }

@@ -14,9 +14,10 @@ pub mod wal;
 
 use crate::error::RelayError;
 use crate::event::{Position, SourceEvent};
+use pg_outbox_envelope::record::RecordFields;
 use pg_outbox_envelope::record::RecordKey;
 use pg_outbox_envelope::AUTH_KEY_LEN;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 /// Who the events of a source belong to, as written into every record (`pg_outbox-source`) and
@@ -32,8 +33,12 @@ pub struct Identity {
     pub name: String,
     /// Its row in `outbox.sources`: `slot:<name>` or `poll:<source_id>`.
     pub source: String,
-    /// Signs every record the relay writes and verifies what the restart dedup reads back.
+    /// Signs every record the relay writes and verifies what the restart dedup reads back: derived
+    /// from the newest sealing key.
     pub key: RecordKey,
+    /// Derived from the older sealing keys not yet retired: records signed before a rotation still
+    /// count as this relay's.
+    pub older_keys: Vec<RecordKey>,
     /// Above every position the database has committed when the session opened: a record of this
     /// identity at or beyond it means the database went back in time (a point-in-time recovery),
     /// and skipping by it would lose events.
@@ -51,7 +56,7 @@ impl Identity {
         source: &str,
         ceiling_sql: &str,
         recover: String,
-        auth_key: &[u8; AUTH_KEY_LEN],
+        keys: &SealKeys,
     ) -> Result<Identity, RelayError> {
         let sql = format!(
             "SELECT (SELECT system_identifier FROM pg_catalog.pg_control_system())::text, \
@@ -77,38 +82,133 @@ impl Identity {
         let ceiling = parse_major(&ceiling).ok_or_else(|| {
             RelayError::permanent(format!("unexpected ceiling {ceiling:?} for {source:?}"))
         })?;
+        // what outbox.retire_auth_key waits for: this source's records are signed with the newest key
+        pg.execute(
+            "UPDATE outbox.sources SET signing_key_id = $2 WHERE source = $1",
+            &[&source, &i32::from(keys.newest)],
+        )
+        .await?;
         Ok(Identity {
             name: format!(
                 "{source_id}/{system}.{database}.{}",
                 incarnation.replace('-', "")
             ),
             source: source.to_string(),
-            key: RecordKey::derive(auth_key),
+            key: RecordKey::derive(keys.newest_key()),
+            older_keys: keys
+                .keys
+                .iter()
+                .filter(|(id, _)| *id != keys.newest)
+                .map(|(_, key)| RecordKey::derive(key))
+                .collect(),
             ceiling: Position::new(ceiling, 0),
             recover,
         })
     }
 }
 
-/// The database's sealing key: `outbox.enqueue` seals wal-mode messages with it, and the record key
-/// is derived from it (the relay's role needs EXECUTE on `outbox.relay_auth_key()`, which
-/// `outbox_relay` has).
-pub async fn auth_key(pg: &Client) -> Result<[u8; AUTH_KEY_LEN], RelayError> {
-    let key: Vec<u8> = pg
-        .query_one("SELECT outbox.relay_auth_key()", &[])
-        .await
-        .map_err(|e| match e.code().map(|c| c.code()) {
-            // permission denied, no such function: retrying cannot help
-            Some("42501") | Some("42883") => RelayError::permanent(
-                "cannot read the sealing key with outbox.relay_auth_key(): grant outbox_relay to \
-                 the relay's role (pg_user), or update the pg_outbox extension",
+impl Identity {
+    /// Whether `mac` is this source's for `fields`, under the newest key or an older one.
+    pub fn verifies(&self, fields: &RecordFields<'_>, mac: &[u8]) -> bool {
+        self.key.verify(fields, mac) || self.older_keys.iter().any(|k| k.verify(fields, mac))
+    }
+}
+
+/// The database's sealing keys (`outbox.auth_key`, by id): `outbox.enqueue` seals wal-mode messages
+/// with the newest, and the record key is derived from it; a message sealed with an older key not
+/// yet retired still opens. The relay's role needs EXECUTE on `outbox.relay_auth_keys()`, which
+/// `outbox_relay` has.
+#[derive(Clone)]
+pub struct SealKeys {
+    pub newest: u16,
+    keys: Vec<(u16, [u8; AUTH_KEY_LEN])>,
+}
+
+/// How often a session checks that the sealing keys did not change (a rotation or a retirement):
+/// a changed set ends the session, and the next one works with the new set. A retired key is
+/// refused by a running relay this long after `outbox.retire_auth_key` returns, at most.
+pub const KEYS_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+impl SealKeys {
+    pub async fn read(pg: &Client) -> Result<SealKeys, RelayError> {
+        let rows = pg
+            .query("SELECT key_id, key FROM outbox.relay_auth_keys()", &[])
+            .await
+            .map_err(|e| match e.code().map(|c| c.code()) {
+                // permission denied, no such function: retrying cannot help
+                Some("42501") | Some("42883") => RelayError::permanent(
+                    "cannot read the sealing keys with outbox.relay_auth_keys(): grant \
+                     outbox_relay to the relay's role (pg_user), or update the pg_outbox extension",
+                )
+                .caused_by(e),
+                _ => RelayError::from(e),
+            })?;
+        let mut keys = Vec::with_capacity(rows.len());
+        for row in rows {
+            let (id, key): (i32, Vec<u8>) = (row.get(0), row.get(1));
+            let id = u16::try_from(id).map_err(|_| {
+                RelayError::permanent(format!("outbox.relay_auth_keys() gave key id {id}"))
+            })?;
+            let key = key.try_into().map_err(|_| {
+                RelayError::permanent("outbox.relay_auth_keys() gave a key that is not 32 bytes")
+            })?;
+            keys.push((id, key));
+        }
+        let newest = keys
+            .iter()
+            .map(|(id, _)| *id)
+            .max()
+            .ok_or_else(|| RelayError::permanent("outbox.auth_key holds no sealing key"))?;
+        Ok(SealKeys { newest, keys })
+    }
+
+    pub fn get(&self, id: u16) -> Option<&[u8; AUTH_KEY_LEN]> {
+        self.keys.iter().find(|(i, _)| *i == id).map(|(_, k)| k)
+    }
+
+    pub fn newest_key(&self) -> &[u8; AUTH_KEY_LEN] {
+        self.get(self.newest).expect("the newest is one of them")
+    }
+
+    fn ids(&self) -> Vec<i32> {
+        self.keys.iter().map(|(id, _)| i32::from(*id)).collect()
+    }
+}
+
+/// Ends the session when the set of sealing keys changed, checked every [`KEYS_CHECK_EVERY`].
+pub struct KeyWatch {
+    ids: Vec<i32>,
+    checked: Instant,
+}
+
+impl KeyWatch {
+    pub fn new(keys: &SealKeys) -> KeyWatch {
+        KeyWatch {
+            ids: keys.ids(),
+            checked: Instant::now(),
+        }
+    }
+
+    pub async fn check(&mut self, pg: &Client) -> Result<(), RelayError> {
+        if self.checked.elapsed() < KEYS_CHECK_EVERY {
+            return Ok(());
+        }
+        self.checked = Instant::now();
+        let ids: Vec<i32> = pg
+            .query_one(
+                "SELECT coalesce(array_agg(key_id ORDER BY key_id), '{}') FROM outbox.relay_auth_keys()",
+                &[],
             )
-            .caused_by(e),
-            _ => RelayError::from(e),
-        })?
-        .get(0);
-    key.try_into()
-        .map_err(|_| RelayError::permanent("outbox.relay_auth_key() did not return 32 bytes"))
+            .await?
+            .get(0);
+        if ids != self.ids {
+            return Err(RelayError::transient(format!(
+                "the sealing keys changed (ids {:?}, were {:?}): a new session works with them",
+                ids, self.ids
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// The extension in `database` has no `outbox.sources`: it is older than this relay.

@@ -57,6 +57,8 @@ pub type RowId = (i64, i64);
 
 pub struct PollSource {
     pg: Client,
+    /// Ends the session when the sealing keys change (the record key is derived from them).
+    key_watch: super::KeyWatch,
     wake: Wake,
     /// The (xid, seq) of the last row handed over in this session.
     after: RowId,
@@ -137,7 +139,8 @@ impl PollSource {
         take_poll_lock(&pg, &config.source.source_id).await?;
         let source = format!("poll:{}", config.source.source_id);
         // the record key: the dedup believes only records signed with it
-        let key = super::auth_key(&pg).await?;
+        let keys = super::SealKeys::read(&pg).await?;
+        let key_watch = super::KeyWatch::new(&keys);
         let identity = Identity::read(
             &pg,
             &config.source.source_id,
@@ -147,12 +150,13 @@ impl PollSource {
                 "SELECT outbox.new_poll_incarnation('<why>', '{}') to go on under a new incarnation",
                 config.source.source_id
             ),
-            &key,
+            &keys,
         )
         .await?;
         info!(source = %identity.name, "polling outbox.events");
         Ok(PollSource {
             pg,
+            key_watch,
             wake,
             after: (0, 0),
             more: true,
@@ -259,6 +263,7 @@ impl Source for PollSource {
     type Ack = RowId;
 
     async fn next(&mut self, room: usize, out: &mut Vec<Step<RowId>>) -> Result<(), RelayError> {
+        self.key_watch.check(&self.pg).await?;
         if !self.more && self.busy && self.empty_polls >= IDLE_AFTER {
             // writers NOTIFY again from now on; a last look covers those that did not
             self.busy = false;

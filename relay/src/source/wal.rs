@@ -28,7 +28,7 @@ use crate::source::{Identity, Source, Step};
 use crate::telemetry::Metrics;
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
-use pg_outbox_envelope::{AUTH_KEY_LEN, MESSAGE_PREFIX, RECORD_RESERVE};
+use pg_outbox_envelope::{MESSAGE_PREFIX, RECORD_RESERVE};
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -223,8 +223,10 @@ pub struct WalSource {
     confirmed: u64,
     identity: Identity,
     metrics: Arc<Metrics>,
-    /// The key every message must be sealed with.
-    key: [u8; AUTH_KEY_LEN],
+    /// The keys a message may be sealed with, by id.
+    keys: super::SealKeys,
+    /// Ends the session when they change.
+    key_watch: super::KeyWatch,
     /// A full transaction id of the server, read at the start and now and then: what a Begin's 32-bit
     /// xid is widened against, for the seal that binds the full id ([`pg_outbox_envelope::widen_xid`]).
     next_xid: u64,
@@ -285,7 +287,8 @@ impl WalSource {
             )));
         }
         prepare_slot(&pg, config, *first).await?;
-        let key = super::auth_key(&pg).await?;
+        let keys = super::SealKeys::read(&pg).await?;
+        let key_watch = super::KeyWatch::new(&keys);
         let next_xid = next_full_xid(&pg).await?;
         let limit = stream_limit(config.kafka.max_record_bytes, max_payload_bytes(&pg).await?);
         // in ms; 0 turns the timeout off (the slot is then held until the connection closes)
@@ -308,7 +311,7 @@ impl WalSource {
                 "SELECT * FROM outbox.recreate_slot('<why>', '{slot}') to go on under a new \
                  incarnation (the slot is kept)"
             ),
-            &key,
+            &keys,
         )
         .await?;
         info!(source = %identity.name, "source identity");
@@ -354,7 +357,8 @@ impl WalSource {
             confirmed: 0,
             identity,
             metrics,
-            key,
+            keys,
+            key_watch,
             next_xid,
             current: None,
             sender_timeout,
@@ -523,11 +527,23 @@ impl WalSource {
                     Some(len) => unread(len),
                     None => {
                         let xid = pg_outbox_envelope::widen_xid(self.next_xid, txn.xid);
-                        match pg_outbox_envelope::open(&content, &self.key, xid) {
+                        let opened = pg_outbox_envelope::sealed_key_id(&content)
+                            .map_err(|e| e.to_string())
+                            .and_then(|id| {
+                                self.keys.get(id).ok_or_else(|| {
+                                    format!(
+                                        "sealed with key id {id}, which this database does not \
+                                         have (retired, or never made)"
+                                    )
+                                })
+                            })
+                            .and_then(|key| {
+                                pg_outbox_envelope::open(&content, key, xid)
+                                    .map_err(|e| e.to_string())
+                            });
+                        match opened {
                             Ok(envelope) => Body::Envelope(content.slice(..envelope.len())),
-                            Err(e) => Body::Unproven {
-                                reason: e.to_string(),
-                            },
+                            Err(reason) => Body::Unproven { reason },
                         }
                     }
                 };
@@ -656,6 +672,7 @@ impl Source for WalSource {
     type Ack = u64;
 
     async fn next(&mut self, room: usize, out: &mut Vec<Step<u64>>) -> Result<(), RelayError> {
+        self.key_watch.check(&self.pg).await?;
         let room = room.min(MAX_BATCH);
         loop {
             match &mut self.feed {
