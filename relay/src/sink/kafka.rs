@@ -27,7 +27,7 @@ use std::time::Duration;
 
 /// How long a broker may hold a fetch of the restart read-back that found nothing new (librdkafka's
 /// `fetch.wait.max.ms`).
-const READ_BACK_FETCH_WAIT_MS: &str = "10";
+const READ_BACK_FETCH_WAIT_MS: &str = "1";
 
 /// Where the tests' fixtures read consumed headers from (the function lives in [`crate::kafka`]).
 pub use crate::kafka::raw_headers;
@@ -93,12 +93,14 @@ impl KafkaSink {
             // a fetch that reaches the end of a partition comes back at once (the read-back stops
             // there), and Tansu 0.6 holds even a fetch with records for half this wait
             .set("fetch.wait.max.ms", READ_BACK_FETCH_WAIT_MS);
+        // one reader made now: it connects to the brokers while the source connects to PostgreSQL
+        let reader = reader_config.create_with_context(ReaderContext)?;
         Ok(KafkaSink {
             producer,
             lone: Arc::default(),
             lone_config,
             reader_config,
-            readers: Arc::default(),
+            readers: Arc::new(Mutex::new(vec![reader])),
             partitions: HashMap::new(),
             timeout: Duration::from_secs(10),
             sent: AtomicBool::new(false),
