@@ -270,8 +270,9 @@ pub type Reader = BaseConsumer<ReaderContext>;
 const TAIL_WINDOW: i64 = 256;
 
 /// The first and next offsets (`low`, `high`) of each of the first `partitions` partitions of
-/// `topic`, from one ListOffsets round for them all (not two per partition); blocking: run it off
-/// the runtime.
+/// `topic`, from ListOffsets rounds for many partitions at once (not two requests per partition):
+/// the next offsets of all, then the first offsets of those that were ever written; blocking: run
+/// it off the runtime.
 pub fn partition_ends(
     reader: &Reader,
     topic: &str,
@@ -280,14 +281,18 @@ pub fn partition_ends(
 ) -> Result<Vec<(i64, i64)>, RelayError> {
     // ListOffsets takes a timestamp per partition, of which -2 means the first offset and -1 the
     // next (librdkafka's own watermark query sends the same, one partition at a time)
-    let ask = |at: Offset| -> Result<Vec<i64>, RelayError> {
-        let mut tpl = TopicPartitionList::with_capacity(partitions.max(0) as usize);
-        for p in 0..partitions {
+    let ask = |which: &[i32], at: Offset| -> Result<Vec<i64>, RelayError> {
+        if which.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tpl = TopicPartitionList::with_capacity(which.len());
+        for &p in which {
             tpl.add_partition_offset(topic, p, at)?;
         }
         let listed = reader.offsets_for_times(tpl, timeout)?;
-        (0..partitions)
-            .map(|p| {
+        which
+            .iter()
+            .map(|&p| {
                 let elem = listed.find_partition(topic, p).ok_or_else(|| {
                     RelayError::transient(format!("no offsets listed for {topic}[{p}]"))
                 })?;
@@ -301,9 +306,14 @@ pub fn partition_ends(
             })
             .collect()
     };
-    let low = ask(Offset::Beginning)?;
-    let high = ask(Offset::End)?;
-    Ok(low.into_iter().zip(high).collect())
+    let all: Vec<i32> = (0..partitions).collect();
+    let high = ask(&all, Offset::End)?;
+    let written: Vec<i32> = all.into_iter().filter(|&p| high[p as usize] > 0).collect();
+    let mut ends: Vec<(i64, i64)> = high.into_iter().map(|h| (0, h)).collect();
+    for (p, low) in written.iter().zip(ask(&written, Offset::Beginning)?) {
+        ends[*p as usize].0 = low;
+    }
+    Ok(ends)
 }
 
 /// Whether a partition with these ends ([`partition_ends`]) holds no record at all: never written
