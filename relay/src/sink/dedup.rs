@@ -524,6 +524,15 @@ mod tests {
     }
 
     #[test]
+    fn only_a_partition_listed_without_records_is_left_unread() {
+        assert!(holds_nothing((0, 0)), "never written");
+        assert!(holds_nothing((7, 7)), "everything deleted");
+        assert!(!holds_nothing((0, 1)));
+        // a broker that lists the last batch's base offset + 1 (Tansu 0.6) lists at least that
+        assert!(!holds_nothing((6, 7)));
+    }
+
+    #[test]
     fn what_this_session_sent_is_present() {
         let mut tail = Tail::default();
         assert_eq!(tail.has(p(1, 0), A), Ok(false));
