@@ -6,9 +6,10 @@
 //! older record after newer ones). Two bounds close that:
 //! - Every record has a lifetime `fence_timeout_ms` (librdkafka's `message.timeout.ms`, with the
 //!   gapless guarantee): after it, the record is never sent. A successor gets the slot only after
-//!   `wal_sender_timeout` without a word from the paused relay, and waits `fence_timeout_ms -
+//!   `wal_sender_timeout` without a word from the paused relay, and waits `fence_timeout_ms + 1 s -
 //!   wal_sender_timeout` (at least `restart_grace_ms`) more before it reads the partitions back:
-//!   by then every record of the paused relay has landed or will never be sent.
+//!   by then every record of the paused relay has landed or will never be sent (the second is how
+//!   late librdkafka may expire a record).
 //! - A relay that finds it was paused for half of `wal_sender_timeout` or more (the [`PauseClock`]
 //!   below) assumes it was replaced: it withdraws what its producer still holds (queued, and in
 //!   flight: a request that was on the wire at the pause must not be retried) and ends the session;
@@ -147,14 +148,21 @@ impl PauseClock {
     }
 }
 
+/// How late librdkafka may expire a record past its `message.timeout.ms`: it scans for timed-out
+/// records once a second.
+const EXPIRY_SCAN: Duration = Duration::from_secs(1);
+
 /// How long a successor that just took the slot waits before reading Kafka back: long enough that
 /// every record of a predecessor that stopped answering `replaced_after` ago has landed or expired.
+/// A record lives `lifetime` plus at most [`EXPIRY_SCAN`]; what of that the server's timeout already
+/// covered is not waited again, so with the defaults (30 s records, a 60 s `wal_sender_timeout`)
+/// only `restart_grace` is left.
 pub fn takeover_wait(
     restart_grace: Duration,
     lifetime: Duration,
     replaced_after: Duration,
 ) -> Duration {
-    restart_grace.max(lifetime.saturating_sub(replaced_after) + Duration::from_secs(1))
+    restart_grace.max((lifetime + EXPIRY_SCAN).saturating_sub(replaced_after))
 }
 
 #[cfg(test)]
@@ -235,5 +243,13 @@ mod tests {
         assert_eq!(takeover_wait(s(1), s(30), s(60)), s(1));
         assert_eq!(takeover_wait(s(1), s(5), s(3)), s(3));
         assert_eq!(takeover_wait(s(10), s(5), s(3)), s(10));
+        // a record expires at most a second late (librdkafka's scan): that second is waited out only
+        // where the server's timeout does not already cover it
+        assert_eq!(takeover_wait(s(0), s(30), s(60)), s(0));
+        assert_eq!(takeover_wait(s(0), s(30), s(30)), s(1));
+        assert_eq!(
+            takeover_wait(s(0), s(30), Duration::from_millis(30_500)),
+            Duration::from_millis(500)
+        );
     }
 }

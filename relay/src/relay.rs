@@ -143,19 +143,24 @@ async fn session(
     frontier: &mut Frontier,
     first: &mut bool,
 ) -> Result<(), RelayError> {
-    let dead = PgDeadLetters::new(
-        postgres::connect(&config.postgres).await?,
-        &config.source.source_id,
-    );
-    let pipeline = Pipeline::new(&config.kafka, &config.source, metrics, sink, dead, frontier);
+    // the dead letters' session is opened alongside the source, not before it
+    let dead = async {
+        let pg = postgres::connect(&config.postgres).await?;
+        Ok(PgDeadLetters::new(pg, &config.source.source_id))
+    };
     match config.source.kind {
         SourceKind::Wal => {
-            let source = WalSource::open(config, first, metrics.clone()).await?;
-            pipeline.run(source, shutdown).await
+            let (dead, source) =
+                tokio::try_join!(dead, WalSource::open(config, first, metrics.clone()))?;
+            Pipeline::new(&config.kafka, &config.source, metrics, sink, dead, frontier)
+                .run(source, shutdown)
+                .await
         }
         SourceKind::Poll => {
-            let source = PollSource::open(config).await?;
-            pipeline.run(source, shutdown).await
+            let (dead, source) = tokio::try_join!(dead, PollSource::open(config))?;
+            Pipeline::new(&config.kafka, &config.source, metrics, sink, dead, frontier)
+                .run(source, shutdown)
+                .await
         }
     }
 }

@@ -39,8 +39,9 @@ use crate::kafka::raw_headers;
 use crate::sink::{mac_fields, Sink, HEADER_ID, HEADER_MAC, HEADER_POSITION, HEADER_SOURCE};
 use crate::source::Identity;
 use crate::telemetry::{Metrics, TopicLabels};
-use futures_util::StreamExt;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::HashMap;
@@ -128,7 +129,7 @@ impl Dedup {
 
     /// Whether the event at `position` is already in `topic`/`partition`; if not, it is taken as
     /// sent from now on (the caller sends it or dead-letters it). A topic's partitions are read
-    /// back on its first touch in the session, [`READ_BACK_CONCURRENCY`] at a time.
+    /// back on its first touch in the session ([`Sink::read_tails`]).
     ///
     /// A partition that holds records of this identity at or beyond its ceiling (positions the
     /// database has not reached) stops the relay: skipping by them would lose every new event.
@@ -151,11 +152,15 @@ impl Dedup {
             .is_none_or(|t| t.partitions.len() != partitions as usize)
         {
             let started = std::time::Instant::now();
-            let reads = (0..partitions).map(|p| sink.read_tail(topic, p, identity, replay_from));
-            let read: Vec<_> = futures_util::stream::iter(reads)
-                .buffered(READ_BACK_CONCURRENCY)
-                .collect()
-                .await;
+            let read = sink
+                .read_tails(topic, partitions, identity, replay_from)
+                .await?;
+            if read.len() != partitions as usize {
+                return Err(RelayError::transient(format!(
+                    "read back {} of the {partitions} partitions of {topic}",
+                    read.len()
+                )));
+            }
             metrics
                 .readback
                 .get_or_create(&TopicLabels {
@@ -165,7 +170,6 @@ impl Dedup {
             let mut tails = Vec::with_capacity(partitions as usize);
             let mut foreign = 0;
             for (p, tail) in read.into_iter().enumerate() {
-                let tail = tail?;
                 foreign += tail.foreign;
                 if let Some(last) = tail.last.filter(|last| *last >= identity.ceiling) {
                     return Err(RelayError::ahead(&identity.source, last.major, format!(
@@ -244,30 +248,104 @@ impl Dedup {
     }
 }
 
+/// The context of a read-back consumer: the end of a partition is what [`read_back`] waits for, not
+/// an error to log (librdkafka reports it as one).
+#[derive(Default)]
+pub struct ReaderContext;
+
+impl ClientContext for ReaderContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() != Some(RDKafkaErrorCode::PartitionEOF) {
+            tracing::error!("librdkafka: {error}: {reason}");
+        }
+    }
+}
+
+impl ConsumerContext for ReaderContext {}
+
+/// A consumer of the restart read-back.
+pub type Reader = BaseConsumer<ReaderContext>;
+
 /// Records of one partition are read back in windows of this many when looking for our last one.
 const TAIL_WINDOW: i64 = 256;
 
+/// The first and next offsets (`low`, `high`) of each of the first `partitions` partitions of
+/// `topic`, from ListOffsets rounds for many partitions at once (not two requests per partition):
+/// the next offsets of all, then the first offsets of those that were ever written; blocking: run
+/// it off the runtime.
+pub fn partition_ends(
+    reader: &Reader,
+    topic: &str,
+    partitions: i32,
+    timeout: Duration,
+) -> Result<Vec<(i64, i64)>, RelayError> {
+    // ListOffsets takes a timestamp per partition, of which -2 means the first offset and -1 the
+    // next (librdkafka's own watermark query sends the same, one partition at a time)
+    let ask = |which: &[i32], at: Offset| -> Result<Vec<i64>, RelayError> {
+        if which.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tpl = TopicPartitionList::with_capacity(which.len());
+        for &p in which {
+            tpl.add_partition_offset(topic, p, at)?;
+        }
+        let listed = reader.offsets_for_times(tpl, timeout)?;
+        which
+            .iter()
+            .map(|&p| {
+                let elem = listed.find_partition(topic, p).ok_or_else(|| {
+                    RelayError::transient(format!("no offsets listed for {topic}[{p}]"))
+                })?;
+                elem.error()?;
+                match elem.offset() {
+                    Offset::Offset(o) if o >= 0 => Ok(o),
+                    other => Err(RelayError::transient(format!(
+                        "unexpected offset {other:?} listed for {topic}[{p}]"
+                    ))),
+                }
+            })
+            .collect()
+    };
+    let all: Vec<i32> = (0..partitions).collect();
+    let high = ask(&all, Offset::End)?;
+    let written: Vec<i32> = all.into_iter().filter(|&p| high[p as usize] > 0).collect();
+    let mut ends: Vec<(i64, i64)> = high.into_iter().map(|h| (0, h)).collect();
+    for (p, low) in written.iter().zip(ask(&written, Offset::Beginning)?) {
+        ends[*p as usize].0 = low;
+    }
+    Ok(ends)
+}
+
+/// Whether a partition with these ends ([`partition_ends`]) holds no record at all: never written
+/// to (a broker reports at least 1 once it holds a batch), or everything in it deleted. Nothing
+/// to read back there.
+pub fn holds_nothing((low, high): (i64, i64)) -> bool {
+    high <= 0 || high <= low
+}
+
 /// Reads back what `topic`/`partition` holds of the source `identity`: its own records, proven by
 /// their MAC, from the end back to one older than `replay_from` (or the partition's start, or
-/// [`READ_BACK_MAX_RECORDS`]); blocking: run it off the runtime. `timeout` bounds a read that
-/// makes no progress.
+/// [`READ_BACK_MAX_RECORDS`]); blocking: run it off the runtime. `ends` are the partition's
+/// offsets listed when the read-back began ([`partition_ends`]); `timeout` bounds a read that
+/// makes no progress. The reader reports the end of a partition (`enable.partition.eof`).
 pub fn read_back(
-    reader: &BaseConsumer,
+    reader: &Reader,
     topic: &str,
     partition: i32,
     identity: &Identity,
     replay_from: Position,
+    (low, high): (i64, i64),
     timeout: Duration,
 ) -> Result<Tail, RelayError> {
-    let (low, high) = reader.fetch_watermarks(topic, partition, timeout)?;
-    if high <= 0 {
-        // never written to (a broker reports at least 1 once it holds a batch)
+    if holds_nothing((low, high)) {
         return Ok(Tail::default());
     }
-    // The reported high watermark is only a lower bound of the end: some brokers (Tansu 0.6)
-    // report the last batch's base offset + 1. So the newest window is read forward until the
-    // partition stays quiet, never just up to `high`. Nobody else writes this source's records
-    // meanwhile: the slot is held by this process.
+    // The listed high offset is only a lower bound of the end: some brokers (Tansu 0.6) report
+    // the last batch's base offset + 1. So the newest window is read forward until the broker
+    // says the reader reached the end (the high watermark of a fetch answer, which is exact, and
+    // from later than the listing), never just up to `high`. Nobody else writes this source's
+    // records meanwhile: the slot is held by this process, and what a predecessor's producer
+    // still had in its sockets landed during the restart grace.
     let mut window_end = high;
     let mut found_end: Option<i64> = None;
     // windows double going back, so a partition full of other producers' records takes a few
@@ -287,6 +365,8 @@ pub fn read_back(
         let mut first: Option<i64> = None;
         let mut progress = Instant::now();
         let mut quiet_since = Instant::now();
+        // the newest window: the broker said this assignment reached the partition's end
+        let mut at_end = false;
         // whether this window holds a record of this source from before the replay start
         let mut reached = false;
         loop {
@@ -296,17 +376,26 @@ pub fn read_back(
                      {next}"
                 )));
             }
-            // past the window (a later window was read already), or past the reported end with
-            // none of our records for a while (other producers may keep writing)
+            // past the window (a later window was read already), at the end the broker reported,
+            // or past the listed end with none of our records for a while (other producers may
+            // keep writing faster than the reader reaches the end)
             if found_end.is_some_and(|e| next >= e)
+                || at_end
                 || (next >= window_end && quiet_since.elapsed() > TAIL_QUIET)
             {
                 break;
             }
-            let Some(msg) = reader.poll(Duration::from_millis(50)) else {
-                continue;
+            let msg = match reader.poll(Duration::from_millis(50)) {
+                None => continue,
+                // Every record before the end is delivered before the end is reported (one queue
+                // per partition; a report of an earlier assignment is dropped by librdkafka). The
+                // newest window reads up to it; an older one stops at `found_end` before.
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    at_end = p == partition && found_end.is_none();
+                    continue;
+                }
+                Some(msg) => msg?,
             };
-            let msg = msg?;
             if msg.topic() != topic || msg.partition() != partition {
                 // a record of an earlier assignment of a reused consumer
                 continue;
@@ -341,7 +430,9 @@ pub fn read_back(
     }
 }
 
-/// How long a partition must stay quiet before its end is taken as reached.
+/// How long a partition that other producers keep writing must go without a record of this source,
+/// past its listed end, before that end is taken as reached (the broker reports the end as soon as
+/// the reader catches up with it).
 const TAIL_QUIET: Duration = Duration::from_millis(300);
 
 /// What a record read back is to the source being read back for.
@@ -429,6 +520,15 @@ mod tests {
         assert_eq!(tail.has(p(10, 4), A), Ok(false), "beyond the last");
         // the position of another event: the database is not the one that wrote Kafka's records
         assert_eq!(tail.has(p(10, 0), B), Err(A.to_vec()));
+    }
+
+    #[test]
+    fn only_a_partition_listed_without_records_is_left_unread() {
+        assert!(holds_nothing((0, 0)), "never written");
+        assert!(holds_nothing((7, 7)), "everything deleted");
+        assert!(!holds_nothing((0, 1)));
+        // a broker that lists the last batch's base offset + 1 (Tansu 0.6) lists at least that
+        assert!(!holds_nothing((6, 7)));
     }
 
     #[test]

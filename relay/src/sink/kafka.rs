@@ -10,12 +10,13 @@ use crate::error::RelayError;
 use crate::event::Position;
 use crate::kafka::RETRY_BACKOFF_MS;
 use crate::kafka::{fetch_partition_count, off_runtime, producer_config, KafkaConfig};
-use crate::sink::dedup::{self, Tail};
+use crate::sink::dedup::{self, Reader, ReaderContext, Tail};
 use crate::sink::{Delivered, Delivery, Record, Sink};
 use crate::sink::{HEADER_ID, HEADER_MAC, HEADER_POSITION, HEADER_SOURCE, HEADER_TRACE};
 use crate::source::Identity;
+use futures_util::{StreamExt, TryStreamExt};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
@@ -23,6 +24,10 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// How long a broker may hold a fetch of the restart read-back that found nothing new (librdkafka's
+/// `fetch.wait.max.ms`).
+const READ_BACK_FETCH_WAIT_MS: &str = "1";
 
 /// Where the tests' fixtures read consumed headers from (the function lives in [`crate::kafka`]).
 pub use crate::kafka::raw_headers;
@@ -37,7 +42,7 @@ pub struct KafkaSink {
     reader_config: ClientConfig,
     /// Consumers of the restart read-back, kept for the next partition: a client per partition
     /// (its threads, a connection, metadata) made the start-up over thousands of partitions slow.
-    readers: Arc<Mutex<Vec<BaseConsumer>>>,
+    readers: Arc<Mutex<Vec<Reader>>>,
     partitions: HashMap<String, i32>,
     timeout: Duration,
     /// Whether a record was handed to a producer: a sink that sent nothing holds nothing, and a
@@ -80,13 +85,22 @@ impl KafkaSink {
         reader_config
             .set("group.id", format!("pg_outbox-relay-{source_id}"))
             .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false");
+            // the read-back reads up to the end the broker reports (see dedup::read_back)
+            .set("enable.partition.eof", "true")
+            // the relay's records are not transactional: none is hidden behind another producer's
+            // open transaction
+            .set("isolation.level", "read_uncommitted")
+            // a fetch that reaches the end of a partition comes back at once (the read-back stops
+            // there), and Tansu 0.6 holds even a fetch with records for half this wait
+            .set("fetch.wait.max.ms", READ_BACK_FETCH_WAIT_MS);
+        // one reader made now: it connects to the brokers while the source connects to PostgreSQL
+        let reader = reader_config.create_with_context(ReaderContext)?;
         Ok(KafkaSink {
             producer,
             lone: Arc::default(),
             lone_config,
             reader_config,
-            readers: Arc::default(),
+            readers: Arc::new(Mutex::new(vec![reader])),
             partitions: HashMap::new(),
             timeout: Duration::from_secs(10),
             sent: AtomicBool::new(false),
@@ -137,6 +151,32 @@ impl KafkaSink {
     fn producers(&self) -> Vec<FutureProducer> {
         both(&self.producer, &self.lone)
     }
+
+    /// Runs `read` off the runtime with a consumer of the restart read-back: a pooled one, or a new
+    /// one. The consumer goes back to the pool once its assignment is gone (a reader also ignores
+    /// a record of another partition, should one still arrive).
+    async fn with_reader<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&Reader) -> Result<T, RelayError> + Send + 'static,
+    ) -> Result<T, RelayError> {
+        let pooled = self.readers.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let reader: Reader = match pooled {
+            Some(reader) => reader,
+            None => self.reader_config.create_with_context(ReaderContext)?,
+        };
+        let readers = self.readers.clone();
+        off_runtime("tail reader task", move || {
+            let result = read(&reader);
+            if result.is_ok() && reader.unassign().is_ok() {
+                let mut pool = readers.lock().unwrap_or_else(|e| e.into_inner());
+                if pool.len() < dedup::READ_BACK_CONCURRENCY {
+                    pool.push(reader);
+                }
+            }
+            result
+        })
+        .await
+    }
 }
 
 impl Sink for KafkaSink {
@@ -178,36 +218,40 @@ impl Sink for KafkaSink {
         self.partitions.clear();
     }
 
-    async fn read_tail(
+    async fn read_tails(
         &self,
         topic: &str,
-        partition: i32,
+        partitions: i32,
         identity: &Identity,
         replay_from: Position,
-    ) -> Result<Tail, RelayError> {
-        let pooled = self.readers.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let reader: BaseConsumer = match pooled {
-            Some(reader) => reader,
-            None => self.reader_config.create()?,
-        };
-        let readers = self.readers.clone();
-        let topic = topic.to_string();
-        let identity = identity.clone();
-        let timeout = self.timeout;
-        off_runtime("tail reader task", move || {
-            let tail =
-                dedup::read_back(&reader, &topic, partition, &identity, replay_from, timeout);
-            // kept for the next partition once its assignment is gone (read_back also ignores a
-            // record of another partition, should one still arrive)
-            if tail.is_ok() && reader.unassign().is_ok() {
-                let mut pool = readers.lock().unwrap_or_else(|e| e.into_inner());
-                if pool.len() < dedup::READ_BACK_CONCURRENCY {
-                    pool.push(reader);
-                }
+    ) -> Result<Vec<Tail>, RelayError> {
+        let (name, timeout) = (topic.to_string(), self.timeout);
+        let ends = self
+            .with_reader(move |reader| dedup::partition_ends(reader, &name, partitions, timeout))
+            .await?;
+        // only the partitions that hold records are read, READ_BACK_CONCURRENCY at a time
+        let reads = ends.into_iter().enumerate().map(|(p, ends)| async move {
+            if dedup::holds_nothing(ends) {
+                return Ok(Tail::default());
             }
-            tail
-        })
-        .await
+            let (topic, identity) = (topic.to_string(), identity.clone());
+            self.with_reader(move |reader| {
+                dedup::read_back(
+                    reader,
+                    &topic,
+                    p as i32,
+                    &identity,
+                    replay_from,
+                    ends,
+                    timeout,
+                )
+            })
+            .await
+        });
+        futures_util::stream::iter(reads)
+            .buffered(dedup::READ_BACK_CONCURRENCY)
+            .try_collect()
+            .await
     }
 
     async fn send(&self, record: Record<'_>) -> Result<Delivery, RelayError> {

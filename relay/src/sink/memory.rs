@@ -114,24 +114,24 @@ impl Sink for MemorySink {
         self.asked.clear();
     }
 
-    async fn read_tail(
+    async fn read_tails(
         &self,
         topic: &str,
-        partition: i32,
+        partitions: i32,
         _identity: &Identity,
         replay_from: Position,
-    ) -> Result<Tail, RelayError> {
+    ) -> Result<Vec<Tail>, RelayError> {
         let log = self.log.lock().unwrap();
-        let mut tail = Tail::default();
+        let mut tails = vec![Tail::default(); partitions.max(0) as usize];
         for (t, p, position, id) in &log.stored {
-            if t == topic && *p == partition {
+            if let Some(tail) = tails.get_mut(*p as usize).filter(|_| t == topic) {
                 tail.last = tail.last.max(Some(*position));
                 if *position >= replay_from {
                     tail.seen.insert(*position, id.as_bytes().to_vec());
                 }
             }
         }
-        Ok(tail)
+        Ok(tails)
     }
 
     async fn send(&self, record: Record<'_>) -> Result<Delivery, RelayError> {

@@ -108,15 +108,16 @@ pub trait Sink {
     /// the source and is retried).
     async fn partition_count(&mut self, topic: &str) -> Result<i32, RelayError>;
 
-    /// What `topic`/`partition` already holds of the source `identity`: only records whose
-    /// [`HEADER_MAC`] verifies under its key count (see [`Tail`]).
-    async fn read_tail(
+    /// What each of the first `partitions` partitions of `topic` already holds of the source
+    /// `identity`, in partition order: only records whose [`HEADER_MAC`] verifies under its key
+    /// count (see [`Tail`]).
+    async fn read_tails(
         &self,
         topic: &str,
-        partition: i32,
+        partitions: i32,
         identity: &Identity,
         replay_from: Position,
-    ) -> Result<Tail, RelayError>;
+    ) -> Result<Vec<Tail>, RelayError>;
 
     /// The partition counts asked for since they were last forgotten, asked again: those that
     /// changed, as (topic, count in use, count now). A topic the broker does not answer for is
