@@ -10,6 +10,7 @@
 pub mod memory;
 pub mod poll;
 pub mod slot;
+pub mod stream;
 pub mod wal;
 
 use crate::error::RelayError;

@@ -24,12 +24,13 @@ use crate::error::RelayError;
 use crate::event::{Body, Position, SourceEvent};
 use crate::postgres;
 use crate::source::slot::SlotState;
+use crate::source::stream::Stream;
 use crate::source::{Identity, Source, Step};
 use crate::telemetry::Metrics;
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 use pg_outbox_envelope::{MESSAGE_PREFIX, RECORD_RESERVE};
-use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
+use pgwire_replication::{Lsn, ReplicationConfig, ReplicationEvent};
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -50,19 +51,6 @@ const FINAL_FEEDBACK_WAIT: Duration = Duration::from_secs(2);
 /// Events handed over per call at most, so that acknowledgements are taken in between.
 const MAX_BATCH: usize = 1024;
 
-/// Bounds of the replication client's buffer of decoded messages (see [`buffered_messages`]).
-const MIN_BUFFERED: usize = 16;
-const MAX_BUFFERED: usize = 8192;
-
-/// How many decoded messages the replication client may buffer ahead of the pipeline.
-/// pgwire-replication counts its buffer in messages, not bytes, so the count is derived from a
-/// byte budget (`max_in_flight_bytes`, the same as for records in flight) and the largest message
-/// the relay publishes (`max_record_bytes`): 8,192 messages of 1 MB each would be 8 GB. With the
-/// defaults (32 MiB, 1 MB) that is 33 messages; records capped at 4 KB keep 8,192.
-fn buffered_messages(max_in_flight_bytes: usize, max_record_bytes: usize) -> usize {
-    (max_in_flight_bytes / max_record_bytes.max(1)).clamp(MIN_BUFFERED, MAX_BUFFERED)
-}
-
 /// Room above the largest record for the envelope's own fields (id, times, topic, the length of
 /// each of up to 1,024 headers, the trace context, the seal) and the replication framing.
 const STREAM_SLACK: usize = 64 * 1024;
@@ -82,6 +70,14 @@ fn stream_limit(max_record_bytes: usize, max_payload_bytes: usize) -> usize {
     max_record_bytes
         .max(max_payload_bytes.saturating_add(RECORD_RESERVE))
         .saturating_add(STREAM_SLACK)
+}
+
+/// How many bytes of messages the stream reads ahead of the pipeline: a quarter of
+/// `max_in_flight_bytes` (8 MiB with the defaults: some 30,000 events of a few hundred bytes, enough
+/// to keep the pipeline fed), and at least one message of the largest size read. The pipeline
+/// holds up to `max_in_flight_bytes` more in flight.
+fn read_ahead_budget(max_in_flight_bytes: usize, limit: usize) -> usize {
+    (max_in_flight_bytes / 4).max(limit)
 }
 
 /// `pg_outbox.max_payload_bytes` as this session sees it (a size with a unit, as `SHOW` gives it),
@@ -122,7 +118,7 @@ fn parse_size(text: &str) -> Option<usize> {
 /// Where the WAL source reads from. Streaming is interrupted only by a message over the limit.
 enum Feed {
     /// The slot's replication stream.
-    Live(ReplicationClient),
+    Live(Stream),
     /// A message over the limit ended the stream: read what it belongs to through SQL.
     Oversized,
     /// The rest of the transaction that holds an oversized message, read through SQL.
@@ -213,6 +209,8 @@ pub struct WalSource {
     pg_config: crate::postgres::PgConfig,
     /// The largest message read whole ([`stream_limit`]).
     limit: usize,
+    /// How many bytes of messages the stream reads ahead ([`read_ahead_budget`]).
+    budget: usize,
     /// The highest position handed over in this session: an oversized message is after it.
     seen: u64,
     /// For recording the confirmed position now and then (see [`remember_confirmed`]).
@@ -330,10 +328,6 @@ impl WalSource {
         .with_tls(p.tls.replication())
         .with_start_lsn(Lsn::ZERO)
         .with_status_interval(Duration::from_millis(500))
-        .with_buffer_size(buffered_messages(
-            config.source.max_in_flight_bytes,
-            config.kafka.max_record_bytes,
-        ))
         .with_max_message_size(limit)
         .with_application_name(postgres::application_name());
         let repl_config = match &p.options {
@@ -342,11 +336,12 @@ impl WalSource {
             Some(options) => repl_config.with_options(options.clone()),
             None => repl_config,
         };
-        let mut repl = ReplicationClient::connect(repl_config.clone()).await?;
-        repl.wait_started().await?;
+        let budget = read_ahead_budget(config.source.max_in_flight_bytes, limit);
+        let stream = Stream::start(repl_config.clone(), budget).await?;
         info!(slot = %slot, "streaming from slot");
         Ok(WalSource {
-            feed: Feed::Live(repl),
+            feed: Feed::Live(stream),
+            budget,
             repl_config,
             pg_config: config.postgres.clone(),
             limit,
@@ -374,9 +369,7 @@ impl WalSource {
             "a message in the slot is larger than any event: reading its transaction through SQL, \
              without it"
         );
-        if let Feed::Live(repl) = &mut self.feed {
-            repl.abort();
-        }
+        // the stream's task has ended with the error; dropping it releases the slot
         self.feed = Feed::Oversized;
     }
 
@@ -492,10 +485,9 @@ impl WalSource {
             .clone()
             .with_start_lsn(Lsn(start))
             .with_ack_lsn(Lsn(confirmed));
-        let mut repl = ReplicationClient::connect(config).await?;
-        repl.wait_started().await?;
+        let stream = Stream::start(config, self.budget).await?;
         info!(slot = %self.slot, start = %Lsn(start), "streaming from slot again, after the oversized message");
-        self.feed = Feed::Live(repl);
+        self.feed = Feed::Live(stream);
         Ok(())
     }
 
@@ -693,7 +685,7 @@ impl Source for WalSource {
                         let Feed::Live(repl) = &mut self.feed else {
                             unreachable!("take() keeps the feed")
                         };
-                        match repl.recv().now_or_never() {
+                        match repl.try_recv() {
                             Some(Ok(Some(event))) => events += usize::from(self.take(event, out)?),
                             Some(Ok(None)) => {
                                 return Err(RelayError::transient("replication stream ended"))
@@ -806,14 +798,8 @@ impl Source for WalSource {
         // The replication client sends its applied position every status interval and, on stop,
         // only CopyDone: wait until the server has the last confirmation, so that the next session
         // does not replay (and read Kafka back for) what this one confirmed.
-        if let Feed::Live(repl) = &mut self.feed {
-            let deadline = Instant::now() + FINAL_FEEDBACK_WAIT;
-            while repl.metrics().last_applied_lsn().as_u64() < self.confirmed
-                && Instant::now() < deadline
-            {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            repl.shutdown().await?;
+        if let Feed::Live(stream) = &mut self.feed {
+            stream.shutdown(self.confirmed, FINAL_FEEDBACK_WAIT).await?;
         }
         info!(
             confirmed_lsn = %Lsn(self.metrics.confirmed_lsn.load(Ordering::Relaxed)),
@@ -823,18 +809,15 @@ impl Source for WalSource {
     }
 }
 
-impl Drop for WalSource {
-    fn drop(&mut self) {
-        // a session that failed releases the slot at once, for the next session or a standby
-        if let Feed::Live(repl) = &mut self.feed {
-            repl.abort();
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_read_ahead_is_a_quarter_of_the_in_flight_budget_and_holds_the_largest_message() {
+        assert_eq!(read_ahead_budget(32 << 20, 1_065_536), 8 << 20);
+        assert_eq!(read_ahead_budget(1 << 20, 1_065_536), 1_065_536);
+    }
 
     #[test]
     fn sizes_read_as_postgresql_shows_them() {
@@ -921,15 +904,5 @@ mod tests {
         assert!(matches!(Change::parse(b"B", 1).unwrap(), Change::Other));
         assert!(Change::parse(b"", 0).is_err());
         assert!(Change::parse(b"C\0", 2).is_err());
-    }
-
-    #[test]
-    fn the_message_buffer_is_bounded_in_bytes() {
-        // the defaults: 32 MiB over records of up to 1 MB
-        assert_eq!(buffered_messages(32 << 20, 1_000_000), 33);
-        // 200 events of 1 MB used to sit in a buffer of 8,192 messages (184 MB of RSS)
-        assert!(buffered_messages(32 << 20, 1_100_000) * 1_100_000 <= 32 << 20);
-        assert_eq!(buffered_messages(32 << 20, 1024), MAX_BUFFERED);
-        assert_eq!(buffered_messages(1 << 20, 100 << 20), MIN_BUFFERED);
     }
 }
