@@ -107,6 +107,15 @@ else
         --root-user-action=ignore 'psycopg[binary]>=3.1'
     python3 -c 'import psycopg'
 fi
+# --- the CloudEvents SDK: the independent reader of tests/tests/formats.rs ------------------------
+if python3 -c 'import cloudevents.v1.kafka' 2>/dev/null; then
+    say "python cloudevents present"
+else
+    say "installing python cloudevents"
+    with_progress "pip install cloudevents" python3 -m pip install -q --disable-pip-version-check \
+        --root-user-action=ignore 'cloudevents>=2.0'
+    python3 -c 'import cloudevents.v1.kafka'
+fi
 # --- Kubernetes schemas for scripts/check-deploy.sh (bundled in the package: no network later) ------
 KUBERNETES_VALIDATE_VERSION=1.37.0
 if python3 -c 'import kubernetes_validate' 2>/dev/null && command -v kubernetes-validate >/dev/null; then

@@ -17,7 +17,7 @@
 //! librdkafka option stays usable.
 
 use crate::error::RelayError;
-use crate::kafka::{check_settings, KafkaConfig, RecordTimestamp};
+use crate::kafka::{check_settings, KafkaConfig, RecordFormat, RecordTimestamp};
 use crate::postgres::{Given, PgConfig};
 use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand};
@@ -227,6 +227,11 @@ settings_group! {
         /// (when the relay sends it; retention then counts from publication). [default: enqueue]
         #[arg(long, env = "PG_OUTBOX_RECORD_TIMESTAMP")]
         pub record_timestamp: Option<String>,
+        /// How records present their events: `pg_outbox` (the relay's headers, `content-type`,
+        /// the event's headers) or `cloudevents` (CloudEvents 1.0, Kafka binary content mode:
+        /// `ce_*` headers as well). [default: pg_outbox]
+        #[arg(long, env = "PG_OUTBOX_RECORD_FORMAT")]
+        pub record_format: Option<String>,
         /// A record not sent within this many milliseconds is never sent: what bounds how long a
         /// paused relay can append after a successor took over (see fence.rs). [default: 30000]
         #[arg(long, env = "PG_OUTBOX_FENCE_TIMEOUT_MS")]
@@ -638,6 +643,15 @@ fn resolve_kafka(
             )))
         }
     };
+    let record_format = match s.record_format.as_deref() {
+        None | Some("pg_outbox") => RecordFormat::PgOutbox,
+        Some("cloudevents") => RecordFormat::CloudEvents,
+        Some(other) => {
+            return Err(RelayError::config(format!(
+                "record_format {other:?} is unknown: use \"pg_outbox\" or \"cloudevents\" (PG_OUTBOX_RECORD_FORMAT)"
+            )))
+        }
+    };
     let fence_timeout = s.fence_timeout_ms.unwrap_or(30_000);
     if fence_timeout < 1000 {
         return Err(RelayError::config(format!(
@@ -658,6 +672,7 @@ fn resolve_kafka(
         topic_template,
         max_record_bytes,
         record_timestamp,
+        record_format,
         settings,
         allowed_topics,
     })
@@ -824,6 +839,7 @@ mod tests {
             topic_template: "{topic}".into(),
             max_record_bytes: 1_000_000,
             record_timestamp: RecordTimestamp::Enqueue,
+            record_format: RecordFormat::PgOutbox,
             partition_check: Duration::from_secs(10),
             settings: Default::default(),
             allowed_topics: rules,

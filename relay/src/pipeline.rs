@@ -596,6 +596,9 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
             mac: &mac,
             headers: &event.headers,
             trace: event.trace_context,
+            format: self.kafka.record_format,
+            payload_is_json: event.payload_is_json,
+            created_at_micros: event.created_at_micros,
             alone,
         };
         let size = record.size();
@@ -786,6 +789,7 @@ mod tests {
             topic_template: "{topic}".into(),
             max_record_bytes: 1_000_000,
             record_timestamp: RecordTimestamp::Enqueue,
+            record_format: crate::kafka::RecordFormat::PgOutbox,
             partition_check: Duration::from_secs(10),
             settings: Default::default(),
             allowed_topics: Vec::new(),

@@ -71,6 +71,8 @@ async fn committed_events_arrive_with_topic_key_headers_and_payload() -> Result<
     assert_eq!(r.payload, br#"{"n": 1}"#);
     assert_eq!(r.header("type"), Some("OrderCreated"));
     assert_eq!(r.header("tenant"), Some("acme"));
+    // every record says what its payload is
+    assert_eq!(r.header("content-type"), Some("application/json"));
     assert_eq!(
         r.header("traceparent"),
         Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")

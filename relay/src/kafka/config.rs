@@ -18,6 +18,18 @@ pub enum RecordTimestamp {
     Publish,
 }
 
+/// How a record presents its event to consumers, beyond the relay's own `pg_outbox-*` headers
+/// (which every record carries: the restart dedup reads them back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordFormat {
+    /// The relay's headers, a `content-type`, then the event's headers.
+    PgOutbox,
+    /// CloudEvents 1.0, Kafka protocol binding, binary content mode: `ce_specversion`, `ce_id`
+    /// (the event id), `ce_source` (the source identity), `ce_type` (the event's `ce_type` header,
+    /// else the topic), `ce_time` (the enqueue time) and `content-type`.
+    CloudEvents,
+}
+
 #[derive(Debug, Clone)]
 pub struct KafkaConfig {
     pub brokers: String,
@@ -26,6 +38,7 @@ pub struct KafkaConfig {
     pub topic_template: String,
     pub max_record_bytes: usize,
     pub record_timestamp: RecordTimestamp,
+    pub record_format: RecordFormat,
     /// How often the partition counts of the topics written to are asked again.
     pub partition_check: Duration,
     /// librdkafka settings given by the operator, applied over ours.

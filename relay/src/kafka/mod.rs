@@ -13,7 +13,7 @@ pub mod producer;
 pub mod topic_id;
 
 pub use blocking::off_runtime;
-pub use config::{check_settings, KafkaConfig, RecordTimestamp};
+pub use config::{check_settings, KafkaConfig, RecordFormat, RecordTimestamp};
 pub use headers::raw_headers;
 pub use metadata::fetch_partition_count;
 pub use producer::{producer_config, RETRY_BACKOFF_MS};

@@ -9,7 +9,9 @@ use crate::deadletter::DeadLetter;
 use crate::error::RelayError;
 use crate::event::Position;
 use crate::kafka::RETRY_BACKOFF_MS;
-use crate::kafka::{fetch_partition_count, off_runtime, producer_config, KafkaConfig};
+use crate::kafka::{
+    fetch_partition_count, off_runtime, producer_config, KafkaConfig, RecordFormat,
+};
 use crate::sink::dedup::{self, Reader, ReaderContext, Tail};
 use crate::sink::{Delivered, Delivery, Record, Sink};
 use crate::sink::{HEADER_ID, HEADER_MAC, HEADER_POSITION, HEADER_SOURCE, HEADER_TRACE};
@@ -257,7 +259,14 @@ impl Sink for KafkaSink {
     async fn send(&self, record: Record<'_>) -> Result<Delivery, RelayError> {
         self.sent.store(true, Ordering::Relaxed);
         let position = record.position.encode();
-        let headers = record_headers(&record, &position);
+        let time = match record.format {
+            RecordFormat::CloudEvents => crate::sink::rfc3339(record.created_at_micros),
+            RecordFormat::PgOutbox => String::new(),
+        };
+        let added = record.format_headers(&time);
+        let headers = record_headers(&record, &position, &added);
+        // the dead letter of a refused record keeps the event's headers, not these
+        let added: Vec<&'static str> = added.iter().map(|(n, _)| *n).collect();
         let mut future = FutureRecord::<[u8], [u8]>::to(record.topic)
             .partition(record.partition)
             .payload(record.payload)
@@ -289,7 +298,7 @@ impl Sink for KafkaSink {
                                     // new producer
                                     lone.lock().unwrap_or_else(|e| e.into_inner()).take();
                                 }
-                                judge_failure(e, &msg, alone)
+                                judge_failure(e, &msg, alone, &added)
                             }
                             Err(_) => Delivered::Failed(RelayError::transient(
                                 "producer dropped a delivery",
@@ -351,7 +360,7 @@ fn purge(producer: &FutureProducer) {
 /// refusal of a record sent with others says nothing about that record: it ends the session like
 /// any other failure (the source replays, the dedup skips what arrived, and what was in flight is
 /// sent alone).
-fn judge_failure(e: KafkaError, msg: &OwnedMessage, alone: bool) -> Delivered {
+fn judge_failure(e: KafkaError, msg: &OwnedMessage, alone: bool, added: &[&str]) -> Delivered {
     match e {
         KafkaError::MessageProduction(
             code @ (RDKafkaErrorCode::MessageSizeTooLarge
@@ -362,7 +371,7 @@ fn judge_failure(e: KafkaError, msg: &OwnedMessage, alone: bool) -> Delivered {
             | RDKafkaErrorCode::PolicyViolation),
         ) if alone => {
             let reason = format!("broker refused the record: {code} ({code:?})");
-            match dead_letter_of(msg, &reason) {
+            match dead_letter_of(msg, &reason, added) {
                 Some(letter) => Delivered::Rejected(Box::new(letter)),
                 None => Delivered::Failed(RelayError::transient("failed record without position")),
             }
@@ -371,9 +380,13 @@ fn judge_failure(e: KafkaError, msg: &OwnedMessage, alone: bool) -> Delivered {
     }
 }
 
-/// The relay's headers, then the user's.
-fn record_headers(record: &Record<'_>, position: &[u8; 33]) -> OwnedHeaders {
-    let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 5)
+/// The relay's headers, then those of the record format (`added`), then the user's.
+fn record_headers(
+    record: &Record<'_>,
+    position: &[u8; 33],
+    added: &[(&'static str, &[u8])],
+) -> OwnedHeaders {
+    let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 5 + added.len())
         .insert(Header {
             key: HEADER_ID,
             value: Some(record.event_id.as_bytes()),
@@ -396,7 +409,7 @@ fn record_headers(record: &Record<'_>, position: &[u8; 33]) -> OwnedHeaders {
             value: Some(trace.as_bytes()),
         });
     }
-    for (name, value) in record.headers {
+    for (name, value) in added.iter().chain(record.headers) {
         headers = headers.insert(Header {
             key: name,
             value: Some(*value),
@@ -406,7 +419,9 @@ fn record_headers(record: &Record<'_>, position: &[u8; 33]) -> OwnedHeaders {
 }
 
 /// Rebuilds the dead letter of a record the broker refused, from the record itself.
-fn dead_letter_of(msg: &OwnedMessage, reason: &str) -> Option<DeadLetter> {
+fn dead_letter_of(msg: &OwnedMessage, reason: &str, added: &[&str]) -> Option<DeadLetter> {
+    // what the record format added is not the event's (the first of each name: the event had none)
+    let mut added = added.to_vec();
     let mut id = None;
     let mut position = None;
     let mut headers = Vec::new();
@@ -419,6 +434,7 @@ fn dead_letter_of(msg: &OwnedMessage, reason: &str) -> Option<DeadLetter> {
                     position = std::str::from_utf8(value).ok().and_then(Position::parse)
                 }
                 k if k.starts_with("pg_outbox-") => {}
+                k if added.contains(&k) => added.retain(|a| *a != k),
                 k => headers.push((k.to_string(), String::from_utf8_lossy(value).into_owned())),
             }
         }
