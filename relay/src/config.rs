@@ -228,8 +228,9 @@ settings_group! {
         #[arg(long, env = "PG_OUTBOX_RECORD_TIMESTAMP")]
         pub record_timestamp: Option<String>,
         /// How records present their events: `pg_outbox` (the relay's headers, `content-type`,
-        /// the event's headers) or `cloudevents` (CloudEvents 1.0, Kafka binary content mode:
-        /// `ce_*` headers as well). [default: pg_outbox]
+        /// the event's headers), `cloudevents` (CloudEvents 1.0, Kafka binary content mode:
+        /// `ce_*` headers as well) or `debezium` (Debezium's outbox event router: the event id
+        /// in the header `id` as well). [default: pg_outbox]
         #[arg(long, env = "PG_OUTBOX_RECORD_FORMAT")]
         pub record_format: Option<String>,
         /// A record not sent within this many milliseconds is never sent: what bounds how long a
@@ -646,9 +647,10 @@ fn resolve_kafka(
     let record_format = match s.record_format.as_deref() {
         None | Some("pg_outbox") => RecordFormat::PgOutbox,
         Some("cloudevents") => RecordFormat::CloudEvents,
+        Some("debezium") => RecordFormat::Debezium,
         Some(other) => {
             return Err(RelayError::config(format!(
-                "record_format {other:?} is unknown: use \"pg_outbox\" or \"cloudevents\" (PG_OUTBOX_RECORD_FORMAT)"
+                "record_format {other:?} is unknown: use \"pg_outbox\", \"cloudevents\" or \"debezium\" (PG_OUTBOX_RECORD_FORMAT)"
             )))
         }
     };

@@ -132,3 +132,44 @@ async fn cloudevents_records_are_read_by_the_cloudevents_sdk() -> Result<()> {
     assert_eq!(events[0]["partitionkey"], "alice");
     Ok(())
 }
+
+/// Debezium's outbox event router with its defaults: the event id in the header `id`, the key as
+/// the record key, the payload as the value; the event's own `eventType` header as
+/// `table.fields.additional.placement = type:header:eventType` would put it.
+#[tokio::test]
+async fn debezium_records_follow_the_outbox_event_routers_conventions() -> Result<()> {
+    let s = Scenario::builder("fm_debezium")
+        .topic("outbox.event.order", 1)
+        .start()
+        .await?;
+    let _relay = s
+        .relay()
+        .args(&["--record-format", "debezium"])
+        .running()
+        .await?;
+    let id: uuid::Uuid = s
+        .db
+        .client
+        .query_one(
+            r#"SELECT outbox.enqueue('outbox.event.order', '1', '{"id": 1, "customerId": 123}', '{"eventType": "OrderCreated"}')"#,
+            &[],
+        )
+        .await?
+        .get(0);
+    let records = pg_outbox_tests::read_all(
+        &s.broker.bootstrap(),
+        &[("outbox.event.order", 1)],
+        1,
+        TIMEOUT,
+    )?;
+    assert_eq!(records.len(), 1);
+    let r = &records[0];
+    assert_eq!(r.header("id"), Some(id.to_string().as_str()));
+    assert_eq!(r.key.as_deref(), Some(&b"1"[..]));
+    let value: serde_json::Value = serde_json::from_slice(&r.payload)?;
+    assert_eq!(value, serde_json::json!({"id": 1, "customerId": 123}));
+    assert_eq!(r.header("eventType"), Some("OrderCreated"));
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert!(r.header("ce_id").is_none());
+    Ok(())
+}

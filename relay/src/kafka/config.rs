@@ -28,6 +28,9 @@ pub enum RecordFormat {
     /// (the event id), `ce_source` (the source identity), `ce_type` (the event's `ce_type` header,
     /// else the topic), `ce_time` (the enqueue time) and `content-type`.
     CloudEvents,
+    /// Debezium's outbox event router, with its defaults: the event id in the header `id`, the
+    /// key as the record key (its `aggregateid`), the payload as the value.
+    Debezium,
 }
 
 #[derive(Debug, Clone)]

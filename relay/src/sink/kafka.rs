@@ -261,7 +261,7 @@ impl Sink for KafkaSink {
         let position = record.position.encode();
         let time = match record.format {
             RecordFormat::CloudEvents => crate::sink::rfc3339(record.created_at_micros),
-            RecordFormat::PgOutbox => String::new(),
+            RecordFormat::PgOutbox | RecordFormat::Debezium => String::new(),
         };
         let added = record.format_headers(&time);
         let headers = record_headers(&record, &position, &added);

@@ -39,6 +39,8 @@ pub const HEADER_CE_ID: &str = "ce_id";
 pub const HEADER_CE_SOURCE: &str = "ce_source";
 pub const HEADER_CE_TYPE: &str = "ce_type";
 pub const HEADER_CE_TIME: &str = "ce_time";
+/// Where Debezium's outbox event router puts the event id.
+pub const HEADER_DEBEZIUM_ID: &str = "id";
 
 /// The length of [`rfc3339`]'s text.
 #[cfg(test)]
@@ -161,6 +163,9 @@ impl Record<'_> {
                 (HEADER_CE_TIME, time.as_bytes()),
             ];
             added.extend(attributes.into_iter().filter(|(n, _)| !self.has_header(n)));
+        }
+        if self.format == RecordFormat::Debezium && !self.has_header(HEADER_DEBEZIUM_ID) {
+            added.push((HEADER_DEBEZIUM_ID, self.event_id.as_bytes()));
         }
         added
     }
@@ -296,6 +301,18 @@ mod tests {
                 HEADER_CE_TYPE,
                 HEADER_CE_TIME
             ]
+        );
+        let debezium = record(RecordFormat::Debezium, &[]);
+        assert_eq!(
+            debezium.format_headers(&time)[1],
+            (HEADER_DEBEZIUM_ID, debezium.event_id.as_bytes())
+        );
+        let with_id: &[(&str, &[u8])] = &[("id", b"mine")];
+        assert_eq!(
+            record(RecordFormat::Debezium, with_id)
+                .format_headers(&time)
+                .len(),
+            1
         );
         let with_type = record(RecordFormat::CloudEvents, own);
         let added = with_type.format_headers(&time);
