@@ -166,7 +166,12 @@ CREATE TABLE outbox.sources (
     stopped_at  timestamptz,
     -- the sealing key (outbox.auth_key) the relay of this source signs its Kafka records with, as it
     -- recorded at the start of its session; outbox.retire_auth_key waits for it to move on
-    signing_key_id integer
+    signing_key_id integer,
+    -- the relay session that holds the source now (a token it drew), and the last one that stopped
+    -- cleanly (everything it sent acknowledged): a session whose predecessor stopped cleanly has no
+    -- produce request of it to wait for, and skips restart_grace_ms
+    holder      uuid,
+    handover    uuid
 );
 COMMENT ON TABLE outbox.sources IS
     'pg_outbox: slots and poll sources the relay publishes for, with their incarnation';

@@ -57,6 +57,9 @@ ALTER TABLE outbox.sources ADD COLUMN stopped text;
 ALTER TABLE outbox.sources ADD COLUMN stopped_at timestamptz;
 -- the key the relay of each source signs with (outbox.retire_auth_key waits for it to move on)
 ALTER TABLE outbox.sources ADD COLUMN signing_key_id integer;
+-- the session holding the source, and the last one that stopped cleanly (restart_grace_ms is skipped after it)
+ALTER TABLE outbox.sources ADD COLUMN holder uuid;
+ALTER TABLE outbox.sources ADD COLUMN handover uuid;
 
 -- ---------------------------------------------------------------- functions (sql/outbox.sql, sql/inbox.sql)
 CREATE OR REPLACE FUNCTION outbox.recreate_slot(reason text, slot_name text DEFAULT NULL)

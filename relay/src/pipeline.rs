@@ -227,13 +227,19 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
         self.sink.flush(Duration::from_secs(60)).await?;
         // A paused predecessor's records live fence_timeout: wait out what the server's timeout
         // does not already cover (see fence.rs).
+        // After a predecessor that stopped cleanly (everything it sent acknowledged) nothing of it
+        // is left in any socket: no restart grace (a paused one's record lifetime still counts).
+        let restart_grace = if source.predecessor_stopped_cleanly() {
+            info!("the source's last session stopped cleanly: nothing of it can still land, no restart grace");
+            Duration::ZERO
+        } else {
+            self.source.restart_grace
+        };
         let grace = match source.replaced_after() {
-            Some(after) => crate::fence::takeover_wait(
-                self.source.restart_grace,
-                self.kafka.fence_timeout,
-                after,
-            ),
-            None => self.source.restart_grace,
+            Some(after) => {
+                crate::fence::takeover_wait(restart_grace, self.kafka.fence_timeout, after)
+            }
+            None => restart_grace,
         };
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -362,9 +368,11 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
         info!(in_flight = inflight.len(), "ending the session: flushing");
         let deadline = tokio::time::sleep(DRAIN_TIMEOUT);
         tokio::pin!(deadline);
+        let mut flushed = true;
         if let Err(e) = self.sink.flush(DRAIN_TIMEOUT).await {
             // what was acknowledged is still confirmed below
             warn!(error = %e, "flush at shutdown did not complete");
+            flushed = false;
         }
         while !inflight.is_empty() {
             tokio::select! {
@@ -379,6 +387,10 @@ impl<'a, K: Sink, D: DeadLetters> Pipeline<'a, K, D> {
         }
         if let Some(ack) = checkpoint.take() {
             source.confirm(ack).await?;
+        }
+        if flushed && inflight.is_empty() && ending.is_none() {
+            // a graceful stop with every record acknowledged: the next session need not wait
+            source.stopped_cleanly().await?;
         }
         source.close().await?;
         match ending {

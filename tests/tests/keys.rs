@@ -28,6 +28,9 @@ async fn a_rotated_key_loses_nothing_and_a_retired_key_opens_nothing() -> Result
     // a writer's backend that seals (and, in the C extension, caches) key 1
     let writer = db.session_as("keys_app").await?;
     let mut ids = enqueue_numbered(&writer, "orders", "k", 1..=5).await?;
+    // the relay's session runs with key 1 only when the key rotates: it must not pass over what is
+    // sealed with key 2 before it starts a new session
+    assert_eq!(read_all(&brokers, &[("orders", 1)], 5, TIMEOUT)?.len(), 5);
     // a transaction that sealed with key 1 and is still open when the key rotates
     let old = db.session_as("keys_app").await?;
     old.batch_execute("BEGIN").await?;

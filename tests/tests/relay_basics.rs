@@ -6,7 +6,8 @@
 use anyhow::Result;
 use pg_outbox_relay::sink::partition::partition_for;
 use pg_outbox_tests::{
-    assert_exactly_once_in_order, enqueue, metric, scrape_metrics, wait_for, Record, Scenario,
+    assert_exactly_once_in_order, enqueue, metric, read_all, scrape_metrics, wait_for, Record,
+    Scenario,
 };
 use std::collections::HashMap;
 use std::time::Duration;
@@ -262,5 +263,52 @@ async fn the_record_timestamp_is_the_enqueue_time_or_if_asked_the_publish_time()
     assert_eq!(records.len(), 2);
     let ts = records[1].timestamp_ms.expect("a timestamp");
     assert!(ts > second + 3000, "publish time: {ts} vs {second}");
+    Ok(())
+}
+
+/// A relay stopped with SIGTERM had every record it sent acknowledged: the next one (here, on the
+/// same source, a moment later) skips the restart grace. After a `kill -9` the next one waits it out,
+/// and nothing is published twice either way.
+#[tokio::test]
+async fn after_a_clean_stop_the_next_relay_skips_the_restart_grace() -> Result<()> {
+    const TIMEOUT: Duration = Duration::from_secs(60);
+    const CLEAN: &str = "the source's last session stopped cleanly";
+    let s = Scenario::builder("rl_handover")
+        .topic("orders", 1)
+        .start()
+        .await?;
+    let c = &s.db.client;
+    let brokers = s.broker.bootstrap();
+    let mut ids = Vec::new();
+
+    // the relays of one database share a log file: count the line in it
+    let mut first = s.relay().running().await?;
+    let said = |r: &pg_outbox_tests::Relay| r.log_text().matches(CLEAN).count();
+    let before = said(&first);
+    ids.extend(pg_outbox_tests::enqueue_numbered(c, "orders", "k", 1..=3).await?);
+    assert_eq!(read_all(&brokers, &[("orders", 1)], 3, TIMEOUT)?.len(), 3);
+    let status = first.terminate(TIMEOUT)?;
+    assert!(status.success(), "exit status {status}");
+    assert_eq!(said(&first), before, "the first relay of the source waits");
+
+    let second = s.relay().running().await?;
+    ids.extend(pg_outbox_tests::enqueue_numbered(c, "orders", "k", 4..=5).await?);
+    assert_eq!(read_all(&brokers, &[("orders", 1)], 5, TIMEOUT)?.len(), 5);
+    assert_eq!(said(&second), before + 1, "{}", second.log_text());
+    pg_outbox_tests::signal(second.pid(), "KILL")?;
+    drop(second);
+
+    let third = s.relay().running().await?;
+    ids.extend(pg_outbox_tests::enqueue_numbered(c, "orders", "k", 6..=6).await?);
+    let records = read_all(&brokers, &[("orders", 1)], 6, TIMEOUT)?;
+    let got: Vec<String> = records.iter().map(|r| r.id()).collect();
+    let want: Vec<String> = ids.iter().map(|u| u.to_string()).collect();
+    assert_eq!(got, want, "every event once, in order");
+    assert_eq!(
+        said(&third),
+        before + 1,
+        "after a kill the grace is waited out:\n{}",
+        third.log_text()
+    );
     Ok(())
 }

@@ -177,7 +177,12 @@ CREATE TABLE outbox.sources (
     stopped_at  timestamptz,
     -- the sealing key (outbox.auth_key) the relay of this source signs its Kafka records with, as it
     -- recorded at the start of its session; outbox.retire_auth_key waits for it to move on
-    signing_key_id integer
+    signing_key_id integer,
+    -- the relay session that holds the source now (a token it drew), and the last one that stopped
+    -- cleanly (everything it sent acknowledged): a session whose predecessor stopped cleanly has no
+    -- produce request of it to wait for, and skips restart_grace_ms
+    holder      uuid,
+    handover    uuid
 );
 COMMENT ON TABLE outbox.sources IS
     'pg_outbox: slots and poll sources the relay publishes for, with their incarnation';
@@ -204,20 +209,6 @@ CREATE SCHEMA IF NOT EXISTS outbox; /* pg_outbox::outbox::outbox */
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- pg_outbox/src/outbox.rs:638
--- pg_outbox::outbox::outbox::_enqueue_batch_json
-CREATE  FUNCTION outbox."_enqueue_batch_json"(
-	"topic" TEXT, /* Option < & str > */
-	"keys" TEXT[], /* :: std :: option :: Option < Array < & str > > */
-	"payloads" TEXT[], /* :: std :: option :: Option < Array < & str > > */
-	"headers" jsonb /* Option < super :: JsonbText > */
-) RETURNS uuid[] /* Vec < pgrx :: Uuid > */
-VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_enqueue_batch_json_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
 -- pg_outbox/src/outbox.rs:628
 -- pg_outbox::outbox::outbox::enqueue
 CREATE  FUNCTION outbox."enqueue"(
@@ -231,17 +222,31 @@ AS 'MODULE_PATHNAME', 'enqueue_without_headers_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- pg_outbox/src/outbox.rs:610
--- pg_outbox::outbox::outbox::enqueue
-CREATE  FUNCTION outbox."enqueue"(
+-- pg_outbox/src/outbox.rs:567
+-- pg_outbox::outbox::outbox::enqueue_bytes
+CREATE  FUNCTION outbox."enqueue_bytes"(
 	"topic" TEXT, /* Option < & str > */
 	"key" TEXT, /* Option < & str > */
-	"payload" jsonb, /* Option < super :: JsonbText > */
-	"headers" jsonb /* Option < super :: JsonbText > */
+	"payload" bytea, /* Option < & [u8] > */
+	"headers" jsonb DEFAULT '{}' /* Option < super :: JsonbText > */
 ) RETURNS uuid /* pgrx :: Uuid */
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'enqueue_wrapper';
+AS 'MODULE_PATHNAME', 'enqueue_bytes_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- pg_outbox/src/outbox.rs:638
+-- pg_outbox::outbox::outbox::_enqueue_batch_json
+CREATE  FUNCTION outbox."_enqueue_batch_json"(
+	"topic" TEXT, /* Option < & str > */
+	"keys" TEXT[], /* :: std :: option :: Option < Array < & str > > */
+	"payloads" TEXT[], /* :: std :: option :: Option < Array < & str > > */
+	"headers" jsonb /* Option < super :: JsonbText > */
+) RETURNS uuid[] /* Vec < pgrx :: Uuid > */
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_enqueue_batch_json_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -262,6 +267,20 @@ STRICT STABLE PARALLEL SAFE
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_slot_name_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- pg_outbox/src/outbox.rs:610
+-- pg_outbox::outbox::outbox::enqueue
+CREATE  FUNCTION outbox."enqueue"(
+	"topic" TEXT, /* Option < & str > */
+	"key" TEXT, /* Option < & str > */
+	"payload" jsonb, /* Option < super :: JsonbText > */
+	"headers" jsonb /* Option < super :: JsonbText > */
+) RETURNS uuid /* pgrx :: Uuid */
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'enqueue_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -836,32 +855,8 @@ COMMENT ON VIEW outbox.dead_letter_summary IS 'pg_outbox: dead letters per sourc
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- pg_outbox/src/outbox.rs:567
--- pg_outbox::outbox::outbox::enqueue_bytes
-CREATE  FUNCTION outbox."enqueue_bytes"(
-	"topic" TEXT, /* Option < & str > */
-	"key" TEXT, /* Option < & str > */
-	"payload" bytea, /* Option < & [u8] > */
-	"headers" jsonb DEFAULT '{}' /* Option < super :: JsonbText > */
-) RETURNS uuid /* pgrx :: Uuid */
-VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'enqueue_bytes_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
 -- pg_outbox/src/inbox.rs:22
 CREATE SCHEMA IF NOT EXISTS inbox; /* pg_outbox::inbox::inbox */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- pg_outbox/src/inbox.rs:27
--- pg_outbox::inbox::inbox::_dedup_window_seconds
-CREATE  FUNCTION inbox."_dedup_window_seconds"() RETURNS INT /* i32 */
-STRICT STABLE PARALLEL SAFE
-SET search_path TO pg_catalog, pg_temp
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_dedup_window_seconds_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -872,6 +867,16 @@ STRICT STABLE PARALLEL SAFE
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_max_attempts_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- pg_outbox/src/inbox.rs:27
+-- pg_outbox::inbox::inbox::_dedup_window_seconds
+CREATE  FUNCTION inbox."_dedup_window_seconds"() RETURNS INT /* i32 */
+STRICT STABLE PARALLEL SAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_dedup_window_seconds_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */

@@ -171,7 +171,7 @@ impl SealKeys {
         self.get(self.newest).expect("the newest is one of them")
     }
 
-    fn ids(&self) -> Vec<i32> {
+    pub fn ids(&self) -> Vec<i32> {
         self.keys.iter().map(|(id, _)| i32::from(*id)).collect()
     }
 }
@@ -271,6 +271,46 @@ pub trait Source {
 
     /// Graceful end of the session, after the last confirmation.
     async fn close(&mut self) -> Result<(), RelayError>;
+
+    /// Whether the session that held the source before this one stopped cleanly (everything it sent
+    /// was acknowledged): then none of its produce requests can still land, and no restart grace is
+    /// needed before reading Kafka back.
+    fn predecessor_stopped_cleanly(&self) -> bool {
+        false
+    }
+
+    /// Everything this session sent is acknowledged and it stops: records so for the next session
+    /// (only while this session still holds the source).
+    async fn stopped_cleanly(&mut self) -> Result<(), RelayError> {
+        Ok(())
+    }
+}
+
+/// A session that now holds `source` (its slot or lock) records a token of its own as the holder;
+/// returns it, and whether the previous holder stopped cleanly ([`Source::stopped_cleanly`] wrote
+/// its token as the handover). Only the holder of the source writes these columns.
+pub async fn hold(pg: &Client, source: &str) -> Result<(String, bool), RelayError> {
+    let row = pg
+        .query_one(
+            "UPDATE outbox.sources o SET holder = pg_catalog.gen_random_uuid(), handover = NULL \
+               FROM outbox.sources old \
+              WHERE o.source = $1 AND old.source = $1 \
+             RETURNING o.holder::text, old.handover IS NOT NULL AND old.handover = old.holder",
+            &[&source],
+        )
+        .await?;
+    Ok((row.get(0), row.get(1)))
+}
+
+/// [`Source::stopped_cleanly`]: the holder's token becomes the handover, if this session still
+/// holds the source.
+pub async fn hand_over(pg: &Client, source: &str, token: &str) -> Result<(), RelayError> {
+    pg.execute(
+        "UPDATE outbox.sources SET handover = holder WHERE source = $1 AND holder::text = $2",
+        &[&source, &token],
+    )
+    .await?;
+    Ok(())
 }
 
 #[cfg(test)]

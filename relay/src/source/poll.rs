@@ -59,6 +59,10 @@ pub struct PollSource {
     pg: Client,
     /// Ends the session when the sealing keys change (the record key is derived from them).
     key_watch: super::KeyWatch,
+    /// This session's token as the source's holder, and whether the previous holder stopped
+    /// cleanly (see [`super::hold`]).
+    holder: String,
+    predecessor_clean: bool,
     wake: Wake,
     /// The (xid, seq) of the last row handed over in this session.
     after: RowId,
@@ -153,10 +157,14 @@ impl PollSource {
             &keys,
         )
         .await?;
+        // the lock is this session's: the source's holder
+        let (holder, predecessor_clean) = super::hold(&pg, &source).await?;
         info!(source = %identity.name, "polling outbox.events");
         Ok(PollSource {
             pg,
             key_watch,
+            holder,
+            predecessor_clean,
             wake,
             after: (0, 0),
             more: true,
@@ -355,6 +363,14 @@ impl Source for PollSource {
 
     fn identity(&self) -> &Identity {
         &self.identity
+    }
+
+    fn predecessor_stopped_cleanly(&self) -> bool {
+        self.predecessor_clean
+    }
+
+    async fn stopped_cleanly(&mut self) -> Result<(), RelayError> {
+        super::hand_over(&self.pg, &self.identity.source, &self.holder).await
     }
 
     async fn close(&mut self) -> Result<(), RelayError> {

@@ -203,6 +203,12 @@ fn lsn_text(lsn: u64) -> String {
 
 pub struct WalSource {
     feed: Feed,
+    /// Messages taken from the stream and not yet handed over (see `next`).
+    stash: Vec<ReplicationEvent>,
+    /// This session's token as the slot's holder, and whether the previous holder stopped cleanly
+    /// (see [`super::hold`]).
+    holder: String,
+    predecessor_clean: bool,
     /// How to stream again after an oversized message (the start position is set then).
     repl_config: ReplicationConfig,
     /// For reading an oversized message's transaction through SQL.
@@ -339,7 +345,12 @@ impl WalSource {
         let budget = read_ahead_budget(config.source.max_in_flight_bytes, limit);
         let stream = Stream::start(repl_config.clone(), budget).await?;
         info!(slot = %slot, "streaming from slot");
+        // the slot is this session's now
+        let (holder, predecessor_clean) = super::hold(&pg, &identity.source).await?;
         Ok(WalSource {
+            stash: Vec::new(),
+            holder,
+            predecessor_clean,
             feed: Feed::Live(stream),
             budget,
             repl_config,
@@ -358,6 +369,21 @@ impl WalSource {
             current: None,
             sender_timeout,
         })
+    }
+
+    /// Whether `event` is a pg_outbox message sealed with a key id above this session's newest.
+    fn names_a_newer_key(&self, event: &ReplicationEvent) -> bool {
+        match event {
+            ReplicationEvent::Message {
+                transactional: true,
+                prefix,
+                content,
+                ..
+            } if prefix == MESSAGE_PREFIX => {
+                pg_outbox_envelope::sealed_key_id(content).is_ok_and(|id| id > self.keys.newest)
+            }
+            _ => false,
+        }
     }
 
     /// The stream refused a message over the limit (before buffering any of it) and ended.
@@ -406,6 +432,14 @@ impl WalSource {
     async fn read_oversized(&mut self, out: &mut Vec<Step<u64>>) -> Result<bool, RelayError> {
         let (pg, _) = postgres::connect_at(&self.pg_config).await?;
         self.slot_released(&pg).await?;
+        // the keys the transaction may be sealed with exist now: a key this session lacks is a
+        // rotation it has not seen, and a new session reads it
+        let now = super::SealKeys::read(&pg).await?;
+        if now.ids() != self.keys.ids() {
+            return Err(RelayError::transient(
+                "the sealing keys changed: a new session reads them",
+            ));
+        }
         let options = "'proto_version', '1', 'publication_names', $2, 'messages', 'true'";
         let limit = i64::try_from(self.limit).unwrap_or(i64::MAX);
         match &self.current {
@@ -669,37 +703,63 @@ impl Source for WalSource {
         loop {
             match &mut self.feed {
                 Feed::Live(repl) => {
-                    // the first message is awaited (cancel-safe: a channel receive); the rest of
-                    // the batch is only what already arrived
-                    let first = match repl.recv().await {
-                        Ok(Some(first)) => first,
-                        Ok(None) => return Err(RelayError::transient("replication stream ended")),
-                        Err(e) if e.is_message_too_large() => {
-                            self.oversized(&e);
-                            continue;
-                        }
-                        Err(e) => return Err(e.into()),
-                    };
-                    let mut events = usize::from(self.take(first, out)?);
-                    while events < room {
-                        let Feed::Live(repl) = &mut self.feed else {
-                            unreachable!("take() keeps the feed")
-                        };
-                        match repl.try_recv() {
-                            Some(Ok(Some(event))) => events += usize::from(self.take(event, out)?),
-                            Some(Ok(None)) => {
+                    // The batch is taken into `stash` first (the first message awaited, cancel-
+                    // safe: a channel receive; the rest only what already arrived), checked, then
+                    // handed over: nothing is awaited once a step is in `out`.
+                    let mut ended = None;
+                    if self.stash.is_empty() {
+                        match repl.recv().await {
+                            Ok(Some(first)) => self.stash.push(first),
+                            Ok(None) => {
                                 return Err(RelayError::transient("replication stream ended"))
                             }
-                            // what arrived before it is handed over first
-                            Some(Err(e)) if e.is_message_too_large() => {
+                            Err(e) if e.is_message_too_large() => {
                                 self.oversized(&e);
-                                break;
+                                continue;
                             }
-                            Some(Err(e)) => return Err(e.into()),
-                            None => break,
+                            Err(e) => return Err(e.into()),
+                        }
+                        while self.stash.len() < room {
+                            match repl.try_recv() {
+                                Some(Ok(Some(event))) => self.stash.push(event),
+                                Some(Ok(None)) => {
+                                    ended = Some(RelayError::transient("replication stream ended"));
+                                    break;
+                                }
+                                // what arrived before it is handed over first
+                                Some(Err(e)) if e.is_message_too_large() => {
+                                    self.oversized(&e);
+                                    break;
+                                }
+                                Some(Err(e)) => {
+                                    ended = Some(e.into());
+                                    break;
+                                }
+                                None => break,
+                            }
                         }
                     }
-                    return Ok(());
+                    // A message sealed with a key newer than this session's keys: a rotation this
+                    // session has not seen yet (the key existed before the message was written,
+                    // so the database has it now), or a made-up id. Asked once per batch.
+                    if self.stash.iter().any(|e| self.names_a_newer_key(e)) {
+                        let now = super::SealKeys::read(&self.pg).await?;
+                        if now.ids() != self.keys.ids() {
+                            return Err(RelayError::transient(format!(
+                                "a message is sealed with a sealing key this session does not \
+                                 have (ids now {:?}, were {:?}): a new session reads them",
+                                now.ids(),
+                                self.keys.ids()
+                            )));
+                        }
+                    }
+                    for event in std::mem::take(&mut self.stash) {
+                        self.take(event, out)?;
+                    }
+                    return match ended {
+                        Some(e) => Err(e),
+                        None => Ok(()),
+                    };
                 }
                 Feed::Oversized => {
                     if self.read_oversized(out).await? {
@@ -792,6 +852,14 @@ impl Source for WalSource {
 
     fn identity(&self) -> &Identity {
         &self.identity
+    }
+
+    fn predecessor_stopped_cleanly(&self) -> bool {
+        self.predecessor_clean
+    }
+
+    async fn stopped_cleanly(&mut self) -> Result<(), RelayError> {
+        super::hand_over(&self.pg, &self.identity.source, &self.holder).await
     }
 
     async fn close(&mut self) -> Result<(), RelayError> {
