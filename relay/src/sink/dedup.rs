@@ -380,8 +380,7 @@ pub fn read_back(
             // or past the listed end with none of our records for a while (other producers may
             // keep writing faster than the reader reaches the end)
             if found_end.is_some_and(|e| next >= e)
-                || at_end
-                || (next >= window_end && quiet_since.elapsed() > TAIL_QUIET)
+                || ((at_end || next >= window_end) && quiet_since.elapsed() > TAIL_QUIET)
             {
                 break;
             }
