@@ -171,7 +171,7 @@ impl SealKeys {
         self.get(self.newest).expect("the newest is one of them")
     }
 
-    pub fn ids(&self) -> Vec<i32> {
+    fn ids(&self) -> Vec<i32> {
         self.keys.iter().map(|(id, _)| i32::from(*id)).collect()
     }
 }
@@ -190,11 +190,17 @@ impl KeyWatch {
         }
     }
 
+    /// Checks at most every [`KEYS_CHECK_EVERY`].
     pub async fn check(&mut self, pg: &Client) -> Result<(), RelayError> {
         if self.checked.elapsed() < KEYS_CHECK_EVERY {
             return Ok(());
         }
         self.checked = Instant::now();
+        self.check_now(pg).await
+    }
+
+    /// Checks at once: when a message may be sealed with a key this session does not have.
+    pub async fn check_now(&self, pg: &Client) -> Result<(), RelayError> {
         let ids: Vec<i32> = pg
             .query_one(
                 "SELECT coalesce(array_agg(key_id ORDER BY key_id), '{}') FROM outbox.relay_auth_keys()",

@@ -197,10 +197,6 @@ impl Change {
     }
 }
 
-fn lsn_text(lsn: u64) -> String {
-    format!("{:X}/{:X}", lsn >> 32, lsn as u32)
-}
-
 pub struct WalSource {
     feed: Feed,
     /// Messages taken from the stream and not yet handed over (see `next`).
@@ -434,12 +430,7 @@ impl WalSource {
         self.slot_released(&pg).await?;
         // the keys the transaction may be sealed with exist now: a key this session lacks is a
         // rotation it has not seen, and a new session reads it
-        let now = super::SealKeys::read(&pg).await?;
-        if now.ids() != self.keys.ids() {
-            return Err(RelayError::transient(
-                "the sealing keys changed: a new session reads them",
-            ));
-        }
+        self.key_watch.check_now(&pg).await?;
         let options = "'proto_version', '1', 'publication_names', $2, 'messages', 'true'";
         let limit = i64::try_from(self.limit).unwrap_or(i64::MAX);
         match &self.current {
@@ -454,7 +445,7 @@ impl WalSource {
                             NULL, {options}) c \
                       WHERE c.xid::text = $5"
                 );
-                let upto = lsn_text(txn.commit_lsn + 1);
+                let upto = Lsn(txn.commit_lsn + 1).to_string();
                 let xid = txn.xid.to_string();
                 let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
                     [&self.slot, &self.slot, &limit, &upto, &xid];
@@ -474,7 +465,7 @@ impl WalSource {
                       WHERE c.lsn > $4::text::pg_lsn AND pg_catalog.octet_length(c.data) > $3::int8 \
                       LIMIT 1"
                 );
-                let seen = lsn_text(self.seen);
+                let seen = Lsn(self.seen).to_string();
                 let row = pg
                     .query_opt(&sql, &[&self.slot, &self.slot, &limit, &seen])
                     .await?
@@ -743,15 +734,7 @@ impl Source for WalSource {
                     // session has not seen yet (the key existed before the message was written,
                     // so the database has it now), or a made-up id. Asked once per batch.
                     if self.stash.iter().any(|e| self.names_a_newer_key(e)) {
-                        let now = super::SealKeys::read(&self.pg).await?;
-                        if now.ids() != self.keys.ids() {
-                            return Err(RelayError::transient(format!(
-                                "a message is sealed with a sealing key this session does not \
-                                 have (ids now {:?}, were {:?}): a new session reads them",
-                                now.ids(),
-                                self.keys.ids()
-                            )));
-                        }
+                        self.key_watch.check_now(&self.pg).await?;
                     }
                     for event in std::mem::take(&mut self.stash) {
                         self.take(event, out)?;
