@@ -36,7 +36,11 @@ extension_sql_file!(
     "../sql/inbox.sql",
     requires = ["outbox", inbox::_dedup_window_seconds, inbox::_max_attempts]
 );
-extension_sql_file!("../sql/extension.sql", requires = ["outbox", "inbox"]);
+// extension.sql grants outbox._auth_keys_changed to outbox_owner: it must come after it
+extension_sql_file!(
+    "../sql/extension.sql",
+    requires = ["outbox", "inbox", outbox::_auth_keys_changed]
+);
 extension_sql_file!(
     "../sql/grants.sql",
     requires = ["outbox", "inbox"],

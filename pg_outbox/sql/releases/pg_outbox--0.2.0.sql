@@ -209,16 +209,17 @@ CREATE SCHEMA IF NOT EXISTS outbox; /* pg_outbox::outbox::outbox */
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- pg_outbox/src/outbox.rs:628
--- pg_outbox::outbox::outbox::enqueue
-CREATE  FUNCTION outbox."enqueue"(
+-- pg_outbox/src/outbox.rs:638
+-- pg_outbox::outbox::outbox::_enqueue_batch_json
+CREATE  FUNCTION outbox."_enqueue_batch_json"(
 	"topic" TEXT, /* Option < & str > */
-	"key" TEXT, /* Option < & str > */
-	"payload" jsonb /* Option < super :: JsonbText > */
-) RETURNS uuid /* pgrx :: Uuid */
-VOLATILE PARALLEL UNSAFE 
+	"keys" TEXT[], /* :: std :: option :: Option < Array < & str > > */
+	"payloads" TEXT[], /* :: std :: option :: Option < Array < & str > > */
+	"headers" jsonb /* Option < super :: JsonbText > */
+) RETURNS uuid[] /* Vec < pgrx :: Uuid > */
+VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'enqueue_without_headers_wrapper';
+AS 'MODULE_PATHNAME', '_enqueue_batch_json_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -236,40 +237,6 @@ AS 'MODULE_PATHNAME', 'enqueue_bytes_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- pg_outbox/src/outbox.rs:638
--- pg_outbox::outbox::outbox::_enqueue_batch_json
-CREATE  FUNCTION outbox."_enqueue_batch_json"(
-	"topic" TEXT, /* Option < & str > */
-	"keys" TEXT[], /* :: std :: option :: Option < Array < & str > > */
-	"payloads" TEXT[], /* :: std :: option :: Option < Array < & str > > */
-	"headers" jsonb /* Option < super :: JsonbText > */
-) RETURNS uuid[] /* Vec < pgrx :: Uuid > */
-VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_enqueue_batch_json_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- pg_outbox/src/outbox.rs:587
--- pg_outbox::outbox::outbox::_auth_keys_changed
-CREATE  FUNCTION outbox."_auth_keys_changed"() RETURNS void
-STRICT VOLATILE PARALLEL UNSAFE
-SET search_path TO pg_catalog, pg_temp
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_auth_keys_changed_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- pg_outbox/src/outbox.rs:599
--- pg_outbox::outbox::outbox::_slot_name
-CREATE  FUNCTION outbox."_slot_name"() RETURNS TEXT /* String */
-STRICT STABLE PARALLEL SAFE
-SET search_path TO pg_catalog, pg_temp
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_slot_name_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
 -- pg_outbox/src/outbox.rs:610
 -- pg_outbox::outbox::outbox::enqueue
 CREATE  FUNCTION outbox."enqueue"(
@@ -281,6 +248,29 @@ CREATE  FUNCTION outbox."enqueue"(
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'enqueue_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- pg_outbox/src/outbox.rs:628
+-- pg_outbox::outbox::outbox::enqueue
+CREATE  FUNCTION outbox."enqueue"(
+	"topic" TEXT, /* Option < & str > */
+	"key" TEXT, /* Option < & str > */
+	"payload" jsonb /* Option < super :: JsonbText > */
+) RETURNS uuid /* pgrx :: Uuid */
+VOLATILE PARALLEL UNSAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'enqueue_without_headers_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- pg_outbox/src/outbox.rs:599
+-- pg_outbox::outbox::outbox::_slot_name
+CREATE  FUNCTION outbox."_slot_name"() RETURNS TEXT /* String */
+STRICT STABLE PARALLEL SAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_slot_name_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -855,18 +845,18 @@ COMMENT ON VIEW outbox.dead_letter_summary IS 'pg_outbox: dead letters per sourc
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- pg_outbox/src/inbox.rs:22
-CREATE SCHEMA IF NOT EXISTS inbox; /* pg_outbox::inbox::inbox */
+-- pg_outbox/src/outbox.rs:587
+-- pg_outbox::outbox::outbox::_auth_keys_changed
+CREATE  FUNCTION outbox."_auth_keys_changed"() RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_auth_keys_changed_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- pg_outbox/src/inbox.rs:34
--- pg_outbox::inbox::inbox::_max_attempts
-CREATE  FUNCTION inbox."_max_attempts"() RETURNS INT /* i32 */
-STRICT STABLE PARALLEL SAFE
-SET search_path TO pg_catalog, pg_temp
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_max_attempts_wrapper';
+-- pg_outbox/src/inbox.rs:22
+CREATE SCHEMA IF NOT EXISTS inbox; /* pg_outbox::inbox::inbox */
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -877,6 +867,16 @@ STRICT STABLE PARALLEL SAFE
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_dedup_window_seconds_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- pg_outbox/src/inbox.rs:34
+-- pg_outbox::inbox::inbox::_max_attempts
+CREATE  FUNCTION inbox."_max_attempts"() RETURNS INT /* i32 */
+STRICT STABLE PARALLEL SAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_max_attempts_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -1304,10 +1304,11 @@ COMMENT ON VIEW inbox.queue_status IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- pg_outbox/src/lib.rs:39
+-- pg_outbox/src/lib.rs:40
 -- requires:
 --   outbox
 --   inbox
+--   outbox::_auth_keys_changed
 
 -- pg_outbox, C extension only: what the SQL edition cannot or need not do.
 
@@ -1379,7 +1380,7 @@ GRANT SELECT ON outbox.poller TO outbox_owner;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- pg_outbox/src/lib.rs:40
+-- pg_outbox/src/lib.rs:44
 -- requires:
 --   outbox
 --   inbox
